@@ -1,0 +1,58 @@
+"""Durable actors on Redis streams.
+
+Layout: ``actor`` (Actor, refs, App) -> ``client`` (send/ask/state from outside)
+-> ``store`` (the only module that talks to Redis; Lua in ``scripts/``) ->
+``worker`` / ``supervisor`` (leases, shard runners) -> ``shard`` (receive ->
+turn -> commit -> forward) -> ``turn`` (what a handler does). ``server`` runs
+the embedded default Redis/Valkey; ``cli`` is the ``actors`` command.
+"""
+
+from .actor import Actor, ActorRef, App
+from .client import Client, connect
+from .errors import (
+    ActorsError,
+    AskTimeout,
+    ConfigurationError,
+    DecodeError,
+    DefinitionError,
+    HandlerError,
+    LeaseLost,
+    MessageTooLarge,
+    ServerError,
+    UnknownActorType,
+    UnknownMessageType,
+)
+from .server import EmbeddedServer
+from .settings import LeaseSettings, MessageSettings, RedisSettings, RetrySettings, WorkerSettings
+from .worker import Worker
+
+__all__ = [
+    # defining actors
+    "Actor",
+    "ActorRef",
+    "App",
+    # talking to them
+    "Client",
+    "connect",
+    # running them
+    "Worker",
+    "EmbeddedServer",
+    # settings
+    "RedisSettings",
+    "WorkerSettings",
+    "LeaseSettings",
+    "RetrySettings",
+    "MessageSettings",
+    # errors
+    "ActorsError",
+    "AskTimeout",
+    "ConfigurationError",
+    "DecodeError",
+    "DefinitionError",
+    "HandlerError",
+    "LeaseLost",
+    "MessageTooLarge",
+    "ServerError",
+    "UnknownActorType",
+    "UnknownMessageType",
+]

@@ -1,0 +1,232 @@
+"""The Actor base class, handler discovery, references and the App that groups actor types.
+
+A handler is a public async method with exactly one parameter besides ``self``,
+annotated with a pydantic model: the message type. Its return annotation (a
+model or None) is the reply type for ``ask``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from .errors import DefinitionError, UnknownActorType, UnknownMessageType
+
+if TYPE_CHECKING:
+    from .turn import TurnContext
+
+M = TypeVar("M", bound=BaseModel)
+R = TypeVar("R", bound=BaseModel)
+A = TypeVar("A", bound="Actor")
+
+HandlerFn = Callable[[Any, Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """One handler of an actor type."""
+
+    name: str
+    message: type[BaseModel]
+    reply: type[BaseModel] | None
+    fn: HandlerFn
+
+
+@dataclass(frozen=True, slots=True)
+class ActorRef(Generic[A]):
+    """The address of a virtual actor: its type name and key.
+
+    Refs made with ``MyActor.ref(key)`` also carry the class, so replies and
+    state read from outside can be validated into models.
+    """
+
+    type: str
+    key: str
+    cls: type[A] | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.type}/{self.key}"
+
+    def __str__(self) -> str:
+        return self.id
+
+    @classmethod
+    def parse(cls, text: str) -> ActorRef[Any]:
+        """Parse ``Type/key`` (the key may itself contain slashes)."""
+        actor_type, sep, key = text.partition("/")
+        if not sep or not actor_type or not key:
+            raise ValueError(f"actor reference must look like 'Type/key', got {text!r}")
+        return ActorRef(actor_type, key)
+
+
+class _NoState(BaseModel):
+    """The state of an actor that declares none."""
+
+
+_RESERVED = frozenset({"ref", "send", "ask", "state", "key"})
+
+
+class Actor:
+    """Base class of every actor type.
+
+    Subclass it with an optional nested ``State`` model and async handlers::
+
+        class Counter(Actor):
+            class State(BaseModel):
+                total: int = 0
+
+            async def on_add(self, msg: Add) -> Total:
+                self.state.total += msg.by
+                return Total(total=self.state.total)
+
+    ``class Counter(Actor, name="counter")`` sets the type name (default: the class name).
+    """
+
+    State: ClassVar[type[BaseModel]] = _NoState
+    type_name: ClassVar[str] = "Actor"
+    handlers: ClassVar[dict[str, Handler]] = {}
+
+    key: str
+    state: Any
+    _turn: TurnContext | None
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.type_name = name or cls.__name__
+        if "/" in cls.type_name:
+            raise DefinitionError(f"actor type name {cls.type_name!r} must not contain '/'")
+        if not (isinstance(cls.State, type) and issubclass(cls.State, BaseModel)):
+            raise DefinitionError(f"{cls.__name__}.State must be a pydantic BaseModel subclass")
+        cls.handlers = _discover_handlers(cls)
+
+    def __init__(self, key: str, state: BaseModel) -> None:
+        self.key = key
+        self.state = state
+        self._turn = None
+
+    @classmethod
+    def ref(cls: type[A], key: str) -> ActorRef[A]:
+        if not isinstance(key, str) or not key:
+            raise ValueError("an actor key must be a non-empty string")
+        return ActorRef(cls.type_name, key, cls)
+
+    @property
+    def self_ref(self) -> ActorRef[Any]:
+        return ActorRef(self.type_name, self.key, type(self))
+
+    @classmethod
+    def handler_for(cls, message_type: str) -> Handler:
+        try:
+            return cls.handlers[message_type]
+        except KeyError:
+            known = ", ".join(sorted(cls.handlers)) or "none"
+            raise UnknownMessageType(
+                f"actor type {cls.type_name} has no handler for message type "
+                f"{message_type!r} (it handles: {known})"
+            ) from None
+
+    # ---- inside a turn --------------------------------------------------
+    def _context(self) -> TurnContext:
+        if self._turn is None:
+            raise RuntimeError("send/ask can only be used inside a handler, during a turn")
+        return self._turn
+
+    async def send(self, ref: ActorRef[Any], msg: BaseModel) -> None:
+        """Send ``msg`` to ``ref``. Delivered only if this turn commits, and then exactly once."""
+        self._context().send(ref, msg)
+
+    async def ask(self, ref: ActorRef[Any], msg: BaseModel, *, timeout: float = 30.0) -> Any:
+        """Send ``msg`` and wait for the reply.
+
+        Not yet journaled: if this turn re-runs after a crash, the request is
+        re-sent with the same message id, so the target handles it once and
+        the reply is read back. Two actors asking each other deadlock until
+        the timeout; use ``send`` for cycles.
+        """
+        return await self._context().ask(ref, msg, timeout)
+
+
+def _discover_handlers(cls: type[Actor]) -> dict[str, Handler]:
+    handlers: dict[str, Handler] = {}
+    for attr in dir(cls):
+        if attr.startswith("_") or attr in _RESERVED:
+            continue
+        fn = getattr(cls, attr)
+        if not inspect.iscoroutinefunction(fn):
+            continue
+        handler = _as_handler(cls, attr, fn)
+        if handler is None:
+            continue
+        name = handler.message.__name__
+        if name in handlers:
+            raise DefinitionError(
+                f"{cls.__name__} has two handlers for message type {name}: "
+                f"{handlers[name].name} and {attr}"
+            )
+        handlers[name] = handler
+    return handlers
+
+
+def _as_handler(cls: type[Actor], attr: str, fn: HandlerFn) -> Handler | None:
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    if len(params) != 1:
+        return None
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:
+        raise DefinitionError(f"cannot resolve annotations of {cls.__name__}.{attr}: {exc}") from exc
+    message = hints.get(params[0].name)
+    if not (isinstance(message, type) and issubclass(message, BaseModel)):
+        return None
+    reply = hints.get("return")
+    if reply is type(None):
+        reply = None
+    if reply is not None and not (isinstance(reply, type) and issubclass(reply, BaseModel)):
+        raise DefinitionError(
+            f"{cls.__name__}.{attr} must return a pydantic model or None, not {reply!r}"
+        )
+    return Handler(attr, message, reply, fn)
+
+
+class App:
+    """The actor types a worker runs and a client may validate against.
+
+    ``App(Counter, Greeter)``; it holds what a process-wide registry would.
+    """
+
+    def __init__(self, *actor_types: type[Actor]) -> None:
+        self._types: dict[str, type[Actor]] = {}
+        for cls in actor_types:
+            self.register(cls)
+
+    def register(self, cls: type[Actor]) -> type[Actor]:
+        if not (isinstance(cls, type) and issubclass(cls, Actor)) or cls is Actor:
+            raise DefinitionError(f"{cls!r} is not an Actor subclass")
+        existing = self._types.get(cls.type_name)
+        if existing is not None and existing is not cls:
+            raise DefinitionError(f"two actor types are named {cls.type_name!r}")
+        self._types[cls.type_name] = cls
+        return cls
+
+    @property
+    def actor_types(self) -> Iterable[type[Actor]]:
+        return self._types.values()
+
+    def actor_type(self, name: str) -> type[Actor]:
+        try:
+            return self._types[name]
+        except KeyError:
+            known = ", ".join(sorted(self._types)) or "none"
+            raise UnknownActorType(f"unknown actor type {name!r} (this app defines: {known})") from None
+
+    def resolve(self, ref: ActorRef[Any]) -> type[Actor] | None:
+        """The class behind ``ref``: the one it carries, else the app's, else None."""
+        if ref.cls is not None:
+            return ref.cls
+        return self._types.get(ref.type)

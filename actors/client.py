@@ -1,0 +1,156 @@
+"""Talking to actors from outside: send, ask, and read state.
+
+``send`` returns once the message is in Redis (and so, with AOF, durable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from pydantic import BaseModel
+
+from .actor import ActorRef, App
+from .codec import actor_id, decode_state, encode_envelope, new_message_id
+from .replies import ReplyListener, reply_value
+from .routing import build_envelope, shard_of
+from .server import resolve_url
+from .settings import DEFAULT_SHARDS, MessageSettings, RedisSettings
+from .store import Store
+
+
+class Client:
+    """A connection to one namespace. Make it with ``actors.connect()``."""
+
+    def __init__(self, store: Store, shards: int, app: App | None, messages: MessageSettings) -> None:
+        self.store = store
+        self.shards = shards
+        self.app = app
+        self.messages = messages
+        self._replies: ReplyListener | None = None
+
+    async def send(
+        self, ref: ActorRef[Any], msg: BaseModel, *, idempotency_key: str | None = None
+    ) -> str:
+        """Send ``msg`` to ``ref``; returns its message id once it is stored in Redis.
+
+        With ``idempotency_key``, a second send with the same key (within
+        ``idempotency_ttl``) is accepted but has no effect, and returns the first id.
+        """
+        env = build_envelope(self.app, ref, msg)
+        data = encode_envelope(env, self.messages.max_message_bytes)
+        shard = shard_of(env.actor_id, self.shards)
+        if idempotency_key is None:
+            await self.store.append(shard, data)
+            return env.id
+        _, first_id = await self.store.append_once(
+            shard, idempotency_key, env.id, data, _ms(self.messages.idempotency_ttl)
+        )
+        return first_id
+
+    async def send_many(self, items: Iterable[tuple[ActorRef[Any], BaseModel]]) -> list[str]:
+        """Send many messages in one pipelined round trip; order is kept per target."""
+        batch: list[tuple[int, bytes]] = []
+        ids: list[str] = []
+        for ref, msg in items:
+            env = build_envelope(self.app, ref, msg)
+            batch.append((shard_of(env.actor_id, self.shards), encode_envelope(env, self.messages.max_message_bytes)))
+            ids.append(env.id)
+        if batch:
+            await self.store.append_many(batch)
+        return ids
+
+    async def ask(
+        self,
+        ref: ActorRef[Any],
+        msg: BaseModel,
+        *,
+        timeout: float = 30.0,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Send ``msg`` and return the handler's reply (a model, or None).
+
+        Raises HandlerError if the message was dead-lettered (the handler kept
+        failing, or the message was refused), AskTimeout after ``timeout``.
+        """
+        replies = await self._listener()
+        env = build_envelope(self.app, ref, msg, reply_to=replies.channel)
+        data = encode_envelope(env, self.messages.max_message_bytes)
+        shard = shard_of(env.actor_id, self.shards)
+        wait_id = env.id
+        fut = replies.expect(env.id)
+        try:
+            if idempotency_key is None:
+                await self.store.append(shard, data)
+            else:
+                appended, wait_id = await self.store.append_once(
+                    shard, idempotency_key, env.id, data, _ms(self.messages.idempotency_ttl)
+                )
+                if not appended:
+                    replies.forget(env.id)
+                    fut = replies.expect(wait_id)
+        except BaseException:
+            replies.forget(env.id)
+            raise
+        reply = await replies.wait(shard, wait_id, fut, timeout)
+        return reply_value(reply, self.app.resolve(ref) if self.app else ref.cls, env.type)
+
+    async def state(self, ref: ActorRef[Any]) -> Any:
+        """The actor's last committed state: its State model if the class is known,
+        else the raw dict; None if it never committed a turn."""
+        aid = actor_id(ref.type, ref.key)
+        raw = await self.store.load_state(shard_of(aid, self.shards), aid)
+        if raw is None:
+            return None
+        data = decode_state(raw)
+        cls = self.app.resolve(ref) if self.app else ref.cls
+        return cls.State.model_validate(data) if cls is not None else data
+
+    def message_id(self) -> str:
+        """A fresh message id, e.g. to use as an idempotency key."""
+        return new_message_id()
+
+    async def _listener(self) -> ReplyListener:
+        if self._replies is None:
+            self._replies = ReplyListener(self.store)
+            await self._replies.start()
+        return self._replies
+
+    async def close(self) -> None:
+        if self._replies is not None:
+            await self._replies.stop()
+        await self.store.close()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    url: str | None = None,
+    *,
+    namespace: str | None = None,
+    app: App | None = None,
+    shards: int | None = None,
+    messages: MessageSettings | None = None,
+) -> AsyncIterator[Client]:
+    """Connect to the runtime's Redis.
+
+    ``url=None`` uses ``ACTORS_REDIS_URL`` if set, else the project's embedded
+    server (started if needed). The shard count is read from Redis; ``shards``
+    (default 16) is recorded if nothing is yet, and must match the record otherwise.
+    """
+    settings = RedisSettings.from_env(url, namespace)
+    store = Store.from_url(resolve_url(settings.url), settings.namespace)
+    try:
+        count = await store.shard_count(shards, DEFAULT_SHARDS)
+    except BaseException:
+        await store.close()
+        raise
+    client = Client(store, count, app, messages or MessageSettings())
+    try:
+        yield client
+    finally:
+        await client.close()

@@ -1,0 +1,118 @@
+"""Envelopes and replies: msgpack on the wire, pydantic at the edges. Never pickle.
+
+An inbox entry has one field, ``e``, holding an encoded ``Envelope``. The
+payload inside it is the message model dumped in JSON mode (so datetimes,
+UUIDs and enums survive) and packed with msgpack.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+from pydantic import BaseModel
+
+from .errors import DecodeError, MessageTooLarge
+
+ENVELOPE_VERSION = 1
+FIELD = b"e"
+"""The one field of an inbox or outbox entry."""
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One message on its way to an actor."""
+
+    id: str
+    actor: str
+    key: str
+    type: str
+    payload: Any
+    headers: dict[str, str] = field(default_factory=dict)
+    reply_to: str | None = None
+    """Client id whose reply channel receives the reply, for ``ask``."""
+
+    @property
+    def actor_id(self) -> str:
+        return actor_id(self.actor, self.key)
+
+
+def actor_id(actor_type: str, key: str) -> str:
+    """The id of an actor inside its shard's state hash."""
+    return f"{actor_type}/{key}"
+
+
+def dump_model(model: BaseModel) -> Any:
+    return model.model_dump(mode="json")
+
+
+def encode_envelope(env: Envelope, max_bytes: int) -> bytes:
+    data = msgpack.packb(
+        [ENVELOPE_VERSION, env.id, env.actor, env.key, env.type, env.payload, env.headers, env.reply_to],
+        use_bin_type=True,
+    )
+    if len(data) > max_bytes:
+        raise MessageTooLarge(
+            f"message {env.type} to {env.actor_id} is {len(data)} bytes encoded; "
+            f"the limit (max_message_bytes) is {max_bytes}"
+        )
+    return data
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    try:
+        items = msgpack.unpackb(data, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise DecodeError(f"entry is not valid msgpack: {exc}") from exc
+    if not isinstance(items, list) or len(items) != 8 or items[0] != ENVELOPE_VERSION:
+        raise DecodeError("entry is not a version-1 envelope")
+    _, mid, actor, key, mtype, payload, headers, reply_to = items
+    if not all(isinstance(x, str) for x in (mid, actor, key, mtype)):
+        raise DecodeError("envelope id, actor, key and type must be strings")
+    if not isinstance(headers, dict) or not (reply_to is None or isinstance(reply_to, str)):
+        raise DecodeError("envelope headers must be a map and reply_to a string")
+    return Envelope(mid, actor, key, mtype, payload, headers, reply_to)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The outcome of an ``ask``: a value (model dump or None) or an error."""
+
+    message_id: str
+    ok: bool
+    type: str | None
+    payload: Any
+    error: str = ""
+    detail: str = ""
+
+
+def encode_reply(reply: Reply) -> bytes:
+    return msgpack.packb(
+        [reply.message_id, reply.ok, reply.type, reply.payload, reply.error, reply.detail],
+        use_bin_type=True,
+    )
+
+
+def decode_reply(data: bytes) -> Reply:
+    try:
+        mid, ok, rtype, payload, error, detail = msgpack.unpackb(data, raw=False)
+    except Exception as exc:
+        raise DecodeError(f"reply is not valid: {exc}") from exc
+    return Reply(mid, bool(ok), rtype, payload, error, detail)
+
+
+def encode_state(model: BaseModel) -> bytes:
+    return msgpack.packb(model.model_dump(mode="json"), use_bin_type=True)
+
+
+def decode_state(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False)
+    except Exception as exc:
+        raise DecodeError(f"state snapshot is not valid msgpack: {exc}") from exc

@@ -1,0 +1,56 @@
+"""Every exception the runtime raises on purpose. One root: ``ActorsError``."""
+
+from __future__ import annotations
+
+
+class ActorsError(Exception):
+    """Root of every error raised by the runtime."""
+
+
+class ConfigurationError(ActorsError):
+    """Settings disagree with each other or with what Redis records
+    (for example a shard count different from the one the cluster was created with)."""
+
+
+class DefinitionError(ActorsError):
+    """An actor class or an app is defined wrongly (bad handler signature,
+    two handlers for one message type, two actor types with one name)."""
+
+
+class UnknownActorType(ActorsError):
+    """A message names an actor type that the app does not define."""
+
+
+class UnknownMessageType(ActorsError):
+    """A message's type has no handler on the target actor type."""
+
+
+class MessageTooLarge(ActorsError):
+    """An encoded message is over the configured ``max_message_bytes``."""
+
+
+class DecodeError(ActorsError):
+    """A stream entry or payload could not be decoded."""
+
+
+class AskTimeout(ActorsError, TimeoutError):
+    """``ask`` got no reply within its timeout. The message may still be handled."""
+
+
+class HandlerError(ActorsError):
+    """The handler of an ``ask`` failed for good (after its retries), or the
+    message was dead-lettered; carries the remote reason and traceback."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason if not detail else f"{reason}\n{detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class LeaseLost(ActorsError):
+    """A commit was refused because this worker no longer holds the shard's lease
+    at the epoch the turn started with (fencing)."""
+
+
+class ServerError(ActorsError):
+    """The embedded Redis/Valkey server could not be found, started or stopped."""

@@ -1,0 +1,75 @@
+"""Every Redis key the runtime uses, built in one place.
+
+A shard's keys all carry the hash tag ``{<shard>}`` so every script touches a
+single cluster slot. Global keys (no hash tag) are never used inside a script
+together with shard keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP = "workers"
+"""Consumer group name on every inbox stream."""
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    namespace: str = "actors"
+
+    # ---- global keys (no hash tag) -------------------------------------
+    def meta(self) -> str:
+        """hash: cluster-wide settings (``shards``, ``version``)."""
+        return f"{self.namespace}:meta"
+
+    def workers(self) -> str:
+        """zset: worker id -> heartbeat deadline (ms, Redis clock)."""
+        return f"{self.namespace}:workers"
+
+    def worker_info(self, worker_id: str) -> str:
+        """hash: host, pid, started_at of one live worker (expires)."""
+        return f"{self.namespace}:worker:{worker_id}"
+
+    def reply_channel(self, client_id: str) -> str:
+        """pub/sub channel: replies to ``ask`` calls made by one client."""
+        return f"{self.namespace}:replies:{client_id}"
+
+    # ---- shard keys (hash tag {shard}) ---------------------------------
+    def _tag(self, shard: int) -> str:
+        return f"{self.namespace}:{{{shard}}}"
+
+    def inbox(self, shard: int) -> str:
+        """stream: the shard's mailbox; one consumer group ``workers``."""
+        return f"{self._tag(shard)}:inbox"
+
+    def state(self, shard: int) -> str:
+        """hash: actor id -> msgpack state snapshot, for every actor of the shard."""
+        return f"{self._tag(shard)}:state"
+
+    def lease(self, shard: int) -> str:
+        """string with PX TTL: ``<worker id>|<epoch>`` of the current owner."""
+        return f"{self._tag(shard)}:lease"
+
+    def epoch(self, shard: int) -> str:
+        """string (integer): fencing epoch, incremented on every change of owner."""
+        return f"{self._tag(shard)}:epoch"
+
+    def outbox(self, shard: int) -> str:
+        """stream: messages committed by this shard's turns for other shards."""
+        return f"{self._tag(shard)}:outbox"
+
+    def forwarded(self, shard: int) -> str:
+        """hash: source shard -> last outbox entry id forwarded into this shard."""
+        return f"{self._tag(shard)}:forwarded"
+
+    def idempotency(self, shard: int, key: str) -> str:
+        """string with TTL: an idempotency key already accepted by this shard."""
+        return f"{self._tag(shard)}:idem:{key}"
+
+    def reply(self, shard: int, message_id: str) -> str:
+        """string with TTL: the encoded reply to an ``ask`` (kept for late readers)."""
+        return f"{self._tag(shard)}:reply:{message_id}"
+
+    def dead_letters(self, shard: int) -> str:
+        """stream: messages this shard could not handle, with the reason."""
+        return f"{self._tag(shard)}:dlq"

@@ -1,0 +1,64 @@
+"""Where a message goes: the shard of an actor, and the checked envelope for a send.
+
+Shared by the client (sends from outside) and turns (sends from inside actors),
+so both refuse bad input the same way, at the edge, before anything is written.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+from pydantic import BaseModel
+
+from .actor import ActorRef, App
+from .codec import Envelope, dump_model, encode_envelope, new_message_id
+from .errors import UnknownActorType
+
+
+def shard_of(actor_id: str, shards: int) -> int:
+    """Stable across processes, machines and Python versions (unlike ``hash``)."""
+    return zlib.crc32(actor_id.encode()) % shards
+
+
+def build_envelope(
+    app: App | None,
+    ref: ActorRef[Any],
+    msg: BaseModel,
+    *,
+    message_id: str | None = None,
+    reply_to: str | None = None,
+    headers: dict[str, str] | None = None,
+    strict_types: bool = False,
+) -> Envelope:
+    """Check ``msg`` against the target's handler when its class is known, then wrap it.
+
+    Raises UnknownMessageType, pydantic's ValidationError, or (with
+    ``strict_types``, inside workers) UnknownActorType.
+    """
+    if not isinstance(msg, BaseModel):
+        raise TypeError(f"a message must be a pydantic model instance, not {type(msg).__name__}")
+    if not isinstance(ref, ActorRef):
+        raise TypeError(f"send needs an ActorRef (e.g. Counter.ref('k')), not {type(ref).__name__}")
+    cls = app.resolve(ref) if app is not None else ref.cls
+    if cls is None and strict_types:
+        raise UnknownActorType(f"unknown actor type {ref.type!r}")
+    payload = dump_model(msg)
+    type_name = type(msg).__name__
+    if cls is not None:
+        handler = cls.handler_for(type_name)
+        # Re-validate the dump against the handler's model: catches instances made with
+        # model_construct() or mutated after validation, before they reach Redis.
+        handler.message.model_validate(payload)
+    return Envelope(
+        id=message_id or new_message_id(),
+        actor=ref.type,
+        key=ref.key,
+        type=type_name,
+        payload=payload,
+        headers=headers or {},
+        reply_to=reply_to,
+    )
+
+
+__all__ = ["build_envelope", "encode_envelope", "shard_of"]

@@ -1,0 +1,85 @@
+"""Settings, split by concern. Each is a frozen, validated pydantic model."""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MiB = 1024 * 1024
+DEFAULT_SHARDS = 16
+URL_ENV = "ACTORS_REDIS_URL"
+NAMESPACE_ENV = "ACTORS_NAMESPACE"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RedisSettings(_Frozen):
+    """Where Redis is. ``url=None`` means the project's embedded server."""
+
+    url: str | None = None
+    namespace: str = Field(default="actors", pattern=r"^[A-Za-z0-9_.\-]+$")
+
+    @classmethod
+    def from_env(cls, url: str | None = None, namespace: str | None = None) -> RedisSettings:
+        """Explicit arguments win over ``ACTORS_REDIS_URL`` / ``ACTORS_NAMESPACE``."""
+        return cls(
+            url=url or os.environ.get(URL_ENV) or None,
+            namespace=namespace or os.environ.get(NAMESPACE_ENV) or "actors",
+        )
+
+
+class MessageSettings(_Frozen):
+    """Limits and retention shared by clients and workers."""
+
+    max_message_bytes: int = Field(default=1 * MiB, gt=0)
+    idempotency_ttl: float = Field(default=24 * 3600.0, gt=0)
+    """How long an idempotency key is remembered (seconds)."""
+    reply_ttl: float = Field(default=300.0, gt=0)
+    """How long the reply to an ``ask`` is kept for a late or re-asking reader."""
+
+
+class LeaseSettings(_Frozen):
+    """Shard ownership. A dead worker's shards move after at most ttl + renew_interval."""
+
+    ttl: float = Field(default=2.0, gt=0)
+    renew_interval: float = Field(default=0.5, gt=0)
+
+    @model_validator(mode="after")
+    def _renew_before_expiry(self) -> LeaseSettings:
+        if self.renew_interval * 2 > self.ttl:
+            raise ValueError("lease renew_interval must be at most half the lease ttl")
+        return self
+
+
+class RetrySettings(_Frozen):
+    """What happens when a handler raises: retried with exponential backoff, then dead-lettered."""
+
+    max_attempts: int = Field(default=3, ge=1)
+    backoff: float = Field(default=0.05, ge=0)
+    backoff_max: float = Field(default=5.0, ge=0)
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.backoff_max, self.backoff * 2 ** (attempt - 1)))
+
+
+class WorkerSettings(_Frozen):
+    """How a worker process runs its shards."""
+
+    shards: int | None = Field(default=None, ge=1, le=4096)
+    """None: use the count Redis records (16 if none is recorded yet)."""
+    lease: LeaseSettings = LeaseSettings()
+    retry: RetrySettings = RetrySettings()
+    messages: MessageSettings = MessageSettings()
+    idle_timeout: float = Field(default=60.0, gt=0)
+    """An activation with no message for this long is dropped from memory."""
+    max_activations: int = Field(default=10_000, ge=1)
+    """Per shard; past it the least recently used idle activations are dropped."""
+    read_count: int = Field(default=500, ge=1)
+    max_inflight: int = Field(default=2_000, ge=1)
+    """Per shard: messages read but not yet committed before reading pauses."""
+    commit_batch: int = Field(default=256, ge=1)
+    block_ms: int = Field(default=1_000, ge=1)
+    trim_interval: float = Field(default=5.0, gt=0)

@@ -1,0 +1,376 @@
+"""Every Redis call the runtime makes, and nothing else. No other module imports redis.
+
+The store speaks bytes and small typed records; encoding stays in ``codec``.
+Scripts are ``.lua`` files in ``actors/scripts``, registered once and called by
+SHA (redis-py reloads a script the server lost, e.g. after a restart).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .codec import FIELD
+from .errors import ConfigurationError, LeaseLost
+from .keys import GROUP, Keys
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+"""Errors after which a call's outcome is unknown and the connection is retried."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_ERRORS) or (
+        isinstance(exc, ResponseError) and str(exc).startswith(("LOADING", "BUSY", "TRYAGAIN"))
+    )
+
+
+def _script_text(name: str) -> str:
+    return resources.files("actors").joinpath("scripts", f"{name}.lua").read_text()
+
+
+Entry = tuple[str, bytes | None]
+"""An inbox entry: its stream id and its envelope bytes (None if the field is missing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TurnRecord:
+    """What one turn commits (see scripts/commit.lua)."""
+
+    entry_id: str
+    actor_id: str
+    snapshot: bytes | None
+    local: Sequence[bytes]
+    remote: Sequence[tuple[int, bytes]]
+    reply_key: str | None = None
+    reply_channel: str | None = None
+    reply: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    entry_id: str
+    envelope: bytes
+    reason: str
+    detail: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardInfo:
+    shard: int
+    owner: str | None
+    epoch: int
+    length: int
+    lag: int | None
+    pending: int
+    dead_letters: int
+
+
+class Store:
+    """Typed access to the runtime's Redis keys for one namespace."""
+
+    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+        self.redis = client
+        self.keys = keys
+        self._scripts = {
+            name: client.register_script(_script_text(name))
+            for name in (
+                "acquire_lease",
+                "renew_lease",
+                "release_lease",
+                "commit",
+                "enqueue_once",
+                "forward",
+                "dead_letter",
+                "replay_dead_letter",
+                "trim_inbox",
+            )
+        }
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str) -> Store:
+        # No automatic retries: a retried XADD after a lost reply would append twice.
+        # Callers decide what is safe to retry (see is_transient).
+        client = aioredis.Redis.from_url(
+            url,
+            retry=Retry(NoBackoff(), 0),
+            socket_connect_timeout=5,
+            socket_keepalive=True,
+            health_check_interval=30,
+            max_connections=1024,
+        )
+        return cls(client, Keys(namespace))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return await self._scripts[name](keys=list(keys), args=list(args))
+        except NoScriptError:  # pragma: no cover - redis-py normally reloads by itself
+            return await self.redis.eval(_script_text(name), len(keys), *keys, *args)
+
+    # ---- cluster metadata ------------------------------------------------
+    async def shard_count(self, wanted: int | None, default: int) -> int:
+        """The namespace's shard count, recording ``wanted`` (or ``default``) if none is yet.
+
+        Raises ConfigurationError if ``wanted`` differs from the record.
+        """
+        meta = self.keys.meta()
+        await self.redis.hsetnx(meta, "shards", wanted if wanted is not None else default)
+        recorded = int(await self.redis.hget(meta, "shards"))
+        if wanted is not None and recorded != wanted:
+            raise ConfigurationError(
+                f"Redis records {recorded} shards for namespace {self.keys.namespace!r}, "
+                f"but this process is configured with {wanted}; use --shards {recorded} "
+                "(the shard count of a namespace cannot change)"
+            )
+        return recorded
+
+    async def server_time_ms(self) -> int:
+        seconds, micros = await self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    # ---- membership and leases ------------------------------------------
+    async def heartbeat(self, worker_id: str, ttl_ms: int, info: dict[str, str]) -> None:
+        now = await self.server_time_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self.keys.workers(), {worker_id: now + ttl_ms})
+            pipe.zremrangebyscore(self.keys.workers(), "-inf", now)
+            pipe.hset(self.keys.worker_info(worker_id), mapping=info)
+            pipe.pexpire(self.keys.worker_info(worker_id), ttl_ms)
+            await pipe.execute()
+
+    async def leave(self, worker_id: str) -> None:
+        await self.redis.zrem(self.keys.workers(), worker_id)
+        await self.redis.delete(self.keys.worker_info(worker_id))
+
+    async def live_workers(self) -> list[str]:
+        now = await self.server_time_ms()
+        ids = await self.redis.zrangebyscore(self.keys.workers(), now, "+inf")
+        return sorted(i.decode() for i in ids)
+
+    async def acquire_lease(self, shard: int, worker_id: str, ttl_ms: int) -> int | None:
+        k = self.keys
+        epoch = await self._run(
+            "acquire_lease", [k.lease(shard), k.epoch(shard), k.inbox(shard)], [worker_id, ttl_ms]
+        )
+        return None if int(epoch) < 0 else int(epoch)
+
+    async def renew_leases(self, leases: dict[int, str], ttl_ms: int) -> dict[int, bool]:
+        """Renew many leases in one round trip; returns shard -> still held."""
+        shards = list(leases)
+        script = self._scripts["renew_lease"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                await script(keys=[self.keys.lease(shard)], args=[leases[shard], ttl_ms], client=pipe)
+            results = await pipe.execute()
+        return {shard: bool(r) for shard, r in zip(shards, results, strict=True)}
+
+    async def release_lease(self, shard: int, lease: str) -> bool:
+        return bool(await self._run("release_lease", [self.keys.lease(shard)], [lease]))
+
+    # ---- inbox -------------------------------------------------------------
+    async def append(self, shard: int, envelope: bytes) -> str:
+        entry_id = await self.redis.xadd(self.keys.inbox(shard), {FIELD: envelope})
+        return str(entry_id.decode())
+
+    async def append_many(self, items: Sequence[tuple[int, bytes]]) -> list[str]:
+        """Append many envelopes in one pipelined round trip, in order."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard, envelope in items:
+                pipe.xadd(self.keys.inbox(shard), {FIELD: envelope})
+            ids = await pipe.execute()
+        return [i.decode() for i in ids]
+
+    async def append_once(
+        self, shard: int, idempotency_key: str, message_id: str, envelope: bytes, ttl_ms: int
+    ) -> tuple[bool, str]:
+        """Append unless the key was seen; returns (appended, first message id or entry id)."""
+        appended, value = await self._run(
+            "enqueue_once",
+            [self.keys.inbox(shard), self.keys.idempotency(shard, idempotency_key)],
+            [envelope, message_id, ttl_ms],
+        )
+        return bool(appended), value.decode()
+
+    async def read_new(self, shard: int, consumer: str, count: int, block_ms: int) -> list[Entry]:
+        reply = await self.redis.xreadgroup(
+            GROUP, consumer, {self.keys.inbox(shard): ">"}, count=count, block=block_ms
+        )
+        return _entries(reply[0][1]) if reply else []
+
+    async def claim_pending(self, shard: int, consumer: str, count: int) -> list[Entry]:
+        """Take over every pending entry of the shard (the lease makes them ours), oldest first."""
+        claimed: list[Entry] = []
+        cursor = "0-0"
+        while True:
+            cursor_b, entries, deleted = await self.redis.xautoclaim(
+                self.keys.inbox(shard), GROUP, consumer, 0, start_id=cursor, count=count
+            )
+            claimed.extend(_entries(entries))
+            if deleted:  # trimmed while pending: nothing left to handle, just ack
+                await self.redis.xack(self.keys.inbox(shard), GROUP, *deleted)
+            cursor = cursor_b.decode() if isinstance(cursor_b, bytes) else str(cursor_b)
+            if cursor == "0-0":
+                return claimed
+
+    async def trim_inbox(self, shard: int) -> int:
+        return int(await self._run("trim_inbox", [self.keys.inbox(shard)], []))
+
+    # ---- state ---------------------------------------------------------------
+    async def load_states(self, shard: int, actor_ids: Sequence[str]) -> list[bytes | None]:
+        if not actor_ids:
+            return []
+        return list(await self.redis.hmget(self.keys.state(shard), list(actor_ids)))
+
+    async def load_state(self, shard: int, actor_id: str) -> bytes | None:
+        value = await self.redis.hget(self.keys.state(shard), actor_id)
+        return value if value is None else bytes(value)
+
+    # ---- commits ---------------------------------------------------------------
+    async def commit(self, shard: int, lease: str, turns: Sequence[TurnRecord], reply_ttl_ms: int) -> list[bool]:
+        """Commit turns atomically; returns per turn whether it was new (False: duplicate).
+
+        Raises LeaseLost if the lease is not held at ``lease``.
+        """
+        k = self.keys
+        keys = [k.lease(shard), k.inbox(shard), k.state(shard), k.outbox(shard)]
+        args: list[Any] = [lease, reply_ttl_ms, len(turns)]
+        for turn in turns:
+            reply_index = 0
+            if turn.reply_key is not None:
+                keys.append(turn.reply_key)
+                reply_index = len(keys)
+            args += [
+                turn.entry_id,
+                turn.actor_id,
+                turn.snapshot if turn.snapshot is not None else b"",
+                reply_index,
+                turn.reply_channel or "",
+                turn.reply,
+                len(turn.local),
+                len(turn.remote),
+            ]
+            args += turn.local
+            for target, envelope in turn.remote:
+                args += [target, envelope]
+        try:
+            results = await self._run("commit", keys, args)
+        except ResponseError as exc:
+            if str(exc).startswith("FENCED"):
+                raise LeaseLost(f"shard {shard}: lease {lease} is no longer held") from None
+            raise
+        return [bool(r) for r in results]
+
+    async def dead_letter(
+        self,
+        shard: int,
+        lease: str,
+        entry_id: str,
+        raw: bytes,
+        reason: str,
+        detail: str,
+        reply: tuple[str, str, bytes] | None,
+        reply_ttl_ms: int,
+    ) -> bool:
+        """Ack ``entry_id`` into the dead-letter stream; ``reply`` is (key, channel, bytes)."""
+        k = self.keys
+        reply_key, channel, payload = reply if reply else (k.reply(shard, "-"), "", b"")
+        try:
+            done = await self._run(
+                "dead_letter",
+                [k.lease(shard), k.inbox(shard), k.dead_letters(shard), reply_key],
+                [lease, entry_id, raw, reason, detail, channel, payload, reply_ttl_ms],
+            )
+        except ResponseError as exc:
+            if str(exc).startswith("FENCED"):
+                raise LeaseLost(f"shard {shard}: lease {lease} is no longer held") from None
+            raise
+        return bool(done)
+
+    # ---- outbox and forwarding ---------------------------------------------------
+    async def read_outbox(self, shard: int, count: int) -> list[tuple[str, int, bytes]]:
+        rows = await self.redis.xrange(self.keys.outbox(shard), count=count)
+        return [(i.decode(), int(f[b"s"]), f[FIELD]) for i, f in rows]
+
+    async def forward(self, source: int, target: int, items: Sequence[tuple[str, bytes]]) -> int:
+        args: list[Any] = [source]
+        for entry_id, envelope in items:
+            args += [entry_id, envelope]
+        return int(
+            await self._run("forward", [self.keys.inbox(target), self.keys.forwarded(target)], args)
+        )
+
+    async def delete_outbox(self, shard: int, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            await self.redis.xdel(self.keys.outbox(shard), *entry_ids)
+
+    # ---- replies -------------------------------------------------------------------
+    def pubsub(self) -> PubSub:
+        return self.redis.pubsub(ignore_subscribe_messages=True)
+
+    async def get_reply(self, shard: int, message_id: str) -> bytes | None:
+        value = await self.redis.get(self.keys.reply(shard, message_id))
+        return value if value is None else bytes(value)
+
+    # ---- dead letters --------------------------------------------------------------
+    async def dead_letters(self, shard: int, count: int, start: str = "-") -> list[DeadLetter]:
+        rows = await self.redis.xrange(self.keys.dead_letters(shard), min=start, count=count)
+        return [_dead_letter(i, f) for i, f in rows]
+
+    async def replay_dead_letter(self, shard: int, dlq_id: str) -> str | None:
+        new_id = await self._run(
+            "replay_dead_letter", [self.keys.dead_letters(shard), self.keys.inbox(shard)], [dlq_id]
+        )
+        return new_id.decode() if new_id else None
+
+    async def drop_dead_letter(self, shard: int, dlq_id: str) -> bool:
+        return bool(await self.redis.xdel(self.keys.dead_letters(shard), dlq_id))
+
+    # ---- status --------------------------------------------------------------------
+    async def shard_info(self, shard: int) -> ShardInfo:
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(k.lease(shard))
+            pipe.get(k.epoch(shard))
+            pipe.xlen(k.inbox(shard))
+            pipe.xlen(k.dead_letters(shard))
+            lease, epoch, length, dead = await pipe.execute()
+        lag: int | None = None
+        pending = 0
+        try:
+            for group in await self.redis.xinfo_groups(k.inbox(shard)):
+                if group["name"] == GROUP.encode():
+                    lag = group.get("lag")
+                    pending = int(group["pending"])
+        except ResponseError:  # no stream yet
+            pass
+        owner = lease.decode().rpartition("|")[0] if lease else None
+        return ShardInfo(shard, owner, int(epoch or 0), int(length), lag, pending, int(dead))
+
+
+def _entries(rows: Any) -> list[Entry]:
+    return [(entry_id.decode(), fields.get(FIELD) if fields else None) for entry_id, fields in rows]
+
+
+def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    return DeadLetter(
+        id=entry_id.decode(),
+        entry_id=fields.get(b"entry", b"").decode(),
+        envelope=fields.get(FIELD, b""),
+        reason=fields.get(b"reason", b"").decode(errors="replace"),
+        detail=fields.get(b"detail", b"").decode(errors="replace"),
+        at_ms=int(fields.get(b"at", b"0")),
+    )

@@ -1,0 +1,132 @@
+"""Membership and shard leases: who runs which shard, and the epoch that fences it.
+
+Every ``renew_interval`` the supervisor heartbeats, renews the leases it
+holds, and moves toward an even share of the shards over the live workers:
+it gives up its extras (after draining them) and takes free shards while it
+holds fewer than its share. A lease it cannot renew is lost at once; if Redis
+cannot be reached for a whole lease TTL, every lease is treated as lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import random
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+from .settings import LeaseSettings
+from .shard import Lease
+from .store import Store, is_transient
+
+log = logging.getLogger("actors.supervisor")
+
+OnAcquired = Callable[[Lease], None]
+OnLost = Callable[[int], None]
+OnRelease = Callable[[int], Awaitable[None]]
+
+
+class Supervisor:
+    def __init__(
+        self,
+        store: Store,
+        worker_id: str,
+        shards: int,
+        settings: LeaseSettings,
+        on_acquired: OnAcquired,
+        on_lost: OnLost,
+        on_release: OnRelease,
+    ) -> None:
+        self.store = store
+        self.worker_id = worker_id
+        self.shards = shards
+        self.settings = settings
+        self.held: dict[int, Lease] = {}
+        self._on_acquired = on_acquired
+        self._on_lost = on_lost
+        self._on_release = on_release
+        self._ttl_ms = int(settings.ttl * 1000)
+        self._info = {"host": socket.gethostname(), "pid": str(os.getpid()), "started": str(time.time())}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep leases until ``stop`` is set; then release them all (after draining)."""
+        last_ok = time.monotonic()
+        delay = self.settings.renew_interval
+        while not stop.is_set():
+            try:
+                await self.tick()
+                last_ok = time.monotonic()
+                delay = self.settings.renew_interval
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.exception("supervisor tick failed")
+                if time.monotonic() - last_ok > self.settings.ttl and self.held:
+                    log.warning("Redis unreachable for a whole lease TTL: dropping %d shards", len(self.held))
+                    self._lose(list(self.held))
+                delay = min(delay * 2, self.settings.ttl / 2)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+        await self.release_all()
+
+    async def tick(self) -> None:
+        await self.store.heartbeat(self.worker_id, self._ttl_ms, self._info)
+        if self.held:
+            renewed = await self.store.renew_leases(
+                {shard: lease.value for shard, lease in self.held.items()}, self._ttl_ms
+            )
+            self._lose([shard for shard, ok in renewed.items() if not ok])
+        live = await self.store.live_workers()
+        share = math.ceil(self.shards / max(1, len(live)))
+        extra = len(self.held) - share
+        if extra > 0:
+            for shard in sorted(self.held, reverse=True)[:extra]:
+                await self._release(shard)
+        elif extra < 0:
+            await self._acquire(-extra)
+
+    async def _acquire(self, wanted: int) -> None:
+        free = [s for s in range(self.shards) if s not in self.held]
+        random.shuffle(free)  # workers starting together should not all try shard 0 first
+        for shard in free:
+            if wanted <= 0:
+                return
+            epoch = await self.store.acquire_lease(shard, self.worker_id, self._ttl_ms)
+            if epoch is None:
+                continue
+            lease = Lease(shard, epoch, f"{self.worker_id}|{epoch}")
+            self.held[shard] = lease
+            wanted -= 1
+            log.info("acquired shard %s at epoch %s", shard, epoch)
+            self._on_acquired(lease)
+
+    async def _release(self, shard: int) -> None:
+        lease = self.held.pop(shard)
+        await self._on_release(shard)
+        await self.store.release_lease(shard, lease.value)
+        log.info("released shard %s (epoch %s)", shard, lease.epoch)
+
+    def _lose(self, shards: list[int]) -> None:
+        for shard in shards:
+            lease = self.held.pop(shard, None)
+            if lease is not None:
+                log.warning("lost the lease on shard %s (epoch %s)", shard, lease.epoch)
+                self._on_lost(shard)
+
+    async def release_all(self) -> None:
+        """Graceful exit: drain every shard, release its lease, leave membership."""
+        results = await asyncio.gather(
+            *(self._release(shard) for shard in list(self.held)), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not is_transient(result):
+                log.error("releasing a shard failed: %r", result)
+        try:
+            await self.store.leave(self.worker_id)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise

@@ -1,0 +1,133 @@
+"""A worker process: runs the turn loops of the shards its supervisor leases.
+
+A shard runner that fails (Redis error, duplicate commit) is restarted with
+backoff from what Redis holds, as long as the lease is still ours; one that
+lost its lease is stopped and its activations dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+
+from .actor import App
+from .errors import LeaseLost
+from .replies import ReplyListener
+from .server import resolve_url
+from .settings import DEFAULT_SHARDS, RedisSettings, WorkerSettings
+from .shard import Lease, ShardRunner
+from .store import Store, is_transient
+from .supervisor import Supervisor
+from .turn import TurnServices
+
+log = logging.getLogger("actors.worker")
+
+
+class Worker:
+    """Runs ``app``'s actors. ``await worker.run()`` until ``worker.stop()`` (or cancellation)."""
+
+    def __init__(
+        self,
+        app: App,
+        redis: RedisSettings | None = None,
+        settings: WorkerSettings | None = None,
+        *,
+        shutdown_grace: float = 10.0,
+    ) -> None:
+        self.app = app
+        self.redis_settings = redis or RedisSettings.from_env()
+        self.settings = settings or WorkerSettings()
+        self.shutdown_grace = shutdown_grace
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.ready = asyncio.Event()
+        """Set once the worker has run its first supervisor tick."""
+        self._stop = asyncio.Event()
+        self._runners: dict[int, tuple[asyncio.Task[None], list[ShardRunner]]] = {}
+        self._services: TurnServices | None = None
+
+    def stop(self) -> None:
+        """Begin a graceful stop: drain in-flight turns, release every lease."""
+        self._stop.set()
+
+    @property
+    def shards(self) -> list[int]:
+        return sorted(self._runners)
+
+    async def run(self) -> None:
+        store = Store.from_url(resolve_url(self.redis_settings.url), self.redis_settings.namespace)
+        replies = ReplyListener(store)
+        try:
+            shards = await store.shard_count(self.settings.shards, DEFAULT_SHARDS)
+            await replies.start()
+            self._services = TurnServices(self.app, store, shards, self.settings.messages, replies)
+            supervisor = Supervisor(
+                store, self.id, shards, self.settings.lease,
+                on_acquired=self._start_shard, on_lost=self._stop_shard, on_release=self._drain_shard,
+            )  # fmt: skip
+            await supervisor.tick()
+            self.ready.set()
+            await supervisor.run(self._stop)
+        finally:
+            for shard in list(self._runners):
+                self._stop_shard(shard)
+            await replies.stop()
+            await store.close()
+
+    # ---- shard runners ---------------------------------------------------------
+    def _start_shard(self, lease: Lease) -> None:
+        holder: list[ShardRunner] = []
+        task = asyncio.create_task(self._run_shard(lease, holder), name=f"shard-{lease.shard}")
+        self._runners[lease.shard] = (task, holder)
+
+    def _stop_shard(self, shard: int) -> None:
+        entry = self._runners.pop(shard, None)
+        if entry is not None:
+            entry[0].cancel()
+
+    async def _drain_shard(self, shard: int) -> None:
+        entry = self._runners.get(shard)
+        if entry is None:
+            return
+        task, holder = entry
+        if holder:
+            await holder[0].drain()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=self.shutdown_grace)
+        except TimeoutError:
+            log.warning("shard %s: in-flight turns did not finish in %ss; abandoning them", shard, self.shutdown_grace)
+        except Exception:  # already logged by _run_shard
+            pass
+        self._stop_shard(shard)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def _run_shard(self, lease: Lease, holder: list[ShardRunner]) -> None:
+        assert self._services is not None
+        delay = 0.05
+        while True:
+            runner = ShardRunner(lease, self.id, self._services, self.settings)
+            holder[:] = [runner]
+            try:
+                await runner.run()
+                return  # drained
+            except Exception as exc:
+                errors = _flatten(exc)
+                if any(isinstance(e, LeaseLost) for e in errors):
+                    log.warning("shard %s: lease lost at epoch %s; stopping its turns", lease.shard, lease.epoch)
+                    return
+                if all(is_transient(e) for e in errors):
+                    log.warning("shard %s: Redis error %r; restarting from Redis in %.2fs", lease.shard, errors[0], delay)
+                else:
+                    log.error("shard %s: runner failed; restarting from Redis", lease.shard, exc_info=exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def _flatten(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [e for sub in exc.exceptions for e in _flatten(sub)]
+    return [exc]
