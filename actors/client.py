@@ -44,10 +44,10 @@ class Client:
         if idempotency_key is None:
             await self.store.append(shard, data)
             return env.id
-        _, first_id = await self.store.append_once(
+        appended, first_id = await self.store.append_once(
             shard, idempotency_key, env.id, data, _ms(self.messages.idempotency_ttl)
         )
-        return first_id
+        return env.id if appended else first_id
 
     async def send_many(self, items: Iterable[tuple[ActorRef[Any], BaseModel]]) -> list[str]:
         """Send many messages in one pipelined round trip; order is kept per target."""

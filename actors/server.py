@@ -114,23 +114,18 @@ class EmbeddedServer:
                 "--appendfsync", self.appendfsync,
                 "--save", "",
                 "--logfile", "server.log",
-                "--daemonize", "no",
+                "--daemonize", "yes",
+                "--pidfile", str(self.directory / "server.pid"),
             ]  # fmt: skip
-            proc = subprocess.Popen(
-                args,
-                cwd=self.directory,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,  # outlives the command that started it
-            )
-            if _wait_ready(port, proc, timeout=10.0):
-                self.port, self.pid = port, proc.pid
-                self._record.write_text(json.dumps({"port": port, "pid": proc.pid, "binary": binary}))
+            pidfile = self.directory / "server.pid"
+            pidfile.unlink(missing_ok=True)
+            # The server daemonizes itself, so it is nobody's child and outlives this command.
+            subprocess.run(args, cwd=self.directory, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=False, timeout=30)  # fmt: skip
+            if _wait_ready(port, pidfile, timeout=60.0):
+                self.port, self.pid = port, int(pidfile.read_text().strip())
+                self._record.write_text(json.dumps({"port": port, "pid": self.pid, "binary": binary}))
                 return
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
         log = self.directory / "server.log"
         tail = log.read_text()[-2000:] if log.exists() else "(no log)"
         raise ServerError(f"could not start {binary} in {self.directory}:\n{tail}")
@@ -183,12 +178,6 @@ def resolve_url(url: str | None) -> str:
 
 def _alive(pid: int) -> bool:
     try:
-        finished, _ = os.waitpid(pid, os.WNOHANG)
-        if finished == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child: fall through to the signal probe
-    try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
@@ -222,12 +211,15 @@ def _ping(port: int) -> bool:
         return False
 
 
-def _wait_ready(port: int, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+def _wait_ready(port: int, pidfile: Path, timeout: float) -> bool:
+    """Wait for PONG (a server still loading its AOF answers -LOADING)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        if _ping(port):
-            return True
+        if pidfile.exists():
+            text = pidfile.read_text().strip()
+            if text and not _alive(int(text)):
+                return False
+            if _ping(port):
+                return True
         time.sleep(0.02)
     return False

@@ -197,7 +197,7 @@ class Store:
     async def append_once(
         self, shard: int, idempotency_key: str, message_id: str, envelope: bytes, ttl_ms: int
     ) -> tuple[bool, str]:
-        """Append unless the key was seen; returns (appended, first message id or entry id)."""
+        """Append unless the key was seen; returns (True, entry id) or (False, first message id)."""
         appended, value = await self._run(
             "enqueue_once",
             [self.keys.inbox(shard), self.keys.idempotency(shard, idempotency_key)],

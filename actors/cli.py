@@ -1,0 +1,304 @@
+"""The ``actors`` command.
+
+    actors worker APP [--processes N]     run workers for APP ("module:attribute")
+    actors send|ask REF TYPE JSON --app APP
+    actors state REF [--app APP]
+    actors status                         workers, shard owners, epochs, lag, pending
+    actors dlq list|show|replay|drop
+    actors server start|stop|status       the project's embedded server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from pydantic import ValidationError
+
+from .actor import ActorRef, App
+from .client import Client, connect
+from .codec import decode_envelope
+from .errors import ActorsError, DecodeError
+from .server import EmbeddedServer, default_dir
+from .settings import LeaseSettings, RedisSettings, WorkerSettings
+from .worker import Worker
+
+
+def load_app(spec: str) -> App:
+    """Import ``module:attribute`` and check it is an App."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SystemExit(f"APP must look like 'package.module:app', got {spec!r}")
+    sys.path.insert(0, os.getcwd())
+    app = getattr(importlib.import_module(module_name), attr, None)
+    if not isinstance(app, App):
+        raise SystemExit(f"{spec} is not an actors.App")
+    return app
+
+
+# ---- worker ---------------------------------------------------------------------
+def cmd_worker(args: argparse.Namespace) -> int:
+    if args.processes > 1:
+        return _run_parent(args)
+    app = load_app(args.app)
+    settings = WorkerSettings(
+        shards=args.shards,
+        lease=LeaseSettings(ttl=args.lease_ttl, renew_interval=args.renew_interval),
+    )
+    worker = Worker(app, _redis(args), settings, shutdown_grace=args.grace)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()
+
+    logging.getLogger("actors").info("worker %s starting", worker.id)
+    asyncio.run(run())
+    return 0
+
+
+def _run_parent(args: argparse.Namespace) -> int:
+    """Start N single-process workers and restart any that dies, until SIGTERM/SIGINT."""
+    child_args = [sys.executable, "-m", "actors.cli", *_child_argv(args)]
+    children: list[subprocess.Popen[bytes]] = [subprocess.Popen(child_args) for _ in range(args.processes)]
+    stopping = False
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not stopping:
+        for n, child in enumerate(children):
+            if child.poll() is not None and not stopping:
+                logging.getLogger("actors").warning(
+                    "worker process %s exited with %s; restarting", child.pid, child.returncode
+                )
+                children[n] = subprocess.Popen(child_args)
+        time.sleep(0.1)
+    for child in children:
+        child.wait()
+    return 0
+
+
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    argv = ["worker", args.app, "--processes", "1", "--lease-ttl", str(args.lease_ttl),
+            "--renew-interval", str(args.renew_interval), "--grace", str(args.grace),
+            "--log-level", args.log_level]  # fmt: skip
+    if args.redis:
+        argv += ["--redis", args.redis]
+    if args.namespace:
+        argv += ["--namespace", args.namespace]
+    if args.shards:
+        argv += ["--shards", str(args.shards)]
+    return argv
+
+
+# ---- messages ---------------------------------------------------------------------
+def cmd_send(args: argparse.Namespace) -> int:
+    async def run(client: Client) -> None:
+        ref, msg = _message(client.app, args.ref, args.type, args.json)
+        if args.command == "ask":
+            reply = await client.ask(ref, msg, timeout=args.timeout, idempotency_key=args.idempotency_key)
+            print(json.dumps(reply.model_dump(mode="json") if reply is not None else None))
+        else:
+            print(await client.send(ref, msg, idempotency_key=args.idempotency_key))
+
+    return _with_client(args, run, app_required=True)
+
+
+def _message(app: App | None, ref_text: str, type_name: str, payload: str) -> tuple[ActorRef[Any], Any]:
+    assert app is not None
+    ref = ActorRef.parse(ref_text)
+    cls = app.actor_type(ref.type)
+    handler = cls.handler_for(type_name)
+    return cls.ref(ref.key), handler.message.model_validate_json(payload or "{}")
+
+
+def cmd_state(args: argparse.Namespace) -> int:
+    async def run(client: Client) -> None:
+        state = await client.state(ActorRef.parse(args.ref))
+        if hasattr(state, "model_dump"):
+            state = state.model_dump(mode="json")
+        print(json.dumps(state, indent=2))
+
+    return _with_client(args, run)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    async def run(client: Client) -> None:
+        store = client.store
+        workers = await store.live_workers()
+        infos = [await store.shard_info(s) for s in range(client.shards)]
+        if args.json:
+            print(json.dumps({"workers": workers, "shards": [dataclasses.asdict(i) for i in infos]}, indent=2))
+            return
+        print(f"namespace {store.keys.namespace}: {client.shards} shards, {len(workers)} live workers")
+        for w in workers:
+            held = [i.shard for i in infos if i.owner == w]
+            print(f"  worker {w}: shards {held}")
+        print(f"{'shard':>5} {'owner':<36} {'epoch':>6} {'length':>8} {'lag':>6} {'pending':>8} {'dlq':>5}")
+        for i in infos:
+            print(f"{i.shard:>5} {i.owner or '-':<36} {i.epoch:>6} {i.length:>8} "
+                  f"{'-' if i.lag is None else i.lag:>6} {i.pending:>8} {i.dead_letters:>5}")  # fmt: skip
+
+    return _with_client(args, run)
+
+
+# ---- dead letters ----------------------------------------------------------------------
+def cmd_dlq(args: argparse.Namespace) -> int:
+    async def run(client: Client) -> None:
+        store = client.store
+        shards = [args.shard] if args.shard is not None else range(client.shards)
+        if args.action == "list":
+            for shard in shards:
+                for dl in await store.dead_letters(shard, args.count):
+                    print(f"{shard}/{dl.id}  {_describe(dl.envelope)}  {dl.reason}")
+            return
+        shard, dlq_id = _dlq_address(args.id)
+        if args.action == "show":
+            for dl in await store.dead_letters(shard, 1, start=dlq_id):
+                if dl.id == dlq_id:
+                    print(f"{shard}/{dl.id}: {_describe(dl.envelope)}\nreason: {dl.reason}\n{dl.detail}")
+                    return
+            raise SystemExit(f"no dead letter {args.id}")
+        if args.action == "replay":
+            new_id = await store.replay_dead_letter(shard, dlq_id)
+            print(f"replayed as inbox entry {new_id}" if new_id else f"no dead letter {args.id}")
+        elif args.action == "drop":
+            print("dropped" if await store.drop_dead_letter(shard, dlq_id) else f"no dead letter {args.id}")
+
+    return _with_client(args, run)
+
+
+def _dlq_address(text: str | None) -> tuple[int, str]:
+    shard, sep, dlq_id = (text or "").partition("/")
+    if not sep or not shard.isdigit():
+        raise SystemExit("give the dead letter as SHARD/ID, as 'actors dlq list' prints it")
+    return int(shard), dlq_id
+
+
+def _describe(raw: bytes) -> str:
+    try:
+        env = decode_envelope(raw)
+    except DecodeError:
+        return "(undecodable entry)"
+    return f"{env.type} -> {env.actor_id}"
+
+
+# ---- embedded server ---------------------------------------------------------------------
+def cmd_server(args: argparse.Namespace) -> int:
+    server = EmbeddedServer(default_dir())
+    if args.action == "start":
+        print(server.start().url)
+    elif args.action == "stop":
+        print("stopped" if server.stop() else "not running")
+    else:
+        print(json.dumps(server.status(), indent=2))
+    return 0
+
+
+# ---- plumbing ----------------------------------------------------------------------------
+def _redis(args: argparse.Namespace) -> RedisSettings:
+    return RedisSettings.from_env(args.redis, args.namespace)
+
+
+def _with_client(args: argparse.Namespace, body: Any, app_required: bool = False) -> int:
+    app = load_app(args.app) if getattr(args, "app", None) else None
+    if app_required and app is None:
+        raise SystemExit("this command needs --app module:app to validate the message")
+    settings = _redis(args)
+
+    async def run() -> None:
+        async with connect(settings.url, namespace=settings.namespace, app=app) as client:
+            await body(client)
+
+    asyncio.run(run())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="actors", description="Durable actors on Redis streams.")
+    p.add_argument("--log-level", default=os.environ.get("ACTORS_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--redis", help="redis:// or rediss:// URL (default: $ACTORS_REDIS_URL, else embedded)")
+        sp.add_argument("--namespace", help="key prefix (default: $ACTORS_NAMESPACE, else 'actors')")
+
+    w = sub.add_parser("worker", help="run worker processes for an app")
+    w.add_argument("app", help="module:attribute of an actors.App")
+    w.add_argument("--processes", type=int, default=1)
+    w.add_argument("--shards", type=int, default=None, help="shard count (default: as recorded in Redis)")
+    w.add_argument("--lease-ttl", type=float, default=LeaseSettings().ttl)
+    w.add_argument("--renew-interval", type=float, default=LeaseSettings().renew_interval)
+    w.add_argument("--grace", type=float, default=10.0, help="seconds in-flight turns get on shutdown")
+    common(w)
+    w.set_defaults(func=cmd_worker)
+
+    for name in ("send", "ask"):
+        s = sub.add_parser(name, help=f"{name} a message (JSON) to an actor")
+        s.add_argument("ref", help="Type/key")
+        s.add_argument("type", help="message type name")
+        s.add_argument("json", nargs="?", default="{}")
+        s.add_argument("--app", default=os.environ.get("ACTORS_APP"))
+        s.add_argument("--idempotency-key")
+        s.add_argument("--timeout", type=float, default=30.0)
+        common(s)
+        s.set_defaults(func=cmd_send)
+
+    st = sub.add_parser("state", help="print an actor's committed state")
+    st.add_argument("ref")
+    st.add_argument("--app", default=os.environ.get("ACTORS_APP"))
+    common(st)
+    st.set_defaults(func=cmd_state)
+
+    ss = sub.add_parser("status", help="workers, shard leases, lag and pending")
+    ss.add_argument("--json", action="store_true")
+    common(ss)
+    ss.set_defaults(func=cmd_status)
+
+    d = sub.add_parser("dlq", help="dead letters: list, show, replay, drop")
+    d.add_argument("action", choices=["list", "show", "replay", "drop"])
+    d.add_argument("id", nargs="?", help="SHARD/ID for show, replay, drop")
+    d.add_argument("--shard", type=int)
+    d.add_argument("--count", type=int, default=100)
+    common(d)
+    d.set_defaults(func=cmd_dlq)
+
+    sv = sub.add_parser("server", help="the project's embedded Redis/Valkey server")
+    sv.add_argument("action", choices=["start", "stop", "status"])
+    sv.set_defaults(func=cmd_server)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except ActorsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        print(f"invalid message: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

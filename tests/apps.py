@@ -1,0 +1,111 @@
+"""Actor types the tests run, in-process and in real worker processes."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+import actors
+
+
+class Add(BaseModel):
+    by: int = 1
+    sender: str = ""
+    seq: int = -1
+
+
+class Get(BaseModel):
+    pass
+
+
+class Total(BaseModel):
+    total: int
+
+
+class Counter(actors.Actor):
+    """Counts; remembers, per sender, the sequence numbers in the order handled."""
+
+    class State(BaseModel):
+        total: int = 0
+        seqs: dict[str, list[int]] = {}
+
+    async def on_add(self, msg: Add) -> None:
+        self.state.total += msg.by
+        if msg.sender:
+            self.state.seqs.setdefault(msg.sender, []).append(msg.seq)
+
+    async def on_get(self, msg: Get) -> Total:
+        return Total(total=self.state.total)
+
+
+class Mirror(actors.Actor):
+    """Adds to itself and forwards each add to a Tally actor (often in another shard)."""
+
+    class State(BaseModel):
+        total: int = 0
+
+    async def on_add(self, msg: Add) -> None:
+        self.state.total += msg.by
+        await self.send(Tally.ref(f"tally-{int(self.key.rsplit('-', 1)[-1]) % 7}"), Add(by=msg.by))
+
+    async def on_get(self, msg: Get) -> Total:
+        return Total(total=self.state.total)
+
+
+class Tally(actors.Actor):
+    class State(BaseModel):
+        total: int = 0
+
+    async def on_add(self, msg: Add) -> None:
+        self.state.total += msg.by
+
+    async def on_get(self, msg: Get) -> Total:
+        return Total(total=self.state.total)
+
+
+class Lookup(BaseModel):
+    name: str
+
+
+class Answer(BaseModel):
+    value: str
+
+
+class Front(actors.Actor):
+    """Answers by asking a Back actor."""
+
+    async def on_lookup(self, msg: Lookup) -> Answer:
+        inner = await self.ask(Back.ref(msg.name), msg)
+        return Answer(value=f"front saw {inner.value}")
+
+
+class Back(actors.Actor):
+    async def on_lookup(self, msg: Lookup) -> Answer:
+        return Answer(value=f"back:{self.key}")
+
+
+class Boom(BaseModel):
+    times: int = 1_000
+
+
+class Flaky(actors.Actor):
+    """Fails ``times`` attempts, then succeeds; counts attempts and successes."""
+
+    class State(BaseModel):
+        ok: int = 0
+
+    attempts: int = 0
+
+    async def on_boom(self, msg: Boom) -> Total:
+        type(self).attempts += 1
+        self.state.ok += 1000  # must be rolled back when the attempt fails
+        if type(self).attempts <= msg.times:
+            raise RuntimeError(f"boom #{type(self).attempts}")
+        self.state.ok -= 999
+        return Total(total=self.state.ok)
+
+    async def on_add(self, msg: Add) -> Total:
+        self.state.ok += msg.by
+        return Total(total=self.state.ok)
+
+
+app = actors.App(Counter, Mirror, Tally, Front, Back, Flaky)

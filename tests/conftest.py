@@ -1,0 +1,154 @@
+"""Fixtures: a real Valkey/Redis server per test session (loopback, temp dir), a fresh
+namespace per test, in-process workers and real worker processes. No fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import actors
+from actors import App, EmbeddedServer, RedisSettings, Worker, WorkerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    server = EmbeddedServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A fresh key prefix per test, so tests sharing the server never see each other."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def fast_settings() -> WorkerSettings:
+    return WorkerSettings(
+        shards=4,
+        lease=actors.LeaseSettings(ttl=1.0, renew_interval=0.2),
+        retry=actors.RetrySettings(max_attempts=3, backoff=0.01),
+    )
+
+
+@pytest.fixture
+async def connect(redis_url: str, namespace: str) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: ``async with connect(app=...) as client`` on the test's namespace."""
+
+    def factory(**kwargs: Any) -> Any:
+        kwargs.setdefault("namespace", namespace)
+        return actors.connect(redis_url, **kwargs)
+
+    yield factory
+
+
+@pytest.fixture
+async def start_worker(
+    redis_url: str, namespace: str, fast_settings: WorkerSettings
+) -> AsyncIterator[Callable[..., Any]]:
+    """Factory: start an in-process Worker (ready when returned); all are stopped at teardown."""
+    running: list[tuple[Worker, asyncio.Task[None]]] = []
+
+    async def factory(app: App, settings: WorkerSettings | None = None, url: str | None = None) -> Worker:
+        worker = Worker(app, RedisSettings(url=url or redis_url, namespace=namespace), settings or fast_settings)
+        task = asyncio.create_task(worker.run())
+        running.append((worker, task))
+        ready = asyncio.create_task(worker.ready.wait())
+        await asyncio.wait({ready, task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            ready.cancel()
+            task.result()  # raises the worker's startup error
+        return worker
+
+    yield factory
+    for worker, _ in running:
+        worker.stop()
+    for _, task in running:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=20)
+
+
+class WorkerProcess:
+    """A real ``actors worker`` process that the test started (and may kill)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.argv, self.env, self.log = argv, env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=out, stderr=out)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.terminate()
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def spawn_worker(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Factory: start ``actors worker APP`` as a real process on the test's namespace."""
+    procs: list[WorkerProcess] = []
+
+    def factory(app: str = "tests.apps:app", *extra: str, url: str | None = None) -> WorkerProcess:
+        argv = [sys.executable, "-m", "actors.cli", "--log-level", "WARNING", "worker", app,
+                "--redis", url or redis_url, "--namespace", namespace,
+                "--lease-ttl", "1.0", "--renew-interval", "0.2", *extra]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "ACTORS_TEST_DIR": str(tmp_path)}
+        proc = WorkerProcess(argv, env, tmp_path / f"worker-{len(procs)}.log").start()
+        procs.append(proc)
+        return proc
+
+    yield factory
+    for proc in procs:
+        proc.kill()
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """Poll an async or sync ``check`` until it returns a truthy value."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
+        await asyncio.sleep(interval)

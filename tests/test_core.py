@@ -1,0 +1,121 @@
+"""The runtime core against a real server: send, ask, state, idempotency, order, forwarding."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import actors
+from actors import ConfigurationError, WorkerSettings
+
+from .apps import Add, Back, Counter, Front, Get, Lookup, Mirror, Tally, Total, app
+from .conftest import eventually
+
+
+async def test_send_ask_and_state(start_worker, connect) -> None:
+    await start_worker(app)
+    async with connect(app=app) as client:
+        for _ in range(5):
+            await client.send(Counter.ref("a"), Add(by=2))
+        reply = await client.ask(Counter.ref("a"), Get())
+        assert reply == Total(total=10)
+        state = await client.state(Counter.ref("a"))
+        assert isinstance(state, Counter.State) and state.total == 10
+        assert await client.state(Counter.ref("never")) is None
+
+
+async def test_client_without_app_uses_the_refs_class(start_worker, connect) -> None:
+    await start_worker(app)
+    async with connect() as client:
+        await client.send(Counter.ref("b"), Add(by=3))
+        assert await client.ask(Counter.ref("b"), Get()) == Total(total=3)
+
+
+async def test_same_idempotency_key_sent_three_times_counts_once(start_worker, connect) -> None:
+    await start_worker(app)
+    async with connect(app=app) as client:
+        ids = [await client.send(Counter.ref("idem"), Add(by=1), idempotency_key="order-42") for _ in range(3)]
+        assert len(set(ids)) == 1, "duplicates return the first message id"
+        await client.send(Counter.ref("idem"), Add(by=1), idempotency_key="order-43")
+        assert await client.ask(Counter.ref("idem"), Get()) == Total(total=2)
+
+
+async def test_ask_with_repeated_idempotency_key_gets_the_first_reply(start_worker, connect) -> None:
+    await start_worker(app)
+    async with connect(app=app) as client:
+        first = await client.ask(Counter.ref("q"), Get(), idempotency_key="k")
+        await client.send(Counter.ref("q"), Add(by=5))
+        again = await client.ask(Counter.ref("q"), Get(), idempotency_key="k", timeout=5)
+        assert first == again == Total(total=0)
+
+
+async def test_per_sender_order_holds_with_concurrent_senders(start_worker, connect) -> None:
+    await start_worker(app)
+    senders, per_sender, keys = 4, 150, 5
+
+    async def sender(client: actors.Client, name: str) -> None:
+        for seq in range(per_sender):
+            await client.send(Counter.ref(f"o-{seq % keys}"), Add(sender=name, seq=seq))
+
+    async with connect(app=app) as client:
+        await asyncio.gather(*(sender(client, f"s{n}") for n in range(senders)))
+        await client.send_many(
+            (Counter.ref(f"o-{seq % keys}"), Add(sender="batch", seq=seq)) for seq in range(per_sender)
+        )
+        for k in range(keys):
+            await client.ask(Counter.ref(f"o-{k}"), Get())
+            state = await client.state(Counter.ref(f"o-{k}"))
+            assert set(state.seqs) == {"batch", *(f"s{n}" for n in range(senders))}
+            for seqs in state.seqs.values():
+                assert seqs == sorted(seqs) and len(seqs) == per_sender // keys
+
+
+async def test_ask_across_two_actors(start_worker, connect) -> None:
+    await start_worker(app)
+    async with connect(app=app) as client:
+        reply = await client.ask(Front.ref("f1"), Lookup(name="x"))
+        assert reply.value == "front saw back:x"
+
+
+async def test_sends_between_actors_commit_with_the_turn(start_worker, connect) -> None:
+    """Mirror forwards every add to one of 7 Tally actors, most in other shards (outbox path)."""
+    await start_worker(app)
+    async with connect(app=app) as client:
+        await client.send_many((Mirror.ref(f"m-{i}"), Add(by=1)) for i in range(70))
+
+        async def tallied() -> bool:
+            totals = [await client.state(Tally.ref(f"tally-{t}")) for t in range(7)]
+            return all(s is not None and s.total == 10 for s in totals)
+
+        await eventually(tallied)
+        await asyncio.sleep(0.3)
+        assert [(await client.state(Tally.ref(f"tally-{t}"))).total for t in range(7)] == [10] * 7
+
+
+async def test_worker_refuses_a_different_shard_count(start_worker, connect) -> None:
+    await start_worker(app)  # records 4 shards
+    with pytest.raises(ConfigurationError, match="records 4 shards"):
+        await start_worker(app, WorkerSettings(shards=8))
+
+
+async def test_idle_actors_are_deactivated(start_worker, connect, fast_settings) -> None:
+    settings = fast_settings.model_copy(update={"idle_timeout": 0.2, "trim_interval": 0.2})
+    worker = await start_worker(app, settings)
+    async with connect(app=app) as client:
+        for i in range(50):
+            await client.send(Counter.ref(f"idle-{i}"), Add())
+        await client.ask(Counter.ref("idle-0"), Get())
+
+        def activations() -> int:
+            return sum(len(runner.activations) for _, holder in worker._runners.values() for runner in holder)
+
+        assert activations() > 0
+        await eventually(lambda: activations() == 0, timeout=10)
+        assert (await client.ask(Counter.ref("idle-3"), Get())).total == 1, "state comes back from Redis"
+
+
+async def test_ask_between_actors_is_routed_by_class(start_worker, connect) -> None:
+    await start_worker(app)
+    async with connect(app=app) as client:
+        assert (await client.ask(Back.ref("z"), Lookup(name="z"))).value == "back:z"
