@@ -102,14 +102,16 @@ class Store:
     def from_url(cls, url: str, namespace: str) -> Store:
         # No automatic retries: a retried XADD after a lost reply would append twice.
         # Callers decide what is safe to retry (see is_transient).
-        client = aioredis.Redis.from_url(
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=256,
+            timeout=30,  # wait this long for a free connection rather than fail at once
             retry=Retry(NoBackoff(), 0),
             socket_connect_timeout=5,
             socket_keepalive=True,
             health_check_interval=30,
-            max_connections=1024,
         )
+        client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its sockets
         return cls(client, Keys(namespace))
 
     async def close(self) -> None:
