@@ -97,19 +97,34 @@ class ShardRunner:
         self._commits: list[tuple[TurnRecord, asyncio.Future[bool]]] = []
         self._commit_wakeup = asyncio.Event()
         self._forward_wakeup = asyncio.Event()
-        self._tg: asyncio.TaskGroup | None = None
+        self._actor_tasks: set[asyncio.Task[None]] = set()
+        self._actor_failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reply_ttl_ms = int(settings.messages.reply_ttl * 1000)
 
     async def run(self) -> None:
         """Run until cancelled, drained, or an error (which propagates)."""
-        async with asyncio.TaskGroup() as tg:
-            self._tg = tg
-            committer = tg.create_task(self._commit_loop(), name=f"commit-{self.shard}")
-            forwarder = tg.create_task(self._forward_loop(), name=f"forward-{self.shard}")
-            await self._read_loop()
-            await self._idle.wait()
-            committer.cancel()
-            forwarder.cancel()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                committer = tg.create_task(self._commit_loop(), name=f"commit-{self.shard}")
+                forwarder = tg.create_task(self._forward_loop(), name=f"forward-{self.shard}")
+                watcher = tg.create_task(self._watch_actors(), name=f"actors-{self.shard}")
+                await self._read_loop()
+                await self._idle.wait()
+                for task in (committer, forwarder, watcher):
+                    task.cancel()
+        finally:
+            for task in self._actor_tasks:
+                task.cancel()
+            await asyncio.gather(*self._actor_tasks, return_exceptions=True)
+
+    async def _watch_actors(self) -> None:
+        """Turn a failed actor task (lost lease, Redis error) into the runner's failure."""
+        await self._actor_failure
+
+    def _actor_done(self, task: asyncio.Task[None]) -> None:
+        self._actor_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and not self._actor_failure.done():
+            self._actor_failure.set_exception(task.exception())  # type: ignore[arg-type]
 
     async def drain(self) -> None:
         """Stop reading; ``run`` returns once every read message is committed."""
@@ -124,12 +139,15 @@ class ShardRunner:
             await self._room.wait()
             read = asyncio.ensure_future(self.store.read_new(self.shard, self.consumer, s.read_count, s.block_ms))
             stop = asyncio.ensure_future(self._stopping.wait())
-            done, _ = await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            if read not in done:
-                # Stopping: an entry read now would stay pending for the next owner; fine.
-                read.cancel()
-                await asyncio.gather(read, return_exceptions=True)
+            try:
+                await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                if not read.done():
+                    # An entry read now would stay pending for the next owner; that is fine.
+                    read.cancel()
+                    await asyncio.gather(read, return_exceptions=True)
+            if read.cancelled():
                 return
             await self._dispatch(read.result())
             if time.monotonic() >= next_chores:
@@ -161,12 +179,13 @@ class ShardRunner:
                 reason, detail, env = checked
                 await self._dead_letter(entry_id, raw or b"", reason, detail, env)
         await self._activate({q.envelope.actor_id: q.envelope.actor for q in accepted})
-        assert self._tg is not None
         for queued in accepted:
             act = self.activations[queued.envelope.actor_id]
             act.queue.append(queued)
             if act.task is None:
-                act.task = self._tg.create_task(self._drain_actor(act))
+                act.task = asyncio.create_task(self._drain_actor(act))
+                self._actor_tasks.add(act.task)
+                act.task.add_done_callback(self._actor_done)
 
     def _check(self, entry_id: str, raw: bytes | None) -> Queued | tuple[str, str, Envelope | None]:
         """The entry as a queued message, or (reason, detail, envelope if decodable) to dead-letter."""

@@ -15,7 +15,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -80,8 +80,11 @@ class ShardInfo:
 class Store:
     """Typed access to the runtime's Redis keys for one namespace."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
+    def __init__(self, client: aioredis.Redis, keys: Keys, appender: aioredis.Redis | None = None) -> None:
         self.redis = client
+        """For calls that are safe to repeat: it retries after a connection error."""
+        self._appender = appender or client
+        """For plain XADDs, which it never retries: a lost reply must not append twice."""
         self.keys = keys
         self._scripts = {
             name: client.register_script(_script_text(name))
@@ -100,22 +103,12 @@ class Store:
 
     @classmethod
     def from_url(cls, url: str, namespace: str) -> Store:
-        # No automatic retries: a retried XADD after a lost reply would append twice.
-        # Callers decide what is safe to retry (see is_transient).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=256,
-            timeout=30,  # wait this long for a free connection rather than fail at once
-            retry=Retry(NoBackoff(), 0),
-            socket_connect_timeout=5,
-            socket_keepalive=True,
-            health_check_interval=30,
-        )
-        client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its sockets
-        return cls(client, Keys(namespace))
+        return cls(_client(url, retries=3), Keys(namespace), appender=_client(url, retries=0))
 
     async def close(self) -> None:
         await self.redis.aclose()
+        if self._appender is not self.redis:
+            await self._appender.aclose()
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
@@ -185,12 +178,12 @@ class Store:
 
     # ---- inbox -------------------------------------------------------------
     async def append(self, shard: int, envelope: bytes) -> str:
-        entry_id = await self.redis.xadd(self.keys.inbox(shard), {FIELD: envelope})
+        entry_id = await self._appender.xadd(self.keys.inbox(shard), {FIELD: envelope})
         return str(entry_id.decode())
 
     async def append_many(self, items: Sequence[tuple[int, bytes]]) -> list[str]:
         """Append many envelopes in one pipelined round trip, in order."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._appender.pipeline(transaction=False) as pipe:
             for shard, envelope in items:
                 pipe.xadd(self.keys.inbox(shard), {FIELD: envelope})
             ids = await pipe.execute()
@@ -361,6 +354,19 @@ class Store:
             pass
         owner = lease.decode().rpartition("|")[0] if lease else None
         return ShardInfo(shard, owner, int(epoch or 0), int(length), lag, pending, int(dead))
+
+
+def _client(url: str, retries: int) -> aioredis.Redis:
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=256,
+        timeout=30,  # wait this long for a free connection rather than fail at once
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        health_check_interval=30,
+    )
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its sockets
 
 
 def _entries(rows: Any) -> list[Entry]:

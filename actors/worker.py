@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 
 from .actor import App
 from .errors import LeaseLost
@@ -46,7 +47,7 @@ class Worker:
         self.ready = asyncio.Event()
         """Set once the worker has run its first supervisor tick."""
         self._stop = asyncio.Event()
-        self._runners: dict[int, tuple[asyncio.Task[None], list[ShardRunner]]] = {}
+        self._slots: dict[int, _Slot] = {}
         self._services: TurnServices | None = None
 
     def stop(self) -> None:
@@ -55,7 +56,11 @@ class Worker:
 
     @property
     def shards(self) -> list[int]:
-        return sorted(self._runners)
+        return sorted(self._slots)
+
+    @property
+    def runners(self) -> list[ShardRunner]:
+        return [slot.runner for slot in self._slots.values() if slot.runner is not None]
 
     async def run(self) -> None:
         store = Store.from_url(resolve_url(self.redis_settings.url), self.redis_settings.namespace)
@@ -72,49 +77,52 @@ class Worker:
             self.ready.set()
             await supervisor.run(self._stop)
         finally:
-            for shard in list(self._runners):
+            for shard in list(self._slots):
                 self._stop_shard(shard)
             await replies.stop()
             await store.close()
 
     # ---- shard runners ---------------------------------------------------------
     def _start_shard(self, lease: Lease) -> None:
-        holder: list[ShardRunner] = []
-        task = asyncio.create_task(self._run_shard(lease, holder), name=f"shard-{lease.shard}")
-        self._runners[lease.shard] = (task, holder)
+        slot = _Slot(lease)
+        slot.task = asyncio.create_task(self._run_shard(slot), name=f"shard-{lease.shard}")
+        self._slots[lease.shard] = slot
 
     def _stop_shard(self, shard: int) -> None:
-        entry = self._runners.pop(shard, None)
-        if entry is not None:
-            entry[0].cancel()
+        slot = self._slots.pop(shard, None)
+        if slot is not None and slot.task is not None:
+            slot.task.cancel()
 
     async def _drain_shard(self, shard: int) -> None:
-        entry = self._runners.get(shard)
-        if entry is None:
+        slot = self._slots.get(shard)
+        if slot is None or slot.task is None:
             return
-        task, holder = entry
-        if holder:
-            await holder[0].drain()
+        slot.draining = True
+        if slot.runner is not None:
+            await slot.runner.drain()
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout=self.shutdown_grace)
+            await asyncio.wait_for(asyncio.shield(slot.task), timeout=self.shutdown_grace)
         except TimeoutError:
             log.warning("shard %s: in-flight turns did not finish in %ss; abandoning them", shard, self.shutdown_grace)
         except Exception:  # already logged by _run_shard
             pass
         self._stop_shard(shard)
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await slot.task
 
-    async def _run_shard(self, lease: Lease, holder: list[ShardRunner]) -> None:
+    async def _run_shard(self, slot: _Slot) -> None:
         assert self._services is not None
+        lease = slot.lease
         delay = 0.05
-        while True:
-            runner = ShardRunner(lease, self.id, self._services, self.settings)
-            holder[:] = [runner]
+        while not slot.draining:
+            slot.runner = ShardRunner(lease, self.id, self._services, self.settings)
             try:
-                await runner.run()
+                await slot.runner.run()
                 return  # drained
             except Exception as exc:
+                if _cancelling():
+                    # TaskGroup prefers its children's errors to our cancellation: honour it.
+                    raise asyncio.CancelledError() from exc
                 errors = _flatten(exc)
                 if any(isinstance(e, LeaseLost) for e in errors):
                     log.warning("shard %s: lease lost at epoch %s; stopping its turns", lease.shard, lease.epoch)
@@ -123,11 +131,28 @@ class Worker:
                     log.warning("shard %s: Redis error %r; restarting from Redis in %.2fs", lease.shard, errors[0], delay)
                 else:
                     log.error("shard %s: runner failed; restarting from Redis", lease.shard, exc_info=exc)
+            finally:
+                slot.runner = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+@dataclass(slots=True)
+class _Slot:
+    """A leased shard: its runner task, the current runner, and whether it is draining."""
+
+    lease: Lease
+    task: asyncio.Task[None] | None = None
+    runner: ShardRunner | None = None
+    draining: bool = False
 
 
 def _flatten(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [e for sub in exc.exceptions for e in _flatten(sub)]
     return [exc]
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

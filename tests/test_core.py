@@ -108,7 +108,7 @@ async def test_idle_actors_are_deactivated(start_worker, connect, fast_settings)
         await client.ask(Counter.ref("idle-0"), Get())
 
         def activations() -> int:
-            return sum(len(runner.activations) for _, holder in worker._runners.values() for runner in holder)
+            return sum(len(runner.activations) for runner in worker.runners)
 
         assert activations() > 0
         await eventually(lambda: activations() == 0, timeout=10)
