@@ -1,0 +1,42 @@
+"""Fencing at the commit: a worker whose lease moved on cannot write anything."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors import LeaseLost
+from actors.codec import Envelope, encode_envelope
+from actors.keys import GROUP
+from actors.store import TurnRecord
+
+
+async def test_commit_with_a_stale_epoch_is_refused_and_writes_nothing(connect) -> None:
+    async with connect() as client:
+        store = client.store
+        shard = 0
+        first = await store.acquire_lease(shard, "old", ttl_ms=200)
+        assert first is not None
+        raw = encode_envelope(Envelope("m1", "Counter", "k", "Add", {"by": 1}), 1 << 20)
+        await store.append(shard, raw)
+        [(entry_id, _)] = await store.read_new(shard, "old", 10, 10)
+
+        # The old owner pauses past its TTL; a new owner takes the shard at a higher epoch.
+        await store.redis.delete(store.keys.lease(shard))
+        second = await store.acquire_lease(shard, "new", ttl_ms=10_000)
+        assert second == first + 1
+        record = TurnRecord(entry_id, "Counter/k", b"\x81\xa5total\x01", [raw], [(1, raw)])
+        with pytest.raises(LeaseLost):
+            await store.commit(shard, f"old|{first}", [record], reply_ttl_ms=1000)
+
+        assert await store.load_state(shard, "Counter/k") is None
+        assert await store.redis.xlen(store.keys.outbox(shard)) == 0
+        pending = await store.redis.xpending(store.keys.inbox(shard), GROUP)
+        assert pending["pending"] == 1, "the entry stays pending for the new owner"
+
+        # The new owner claims and commits it; a second commit of the same entry is a duplicate.
+        claimed = await store.claim_pending(shard, "new", 10)
+        assert [e for e, _ in claimed] == [entry_id]
+        assert await store.commit(shard, f"new|{second}", [record], 1000) == [True]
+        assert await store.commit(shard, f"new|{second}", [record], 1000) == [False]
+        assert await store.load_state(shard, "Counter/k") == b"\x81\xa5total\x01"
+        assert await store.redis.xlen(store.keys.outbox(shard)) == 1, "sent once, not twice"
