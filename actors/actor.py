@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from .errors import DefinitionError, UnknownActorType, UnknownMessageType
 
 if TYPE_CHECKING:
-    from .turn import TurnContext
+    from .turn import TurnContext, TurnInfo
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
@@ -69,7 +69,7 @@ class _NoState(BaseModel):
     """The state of an actor that declares none."""
 
 
-_RESERVED = frozenset({"ref", "send", "ask", "state", "key"})
+_RESERVED = frozenset({"ref", "send", "ask", "state", "key", "turn"})
 
 
 class Actor:
@@ -132,6 +132,11 @@ class Actor:
             ) from None
 
     # ---- inside a turn --------------------------------------------------
+    @property
+    def turn(self) -> TurnInfo:
+        """The current turn: message id and type, shard, lease epoch, worker id, attempt."""
+        return self._context().info
+
     def _context(self) -> TurnContext:
         if self._turn is None:
             raise RuntimeError("send/ask can only be used inside a handler, during a turn")

@@ -97,9 +97,9 @@ def _run_parent(args: argparse.Namespace) -> int:
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:
-    argv = ["worker", args.app, "--processes", "1", "--lease-ttl", str(args.lease_ttl),
-            "--renew-interval", str(args.renew_interval), "--grace", str(args.grace),
-            "--log-level", args.log_level]  # fmt: skip
+    argv = ["--log-level", args.log_level, "worker", args.app, "--processes", "1",
+            "--lease-ttl", str(args.lease_ttl), "--renew-interval", str(args.renew_interval),
+            "--grace", str(args.grace)]  # fmt: skip
     if args.redis:
         argv += ["--redis", args.redis]
     if args.namespace:
@@ -119,7 +119,7 @@ def cmd_send(args: argparse.Namespace) -> int:
         else:
             print(await client.send(ref, msg, idempotency_key=args.idempotency_key))
 
-    return _with_client(args, run, app_required=True)
+    return _with_client(args, run, app_required=True, writes=True)
 
 
 def _message(app: App | None, ref_text: str, type_name: str, payload: str) -> tuple[ActorRef[Any], Any]:
@@ -218,14 +218,14 @@ def _redis(args: argparse.Namespace) -> RedisSettings:
     return RedisSettings.from_env(args.redis, args.namespace)
 
 
-def _with_client(args: argparse.Namespace, body: Any, app_required: bool = False) -> int:
+def _with_client(args: argparse.Namespace, body: Any, app_required: bool = False, writes: bool = False) -> int:
     app = load_app(args.app) if getattr(args, "app", None) else None
     if app_required and app is None:
         raise SystemExit("this command needs --app module:app to validate the message")
     settings = _redis(args)
 
     async def run() -> None:
-        async with connect(settings.url, namespace=settings.namespace, app=app) as client:
+        async with connect(settings.url, namespace=settings.namespace, app=app, record_shards=writes) as client:
             await body(client)
 
     asyncio.run(run())

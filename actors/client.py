@@ -135,17 +135,19 @@ async def connect(
     app: App | None = None,
     shards: int | None = None,
     messages: MessageSettings | None = None,
+    record_shards: bool = True,
 ) -> AsyncIterator[Client]:
     """Connect to the runtime's Redis.
 
     ``url=None`` uses ``ACTORS_REDIS_URL`` if set, else the project's embedded
     server (started if needed). The shard count is read from Redis; ``shards``
-    (default 16) is recorded if nothing is yet, and must match the record otherwise.
+    (default 16) is recorded if nothing is yet (unless ``record_shards`` is False,
+    for read-only tools), and must match the record otherwise.
     """
     settings = RedisSettings.from_env(url, namespace)
     store = Store.from_url(resolve_url(settings.url), settings.namespace)
     try:
-        count = await store.shard_count(shards, DEFAULT_SHARDS)
+        count = await store.shard_count(shards, DEFAULT_SHARDS if record_shards else None)
     except BaseException:
         await store.close()
         raise

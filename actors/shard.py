@@ -40,7 +40,7 @@ from .codec import (
 from .errors import ActorsError, DecodeError, UnknownActorType, UnknownMessageType
 from .settings import WorkerSettings
 from .store import Entry, TurnRecord
-from .turn import TurnContext, TurnServices
+from .turn import TurnContext, TurnInfo, TurnServices
 
 log = logging.getLogger("actors.shard")
 
@@ -248,7 +248,8 @@ class ShardRunner:
         attempt = 0
         while True:
             attempt += 1
-            ctx = TurnContext(self.services, self.shard, env)
+            info = TurnInfo(env.id, env.type, self.shard, self.lease.epoch, self.consumer, attempt)
+            ctx = TurnContext(self.services, self.shard, env, info)
             actor._turn = ctx
             try:
                 result = await handler.fn(actor, queued.message)

@@ -117,14 +117,22 @@ class Store:
             return await self.redis.eval(_script_text(name), len(keys), *keys, *args)
 
     # ---- cluster metadata ------------------------------------------------
-    async def shard_count(self, wanted: int | None, default: int) -> int:
+    async def shard_count(self, wanted: int | None, default: int | None) -> int:
         """The namespace's shard count, recording ``wanted`` (or ``default``) if none is yet.
 
-        Raises ConfigurationError if ``wanted`` differs from the record.
+        Raises ConfigurationError if ``wanted`` differs from the record, or if
+        nothing is recorded and there is nothing to record.
         """
         meta = self.keys.meta()
-        await self.redis.hsetnx(meta, "shards", wanted if wanted is not None else default)
-        recorded = int(await self.redis.hget(meta, "shards"))
+        proposal = wanted if wanted is not None else default
+        if proposal is not None:
+            await self.redis.hsetnx(meta, "shards", proposal)
+        raw = await self.redis.hget(meta, "shards")
+        if raw is None:
+            raise ConfigurationError(
+                f"namespace {self.keys.namespace!r} has no shard count yet: no worker or client has used it"
+            )
+        recorded = int(raw)
         if wanted is not None and recorded != wanted:
             raise ConfigurationError(
                 f"Redis records {recorded} shards for namespace {self.keys.namespace!r}, "

@@ -33,11 +33,25 @@ class TurnServices:
     replies: ReplyListener
 
 
+@dataclass(frozen=True, slots=True)
+class TurnInfo:
+    """What a handler may know about the turn it runs in (``self.turn``)."""
+
+    message_id: str
+    message_type: str
+    shard: int
+    epoch: int
+    """The shard's lease epoch this turn will commit under."""
+    worker_id: str
+    attempt: int
+
+
 @dataclass(slots=True)
 class TurnContext:
     services: TurnServices
     shard: int
     envelope: Envelope
+    info: TurnInfo
     local: list[bytes] = field(default_factory=list)
     remote: list[tuple[int, bytes]] = field(default_factory=list)
     asks: int = 0

@@ -22,16 +22,20 @@ class Total(BaseModel):
 
 
 class Counter(actors.Actor):
-    """Counts; remembers, per sender, the sequence numbers in the order handled."""
+    """Counts; remembers, per sender, the sequence numbers in the order handled, and the
+    lease epochs its turns committed under (fencing: they may only grow)."""
 
     class State(BaseModel):
         total: int = 0
         seqs: dict[str, list[int]] = {}
+        epochs: list[int] = []
 
     async def on_add(self, msg: Add) -> None:
         self.state.total += msg.by
         if msg.sender:
             self.state.seqs.setdefault(msg.sender, []).append(msg.seq)
+        if not self.state.epochs or self.state.epochs[-1] != self.turn.epoch:
+            self.state.epochs.append(self.turn.epoch)
 
     async def on_get(self, msg: Get) -> Total:
         return Total(total=self.state.total)

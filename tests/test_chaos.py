@@ -1,0 +1,165 @@
+"""The chaos suite: 3 supervised worker processes, concurrent senders, SIGKILLs, a SIGSTOP
+past the lease TTL, and a Redis restart. Every accepted message must have exactly one effect.
+
+ACTORS_CHAOS_SECONDS runs it longer as a soak (default: sized for CI, well under 3 minutes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import actors
+from actors import EmbeddedServer
+
+from .apps import Add, Counter, app
+from .conftest import ROOT, eventually
+
+pytestmark = pytest.mark.chaos
+
+SENDERS = 4
+ACTORS = 1_000
+MESSAGES = int(os.environ.get("ACTORS_CHAOS_MESSAGES", "20000"))
+
+
+@pytest.fixture
+def private_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    server = EmbeddedServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+async def send_with_retry(client: actors.Client, ref, msg, key: str) -> None:
+    """A sender that keeps trying through a Redis restart; the key makes retries harmless."""
+    delay = 0.05
+    while True:
+        try:
+            await client.send(ref, msg, idempotency_key=key)
+            return
+        except Exception:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+async def test_chaos(private_server: EmbeddedServer, namespace: str, tmp_path: Path) -> None:
+    rng = random.Random(int(os.environ.get("ACTORS_CHAOS_SEED", "11")))
+    url = private_server.url
+    log = open(tmp_path / "workers.log", "ab")
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "actors.cli", "--log-level", "WARNING", "worker", "tests.apps:app",
+        "--processes", "3", "--redis", url, "--namespace", namespace, "--shards", "12",
+        "--lease-ttl", "1.0", "--renew-interval", "0.2",
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=log,
+    )  # fmt: skip
+    expected = [0] * ACTORS
+    plan: list[list[tuple[int, int]]] = [[] for _ in range(SENDERS)]
+    for n in range(MESSAGES):
+        k = rng.randrange(ACTORS)
+        expected[k] += 1
+        plan[n % SENDERS].append((k, n // SENDERS))
+    try:
+        async with actors.connect(url, namespace=namespace, app=app, shards=12) as client:
+            await eventually(lambda: len(children_of(parent.pid)) == 3, timeout=20)
+            await eventually(lambda: _all_owned(client), timeout=20)
+            sending_done = asyncio.Event()
+
+            async def sender(s: int) -> None:
+                for k, seq in plan[s]:
+                    await send_with_retry(
+                        client, Counter.ref(f"a-{k}"), Add(sender=f"s{s}", seq=seq), key=f"s{s}-{seq}"
+                    )
+                    if seq % 50 == 0:
+                        await asyncio.sleep(0.005)  # spread the load over the chaos window
+
+            async def chaos() -> dict[str, int]:
+                done = {"kills": 0, "stops": 0, "redis_restarts": 0}
+                step = 0
+                while not sending_done.is_set() or step < 6:
+                    await asyncio.sleep(rng.uniform(1.0, 2.0))
+                    workers = children_of(parent.pid)
+                    if not workers:
+                        continue
+                    victim = rng.choice(workers)
+                    if step == 2:
+                        os.kill(victim, signal.SIGSTOP)  # a zombie: alive, silent, past its TTL
+                        await asyncio.sleep(2.5)
+                        os.kill(victim, signal.SIGCONT)
+                        done["stops"] += 1
+                    elif step == 4:
+                        private_server.stop()
+                        await asyncio.sleep(0.3)
+                        private_server.start()
+                        done["redis_restarts"] += 1
+                    else:
+                        os.kill(victim, signal.SIGKILL)
+                        done["kills"] += 1
+                    step += 1
+                return done
+
+            chaos_task = asyncio.create_task(chaos())
+            await asyncio.gather(*(sender(s) for s in range(SENDERS)))
+            sending_done.set()
+            done = await chaos_task
+            assert done["kills"] >= 3 and done["stops"] == 1 and done["redis_restarts"] == 1
+
+            async def states() -> list:
+                return await asyncio.gather(*(client.state(Counter.ref(f"a-{k}")) for k in range(ACTORS)))
+
+            async def all_handled() -> bool:
+                try:
+                    return sum(s.total for s in await states() if s) == MESSAGES
+                except Exception:
+                    return False
+
+            await eventually(all_handled, timeout=90, interval=0.5)
+            await asyncio.sleep(1.0)  # a second effect of anything would show now
+            final = await states()
+            assert [s.total if s else 0 for s in final] == expected, "every message had exactly one effect"
+            for s in final:
+                if s is None:
+                    continue
+                for seqs in s.seqs.values():
+                    assert seqs == sorted(seqs), "per-sender order held"
+                assert s.epochs == sorted(set(s.epochs)), "no commit under an older epoch after a newer one"
+            await eventually(lambda: _all_owned(client), timeout=20)
+            await eventually(lambda: _nothing_pending(client), timeout=20)
+    finally:
+        if parent.returncode is None:
+            parent.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(parent.wait(), timeout=30)
+            except TimeoutError:
+                for pid in children_of(parent.pid):
+                    os.kill(pid, signal.SIGKILL)
+                parent.kill()
+                await parent.wait()
+        log.close()
+
+
+async def _all_owned(client: actors.Client) -> bool:
+    try:
+        live = set(await client.store.live_workers())
+        infos = [await client.store.shard_info(s) for s in range(client.shards)]
+    except Exception:
+        return False
+    return len(live) == 3 and all(i.owner in live for i in infos)
+
+
+async def _nothing_pending(client: actors.Client) -> bool:
+    infos = [await client.store.shard_info(s) for s in range(client.shards)]
+    return all(i.pending == 0 and i.dead_letters == 0 and (i.lag or 0) == 0 for i in infos)
