@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from pydantic import BaseModel
 
 import actors
@@ -15,6 +17,12 @@ class Add(BaseModel):
 
 class Get(BaseModel):
     pass
+
+
+class Nap(BaseModel):
+    """Adds one after sleeping inside the handler (to catch a worker mid-turn)."""
+
+    seconds: float
 
 
 class Total(BaseModel):
@@ -34,6 +42,12 @@ class Counter(actors.Actor):
         self.state.total += msg.by
         if msg.sender:
             self.state.seqs.setdefault(msg.sender, []).append(msg.seq)
+        if not self.state.epochs or self.state.epochs[-1] != self.turn.epoch:
+            self.state.epochs.append(self.turn.epoch)
+
+    async def on_nap(self, msg: Nap) -> None:
+        await asyncio.sleep(msg.seconds)
+        self.state.total += 1
         if not self.state.epochs or self.state.epochs[-1] != self.turn.epoch:
             self.state.epochs.append(self.turn.epoch)
 

@@ -1,0 +1,70 @@
+"""A worker SIGSTOPped mid-turn past its lease TTL (a zombie) cannot commit when it wakes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+
+import actors
+from actors.routing import shard_of
+
+from .apps import Counter, Nap, app
+from .conftest import eventually
+
+pytestmark = pytest.mark.chaos
+
+
+async def test_stale_worker_commits_are_refused(spawn_worker, redis_url, namespace) -> None:
+    zombie = spawn_worker("tests.apps:app", "--shards", "4")
+    async with actors.connect(redis_url, namespace=namespace, app=app, shards=4) as client:
+
+        async def owners() -> dict[int, str]:
+            infos = [await client.store.shard_info(s) for s in range(4)]
+            return {i.shard: i.owner for i in infos if i.owner}
+
+        await eventually(lambda: _count(owners, 4))
+        survivor = spawn_worker("tests.apps:app", "--shards", "4")
+        await eventually(lambda: _split(owners))  # rebalanced over both processes
+        mine = {s for s, owner in (await owners()).items() if f"-{zombie.pid}-" in owner}
+        assert mine
+        keys = [k for k in (f"z-{n}" for n in range(200)) if shard_of(f"Counter/{k}", 4) in mine][:20]
+
+        for key in keys:
+            await client.send(Counter.ref(key), Nap(seconds=0.6))
+        await asyncio.sleep(0.3)  # the zombie is now inside those handlers
+        zombie.signal(signal.SIGSTOP)
+        await eventually(
+            lambda: _taken_over(owners, mine, survivor.pid), timeout=10
+        )  # survivors lease its shards after the TTL
+        await eventually(lambda: _totals(client, keys, 1), timeout=20)
+        zombie.signal(signal.SIGCONT)  # it finishes its handlers and tries to commit
+        await asyncio.sleep(1.5)
+
+        for key in keys:
+            state = await client.state(Counter.ref(key))
+            assert state.total == 1, "the zombie's commit was refused: no second effect"
+            assert len(state.epochs) == 1 and state.epochs[0] >= 2, "committed only under the new epoch"
+    zombie.stop()
+    log = zombie.log.read_text()
+    assert "lease lost" in log, log[-3000:]
+
+
+async def _count(owners, n: int) -> bool:
+    return len(await owners()) == n
+
+
+async def _split(owners) -> bool:
+    held = await owners()
+    return len(held) == 4 and len({o.split("-")[-2] for o in held.values()}) == 2
+
+
+async def _taken_over(owners, shards: set[int], pid: int) -> bool:
+    held = await owners()
+    return all(f"-{pid}-" in held.get(s, "") for s in shards)
+
+
+async def _totals(client, keys: list[str], total: int) -> bool:
+    states = [await client.state(Counter.ref(k)) for k in keys]
+    return all(s is not None and s.total == total for s in states)
