@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from .actor import Actor
 from .codec import (
@@ -137,22 +137,30 @@ class ShardRunner:
         next_chores = time.monotonic() + s.trim_interval
         while not self._stopping.is_set():
             await self._room.wait()
-            read = asyncio.ensure_future(self.store.read_new(self.shard, self.consumer, s.read_count, s.block_ms))
-            stop = asyncio.ensure_future(self._stopping.wait())
-            try:
-                await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stop.cancel()
-                if not read.done():
-                    # An entry read now would stay pending for the next owner; that is fine.
-                    read.cancel()
-                    await asyncio.gather(read, return_exceptions=True)
-            if read.cancelled():
+            entries, newest = await self.store.read_new(self.shard, self.lease.value, self.consumer, s.read_count)
+            if entries:
+                await self._dispatch(entries)
+            elif not await self._wait_for_new(newest):
                 return
-            await self._dispatch(read.result())
             if time.monotonic() >= next_chores:
                 await self._chores()
                 next_chores = time.monotonic() + s.trim_interval
+
+    async def _wait_for_new(self, newest: str) -> bool:
+        """Block until the inbox has an entry after ``newest``; False if draining began."""
+        waiting = asyncio.ensure_future(self.store.wait_for_new(self.shard, newest, self.settings.block_ms))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+        if waiting.cancelled():
+            return False
+        waiting.result()  # re-raise a Redis error
+        return True
 
     async def _chores(self) -> None:
         await self.store.trim_inbox(self.shard)
@@ -206,8 +214,8 @@ class ShardRunner:
             return "unknown message type", str(exc), env
         try:
             message = handler.message.model_validate(env.payload)
-        except ValidationError as exc:
-            return "invalid payload", str(exc), env
+        except Exception as exc:  # a user validator may raise anything, not only ValidationError
+            return "invalid payload", f"{type(exc).__name__}: {exc}", env
         return Queued(entry_id, raw, env, message)
 
     async def _activate(self, wanted: dict[str, str]) -> None:
@@ -224,7 +232,7 @@ class ShardRunner:
         key = aid.partition("/")[2]
         try:
             state = cls.State() if snapshot is None else cls.State.model_validate(decode_state(snapshot))
-        except (DecodeError, ValidationError) as exc:
+        except Exception as exc:  # DecodeError, ValidationError, or whatever a validator raises
             return Activation(None, snapshot, broken=f"state snapshot does not load into {cls.__name__}.State: {exc}")
         return Activation(cls(key, state), snapshot)
 
@@ -257,6 +265,7 @@ class ShardRunner:
                 reply = self._reply(env, result)
                 break
             except Exception as exc:
+                # The committed snapshot loaded before, so it loads again: roll back to it.
                 actor.state = self._committed_state(actor, act.snapshot)
                 if attempt >= retry.max_attempts:
                     detail = "".join(traceback.format_exception(exc))

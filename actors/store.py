@@ -98,6 +98,7 @@ class Store:
                 "dead_letter",
                 "replay_dead_letter",
                 "trim_inbox",
+                "read_inbox",
             )
         }
 
@@ -208,11 +209,31 @@ class Store:
         )
         return bool(appended), value.decode()
 
-    async def read_new(self, shard: int, consumer: str, count: int, block_ms: int) -> list[Entry]:
-        reply = await self.redis.xreadgroup(
-            GROUP, consumer, {self.keys.inbox(shard): ">"}, count=count, block=block_ms
-        )
-        return _entries(reply[0][1]) if reply else []
+    async def read_new(self, shard: int, lease: str, consumer: str, count: int) -> tuple[list[Entry], str]:
+        """Take up to ``count`` new entries, fenced by ``lease``; returns (entries, newest id).
+
+        Never retried: a retry after a lost reply would leave the first batch
+        pending unseen. Raises LeaseLost if the lease is not held.
+        """
+        try:
+            empty, value = await self._scripts["read_inbox"](
+                keys=[self.keys.lease(shard), self.keys.inbox(shard)],
+                args=[lease, consumer, count],
+                client=self._appender,
+            )
+        except ResponseError as exc:
+            if str(exc).startswith("FENCED"):
+                raise LeaseLost(f"shard {shard}: lease {lease} is no longer held") from None
+            raise
+        if empty:
+            return [], value.decode()
+        entries = [(entry_id.decode(), _field(fields)) for entry_id, fields in value]
+        return entries, entries[-1][0]
+
+    async def wait_for_new(self, shard: int, after_id: str, block_ms: int) -> bool:
+        """Block until an entry newer than ``after_id`` exists (or the time is up)."""
+        reply = await self.redis.xread({self.keys.inbox(shard): after_id}, count=1, block=block_ms)
+        return bool(reply)
 
     async def claim_pending(self, shard: int, consumer: str, count: int) -> list[Entry]:
         """Take over every pending entry of the shard (the lease makes them ours), oldest first."""
@@ -375,6 +396,14 @@ def _client(url: str, retries: int) -> aioredis.Redis:
         health_check_interval=30,
     )
     return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its sockets
+
+
+def _field(flat: list[bytes]) -> bytes | None:
+    """The envelope field of an entry given as a flat [field, value, ...] list."""
+    for i in range(0, len(flat) - 1, 2):
+        if flat[i] == FIELD:
+            return flat[i + 1]
+    return None
 
 
 def _entries(rows: Any) -> list[Entry]:

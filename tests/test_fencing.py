@@ -18,7 +18,7 @@ async def test_commit_with_a_stale_epoch_is_refused_and_writes_nothing(connect) 
         assert first is not None
         raw = encode_envelope(Envelope("m1", "Counter", "k", "Add", {"by": 1}), 1 << 20)
         await store.append(shard, raw)
-        [(entry_id, _)] = await store.read_new(shard, "old", 10, 10)
+        [(entry_id, _)], _ = await store.read_new(shard, f"old|{first}", "old", 10)
 
         # The old owner pauses past its TTL; a new owner takes the shard at a higher epoch.
         await store.redis.delete(store.keys.lease(shard))
@@ -27,6 +27,9 @@ async def test_commit_with_a_stale_epoch_is_refused_and_writes_nothing(connect) 
         record = TurnRecord(entry_id, "Counter/k", b"\x81\xa5total\x01", [raw], [(1, raw)])
         with pytest.raises(LeaseLost):
             await store.commit(shard, f"old|{first}", [record], reply_ttl_ms=1000)
+        await store.append(shard, raw)
+        with pytest.raises(LeaseLost):  # nor can it take new entries into its pending list
+            await store.read_new(shard, f"old|{first}", "old", 10)
 
         assert await store.load_state(shard, "Counter/k") is None
         assert await store.redis.xlen(store.keys.outbox(shard)) == 0
@@ -36,6 +39,8 @@ async def test_commit_with_a_stale_epoch_is_refused_and_writes_nothing(connect) 
         # The new owner claims and commits it; a second commit of the same entry is a duplicate.
         claimed = await store.claim_pending(shard, "new", 10)
         assert [e for e, _ in claimed] == [entry_id]
+        fresh, _ = await store.read_new(shard, f"new|{second}", "new", 10)
+        assert len(fresh) == 1
         assert await store.commit(shard, f"new|{second}", [record], 1000) == [True]
         assert await store.commit(shard, f"new|{second}", [record], 1000) == [False]
         assert await store.load_state(shard, "Counter/k") == b"\x81\xa5total\x01"
