@@ -45,6 +45,8 @@ class Supervisor:
         self.shards = shards
         self.settings = settings
         self.held: dict[int, Lease] = {}
+        self._releasing: set[int] = set()
+        self._release_tasks: set[asyncio.Task[None]] = set()
         self._on_acquired = on_acquired
         self._on_lost = on_lost
         self._on_release = on_release
@@ -75,19 +77,31 @@ class Supervisor:
 
     async def tick(self) -> None:
         await self.store.heartbeat(self.worker_id, self._ttl_ms, self._info)
+        await self._renew()
+        live = await self.store.live_workers()
+        share = math.ceil(self.shards / max(1, len(live)))
+        keeping = [s for s in self.held if s not in self._releasing]
+        extra = len(keeping) - share
+        if extra > 0:
+            for shard in sorted(keeping, reverse=True)[:extra]:
+                self._start_release(shard)
+        elif extra < 0 and not self._releasing:
+            await self._acquire(-extra)
+
+    async def _renew(self) -> None:
+        """Renew every held lease, draining ones included (a drain may outlast a TTL)."""
         if self.held:
             renewed = await self.store.renew_leases(
                 {shard: lease.value for shard, lease in self.held.items()}, self._ttl_ms
             )
             self._lose([shard for shard, ok in renewed.items() if not ok])
-        live = await self.store.live_workers()
-        share = math.ceil(self.shards / max(1, len(live)))
-        extra = len(self.held) - share
-        if extra > 0:
-            for shard in sorted(self.held, reverse=True)[:extra]:
-                await self._release(shard)
-        elif extra < 0:
-            await self._acquire(-extra)
+
+    def _start_release(self, shard: int) -> None:
+        """Drain and release in the background, so renewals go on meanwhile."""
+        self._releasing.add(shard)
+        task = asyncio.create_task(self._release(shard), name=f"release-{shard}")
+        self._release_tasks.add(task)
+        task.add_done_callback(self._release_tasks.discard)
 
     async def _acquire(self, wanted: int) -> None:
         free = [s for s in range(self.shards) if s not in self.held]
@@ -105,10 +119,17 @@ class Supervisor:
             self._on_acquired(lease)
 
     async def _release(self, shard: int) -> None:
-        lease = self.held.pop(shard)
-        await self._on_release(shard)
-        await self.store.release_lease(shard, lease.value)
-        log.info("released shard %s (epoch %s)", shard, lease.epoch)
+        try:
+            await self._on_release(shard)
+            lease = self.held.pop(shard, None)
+            if lease is not None:
+                await self.store.release_lease(shard, lease.value)
+                log.info("released shard %s (epoch %s)", shard, lease.epoch)
+        except Exception as exc:
+            if not is_transient(exc):
+                log.exception("releasing shard %s failed", shard)
+        finally:
+            self._releasing.discard(shard)
 
     def _lose(self, shards: list[int]) -> None:
         for shard in shards:
@@ -118,13 +139,17 @@ class Supervisor:
                 self._on_lost(shard)
 
     async def release_all(self) -> None:
-        """Graceful exit: drain every shard, release its lease, leave membership."""
-        results = await asyncio.gather(
-            *(self._release(shard) for shard in list(self.held)), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException) and not is_transient(result):
-                log.error("releasing a shard failed: %r", result)
+        """Graceful exit: drain every shard (renewing meanwhile), release, leave membership."""
+        for shard in list(self.held):
+            if shard not in self._releasing:
+                self._start_release(shard)
+        while self._release_tasks:
+            await asyncio.wait(set(self._release_tasks), timeout=self.settings.renew_interval)
+            try:
+                await self._renew()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
         try:
             await self.store.leave(self.worker_id)
         except Exception as exc:
