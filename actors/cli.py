@@ -179,9 +179,13 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             raise SystemExit(f"no dead letter {args.id}")
         if args.action == "replay":
             new_id = await store.replay_dead_letter(shard, dlq_id)
-            print(f"replayed as inbox entry {new_id}" if new_id else f"no dead letter {args.id}")
+            if new_id is None:
+                raise SystemExit(f"no dead letter {args.id}")
+            print(f"replayed as inbox entry {new_id}")
         elif args.action == "drop":
-            print("dropped" if await store.drop_dead_letter(shard, dlq_id) else f"no dead letter {args.id}")
+            if not await store.drop_dead_letter(shard, dlq_id):
+                raise SystemExit(f"no dead letter {args.id}")
+            print("dropped")
 
     return _with_client(args, run)
 
@@ -297,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except ValidationError as exc:
         print(f"invalid message: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # e.g. a malformed Type/key reference
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 

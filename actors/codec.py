@@ -49,7 +49,9 @@ def actor_id(actor_type: str, key: str) -> str:
 
 
 def dump_model(model: BaseModel) -> Any:
-    return model.model_dump(mode="json")
+    # warnings=False: an instance built with model_construct() may hold wrong types;
+    # the caller validates the dump and raises pydantic's error instead of a warning.
+    return model.model_dump(mode="json", warnings=False)
 
 
 def encode_envelope(env: Envelope, max_bytes: int) -> bytes:

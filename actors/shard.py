@@ -39,7 +39,7 @@ from .codec import (
 )
 from .errors import ActorsError, DecodeError, UnknownActorType, UnknownMessageType
 from .settings import WorkerSettings
-from .store import Entry, TurnRecord
+from .store import Entry, TurnRecord, honour_cancel
 from .turn import TurnContext, TurnInfo, TurnServices
 
 log = logging.getLogger("actors.shard")
@@ -138,6 +138,7 @@ class ShardRunner:
         while not self._stopping.is_set():
             await self._room.wait()
             entries, newest = await self.store.read_new(self.shard, self.lease.value, self.consumer, s.read_count)
+            honour_cancel()
             if entries:
                 await self._dispatch(entries)
             elif not await self._wait_for_new(newest):
@@ -324,6 +325,7 @@ class ShardRunner:
                 results = await self.store.commit(
                     self.shard, self.lease.value, [r for r, _ in batch], self._reply_ttl_ms
                 )
+                honour_cancel()
                 forwarded = False
                 for (record, fut), fresh in zip(batch, results, strict=True):
                     forwarded = forwarded or bool(record.remote)
@@ -357,6 +359,7 @@ class ShardRunner:
     async def _forward_pending(self) -> None:
         while True:
             rows = await self.store.read_outbox(self.shard, 512)
+            honour_cancel()
             if not rows:
                 return
             by_target: dict[int, list[tuple[str, bytes]]] = {}
@@ -365,6 +368,7 @@ class ShardRunner:
             for target, items in by_target.items():
                 await self.store.forward(self.shard, target, items)
             await self.store.delete_outbox(self.shard, [entry_id for entry_id, _, _ in rows])
+            honour_cancel()
 
     # ---- flow control ------------------------------------------------------------------
     def _took(self) -> None:

@@ -7,10 +7,13 @@ SHA (redis-py reloads a script the server lost, e.g. after a restart).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -34,9 +37,23 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+def honour_cancel() -> None:
+    """Raise CancelledError if the current task was cancelled.
+
+    On Python 3.11, redis-py's socket timeouts use ``asyncio.wait_for``, which can
+    return a finished result and drop a cancellation that arrived at the same
+    moment. Loops that call Redis call this after each call so they still stop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+
+
 def _script_text(name: str) -> str:
     return resources.files("actors").joinpath("scripts", f"{name}.lua").read_text()
 
+
+T = TypeVar("T")
 
 Entry = tuple[str, bytes | None]
 """An inbox entry: its stream id and its envelope bytes (None if the field is missing)."""
@@ -77,6 +94,27 @@ class ShardInfo:
     dead_letters: int
 
 
+def _honours_cancel(cls: type[T]) -> type[T]:
+    """Make every public coroutine method of ``cls`` raise CancelledError if its task was
+    cancelled while it ran, even if redis-py dropped the cancellation (see honour_cancel)."""
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("_") or not inspect.iscoroutinefunction(fn):
+            continue
+
+        def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            @functools.wraps(fn)
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                result = await fn(*args, **kwargs)
+                honour_cancel()
+                return result
+
+            return call
+
+        setattr(cls, name, wrap(fn))
+    return cls
+
+
+@_honours_cancel
 class Store:
     """Typed access to the runtime's Redis keys for one namespace."""
 
@@ -392,6 +430,7 @@ def _client(url: str, retries: int) -> aioredis.Redis:
         timeout=30,  # wait this long for a free connection rather than fail at once
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
         socket_connect_timeout=5,
+        socket_timeout=30,  # above any BLOCK we use; a dead peer surfaces as a TimeoutError
         socket_keepalive=True,
         health_check_interval=30,
     )

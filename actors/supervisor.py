@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from .settings import LeaseSettings
 from .shard import Lease
-from .store import Store, is_transient
+from .store import Store, honour_cancel, is_transient
 
 log = logging.getLogger("actors.supervisor")
 
@@ -60,6 +60,7 @@ class Supervisor:
         while not stop.is_set():
             try:
                 await self.tick()
+                honour_cancel()
                 last_ok = time.monotonic()
                 delay = self.settings.renew_interval
             except Exception as exc:

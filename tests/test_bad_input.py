@@ -26,7 +26,7 @@ from actors import (
 )
 from actors.codec import Envelope, decode_envelope, encode_envelope, new_message_id
 from actors.routing import shard_of
-from actors.store import DeadLetter
+from actors.store import DeadLetter, Store
 
 from .apps import Add, Boom, Counter, Flaky, Get, Lookup, Total, app
 from .conftest import eventually
@@ -397,11 +397,14 @@ async def test_one_failing_actor_does_not_hold_up_its_shard(start_worker, connec
     monkeypatch.setattr(Flaky, "attempts", 0)
     await start_worker(app)
     async with connect(app=app) as client:
+        shard = shard_of("Flaky/bad", client.shards)
+        good = next(f"good-{i}" for i in range(1000) if shard_of(f"Flaky/good-{i}", client.shards) == shard)
         await client.send(Flaky.ref("bad"), Boom(times=1000))
-        await client.send(Flaky.ref("good"), Add(by=5))
-        assert await client.ask(Flaky.ref("good"), Add(by=1), timeout=10) == Total(total=6)
-        await dead_letters_of(client, shard_of("Flaky/bad", client.shards), 1)
+        await client.send(Flaky.ref(good), Add(by=5))
+        assert await client.ask(Flaky.ref(good), Add(by=1), timeout=10) == Total(total=6)
+        await dead_letters_of(client, shard, 1)
         assert await client.state(Flaky.ref("bad")) is None, "nothing was committed for it"
+        await nothing_pending(client, shard)
 
 
 # ---- 4. replaying a dead letter -------------------------------------------------------------------------
@@ -435,3 +438,39 @@ async def test_replayed_dead_letter_is_handled_once_the_handler_succeeds(
         await nothing_pending(client, shard)
         assert await client.store.replay_dead_letter(shard, dl.id) is None, "it is gone from the dlq"
         assert await client.ask(ref, Add(by=1), timeout=10) == Total(total=2)
+
+
+# ---- 5. found on the way: a failing shard runner must still stop ---------------------------------------
+# A shard runner that fails (e.g. on a payload it could not check) is torn down by cancelling
+# its tasks; worker.stop() waits for that. If a Redis call swallows the cancellation, a task
+# that loops (the forwarder, the committer) never ends and the worker never stops.
+
+
+async def test_a_cancelled_store_call_raises_cancelled_error(redis_url, namespace) -> None:
+    store = Store.from_url(redis_url, namespace)
+    calls = {
+        "load_state (retrying client)": lambda: store.load_state(0, "Counter/x"),
+        "append (no-retry appender)": lambda: store.append(0, b"x"),
+    }
+    landed: list[str] = []
+    lost: list[str] = []
+    try:
+        for name, call in calls.items():
+            for steps in (1, 2, 3):
+                await call()  # leaves a connected connection in the pool
+                task = asyncio.create_task(call())
+                for _ in range(steps):
+                    await asyncio.sleep(0)
+                if not task.cancel():
+                    await task
+                    continue  # finished before the cancel: nothing to learn
+                landed.append(f"{name} after {steps} steps")
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    continue
+                lost.append(f"{name} after {steps} steps")
+    finally:
+        await store.close()
+    assert landed, "no cancel reached a call in flight"
+    assert lost == [], f"the call returned normally although its task was cancelled: {lost}"
