@@ -171,8 +171,7 @@ def _discover_handlers(cls: type[Actor]) -> dict[str, Handler]:
         name = handler.message.__name__
         if name in handlers:
             raise DefinitionError(
-                f"{cls.__name__} has two handlers for message type {name}: "
-                f"{handlers[name].name} and {attr}"
+                f"{cls.__name__} has two handlers for message type {name}: {handlers[name].name} and {attr}"
             )
         handlers[name] = handler
     return handlers
@@ -193,9 +192,7 @@ def _as_handler(cls: type[Actor], attr: str, fn: HandlerFn) -> Handler | None:
     if reply is type(None):
         reply = None
     if reply is not None and not (isinstance(reply, type) and issubclass(reply, BaseModel)):
-        raise DefinitionError(
-            f"{cls.__name__}.{attr} must return a pydantic model or None, not {reply!r}"
-        )
+        raise DefinitionError(f"{cls.__name__}.{attr} must return a pydantic model or None, not {reply!r}")
     return Handler(attr, message, reply, fn)
 
 

@@ -1,11 +1,11 @@
 """The ``actors`` command.
 
-    actors worker APP [--processes N]     run workers for APP ("module:attribute")
-    actors send|ask REF TYPE JSON --app APP
-    actors state REF [--app APP]
-    actors status                         workers, shard owners, epochs, lag, pending
-    actors dlq list|show|replay|drop
-    actors server start|stop|status       the project's embedded server
+actors worker APP [--processes N]     run workers for APP ("module:attribute")
+actors send|ask REF TYPE JSON --app APP
+actors state REF [--app APP]
+actors status                         workers, shard owners, epochs, lag, pending
+actors dlq list|show|replay|drop
+actors server start|stop|status       the project's embedded server
 """
 
 from __future__ import annotations
@@ -146,7 +146,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         workers = await store.live_workers()
         infos = [await store.shard_info(s) for s in range(client.shards)]
         if args.json:
-            print(json.dumps({"workers": workers, "shards": [dataclasses.asdict(i) for i in infos]}, indent=2))
+            print(
+                json.dumps({"workers": workers, "shards": [dataclasses.asdict(i) for i in infos]}, indent=2)
+            )
             return
         print(f"namespace {store.keys.namespace}: {client.shards} shards, {len(workers)} live workers")
         for w in workers:
@@ -222,14 +224,18 @@ def _redis(args: argparse.Namespace) -> RedisSettings:
     return RedisSettings.from_env(args.redis, args.namespace)
 
 
-def _with_client(args: argparse.Namespace, body: Any, app_required: bool = False, writes: bool = False) -> int:
+def _with_client(
+    args: argparse.Namespace, body: Any, app_required: bool = False, writes: bool = False
+) -> int:
     app = load_app(args.app) if getattr(args, "app", None) else None
     if app_required and app is None:
         raise SystemExit("this command needs --app module:app to validate the message")
     settings = _redis(args)
 
     async def run() -> None:
-        async with connect(settings.url, namespace=settings.namespace, app=app, record_shards=writes) as client:
+        async with connect(
+            settings.url, namespace=settings.namespace, app=app, record_shards=writes
+        ) as client:
             await body(client)
 
     asyncio.run(run())
@@ -242,7 +248,9 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--redis", help="redis:// or rediss:// URL (default: $ACTORS_REDIS_URL, else embedded)")
+        sp.add_argument(
+            "--redis", help="redis:// or rediss:// URL (default: $ACTORS_REDIS_URL, else embedded)"
+        )
         sp.add_argument("--namespace", help="key prefix (default: $ACTORS_NAMESPACE, else 'actors')")
 
     w = sub.add_parser("worker", help="run worker processes for an app")
@@ -293,7 +301,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args))
     except ActorsError as exc:

@@ -30,9 +30,7 @@ class Client:
         self.messages = messages
         self._replies: ReplyListener | None = None
 
-    async def send(
-        self, ref: ActorRef[Any], msg: BaseModel, *, idempotency_key: str | None = None
-    ) -> str:
+    async def send(self, ref: ActorRef[Any], msg: BaseModel, *, idempotency_key: str | None = None) -> str:
         """Send ``msg`` to ``ref``; returns its message id once it is stored in Redis.
 
         With ``idempotency_key``, a second send with the same key (within
@@ -55,7 +53,9 @@ class Client:
         ids: list[str] = []
         for ref, msg in items:
             env = build_envelope(self.app, ref, msg)
-            batch.append((shard_of(env.actor_id, self.shards), encode_envelope(env, self.messages.max_message_bytes)))
+            batch.append(
+                (shard_of(env.actor_id, self.shards), encode_envelope(env, self.messages.max_message_bytes))
+            )
             ids.append(env.id)
         if batch:
             await self.store.append_many(batch)

@@ -68,7 +68,7 @@ class Queued:
 class Activation:
     """An actor in memory: its instance, last committed snapshot and queued messages."""
 
-    __slots__ = ("actor", "snapshot", "queue", "task", "last_used", "broken")
+    __slots__ = ("actor", "broken", "last_used", "queue", "snapshot", "task")
 
     def __init__(self, actor: Actor | None, snapshot: bytes | None, broken: str = "") -> None:
         self.actor = actor
@@ -137,7 +137,9 @@ class ShardRunner:
         next_chores = time.monotonic() + s.trim_interval
         while not self._stopping.is_set():
             await self._room.wait()
-            entries, newest = await self.store.read_new(self.shard, self.lease.value, self.consumer, s.read_count)
+            entries, newest = await self.store.read_new(
+                self.shard, self.lease.value, self.consumer, s.read_count
+            )
             honour_cancel()
             if entries:
                 await self._dispatch(entries)
@@ -234,7 +236,9 @@ class ShardRunner:
         try:
             state = cls.State() if snapshot is None else cls.State.model_validate(decode_state(snapshot))
         except Exception as exc:  # DecodeError, ValidationError, or whatever a validator raises
-            return Activation(None, snapshot, broken=f"state snapshot does not load into {cls.__name__}.State: {exc}")
+            return Activation(
+                None, snapshot, broken=f"state snapshot does not load into {cls.__name__}.State: {exc}"
+            )
         return Activation(cls(key, state), snapshot)
 
     # ---- 3. turns --------------------------------------------------------------------
@@ -242,7 +246,9 @@ class ShardRunner:
         while act.queue:
             queued = act.queue[0]
             if act.actor is None:
-                await self._dead_letter(queued.entry_id, queued.raw, "actor state unloadable", act.broken, queued.envelope)
+                await self._dead_letter(
+                    queued.entry_id, queued.raw, "actor state unloadable", act.broken, queued.envelope
+                )
             else:
                 await self._turn(act, act.actor, queued)
             act.queue.popleft()
@@ -334,7 +340,9 @@ class ShardRunner:
                 if forwarded:
                     self._forward_wakeup.set()
 
-    async def _dead_letter(self, entry_id: str, raw: bytes, reason: str, detail: str, env: Envelope | None) -> None:
+    async def _dead_letter(
+        self, entry_id: str, raw: bytes, reason: str, detail: str, env: Envelope | None
+    ) -> None:
         reply = None
         if env is not None and env.reply_to:
             error = encode_reply(Reply(env.id, False, None, None, reason, detail))

@@ -302,7 +302,9 @@ class Store:
         return value if value is None else bytes(value)
 
     # ---- commits ---------------------------------------------------------------
-    async def commit(self, shard: int, lease: str, turns: Sequence[TurnRecord], reply_ttl_ms: int) -> list[bool]:
+    async def commit(
+        self, shard: int, lease: str, turns: Sequence[TurnRecord], reply_ttl_ms: int
+    ) -> list[bool]:
         """Commit turns atomically; returns per turn whether it was new (False: duplicate).
 
         Raises LeaseLost if the lease is not held at ``lease``.
@@ -371,9 +373,7 @@ class Store:
         args: list[Any] = [source]
         for entry_id, envelope in items:
             args += [entry_id, envelope]
-        return int(
-            await self._run("forward", [self.keys.inbox(target), self.keys.forwarded(target)], args)
-        )
+        return int(await self._run("forward", [self.keys.inbox(target), self.keys.forwarded(target)], args))
 
     async def delete_outbox(self, shard: int, entry_ids: Sequence[str]) -> None:
         if entry_ids:

@@ -103,7 +103,9 @@ class Worker:
         try:
             await asyncio.wait_for(asyncio.shield(slot.task), timeout=self.shutdown_grace)
         except TimeoutError:
-            log.warning("shard %s: in-flight turns did not finish in %ss; abandoning them", shard, self.shutdown_grace)
+            log.warning(
+                "shard %s: in-flight turns did not finish in %ss; abandoning them", shard, self.shutdown_grace
+            )
         except Exception:  # already logged by _run_shard
             pass
         self._stop_shard(shard)
@@ -125,10 +127,17 @@ class Worker:
                     raise asyncio.CancelledError() from exc
                 errors = _flatten(exc)
                 if any(isinstance(e, LeaseLost) for e in errors):
-                    log.warning("shard %s: lease lost at epoch %s; stopping its turns", lease.shard, lease.epoch)
+                    log.warning(
+                        "shard %s: lease lost at epoch %s; stopping its turns", lease.shard, lease.epoch
+                    )
                     return
                 if all(is_transient(e) for e in errors):
-                    log.warning("shard %s: Redis error %r; restarting from Redis in %.2fs", lease.shard, errors[0], delay)
+                    log.warning(
+                        "shard %s: Redis error %r; restarting from Redis in %.2fs",
+                        lease.shard,
+                        errors[0],
+                        delay,
+                    )
                 else:
                     log.error("shard %s: runner failed; restarting from Redis", lease.shard, exc_info=exc)
             finally:

@@ -33,7 +33,9 @@ def spawn(url: str, ns: str, args: argparse.Namespace, log: Path) -> subprocess.
             "--redis", url, "--namespace", ns, "--shards", str(SHARDS),
             "--lease-ttl", str(args.lease_ttl), "--renew-interval", str(args.renew_interval)]  # fmt: skip
     with open(log, "ab") as out:
-        return subprocess.Popen(argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=out)
+        return subprocess.Popen(
+            argv, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=out
+        )
 
 
 async def owners(client: actors.Client) -> dict[int, str]:
@@ -67,7 +69,7 @@ async def one_failover(client: actors.Client, procs: list[subprocess.Popen[bytes
 
 def summary(name: str, samples: list[float]) -> str:
     ordered = sorted(samples)
-    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
     return (f"{name:<10} n={len(samples):<3} p50={statistics.median(samples) * 1000:7.0f} ms  "
             f"p99={p99 * 1000:7.0f} ms  max={ordered[-1] * 1000:7.0f} ms")  # fmt: skip
 
@@ -98,7 +100,7 @@ async def main() -> None:
         server.stop()
     print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"server {Path(server.binary or 'valkey-server').name}, AOF everysec")  # fmt: skip
-    print(f"lease ttl {args.lease_ttl}s, renew every {args.renew_interval}s, {SHARDS} shards, 2 worker processes")
+    print(f"lease ttl {args.lease_ttl}s, renew every {args.renew_interval}s, {SHARDS} shards, 2 workers")
     print(summary("SIGKILL", kills))
     print(summary("SIGTERM", terms))
 

@@ -68,7 +68,9 @@ async def start_worker(
     running: list[tuple[Worker, asyncio.Task[None]]] = []
 
     async def factory(app: App, settings: WorkerSettings | None = None, url: str | None = None) -> Worker:
-        worker = Worker(app, RedisSettings(url=url or redis_url, namespace=namespace), settings or fast_settings)
+        worker = Worker(
+            app, RedisSettings(url=url or redis_url, namespace=namespace), settings or fast_settings
+        )
         task = asyncio.create_task(worker.run())
         running.append((worker, task))
         ready = asyncio.create_task(worker.ready.wait())

@@ -1,7 +1,7 @@
 """The chaos suite: 3 supervised worker processes, concurrent senders, SIGKILLs, a SIGSTOP
 past the lease TTL, and a Redis restart. Every accepted message must have exactly one effect.
 
-ACTORS_CHAOS_SECONDS runs it longer as a soak (default: sized for CI, well under 3 minutes).
+ACTORS_CHAOS_MESSAGES (default 20000) runs it longer as a soak; the default is sized for CI (well under 3 minutes).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ async def send_with_retry(client: actors.Client, ref, msg, key: str) -> None:
 async def test_chaos(private_server: EmbeddedServer, namespace: str, tmp_path: Path) -> None:
     rng = random.Random(int(os.environ.get("ACTORS_CHAOS_SEED", "11")))
     url = private_server.url
-    log = open(tmp_path / "workers.log", "ab")
+    log = open(tmp_path / "workers.log", "ab")  # noqa: ASYNC230 (opened once, before the test starts)
     parent = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "actors.cli", "--log-level", "WARNING", "worker", "tests.apps:app",
         "--processes", "3", "--redis", url, "--namespace", namespace, "--shards", "12",

@@ -35,7 +35,9 @@ async def test_client_without_app_uses_the_refs_class(start_worker, connect) -> 
 async def test_same_idempotency_key_sent_three_times_counts_once(start_worker, connect) -> None:
     await start_worker(app)
     async with connect(app=app) as client:
-        ids = [await client.send(Counter.ref("idem"), Add(by=1), idempotency_key="order-42") for _ in range(3)]
+        ids = [
+            await client.send(Counter.ref("idem"), Add(by=1), idempotency_key="order-42") for _ in range(3)
+        ]
         assert len(set(ids)) == 1, "duplicates return the first message id"
         await client.send(Counter.ref("idem"), Add(by=1), idempotency_key="order-43")
         assert await client.ask(Counter.ref("idem"), Get()) == Total(total=2)

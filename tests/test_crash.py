@@ -38,7 +38,7 @@ async def test_exactly_once_increments_across_sigkills(spawn_worker, connect) ->
 
         killing = asyncio.create_task(killer())
         batch: list = []
-        for i in range(increments):
+        for _i in range(increments):
             k = rng.randrange(counters)
             expected[k] += 1
             batch.append((Counter.ref(f"c-{k}"), Add(by=1)))
@@ -55,9 +55,10 @@ async def test_exactly_once_increments_across_sigkills(spawn_worker, connect) ->
         async def all_done() -> bool:
             totals = await asyncio.gather(*(client.state(Counter.ref(f"c-{k}")) for k in range(counters)))
             tallies = await asyncio.gather(*(client.state(Tally.ref(f"tally-{t}")) for t in range(7)))
-            return sum(s.total for s in totals if s) == increments and sum(
-                s.total for s in tallies if s
-            ) == mirrors
+            return (
+                sum(s.total for s in totals if s) == increments
+                and sum(s.total for s in tallies if s) == mirrors
+            )
 
         await eventually(all_done, timeout=60, interval=0.25)
         await asyncio.sleep(0.5)  # anything applied twice would show up now
