@@ -30,6 +30,10 @@ class Keys:
         """hash: host, pid, started_at of one live worker (expires)."""
         return f"{self.namespace}:worker:{worker_id}"
 
+    def lease_events(self) -> str:
+        """pub/sub channel: a lease was released; supervisors look for free shards at once."""
+        return f"{self.namespace}:lease-events"
+
     def reply_channel(self, client_id: str) -> str:
         """pub/sub channel: replies to ``ask`` calls made by one client."""
         return f"{self.namespace}:replies:{client_id}"

@@ -221,7 +221,10 @@ class Store:
         return {shard: bool(r) for shard, r in zip(shards, results, strict=True)}
 
     async def release_lease(self, shard: int, lease: str) -> bool:
-        return bool(await self._run("release_lease", [self.keys.lease(shard)], [lease]))
+        released = bool(await self._run("release_lease", [self.keys.lease(shard)], [lease]))
+        if released:
+            await self.redis.publish(self.keys.lease_events(), str(shard))
+        return released
 
     # ---- inbox -------------------------------------------------------------
     async def append(self, shard: int, envelope: bytes) -> str:

@@ -46,6 +46,7 @@ class Supervisor:
         self.settings = settings
         self.held: dict[int, Lease] = {}
         self._releasing: set[int] = set()
+        self._released = asyncio.Event()
         self._release_tasks: set[asyncio.Task[None]] = set()
         self._on_acquired = on_acquired
         self._on_lost = on_lost
@@ -57,6 +58,15 @@ class Supervisor:
         """Keep leases until ``stop`` is set; then release them all (after draining)."""
         last_ok = time.monotonic()
         delay = self.settings.renew_interval
+        listener = asyncio.create_task(self._listen_for_releases(), name="lease-events")
+        try:
+            await self._loop(stop, last_ok, delay)
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+        await self.release_all()
+
+    async def _loop(self, stop: asyncio.Event, last_ok: float, delay: float) -> None:
         while not stop.is_set():
             try:
                 await self.tick()
@@ -70,11 +80,33 @@ class Supervisor:
                     log.warning("Redis unreachable for a whole lease TTL: dropping %d shards", len(self.held))
                     self._lose(list(self.held))
                 delay = min(delay * 2, self.settings.ttl / 2)
+            await self._sleep(stop, delay)
+
+    async def _sleep(self, stop: asyncio.Event, delay: float) -> None:
+        """Until the next tick: ``delay``, or sooner if stopping or a lease was released."""
+        self._released.clear()
+        waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._released.wait())}
+        try:
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _listen_for_releases(self) -> None:
+        """Wake the tick when any worker releases a lease (graceful hand-over in one round trip)."""
+        while True:
+            pubsub = self.store.pubsub()
             try:
-                await asyncio.wait_for(stop.wait(), timeout=delay)
-            except TimeoutError:
-                pass
-        await self.release_all()
+                await pubsub.subscribe(self.store.keys.lease_events())
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._released.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(self.settings.renew_interval)
+            finally:
+                await asyncio.gather(pubsub.aclose(), return_exceptions=True)
 
     async def tick(self) -> None:
         await self.store.heartbeat(self.worker_id, self._ttl_ms, self._info)

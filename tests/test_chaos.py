@@ -1,7 +1,7 @@
 """The chaos suite: 3 supervised worker processes, concurrent senders, SIGKILLs, a SIGSTOP
 past the lease TTL, and a Redis restart. Every accepted message must have exactly one effect.
 
-ACTORS_CHAOS_MESSAGES (default 20000) runs it longer as a soak; the default is sized for CI (well under 3 minutes).
+ACTORS_CHAOS_MESSAGES (default 20000) runs it longer as a soak; the default fits CI (under 3 minutes).
 """
 
 from __future__ import annotations
