@@ -116,10 +116,6 @@ class Actor:
             raise ValueError("an actor key must be a non-empty string")
         return ActorRef(cls.type_name, key, cls)
 
-    @property
-    def self_ref(self) -> ActorRef[Any]:
-        return ActorRef(self.type_name, self.key, type(self))
-
     @classmethod
     def handler_for(cls, message_type: str) -> Handler:
         try:

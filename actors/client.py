@@ -12,9 +12,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from .actor import ActorRef, App
-from .codec import actor_id, decode_state, encode_envelope, new_message_id
+from .codec import actor_id, decode_state
 from .replies import ReplyListener, reply_value
-from .routing import build_envelope, shard_of
+from .routing import Routed, route, shard_of
 from .server import resolve_url
 from .settings import DEFAULT_SHARDS, MessageSettings, RedisSettings
 from .store import Store
@@ -36,30 +36,21 @@ class Client:
         With ``idempotency_key``, a second send with the same key (within
         ``idempotency_ttl``) is accepted but has no effect, and returns the first id.
         """
-        env = build_envelope(self.app, ref, msg)
-        data = encode_envelope(env, self.messages.max_message_bytes)
-        shard = shard_of(env.actor_id, self.shards)
+        routed = self._route(ref, msg)
         if idempotency_key is None:
-            await self.store.append(shard, data)
-            return env.id
+            await self.store.append(routed.shard, routed.data)
+            return routed.envelope.id
         appended, first_id = await self.store.append_once(
-            shard, idempotency_key, env.id, data, _ms(self.messages.idempotency_ttl)
+            routed.shard, idempotency_key, routed.envelope.id, routed.data, _ms(self.messages.idempotency_ttl)
         )
-        return env.id if appended else first_id
+        return routed.envelope.id if appended else first_id
 
     async def send_many(self, items: Iterable[tuple[ActorRef[Any], BaseModel]]) -> list[str]:
         """Send many messages in one pipelined round trip; order is kept per target."""
-        batch: list[tuple[int, bytes]] = []
-        ids: list[str] = []
-        for ref, msg in items:
-            env = build_envelope(self.app, ref, msg)
-            batch.append(
-                (shard_of(env.actor_id, self.shards), encode_envelope(env, self.messages.max_message_bytes))
-            )
-            ids.append(env.id)
+        batch = [self._route(ref, msg) for ref, msg in items]
         if batch:
-            await self.store.append_many(batch)
-        return ids
+            await self.store.append_many([(r.shard, r.data) for r in batch])
+        return [r.envelope.id for r in batch]
 
     async def ask(
         self,
@@ -75,26 +66,15 @@ class Client:
         failing, or the message was refused), AskTimeout after ``timeout``.
         """
         replies = await self._listener()
-        env = build_envelope(self.app, ref, msg, reply_to=replies.channel)
-        data = encode_envelope(env, self.messages.max_message_bytes)
-        shard = shard_of(env.actor_id, self.shards)
-        wait_id = env.id
-        fut = replies.expect(env.id)
-        try:
-            if idempotency_key is None:
-                await self.store.append(shard, data)
-            else:
-                appended, wait_id = await self.store.append_once(
-                    shard, idempotency_key, env.id, data, _ms(self.messages.idempotency_ttl)
-                )
-                if not appended:
-                    replies.forget(env.id)
-                    fut = replies.expect(wait_id)
-        except BaseException:
-            replies.forget(env.id)
-            raise
-        reply = await replies.wait(shard, wait_id, fut, timeout)
-        return reply_value(reply, self.app.resolve(ref) if self.app else ref.cls, env.type)
+        routed = self._route(ref, msg, reply_to=replies.channel)
+        reply = await replies.request(
+            routed.shard, routed.envelope.id, routed.data, idempotency_key,
+            _ms(self.messages.idempotency_ttl), timeout,
+        )  # fmt: skip
+        return reply_value(reply, self.app.resolve(ref) if self.app else ref.cls, routed.envelope.type)
+
+    def _route(self, ref: ActorRef[Any], msg: BaseModel, reply_to: str | None = None) -> Routed:
+        return route(self.app, ref, msg, self.shards, self.messages.max_message_bytes, reply_to=reply_to)
 
     async def state(self, ref: ActorRef[Any]) -> Any:
         """The actor's last committed state: its State model if the class is known,
@@ -106,10 +86,6 @@ class Client:
         data = decode_state(raw)
         cls = self.app.resolve(ref) if self.app else ref.cls
         return cls.State.model_validate(data) if cls is not None else data
-
-    def message_id(self) -> str:
-        """A fresh message id, e.g. to use as an idempotency key."""
-        return new_message_id()
 
     async def _listener(self) -> ReplyListener:
         if self._replies is None:

@@ -42,6 +42,38 @@ class ReplyListener:
         for fut in self._waiting.values():
             fut.cancel()
 
+    async def request(
+        self,
+        shard: int,
+        message_id: str,
+        data: bytes,
+        idempotency_key: str | None,
+        ttl_ms: int,
+        timeout: float,
+    ) -> Reply:
+        """Append an ask to ``shard``'s inbox and wait for its reply.
+
+        With an idempotency key already accepted, nothing is appended and the
+        reply awaited is the first message's.
+        """
+        fut = self.expect(message_id)
+        wait_id = message_id
+        try:
+            if idempotency_key is None:
+                await self.store.append(shard, data)
+            else:
+                appended, first_id = await self.store.append_once(
+                    shard, idempotency_key, message_id, data, ttl_ms
+                )
+                if not appended:
+                    self.forget(message_id)
+                    wait_id = first_id
+                    fut = self.expect(wait_id)
+        except BaseException:
+            self.forget(message_id)
+            raise
+        return await self.wait(shard, wait_id, fut, timeout)
+
     def expect(self, message_id: str) -> asyncio.Future[Reply]:
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[message_id] = fut

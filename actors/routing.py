@@ -7,6 +7,7 @@ so both refuse bad input the same way, at the edge, before anything is written.
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
@@ -61,4 +62,26 @@ def build_envelope(
     )
 
 
-__all__ = ["build_envelope", "encode_envelope", "shard_of"]
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """A checked message, encoded, with the shard whose inbox it goes to."""
+
+    envelope: Envelope
+    data: bytes
+    shard: int
+
+
+def route(
+    app: App | None,
+    ref: ActorRef[Any],
+    msg: BaseModel,
+    shards: int,
+    max_bytes: int,
+    *,
+    message_id: str | None = None,
+    reply_to: str | None = None,
+    strict_types: bool = False,
+) -> Routed:
+    """``build_envelope``, then encode it under ``max_bytes`` (MessageTooLarge) and place it."""
+    env = build_envelope(app, ref, msg, message_id=message_id, reply_to=reply_to, strict_types=strict_types)
+    return Routed(env, encode_envelope(env, max_bytes), shard_of(env.actor_id, shards))

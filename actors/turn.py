@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from .actor import ActorRef, App
-from .codec import Envelope, encode_envelope
+from .codec import Envelope
 from .errors import ActorsError
 from .replies import ReplyListener, reply_value
-from .routing import build_envelope, shard_of
+from .routing import Routed, route
 from .settings import MessageSettings
 
 if TYPE_CHECKING:
@@ -57,30 +57,28 @@ class TurnContext:
     asks: int = 0
 
     def send(self, ref: ActorRef[Any], msg: BaseModel) -> None:
-        env = build_envelope(self.services.app, ref, msg, strict_types=True)
-        data = encode_envelope(env, self.services.messages.max_message_bytes)
-        target = shard_of(env.actor_id, self.services.shards)
-        if target == self.shard:
-            self.local.append(data)
+        routed = self._route(ref, msg)
+        if routed.shard == self.shard:
+            self.local.append(routed.data)
         else:
-            self.remote.append((target, data))
+            self.remote.append((routed.shard, routed.data))
 
     async def ask(self, ref: ActorRef[Any], msg: BaseModel, timeout: float) -> Any:
         if ref.type == self.envelope.actor and ref.key == self.envelope.key:
             raise ActorsError("an actor cannot ask itself: its turn would wait for itself")
-        # A deterministic id per (turn message, position): a re-run of this turn after a
-        # crash re-sends the same id, which the target's idempotency check drops.
+        # A deterministic id per (turn message, position), used as its idempotency key:
+        # a re-run of this turn after a crash re-sends the same id, which the target drops.
         self.asks += 1
         message_id = f"{self.envelope.id}.ask{self.asks}"
+        replies = self.services.replies
+        routed = self._route(ref, msg, message_id=message_id, reply_to=replies.channel)
+        ttl_ms = int(self.services.messages.idempotency_ttl * 1000)
+        reply = await replies.request(routed.shard, message_id, routed.data, message_id, ttl_ms, timeout)
+        return reply_value(reply, self.services.app.resolve(ref), routed.envelope.type)
+
+    def _route(self, ref: ActorRef[Any], msg: BaseModel, **kwargs: Any) -> Routed:
         services = self.services
-        env = build_envelope(
-            services.app, ref, msg, message_id=message_id,
-            reply_to=services.replies.channel, strict_types=True,
+        return route(
+            services.app, ref, msg, services.shards, services.messages.max_message_bytes,
+            strict_types=True, **kwargs,
         )  # fmt: skip
-        data = encode_envelope(env, services.messages.max_message_bytes)
-        target = shard_of(env.actor_id, services.shards)
-        fut = services.replies.expect(message_id)
-        ttl_ms = int(services.messages.idempotency_ttl * 1000)
-        await services.store.append_once(target, message_id, message_id, data, ttl_ms)
-        reply = await services.replies.wait(target, message_id, fut, timeout)
-        return reply_value(reply, services.app.resolve(ref), env.type)
