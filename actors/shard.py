@@ -39,7 +39,7 @@ from .codec import (
 )
 from .errors import ActorsError, DecodeError, UnknownActorType, UnknownMessageType
 from .settings import WorkerSettings
-from .store import Entry, TurnRecord, honour_cancel
+from .store import Entry, TurnRecord
 from .turn import TurnContext, TurnInfo, TurnServices
 
 log = logging.getLogger("actors.shard")
@@ -126,7 +126,7 @@ class ShardRunner:
         if not task.cancelled() and task.exception() is not None and not self._actor_failure.done():
             self._actor_failure.set_exception(task.exception())  # type: ignore[arg-type]
 
-    async def drain(self) -> None:
+    def drain(self) -> None:
         """Stop reading; ``run`` returns once every read message is committed."""
         self._stopping.set()
 
@@ -140,7 +140,6 @@ class ShardRunner:
             entries, newest = await self.store.read_new(
                 self.shard, self.lease.value, self.consumer, s.read_count
             )
-            honour_cancel()
             if entries:
                 await self._dispatch(entries)
             elif not await self._wait_for_new(newest):
@@ -234,7 +233,7 @@ class ShardRunner:
         cls = self.services.app.actor_type(actor_type)
         key = aid.partition("/")[2]
         try:
-            state = cls.State() if snapshot is None else cls.State.model_validate(decode_state(snapshot))
+            state = _load_state(cls, snapshot)
         except Exception as exc:  # DecodeError, ValidationError, or whatever a validator raises
             return Activation(
                 None, snapshot, broken=f"state snapshot does not load into {cls.__name__}.State: {exc}"
@@ -272,8 +271,9 @@ class ShardRunner:
                 reply = self._reply(env, result)
                 break
             except Exception as exc:
-                # The committed snapshot loaded before, so it loads again: roll back to it.
-                actor.state = self._committed_state(actor, act.snapshot)
+                # A failed attempt must leave no trace: back to the committed snapshot
+                # (it loaded when the actor was activated, so it loads again).
+                actor.state = _load_state(type(actor), act.snapshot)
                 if attempt >= retry.max_attempts:
                     detail = "".join(traceback.format_exception(exc))
                     reason = f"handler {type(actor).__name__}.{handler.name} failed {attempt} times: {exc!r}"
@@ -295,12 +295,6 @@ class ShardRunner:
         if not await self._commit(record):
             raise ShardReset(f"shard {self.shard}: entry {queued.entry_id} was already committed")
         act.snapshot = snapshot
-
-    @staticmethod
-    def _committed_state(actor: Actor, snapshot: bytes | None) -> Any:
-        """The state as last committed: a failed attempt must leave no trace."""
-        cls = type(actor)
-        return cls.State() if snapshot is None else cls.State.model_validate(decode_state(snapshot))
 
     @staticmethod
     def _reply(env: Envelope, result: Any) -> bytes:
@@ -331,7 +325,6 @@ class ShardRunner:
                 results = await self.store.commit(
                     self.shard, self.lease.value, [r for r, _ in batch], self._reply_ttl_ms
                 )
-                honour_cancel()
                 forwarded = False
                 for (record, fut), fresh in zip(batch, results, strict=True):
                     forwarded = forwarded or bool(record.remote)
@@ -367,7 +360,6 @@ class ShardRunner:
     async def _forward_pending(self) -> None:
         while True:
             rows = await self.store.read_outbox(self.shard, 512)
-            honour_cancel()
             if not rows:
                 return
             by_target: dict[int, list[tuple[str, bytes]]] = {}
@@ -376,7 +368,6 @@ class ShardRunner:
             for target, items in by_target.items():
                 await self.store.forward(self.shard, target, items)
             await self.store.delete_outbox(self.shard, [entry_id for entry_id, _, _ in rows])
-            honour_cancel()
 
     # ---- flow control ------------------------------------------------------------------
     def _took(self) -> None:
@@ -391,3 +382,8 @@ class ShardRunner:
             self._room.set()
         if self.inflight == 0:
             self._idle.set()
+
+
+def _load_state(cls: type[Actor], snapshot: bytes | None) -> Any:
+    """An actor's state from its committed snapshot (a fresh State if it has none)."""
+    return cls.State() if snapshot is None else cls.State.model_validate(decode_state(snapshot))

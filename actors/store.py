@@ -20,7 +20,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .codec import FIELD
@@ -42,7 +42,8 @@ def honour_cancel() -> None:
 
     On Python 3.11, redis-py's socket timeouts use ``asyncio.wait_for``, which can
     return a finished result and drop a cancellation that arrived at the same
-    moment. Loops that call Redis call this after each call so they still stop.
+    moment. Every public Store method calls this after its Redis call (see
+    ``_honours_cancel``), so loops that call Redis still stop when cancelled.
     """
     task = asyncio.current_task()
     if task is not None and task.cancelling():
@@ -149,11 +150,20 @@ class Store:
         if self._appender is not self.redis:
             await self._appender.aclose()
 
-    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _run(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], client: aioredis.Redis | None = None
+    ) -> Any:
+        """Call a script by SHA (redis-py loads it again if the server lost it).
+
+        Fenced scripts (their first key is the lease) fail with FENCED when the
+        lease is not held at the expected epoch: that becomes LeaseLost.
+        """
         try:
-            return await self._scripts[name](keys=list(keys), args=list(args))
-        except NoScriptError:  # pragma: no cover - redis-py normally reloads by itself
-            return await self.redis.eval(_script_text(name), len(keys), *keys, *args)
+            return await self._scripts[name](keys=list(keys), args=list(args), client=client)
+        except ResponseError as exc:
+            if str(exc).startswith("FENCED"):
+                raise LeaseLost(f"{name} refused: {keys[0]} is no longer held at {args[0]!r}") from None
+            raise
 
     # ---- cluster metadata ------------------------------------------------
     async def shard_count(self, wanted: int | None, default: int | None) -> int:
@@ -185,14 +195,17 @@ class Store:
         return int(seconds) * 1000 + int(micros) // 1000
 
     # ---- membership and leases ------------------------------------------
-    async def heartbeat(self, worker_id: str, ttl_ms: int, info: dict[str, str]) -> None:
+    async def heartbeat(self, worker_id: str, ttl_ms: int, info: dict[str, str]) -> list[str]:
+        """Refresh this worker's membership; returns every live worker id (sorted)."""
         now = await self.server_time_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(self.keys.workers(), {worker_id: now + ttl_ms})
             pipe.zremrangebyscore(self.keys.workers(), "-inf", now)
             pipe.hset(self.keys.worker_info(worker_id), mapping=info)
             pipe.pexpire(self.keys.worker_info(worker_id), ttl_ms)
-            await pipe.execute()
+            pipe.zrangebyscore(self.keys.workers(), now, "+inf")
+            *_, live = await pipe.execute()
+        return sorted(i.decode() for i in live)
 
     async def leave(self, worker_id: str) -> None:
         await self.redis.zrem(self.keys.workers(), worker_id)
@@ -256,16 +269,12 @@ class Store:
         Never retried: a retry after a lost reply would leave the first batch
         pending unseen. Raises LeaseLost if the lease is not held.
         """
-        try:
-            empty, value = await self._scripts["read_inbox"](
-                keys=[self.keys.lease(shard), self.keys.inbox(shard)],
-                args=[lease, consumer, count],
-                client=self._appender,
-            )
-        except ResponseError as exc:
-            if str(exc).startswith("FENCED"):
-                raise LeaseLost(f"shard {shard}: lease {lease} is no longer held") from None
-            raise
+        empty, value = await self._run(
+            "read_inbox",
+            [self.keys.lease(shard), self.keys.inbox(shard)],
+            [lease, consumer, count],
+            client=self._appender,
+        )
         if empty:
             return [], value.decode()
         entries = [(entry_id.decode(), _field(fields)) for entry_id, fields in value]
@@ -333,13 +342,7 @@ class Store:
             args += turn.local
             for target, envelope in turn.remote:
                 args += [target, envelope]
-        try:
-            results = await self._run("commit", keys, args)
-        except ResponseError as exc:
-            if str(exc).startswith("FENCED"):
-                raise LeaseLost(f"shard {shard}: lease {lease} is no longer held") from None
-            raise
-        return [bool(r) for r in results]
+        return [bool(r) for r in await self._run("commit", keys, args)]
 
     async def dead_letter(
         self,
@@ -355,16 +358,11 @@ class Store:
         """Ack ``entry_id`` into the dead-letter stream; ``reply`` is (key, channel, bytes)."""
         k = self.keys
         reply_key, channel, payload = reply if reply else (k.reply(shard, "-"), "", b"")
-        try:
-            done = await self._run(
-                "dead_letter",
-                [k.lease(shard), k.inbox(shard), k.dead_letters(shard), reply_key],
-                [lease, entry_id, raw, reason, detail, channel, payload, reply_ttl_ms],
-            )
-        except ResponseError as exc:
-            if str(exc).startswith("FENCED"):
-                raise LeaseLost(f"shard {shard}: lease {lease} is no longer held") from None
-            raise
+        done = await self._run(
+            "dead_letter",
+            [k.lease(shard), k.inbox(shard), k.dead_letters(shard), reply_key],
+            [lease, entry_id, raw, reason, detail, channel, payload, reply_ttl_ms],
+        )
         return bool(done)
 
     # ---- outbox and forwarding ---------------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from .settings import LeaseSettings
 from .shard import Lease
-from .store import Store, honour_cancel, is_transient
+from .store import Store, is_transient
 
 log = logging.getLogger("actors.supervisor")
 
@@ -56,21 +56,20 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep leases until ``stop`` is set; then release them all (after draining)."""
-        last_ok = time.monotonic()
-        delay = self.settings.renew_interval
         listener = asyncio.create_task(self._listen_for_releases(), name="lease-events")
         try:
-            await self._loop(stop, last_ok, delay)
+            await self._loop(stop)
         finally:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
         await self.release_all()
 
-    async def _loop(self, stop: asyncio.Event, last_ok: float, delay: float) -> None:
+    async def _loop(self, stop: asyncio.Event) -> None:
+        last_ok = time.monotonic()
+        delay = self.settings.renew_interval
         while not stop.is_set():
             try:
                 await self.tick()
-                honour_cancel()
                 last_ok = time.monotonic()
                 delay = self.settings.renew_interval
             except Exception as exc:
@@ -109,9 +108,8 @@ class Supervisor:
                 await asyncio.gather(pubsub.aclose(), return_exceptions=True)
 
     async def tick(self) -> None:
-        await self.store.heartbeat(self.worker_id, self._ttl_ms, self._info)
+        live = await self.store.heartbeat(self.worker_id, self._ttl_ms, self._info)
         await self._renew()
-        live = await self.store.live_workers()
         share = math.ceil(self.shards / max(1, len(live)))
         keeping = [s for s in self.held if s not in self._releasing]
         extra = len(keeping) - share

@@ -99,7 +99,7 @@ class Worker:
             return
         slot.draining = True
         if slot.runner is not None:
-            await slot.runner.drain()
+            slot.runner.drain()
         try:
             await asyncio.wait_for(asyncio.shield(slot.task), timeout=self.shutdown_grace)
         except TimeoutError:
