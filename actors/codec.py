@@ -36,7 +36,7 @@ class Envelope:
     payload: Any
     headers: dict[str, str] = field(default_factory=dict)
     reply_to: str | None = None
-    """Client id whose reply channel receives the reply, for ``ask``."""
+    """The pub/sub channel (of the asking client or worker) that receives the reply to ``ask``."""
 
     @property
     def actor_id(self) -> str:

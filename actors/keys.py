@@ -19,7 +19,7 @@ class Keys:
 
     # ---- global keys (no hash tag) -------------------------------------
     def meta(self) -> str:
-        """hash: cluster-wide settings (``shards``, ``version``)."""
+        """hash: cluster-wide settings (``shards``)."""
         return f"{self.namespace}:meta"
 
     def workers(self) -> str:
@@ -27,7 +27,7 @@ class Keys:
         return f"{self.namespace}:workers"
 
     def worker_info(self, worker_id: str) -> str:
-        """hash: host, pid, started_at of one live worker (expires)."""
+        """hash: host, pid, started (unix time) of one live worker (expires)."""
         return f"{self.namespace}:worker:{worker_id}"
 
     def lease_events(self) -> str:
