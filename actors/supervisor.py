@@ -68,6 +68,8 @@ class Supervisor:
         last_ok = time.monotonic()
         delay = self.settings.renew_interval
         while not stop.is_set():
+            # Cleared before the tick, not after: a release heard during the tick wakes the next one.
+            self._released.clear()
             try:
                 await self.tick()
                 last_ok = time.monotonic()
@@ -83,7 +85,6 @@ class Supervisor:
 
     async def _sleep(self, stop: asyncio.Event, delay: float) -> None:
         """Until the next tick: ``delay``, or sooner if stopping or a lease was released."""
-        self._released.clear()
         waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._released.wait())}
         try:
             await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
