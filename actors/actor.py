@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel
 
 from .errors import DefinitionError, UnknownActorType, UnknownMessageType
+from .messages import Approval
 
 if TYPE_CHECKING:
     from .turn import TurnContext, TurnInfo
@@ -69,7 +71,8 @@ class _NoState(BaseModel):
     """The state of an actor that declares none."""
 
 
-_RESERVED = frozenset({"ref", "send", "ask", "state", "key", "turn"})
+_RESERVED = frozenset({"ref", "send", "ask", "state", "key", "turn", "step", "sleep", "wait_for"})
+T = TypeVar("T")
 
 
 class Actor:
@@ -86,19 +89,25 @@ class Actor:
                 return Total(total=self.state.total)
 
     ``class Counter(Actor, name="counter")`` sets the type name (default: the class name).
+    ``waits_for=[Decision]`` declares message types the actor receives only through
+    ``wait_for`` (it needs no handler for them); ``Approval`` is always accepted.
     """
 
     State: ClassVar[type[BaseModel]] = _NoState
     type_name: ClassVar[str] = "Actor"
     handlers: ClassVar[dict[str, Handler]] = {}
+    waitable: ClassVar[dict[str, type[BaseModel]]] = {"Approval": Approval}
 
     key: str
     state: Any
     _turn: TurnContext | None
 
-    def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
+    def __init_subclass__(
+        cls, name: str | None = None, waits_for: Sequence[type[BaseModel]] = (), **kwargs: Any
+    ) -> None:
         super().__init_subclass__(**kwargs)
         cls.type_name = name or cls.__name__
+        cls.waitable = {**cls.waitable, **_waitable(cls, waits_for)}
         if "/" in cls.type_name:
             raise DefinitionError(f"actor type name {cls.type_name!r} must not contain '/'")
         if not (isinstance(cls.State, type) and issubclass(cls.State, BaseModel)):
@@ -127,6 +136,21 @@ class Actor:
                 f"{message_type!r} (it handles: {known})"
             ) from None
 
+    @classmethod
+    def message_model(cls, message_type: str) -> type[BaseModel]:
+        """The model of a message type this actor accepts: one it handles or waits for."""
+        handler = cls.handlers.get(message_type)
+        if handler is not None:
+            return handler.message
+        model = cls.waitable.get(message_type)
+        if model is not None:
+            return model
+        known = ", ".join(sorted({*cls.handlers, *cls.waitable}))
+        raise UnknownMessageType(
+            f"actor type {cls.type_name} has no handler for message type {message_type!r} "
+            f"and does not wait for it (it accepts: {known})"
+        )
+
     # ---- inside a turn --------------------------------------------------
     @property
     def turn(self) -> TurnInfo:
@@ -151,6 +175,94 @@ class Actor:
         the timeout; use ``send`` for cycles.
         """
         return await self._context().ask(ref, msg, timeout)
+
+    async def step(
+        self,
+        fn: Callable[..., Awaitable[T]] | Callable[..., T],
+        /,
+        *args: Any,
+        name: str | None = None,
+        retries: int = 3,
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        timeout: float | timedelta | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """Run ``fn(*args, **kwargs)`` (sync functions in a thread) once for this turn.
+
+        It is retried up to ``retries`` times with exponential backoff and jitter,
+        each attempt bounded by ``timeout``. Its result, or its last error as
+        ``StepFailed``, is journaled before the handler goes on: after a crash the
+        turn runs again from the top and this call returns the recorded result
+        without calling ``fn``. The result comes back as its JSON form, validated
+        into ``fn``'s return annotation when it has one, on the first run as on a
+        replay. ``name`` (default: the function's qualified name) must stay the same
+        while turns are open.
+        """
+        from .turn import StepOptions
+
+        options = StepOptions(name, retries, backoff, max_backoff, _seconds(timeout))
+        return typing.cast(T, await self._context().step(fn, args, kwargs, options))
+
+    async def sleep(self, delay: timedelta | float | None = None, *, until: datetime | None = None) -> None:
+        """Sleep durably for ``delay`` (a timedelta or seconds) or until ``until``.
+
+        The turn is suspended and leaves the worker's memory; the shard's owner
+        wakes it when the time has come by Redis's clock, never before, even if
+        every worker was down meanwhile. Messages to this actor wait until the turn ends.
+        """
+        if (delay is None) == (until is None):
+            raise TypeError("sleep needs exactly one of delay or until")
+        until_ms = None if until is None else _epoch_ms(until)
+        delay_ms = None if delay is None else int(_seconds(delay) * 1000)  # type: ignore[operator]
+        await self._context().sleep(delay_ms, until_ms)
+
+    async def wait_for(
+        self,
+        message: type[M],
+        *,
+        timeout: timedelta | float | None = None,
+        where: Callable[[M], bool] | None = None,
+    ) -> M | None:
+        """The first message of type ``message`` (matching ``where``) sent to this actor,
+        or None after ``timeout`` (None: wait for ever).
+
+        A matching message that arrived before the turn got here satisfies the wait.
+        Meanwhile the turn is suspended in Redis, holding no worker memory; other
+        messages to the actor wait, in order, until the turn ends. The type must be
+        ``Approval`` or declared with ``class X(Actor, waits_for=[...])``.
+        """
+        cls = type(self)
+        if message.__name__ not in cls.waitable and message.__name__ not in cls.handlers:
+            raise UnknownMessageType(
+                f"{cls.__name__} cannot wait for {message.__name__}: declare it with "
+                f"class {cls.__name__}(Actor, waits_for=[{message.__name__}]) so workers accept it"
+            )
+        timeout_ms = None if timeout is None else int(_seconds(timeout) * 1000)  # type: ignore[operator]
+        return typing.cast("M | None", await self._context().wait_for(message, timeout_ms, where))
+
+
+def _seconds(value: timedelta | float | None) -> float | None:
+    if value is None or isinstance(value, int | float):
+        return value
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    raise TypeError(f"expected a timedelta or a number of seconds, not {type(value).__name__}")
+
+
+def _epoch_ms(when: datetime) -> int:
+    if when.tzinfo is None:
+        raise ValueError("sleep(until=...) needs a timezone-aware datetime (e.g. datetime.now(UTC))")
+    return int(when.astimezone(UTC).timestamp() * 1000)
+
+
+def _waitable(cls: type[Actor], types: Sequence[type[BaseModel]]) -> dict[str, type[BaseModel]]:
+    found: dict[str, type[BaseModel]] = {}
+    for model in types:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise DefinitionError(f"{cls.__name__}: waits_for takes pydantic models, not {model!r}")
+        found[model.__name__] = model
+    return found
 
 
 def _discover_handlers(cls: type[Actor]) -> dict[str, Handler]:

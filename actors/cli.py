@@ -126,8 +126,7 @@ def _message(app: App | None, ref_text: str, type_name: str, payload: str) -> tu
     assert app is not None
     ref = ActorRef.parse(ref_text)
     cls = app.actor_type(ref.type)
-    handler = cls.handler_for(type_name)
-    return cls.ref(ref.key), handler.message.model_validate_json(payload or "{}")
+    return cls.ref(ref.key), cls.message_model(type_name).model_validate_json(payload or "{}")
 
 
 def cmd_state(args: argparse.Namespace) -> int:

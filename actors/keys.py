@@ -74,6 +74,26 @@ class Keys:
         """string with TTL: the encoded reply to an ``ask`` (kept for late readers)."""
         return f"{self._tag(shard)}:reply:{message_id}"
 
+    def turns(self, shard: int) -> str:
+        """hash: actor id -> its open turn (message, journal, what it waits for), while one is open.
+
+        A turn opens at its first journal write (a completed step, a sleep, a wait)
+        and closes when it commits; meanwhile its message lives here, not in the inbox.
+        """
+        return f"{self._tag(shard)}:turns"
+
+    def timers(self, shard: int) -> str:
+        """zset: actor id -> when it needs the owner's attention (ms, Redis clock).
+
+        0: now (a running open turn to recover, or deferred messages to handle);
+        a time: a sleep or a wait's timeout; ``FOREVER``: a wait with no timeout, or parked.
+        """
+        return f"{self._tag(shard)}:timers"
+
+    def deferred(self, shard: int, actor_id: str) -> str:
+        """list: messages that reached an actor while it had an open turn, in arrival order."""
+        return f"{self._tag(shard)}:deferred:{actor_id}"
+
     def dead_letters(self, shard: int) -> str:
         """stream: messages this shard could not handle, with the reason."""
         return f"{self._tag(shard)}:dlq"

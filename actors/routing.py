@@ -47,10 +47,9 @@ def build_envelope(
     payload = dump_model(msg)
     type_name = type(msg).__name__
     if cls is not None:
-        handler = cls.handler_for(type_name)
-        # Re-validate the dump against the handler's model: catches instances made with
+        # Re-validate the dump against the target's model: catches instances made with
         # model_construct() or mutated after validation, before they reach Redis.
-        handler.message.model_validate(payload)
+        cls.message_model(type_name).model_validate(payload)
     return Envelope(
         id=message_id or new_message_id(),
         actor=ref.type,

@@ -2,12 +2,17 @@
 
 Reading this file top to bottom follows a message:
 
-1. ``_read_loop`` claims the previous owner's pending entries, then reads new ones.
+1. ``_read_loop`` claims the previous owner's pending entries, then reads new
+   ones; ``_timer_loop`` takes due timers (sleeps, wait timeouts, and, for a new
+   owner, the open turns to recover).
 2. ``_dispatch`` checks each entry (bad input goes to the dead-letter stream)
-   and queues it on its actor's activation, loading snapshots in one call.
-3. ``_drain_actor`` runs the actor's turns one at a time, in order; ``_turn``
-   calls the handler, with retries.
-4. ``_commit_loop`` commits every ready turn of the shard in one fenced script.
+   and queues it on its actor's activation, loading actors in one call.
+3. ``_drain_actor`` does an actor's work one piece at a time, in order: its open
+   turn if it has one (resumed when woken or when a message it waits for
+   arrives; other messages are deferred behind it), then its deferred messages,
+   then its queue. ``_turn`` calls the handler, with retries; a durable
+   primitive may write the turn's journal (``flush``) or suspend it (``Suspend``).
+4. ``_commit_loop`` applies every ready write of the shard in one fenced script.
 5. ``_forward_loop`` moves committed cross-shard messages to their shards.
 
 Any Redis error or lost lease ends the runner; its owner (the worker) drops
@@ -18,10 +23,12 @@ runs ahead of a commit.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 import traceback
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +45,19 @@ from .codec import (
     encode_state,
 )
 from .errors import ActorsError, DecodeError, UnknownActorType, UnknownMessageType
+from .journal import FOREVER_MS, Journal, JournalMismatch, OpenTurn, Record, RedisClock, Suspend
+from .messages import CANCEL
 from .settings import WorkerSettings
-from .store import Entry, TurnRecord
-from .turn import TurnContext, TurnInfo, TurnServices
+from .store import BACKLOG, DUPLICATE, Entry, LoadedActor, Write
+from .turn import Queued, TurnContext, TurnInfo, TurnServices
 
 log = logging.getLogger("actors.shard")
+
+TIMER_BATCH = 500
+TIMER_POLL_MAX = 5.0
+"""Seconds between two looks at the timer index when no known timer is due sooner."""
+DEFERRED_SCAN = 1000
+"""At most this many deferred messages are offered to a ``wait_for``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,26 +72,47 @@ class ShardReset(ActorsError):
     """Memory may disagree with Redis (a turn was already committed): start afresh."""
 
 
-@dataclass(frozen=True, slots=True)
-class Queued:
-    entry_id: str
-    raw: bytes
-    envelope: Envelope
-    message: BaseModel
-
-
 class Activation:
-    """An actor in memory: its instance, last committed snapshot and queued messages."""
+    """An actor in memory: its instance, last committed snapshot, open turn and queued messages."""
 
-    __slots__ = ("actor", "broken", "last_used", "queue", "snapshot", "task")
+    __slots__ = (
+        "actor",
+        "backlog",
+        "broken",
+        "id",
+        "last_used",
+        "open",
+        "queue",
+        "snapshot",
+        "task",
+        "woken",
+    )
 
-    def __init__(self, actor: Actor | None, snapshot: bytes | None, broken: str = "") -> None:
+    def __init__(self, aid: str, actor: Actor | None, snapshot: bytes | None, broken: str = "") -> None:
+        self.id = aid
         self.actor = actor
         self.snapshot = snapshot
         self.queue: deque[Queued] = deque()
         self.task: asyncio.Task[None] | None = None
         self.last_used = time.monotonic()
         self.broken = broken
+        self.open: OpenTurn | None = None
+        """Its open turn as Redis holds it (running, suspended or parked)."""
+        self.woken = False
+        """Its open turn's timer fired (or it was running when its owner died): resume it."""
+        self.backlog = False
+        """Messages may be deferred in Redis behind a turn that has since closed."""
+
+
+@dataclass(slots=True)
+class Source:
+    """Where the message of a running turn lives, as the next write must take it from."""
+
+    act: Activation
+    origin: str
+    """``i`` inbox, ``o`` open turn, ``q`` head of the deferred list."""
+    ref: str | bytes
+    raw: bytes
 
 
 class ShardRunner:
@@ -87,6 +123,7 @@ class ShardRunner:
         self.services = services
         self.store = services.store
         self.settings = settings
+        self.clock = RedisClock()
         self.activations: dict[str, Activation] = {}
         self.inflight = 0
         self._room = asyncio.Event()
@@ -94,9 +131,11 @@ class ShardRunner:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stopping = asyncio.Event()
-        self._commits: list[tuple[TurnRecord, asyncio.Future[bool]]] = []
+        self._writes: list[tuple[Write, asyncio.Future[int]]] = []
         self._commit_wakeup = asyncio.Event()
         self._forward_wakeup = asyncio.Event()
+        self._timer_wakeup = asyncio.Event()
+        self._next_timer_ms = 0
         self._actor_tasks: set[asyncio.Task[None]] = set()
         self._actor_failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reply_ttl_ms = int(settings.messages.reply_ttl * 1000)
@@ -104,13 +143,20 @@ class ShardRunner:
     async def run(self) -> None:
         """Run until cancelled, drained, or an error (which propagates)."""
         try:
+            await self._sync_clock()
             async with asyncio.TaskGroup() as tg:
-                committer = tg.create_task(self._commit_loop(), name=f"commit-{self.shard}")
-                forwarder = tg.create_task(self._forward_loop(), name=f"forward-{self.shard}")
-                watcher = tg.create_task(self._watch_actors(), name=f"actors-{self.shard}")
+                helpers = [
+                    tg.create_task(self._commit_loop(), name=f"commit-{self.shard}"),
+                    tg.create_task(self._forward_loop(), name=f"forward-{self.shard}"),
+                    tg.create_task(self._watch_actors(), name=f"actors-{self.shard}"),
+                ]
+                timers = tg.create_task(self._timer_loop(), name=f"timers-{self.shard}")
                 await self._read_loop()
+                await timers
                 await self._idle.wait()
-                for task in (committer, forwarder, watcher):
+                while self._actor_tasks:  # resumed turns and deferred messages finish too
+                    await asyncio.wait(set(self._actor_tasks))
+                for task in helpers:
                     task.cancel()
         finally:
             for task in self._actor_tasks:
@@ -129,6 +175,12 @@ class ShardRunner:
     def drain(self) -> None:
         """Stop reading; ``run`` returns once every read message is committed."""
         self._stopping.set()
+        self._timer_wakeup.set()
+
+    async def _sync_clock(self) -> None:
+        sent = time.monotonic()
+        now = await self.store.server_time_ms()
+        self.clock.observe(now, sent, time.monotonic())
 
     # ---- 1. receive --------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -177,6 +229,42 @@ class ShardRunner:
             if n < excess or now - last_used > self.settings.idle_timeout:
                 del self.activations[aid]
 
+    async def _timer_loop(self) -> None:
+        """Wake actors whose timers are due. The first look also takes timers at 0: the
+        open turns and deferred messages a previous owner left."""
+        first = True
+        while not self._stopping.is_set():
+            sent = time.monotonic()
+            now, later, due = await self.store.due_timers(self.shard, self.lease.value, first, TIMER_BATCH)
+            self.clock.observe(now, sent, time.monotonic())
+            first = False
+            if due:
+                await self._wake(due)
+            if len(due) == TIMER_BATCH:
+                continue
+            pause = TIMER_POLL_MAX if later is None else min(TIMER_POLL_MAX, max(0.0, (later - now) / 1000))
+            self._next_timer_ms = now + int(pause * 1000)
+            self._timer_wakeup.clear()
+            try:
+                await asyncio.wait_for(self._timer_wakeup.wait(), timeout=pause)
+            except TimeoutError:
+                pass
+
+    def _timer_set(self, due_ms: int) -> None:
+        """A turn of ours set a timer; look again sooner if it is due before the next look."""
+        if due_ms < self._next_timer_ms:
+            self._timer_wakeup.set()
+
+    async def _wake(self, actor_ids: list[str]) -> None:
+        await self._activate({aid: aid.partition("/")[0] for aid in actor_ids})
+        for aid in actor_ids:
+            act = self.activations[aid]
+            if act.open is not None:
+                act.woken = True
+            else:
+                act.backlog = True  # deferred messages left, or a stale timer to settle
+            self._start(act)
+
     # ---- 2. check and queue -------------------------------------------------------
     async def _dispatch(self, entries: list[Entry]) -> None:
         accepted: list[Queued] = []
@@ -187,17 +275,15 @@ class ShardRunner:
                 accepted.append(checked)
             else:
                 reason, detail, env = checked
-                await self._dead_letter(entry_id, raw or b"", reason, detail, env)
+                write = self._dead_letter_write("", "i", entry_id, raw or b"", reason, detail, env)
+                await self._write(write)
         await self._activate({q.envelope.actor_id: q.envelope.actor for q in accepted})
         for queued in accepted:
             act = self.activations[queued.envelope.actor_id]
             act.queue.append(queued)
-            if act.task is None:
-                act.task = asyncio.create_task(self._drain_actor(act))
-                self._actor_tasks.add(act.task)
-                act.task.add_done_callback(self._actor_done)
+            self._start(act)
 
-    def _check(self, entry_id: str, raw: bytes | None) -> Queued | tuple[str, str, Envelope | None]:
+    def _check(self, entry_id: str | None, raw: bytes | None) -> Queued | tuple[str, str, Envelope | None]:
         """The entry as a queued message, or (reason, detail, envelope if decodable) to dead-letter."""
         if raw is None:
             return "undecodable", "the entry has no 'e' field", None
@@ -209,67 +295,181 @@ class ShardRunner:
         if len(raw) > limit:
             return "too large", f"{len(raw)} bytes; the limit (max_message_bytes) is {limit}", env
         try:
-            handler = self.services.app.actor_type(env.actor).handler_for(env.type)
+            cls = self.services.app.actor_type(env.actor)
+            if env.type == CANCEL:
+                return Queued(entry_id, raw, env, None)
+            model = cls.message_model(env.type)
         except UnknownActorType as exc:
             return "unknown actor type", str(exc), env
         except UnknownMessageType as exc:
             return "unknown message type", str(exc), env
         try:
-            message = handler.message.model_validate(env.payload)
+            message = model.model_validate(env.payload)
         except Exception as exc:  # a user validator may raise anything, not only ValidationError
             return "invalid payload", f"{type(exc).__name__}: {exc}", env
         return Queued(entry_id, raw, env, message)
 
     async def _activate(self, wanted: dict[str, str]) -> None:
-        """Make sure each actor id has an activation, loading snapshots in one call."""
+        """Make sure each actor id has an activation, loading actors in one call."""
         missing = [aid for aid in wanted if aid not in self.activations]
         if not missing:
             return
-        snapshots = await self.store.load_states(self.shard, missing)
-        for aid, snapshot in zip(missing, snapshots, strict=True):
-            self.activations[aid] = self._restore(wanted[aid], aid, snapshot)
+        loaded = await self.store.load_actors(self.shard, missing)
+        for aid, found in zip(missing, loaded, strict=True):
+            # Another caller may have activated it while we loaded; theirs is as fresh.
+            self.activations.setdefault(aid, self._restore(wanted[aid], aid, found))
 
-    def _restore(self, actor_type: str, aid: str, snapshot: bytes | None) -> Activation:
-        cls = self.services.app.actor_type(actor_type)
+    def _restore(self, actor_type: str, aid: str, found: LoadedActor) -> Activation:
         key = aid.partition("/")[2]
         try:
-            state = _load_state(cls, snapshot)
-        except Exception as exc:  # DecodeError, ValidationError, or whatever a validator raises
-            return Activation(
-                None, snapshot, broken=f"state snapshot does not load into {cls.__name__}.State: {exc}"
-            )
-        return Activation(cls(key, state), snapshot)
+            cls = self.services.app.actor_type(actor_type)
+            state = _load_state(cls, found.snapshot)
+            act = Activation(aid, cls(key, state), found.snapshot)
+        except Exception as exc:  # UnknownActorType, DecodeError, or whatever a validator raises
+            act = Activation(aid, None, found.snapshot, broken=f"actor {aid} cannot be loaded: {exc}")
+        if found.open_turn is not None:
+            try:
+                act.open = OpenTurn.decode(found.open_turn)
+            except DecodeError as exc:
+                act.open = OpenTurn(b"", [], parked=f"its open turn cannot be read: {exc}", due_ms=FOREVER_MS)
+            act.woken = found.timer == 0
+        else:
+            act.backlog = found.timer is not None
+        return act
 
-    # ---- 3. turns --------------------------------------------------------------------
+    def _start(self, act: Activation) -> None:
+        if act.task is None:
+            act.task = asyncio.create_task(self._drain_actor(act))
+            self._actor_tasks.add(act.task)
+            act.task.add_done_callback(self._actor_done)
+
+    # ---- 3. an actor's work, in order --------------------------------------------------
     async def _drain_actor(self, act: Activation) -> None:
-        while act.queue:
-            queued = act.queue[0]
-            if act.actor is None:
-                await self._dead_letter(
-                    queued.entry_id, queued.raw, "actor state unloadable", act.broken, queued.envelope
-                )
-            else:
-                await self._turn(act, act.actor, queued)
-            act.queue.popleft()
-            self._finished()
+        while await self._advance(act):
+            pass
         act.task = None
         act.last_used = time.monotonic()
 
-    async def _turn(self, act: Activation, actor: Actor, queued: Queued) -> None:
+    async def _advance(self, act: Activation) -> bool:
+        """Do the actor's next piece of work; False when it has none."""
+        if act.open is not None:
+            return await self._advance_open(act)
+        if act.backlog:
+            await self._advance_backlog(act)
+            return True
+        if not act.queue:
+            return False
+        queued = act.queue.popleft()
+        try:
+            if queued.message is None:  # a cancel with no open turn to end
+                log.info("shard %s: %s has no open turn to cancel", self.shard, act.id)
+                await self._write(Write("c", act.id, "i", queued.entry_id or ""))
+            else:
+                await self._turn(act, queued, Source(act, "i", queued.entry_id or "", queued.raw))
+        finally:
+            self._finished()
+        return True
+
+    async def _advance_open(self, act: Activation) -> bool:
+        """Work for an actor with an open turn: cancel it, resume it, or defer messages behind it."""
+        assert act.open is not None
+        control = next((q for q in act.queue if q.message is None), None)
+        if control is not None:
+            await self._cancel(act, control)
+            return True
+        waiting = act.open.waiting
+        wanted = waiting is not None and any(q.envelope.type == waiting for q in act.queue)
+        if (act.woken or wanted or not act.open.suspended) and not act.open.parked:
+            act.woken = False
+            await self._resume(act)
+            return True
+        behind = list(act.queue)
+        if behind:
+            await self._write(Write("f", act.id, defers=[(q.entry_id or "", q.raw) for q in behind]))
+            self._settled(act, behind)
+            return True
+        return False
+
+    async def _advance_backlog(self, act: Activation) -> None:
+        """Handle the oldest message deferred behind a turn that has closed."""
+        raws = await self.store.deferred(self.shard, act.id, 1)
+        if not raws:
+            act.backlog = await self._write(Write("s", act.id)) == BACKLOG
+            return
+        raw = raws[0]
+        checked = self._check(None, raw)
+        if isinstance(checked, Queued):
+            await self._turn(act, checked, Source(act, "q", raw, raw))
+            return
+        reason, detail, env = checked
+        act.backlog = (
+            await self._write(self._dead_letter_write(act.id, "q", raw, raw, reason, detail, env)) == BACKLOG
+        )
+
+    async def _resume(self, act: Activation) -> None:
+        """Run an open turn again from the top; its journal replays what it already did."""
+        assert act.open is not None
+        checked = self._check(None, act.open.envelope)
+        if isinstance(checked, Queued):
+            await self._turn(act, checked, Source(act, "o", "", act.open.envelope))
+            return
+        reason, detail, env = checked
+        write = self._dead_letter_write(act.id, "o", "", act.open.envelope, reason, detail, env)
+        self._closed(act, await self._write(write))
+
+    async def _cancel(self, act: Activation, control: Queued) -> None:
+        assert act.open is not None
+        checked = self._check(None, act.open.envelope)
+        env = checked.envelope if isinstance(checked, Queued) else checked[2]
+        reason = "cancelled"
+        detail = f"its open turn was cancelled (message {control.envelope.id})"
+        write = self._dead_letter_write(
+            act.id, "o", "", act.open.envelope, reason, detail, env, acks=[control]
+        )
+        log.info("shard %s: cancelled the open turn of %s", self.shard, act.id)
+        self._closed(act, await self._write(write))
+        self._settled(act, [control])
+
+    @staticmethod
+    def _closed(act: Activation, result: int) -> None:
+        """The actor's open turn (or deferred message) was just closed by a write."""
+        act.open = None
+        act.woken = False
+        act.backlog = result == BACKLOG
+
+    # ---- 3b. turns ---------------------------------------------------------------------
+    async def _turn(self, act: Activation, queued: Queued, source: Source) -> None:
         env = queued.envelope
-        handler = type(actor).handlers[env.type]
+        actor = act.actor
+        handler = None if actor is None else type(actor).handlers.get(env.type)
+        if actor is None or handler is None:
+            reason = act.broken or (
+                f"{env.actor} has no handler for {env.type} and no open wait_for received it"
+            )
+            write = self._dead_letter_write(act.id, source.origin, source.ref, source.raw, reason, "", env)
+            self._closed(act, await self._write(write))
+            return
         retry = self.settings.retry
         attempt = 0
         while True:
             attempt += 1
             info = TurnInfo(env.id, env.type, self.shard, self.lease.epoch, self.consumer, attempt)
-            ctx = TurnContext(self.services, self.shard, env, info)
+            records = [] if act.open is None else _copy_records(act.open.records)
+            ctx = TurnContext(self.services, self, self.shard, env, info, Journal(records), source=source)
             actor._turn = ctx
             try:
                 result = await handler.fn(actor, queued.message)
                 snapshot = encode_state(actor.state)
                 reply = self._reply(env, result)
                 break
+            except Suspend as suspend:
+                actor.state = _load_state(type(actor), act.snapshot)
+                await self._suspend(ctx, suspend)
+                return
+            except JournalMismatch as exc:
+                actor.state = _load_state(type(actor), act.snapshot)
+                await self._park(ctx, str(exc))
+                return
             except Exception as exc:
                 # A failed attempt must leave no trace: back to the committed snapshot
                 # (it loaded when the actor was activated, so it loads again).
@@ -277,24 +477,28 @@ class ShardRunner:
                 if attempt >= retry.max_attempts:
                     detail = "".join(traceback.format_exception(exc))
                     reason = f"handler {type(actor).__name__}.{handler.name} failed {attempt} times: {exc!r}"
-                    await self._dead_letter(queued.entry_id, queued.raw, reason, detail, env)
+                    write = self._dead_letter_write(
+                        act.id, ctx.source.origin, ctx.source.ref, source.raw, reason, detail, env
+                    )
+                    self._closed(act, await self._write(write))
                     return
                 await asyncio.sleep(retry.delay(attempt))
             finally:
                 actor._turn = None
-        record = TurnRecord(
-            entry_id=queued.entry_id,
-            actor_id=env.actor_id,
+        where = ctx.source
+        write = Write(
+            "c", act.id, where.origin, where.ref,
             snapshot=None if snapshot == act.snapshot else snapshot,
-            local=ctx.local,
-            remote=ctx.remote,
+            local=ctx.local, remote=ctx.remote,
             reply_key=self.store.keys.reply(self.shard, env.id) if env.reply_to else None,
-            reply_channel=env.reply_to,
-            reply=reply,
-        )
-        if not await self._commit(record):
-            raise ShardReset(f"shard {self.shard}: entry {queued.entry_id} was already committed")
+            reply_channel=env.reply_to, reply=reply,
+            **_consumed(ctx),
+        )  # fmt: skip
+        result = await self._write(write)
         act.snapshot = snapshot
+        self._settled(act, ctx.consumed)
+        if where.origin != "i":
+            self._closed(act, result)
 
     @staticmethod
     def _reply(env: Envelope, result: Any) -> bytes:
@@ -306,44 +510,131 @@ class ShardRunner:
         rtype = None if result is None else type(result).__name__
         return encode_reply(Reply(env.id, True, rtype, payload))
 
+    # ---- 3c. journal writes (the runner is the turn's TurnHost) ---------------------------
+    async def flush(self, ctx: TurnContext) -> None:
+        """Write the journal so far, with the sends buffered so far; the turn is open after."""
+        source: Source = ctx.source
+        open_turn = OpenTurn(source.raw, ctx.journal.records)
+        await self._write_open(ctx, open_turn)
+
+    async def _suspend(self, ctx: TurnContext, suspend: Suspend) -> None:
+        """Store the suspended turn and its timer; messages queued behind it are deferred."""
+        source: Source = ctx.source
+        act = source.act
+        behind = [q for q in act.queue if q.message is not None and q not in ctx.consumed]
+        open_turn = OpenTurn(source.raw, ctx.journal.records, suspend.waiting, suspend.due_ms,
+                             since_ms=self.clock.upper())  # fmt: skip
+        await self._write_open(ctx, open_turn, behind)
+        self._timer_set(suspend.due_ms)
+
+    async def _park(self, ctx: TurnContext, reason: str) -> None:
+        source: Source = ctx.source
+        act = source.act
+        log.error("shard %s: parked the open turn of %s: %s", self.shard, act.id, reason)
+        records = [] if act.open is None else act.open.records
+        parked = OpenTurn(source.raw, records, None, FOREVER_MS, reason, since_ms=self.clock.upper())
+        ctx.local.clear()
+        ctx.remote.clear()
+        ctx.consumed.clear()
+        await self._write_open(ctx, parked)
+
+    async def _write_open(self, ctx: TurnContext, open_turn: OpenTurn, behind: Sequence[Queued] = ()) -> None:
+        source: Source = ctx.source
+        act = source.act
+        write = Write(
+            "j", act.id, source.origin, source.ref,
+            local=list(ctx.local), remote=list(ctx.remote),
+            open_turn=open_turn.encode(), score=open_turn.due_ms,
+            defers=[(q.entry_id or "", q.raw) for q in behind],
+            **_consumed(ctx),
+        )  # fmt: skip
+        await self._write(write)
+        ctx.local.clear()
+        ctx.remote.clear()
+        self._settled(act, [*ctx.consumed, *behind])
+        ctx.consumed.clear()
+        ctx.journal.changed = False
+        act.open = OpenTurn(open_turn.envelope, _copy_records(open_turn.records), open_turn.waiting,
+                            open_turn.due_ms, open_turn.parked, open_turn.since_ms)  # fmt: skip
+        source.origin, source.ref = "o", ""
+
+    async def candidates(self, ctx: TurnContext, message_type: str) -> list[Queued]:
+        """Messages of ``message_type`` behind this turn: deferred ones, then queued ones."""
+        source: Source = ctx.source
+        act = source.act
+        found: list[Queued] = []
+        if act.open is not None or act.backlog or source.origin != "i":
+            raws = await self.store.deferred(self.shard, act.id, DEFERRED_SCAN)
+            if source.origin == "q":
+                raws = raws[1:]  # the head is this turn's own message
+            for raw in raws:
+                checked = self._check(None, raw)
+                if isinstance(checked, Queued) and checked.envelope.type == message_type:
+                    found.append(checked)
+        found += [q for q in act.queue if q.message is not None and q.envelope.type == message_type]
+        return [q for q in found if q not in ctx.consumed]
+
+    def _settled(self, act: Activation, items: Iterable[Queued]) -> None:
+        """Inbox messages whose fate a write just decided leave the actor's queue."""
+        for queued in items:
+            if queued.entry_id is not None:
+                act.queue.remove(queued)
+                self._finished()
+
+    def _dead_letter_write(
+        self,
+        aid: str,
+        origin: str,
+        ref: str | bytes,
+        raw: bytes,
+        reason: str,
+        detail: str,
+        env: Envelope | None,
+        acks: Sequence[Queued] = (),
+    ) -> Write:
+        log.warning(
+            "shard %s: dead-lettered a message%s: %s", self.shard, f" to {aid}" if aid else "", reason
+        )
+        reply: dict[str, Any] = {}
+        if env is not None and env.reply_to:
+            error = encode_reply(Reply(env.id, False, None, None, reason, detail))
+            reply = {"reply_key": self.store.keys.reply(self.shard, env.id), "reply_channel": env.reply_to,
+                     "reply": error}  # fmt: skip
+        return Write("d", aid, origin, ref, envelope=raw, reason=reason, detail=detail,
+                     acks=[q.entry_id for q in acks if q.entry_id], **reply)  # fmt: skip
+
     # ---- 4. commit ---------------------------------------------------------------------
-    async def _commit(self, record: TurnRecord) -> bool:
-        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._commits.append((record, fut))
+    async def _write(self, write: Write) -> int:
+        """Apply ``write`` with the next batch; DONE or BACKLOG. A duplicate resets the shard."""
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._writes.append((write, fut))
         self._commit_wakeup.set()
-        return await fut
+        result = await fut
+        if result == DUPLICATE:
+            raise ShardReset(
+                f"shard {self.shard}: a write for {write.actor_id or write.ref!r} was already applied"
+            )
+        return result
 
     async def _commit_loop(self) -> None:
-        """One script in flight at a time; turns that finish meanwhile form the next batch,
+        """One script in flight at a time; writes that come meanwhile form the next batch,
         so a busy shard commits in batches and an idle one commits each turn at once."""
         limit = self.settings.commit_batch
         while True:
             await self._commit_wakeup.wait()
             self._commit_wakeup.clear()
-            while self._commits:
-                batch, self._commits = self._commits[:limit], self._commits[limit:]
+            while self._writes:
+                batch, self._writes = self._writes[:limit], self._writes[limit:]
                 results = await self.store.commit(
-                    self.shard, self.lease.value, [r for r, _ in batch], self._reply_ttl_ms
+                    self.shard, self.lease.value, [w for w, _ in batch], self._reply_ttl_ms
                 )
                 forwarded = False
-                for (record, fut), fresh in zip(batch, results, strict=True):
-                    forwarded = forwarded or bool(record.remote)
+                for (write, fut), result in zip(batch, results, strict=True):
+                    forwarded = forwarded or bool(write.remote)
                     if not fut.done():
-                        fut.set_result(fresh)
+                        fut.set_result(result)
                 if forwarded:
                     self._forward_wakeup.set()
-
-    async def _dead_letter(
-        self, entry_id: str, raw: bytes, reason: str, detail: str, env: Envelope | None
-    ) -> None:
-        reply = None
-        if env is not None and env.reply_to:
-            error = encode_reply(Reply(env.id, False, None, None, reason, detail))
-            reply = (self.store.keys.reply(self.shard, env.id), env.reply_to, error)
-        log.warning("shard %s: dead-lettered entry %s: %s", self.shard, entry_id, reason)
-        await self.store.dead_letter(
-            self.shard, self.lease.value, entry_id, raw, reason, detail, reply, self._reply_ttl_ms
-        )
 
     # ---- 5. forward ---------------------------------------------------------------------
     async def _forward_loop(self) -> None:
@@ -382,6 +673,19 @@ class ShardRunner:
             self._room.set()
         if self.inflight == 0:
             self._idle.set()
+
+
+def _consumed(ctx: TurnContext) -> dict[str, Any]:
+    """The write fields that take the messages ``wait_for`` received out of the mailbox."""
+    return {
+        "acks": [q.entry_id for q in ctx.consumed if q.entry_id is not None],
+        "unlists": [q.raw for q in ctx.consumed if q.entry_id is None],
+    }
+
+
+def _copy_records(records: list[Record]) -> list[Record]:
+    """Records for a new attempt: a failed one may have changed its own (a wait it received)."""
+    return [Record(r.kind, r.name, copy.deepcopy(r.value)) for r in records]
 
 
 def _load_state(cls: type[Actor], snapshot: bytes | None) -> Any:

@@ -61,17 +61,53 @@ Entry = tuple[str, bytes | None]
 
 
 @dataclass(frozen=True, slots=True)
-class TurnRecord:
-    """What one turn commits (see scripts/commit.lua)."""
+class Write:
+    """One write of the commit script: a turn's outcome or progress (see scripts/commit.lua).
 
-    entry_id: str
+    ``op``: ``c`` commit, ``j`` journal an open turn, ``d`` dead-letter, ``f`` defer,
+    ``s`` settle. ``origin`` says where the message lives: ``i`` inbox entry ``ref``,
+    ``o`` the actor's open turn, ``q`` head of its deferred list (``ref`` is the
+    envelope), ``n`` nowhere (defer and settle).
+    """
+
+    op: str
     actor_id: str
-    snapshot: bytes | None
-    local: Sequence[bytes]
-    remote: Sequence[tuple[int, bytes]]
+    origin: str = "n"
+    ref: str | bytes = ""
+    snapshot: bytes | None = None
+    local: Sequence[bytes] = ()
+    remote: Sequence[tuple[int, bytes]] = ()
     reply_key: str | None = None
     reply_channel: str | None = None
     reply: bytes = b""
+    open_turn: bytes = b""
+    score: int = 0
+    envelope: bytes = b""
+    """The message a dead-letter write keeps."""
+    reason: str = ""
+    detail: str = ""
+    acks: Sequence[str] = ()
+    """Inbox entries the turn consumed (``wait_for`` matches), acked with it."""
+    unlists: Sequence[bytes] = ()
+    """Deferred envelopes the turn consumed, removed from the actor's list."""
+    defers: Sequence[tuple[str, bytes]] = ()
+    """Inbox (entry id, envelope) pairs moved behind the actor's open turn."""
+
+    @property
+    def uses_deferred(self) -> bool:
+        return self.origin in "oq" or self.op in "fs" or bool(self.unlists or self.defers)
+
+
+DUPLICATE, DONE, BACKLOG = 0, 1, 2
+"""Results of a write: taken before (nothing done); done; done and deferred messages remain."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedActor:
+    snapshot: bytes | None
+    timer: int | None
+    """Its score in the timers index (0: needs attention now), None if it has none."""
+    open_turn: bytes | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +168,9 @@ class Store:
                 "renew_lease",
                 "release_lease",
                 "commit",
+                "due_timers",
                 "enqueue_once",
                 "forward",
-                "dead_letter",
                 "replay_dead_letter",
                 "trim_inbox",
                 "read_inbox",
@@ -304,66 +340,74 @@ class Store:
         return int(await self._run("trim_inbox", [self.keys.inbox(shard)], []))
 
     # ---- state ---------------------------------------------------------------
-    async def load_states(self, shard: int, actor_ids: Sequence[str]) -> list[bytes | None]:
+    async def load_actors(self, shard: int, actor_ids: Sequence[str]) -> list[LoadedActor]:
+        """Snapshots, timers and open turns of actors, in one round trip."""
         if not actor_ids:
             return []
-        return list(await self.redis.hmget(self.keys.state(shard), list(actor_ids)))
+        ids = list(actor_ids)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.keys.state(shard), ids)
+            pipe.zmscore(self.keys.timers(shard), ids)
+            pipe.hmget(self.keys.turns(shard), ids)
+            snapshots, timers, turns = await pipe.execute()
+        return [
+            LoadedActor(snapshot, None if timer is None else int(timer), turn)
+            for snapshot, timer, turn in zip(snapshots, timers, turns, strict=True)
+        ]
 
     async def load_state(self, shard: int, actor_id: str) -> bytes | None:
         value = await self.redis.hget(self.keys.state(shard), actor_id)
         return value if value is None else bytes(value)
 
     # ---- commits ---------------------------------------------------------------
-    async def commit(
-        self, shard: int, lease: str, turns: Sequence[TurnRecord], reply_ttl_ms: int
-    ) -> list[bool]:
-        """Commit turns atomically; returns per turn whether it was new (False: duplicate).
+    async def commit(self, shard: int, lease: str, writes: Sequence[Write], reply_ttl_ms: int) -> list[int]:
+        """Apply writes atomically; returns per write DUPLICATE, DONE or BACKLOG.
 
         Raises LeaseLost if the lease is not held at ``lease``.
         """
         k = self.keys
         keys = [k.lease(shard), k.inbox(shard), k.state(shard), k.outbox(shard)]
-        args: list[Any] = [lease, reply_ttl_ms, len(turns)]
-        for turn in turns:
-            reply_index = 0
-            if turn.reply_key is not None:
-                keys.append(turn.reply_key)
+        keys += [k.turns(shard), k.timers(shard), k.dead_letters(shard)]
+        args: list[Any] = [lease, reply_ttl_ms, len(writes)]
+        for w in writes:
+            deferred_index = reply_index = 0
+            if w.uses_deferred:
+                keys.append(k.deferred(shard, w.actor_id))
+                deferred_index = len(keys)
+            if w.reply_key is not None:
+                keys.append(w.reply_key)
                 reply_index = len(keys)
             args += [
-                turn.entry_id,
-                turn.actor_id,
-                turn.snapshot if turn.snapshot is not None else b"",
-                reply_index,
-                turn.reply_channel or "",
-                turn.reply,
-                len(turn.local),
-                len(turn.remote),
-            ]
-            args += turn.local
-            for target, envelope in turn.remote:
+                w.op, w.actor_id, w.origin, w.ref, deferred_index,
+                w.snapshot if w.snapshot is not None else b"",
+                reply_index, w.reply_channel or "", w.reply,
+                w.open_turn, w.score, w.envelope, w.reason, w.detail,
+                len(w.local), len(w.remote), len(w.acks), len(w.unlists), len(w.defers),
+            ]  # fmt: skip
+            args += w.local
+            for target, envelope in w.remote:
                 args += [target, envelope]
-        return [bool(r) for r in await self._run("commit", keys, args)]
+            args += w.acks
+            args += w.unlists
+            for entry_id, envelope in w.defers:
+                args += [entry_id, envelope]
+        return [int(r) for r in await self._run("commit", keys, args)]
 
-    async def dead_letter(
-        self,
-        shard: int,
-        lease: str,
-        entry_id: str,
-        raw: bytes,
-        reason: str,
-        detail: str,
-        reply: tuple[str, str, bytes] | None,
-        reply_ttl_ms: int,
-    ) -> bool:
-        """Ack ``entry_id`` into the dead-letter stream; ``reply`` is (key, channel, bytes)."""
-        k = self.keys
-        reply_key, channel, payload = reply if reply else (k.reply(shard, "-"), "", b"")
-        done = await self._run(
-            "dead_letter",
-            [k.lease(shard), k.inbox(shard), k.dead_letters(shard), reply_key],
-            [lease, entry_id, raw, reason, detail, channel, payload, reply_ttl_ms],
+    async def deferred(self, shard: int, actor_id: str, count: int) -> list[bytes]:
+        """The first ``count`` messages deferred behind an actor's open turn, in order."""
+        return list(await self.redis.lrange(self.keys.deferred(shard, actor_id), 0, count - 1))
+
+    async def due_timers(
+        self, shard: int, lease: str, first: bool, limit: int
+    ) -> tuple[int, int | None, list[str]]:
+        """Take due timers (setting them to 0); returns (Redis now ms, next due ms, actor ids).
+
+        ``first``: also take actors already at 0, as a new owner does to recover them.
+        """
+        now, later, *due = await self._run(
+            "due_timers", [self.keys.lease(shard), self.keys.timers(shard)], [lease, 0 if first else 1, limit]
         )
-        return bool(done)
+        return int(now), None if int(later) < 0 else int(later), [a.decode() for a in due]
 
     # ---- outbox and forwarding ---------------------------------------------------
     async def read_outbox(self, shard: int, count: int) -> list[tuple[str, int, bytes]]:

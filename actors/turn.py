@@ -1,19 +1,30 @@
-"""What a handler does during one turn, collected for the commit.
+"""What a handler does during one turn: sends, asks and the durable primitives.
 
 Sends are buffered here and written by the turn's commit script, so they
-happen exactly when the turn's state change happens: both, or neither.
+happen exactly when the turn's state change happens: both, or neither. The
+durable primitives (``step``, ``sleep``, ``wait_for``, ``ask``) go through the
+turn's journal (see ``journal``): a completed one is written to Redis before
+the handler goes on, together with the sends buffered so far, and a re-run of
+the turn returns what was recorded.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import random
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel
+import pydantic_core
+from pydantic import BaseModel, TypeAdapter
 
 from .actor import ActorRef, App
-from .codec import Envelope
+from .codec import Envelope, decode_reply, encode_reply
 from .errors import ActorsError
+from .journal import FOREVER_MS, Journal, Record, RedisClock, StepFailed, Suspend
 from .replies import ReplyListener, reply_value
 from .routing import Routed, route
 from .settings import MessageSettings
@@ -46,35 +57,89 @@ class TurnInfo:
     attempt: int
 
 
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """A checked message on its way into a turn.
+
+    ``entry_id`` is its inbox entry, or None for a message deferred behind an open turn.
+    """
+
+    entry_id: str | None
+    raw: bytes
+    envelope: Envelope
+    message: BaseModel | None
+    """The validated message; None for a control message (cancel)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepOptions:
+    name: str | None = None
+    retries: int = 3
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+    timeout: float | None = None
+
+
+class TurnHost(Protocol):
+    """What a turn needs from the shard runner that runs it."""
+
+    clock: RedisClock
+
+    async def flush(self, ctx: TurnContext) -> None:
+        """Write the journal and the buffered sends, opening the turn if it is not yet."""
+
+    async def candidates(self, ctx: TurnContext, message_type: str) -> list[Queued]:
+        """Messages of ``message_type`` waiting behind the turn, in arrival order."""
+
+
 @dataclass(slots=True)
 class TurnContext:
     services: TurnServices
+    host: TurnHost
     shard: int
     envelope: Envelope
     info: TurnInfo
+    journal: Journal
+    source: Any = None
+    """Where the turn's message lives; the host's business."""
     local: list[bytes] = field(default_factory=list)
     remote: list[tuple[int, bytes]] = field(default_factory=list)
-    asks: int = 0
+    consumed: list[Queued] = field(default_factory=list)
+    """Messages ``wait_for`` received, removed from the mailbox by the next write."""
+    in_step: bool = False
 
+    # ---- sends -------------------------------------------------------------------
     def send(self, ref: ActorRef[Any], msg: BaseModel) -> None:
+        self._outside_step("send")
+        name = _target(ref, msg)
+        if self.journal.replay("send", name) is not None:
+            return  # written by an earlier journal write of this turn
         routed = self._route(ref, msg)
         if routed.shard == self.shard:
             self.local.append(routed.data)
         else:
             self.remote.append((routed.shard, routed.data))
+        self.journal.record("send", name, None)
 
     async def ask(self, ref: ActorRef[Any], msg: BaseModel, timeout: float) -> Any:
+        self._outside_step("ask")
         if ref.type == self.envelope.actor and ref.key == self.envelope.key:
             raise ActorsError("an actor cannot ask itself: its turn would wait for itself")
-        # A deterministic id per (turn message, position), used as its idempotency key:
-        # a re-run of this turn after a crash re-sends the same id, which the target drops.
-        self.asks += 1
-        message_id = f"{self.envelope.id}.ask{self.asks}"
-        replies = self.services.replies
-        routed = self._route(ref, msg, message_id=message_id, reply_to=replies.channel)
-        ttl_ms = int(self.services.messages.idempotency_ttl * 1000)
-        reply = await replies.request(routed.shard, message_id, routed.data, message_id, ttl_ms, timeout)
-        return reply_value(reply, self.services.app.resolve(ref), routed.envelope.type)
+        name = _target(ref, msg)
+        position = self.journal.position
+        record = self.journal.replay("ask", name)
+        if record is None:
+            # A deterministic id per (turn message, position), used as its idempotency key:
+            # a re-run after a crash before the reply was journaled re-sends the same id,
+            # which the target drops, and reads back the first reply.
+            message_id = f"{self.envelope.id}.ask{position}"
+            replies = self.services.replies
+            routed = self._route(ref, msg, message_id=message_id, reply_to=replies.channel)
+            ttl_ms = int(self.services.messages.idempotency_ttl * 1000)
+            reply = await replies.request(routed.shard, message_id, routed.data, message_id, ttl_ms, timeout)
+            record = self.journal.record("ask", name, encode_reply(reply))
+            await self.host.flush(self)
+        return reply_value(decode_reply(record.value), self.services.app.resolve(ref), type(msg).__name__)
 
     def _route(self, ref: ActorRef[Any], msg: BaseModel, **kwargs: Any) -> Routed:
         services = self.services
@@ -82,3 +147,130 @@ class TurnContext:
             services.app, ref, msg, services.shards, services.messages.max_message_bytes,
             strict_types=True, **kwargs,
         )  # fmt: skip
+
+    # ---- durable primitives ------------------------------------------------------
+    async def step(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                   options: StepOptions) -> Any:  # fmt: skip
+        self._outside_step("step")
+        name = options.name or _callable_name(fn)
+        record = self.journal.replay("step", name)
+        if record is None:
+            self.in_step = True
+            try:
+                outcome = await _run_step(fn, args, kwargs, options)
+            finally:
+                self.in_step = False
+            record = self.journal.record("step", name, outcome)
+            await self.host.flush(self)
+        return _step_result(record, name, fn)
+
+    async def sleep(self, delay_ms: int | None, until_ms: int | None) -> None:
+        self._outside_step("sleep")
+        record = self.journal.replay("sleep", "")
+        if record is None:
+            due = until_ms if until_ms is not None else self.host.clock.upper() + (delay_ms or 0)
+            record = self.journal.record("sleep", "", due)
+        if record.value > self.host.clock.lower():
+            raise Suspend(record.value, None)
+
+    async def wait_for(self, model: type[BaseModel], timeout_ms: int | None,
+                       where: Callable[[Any], bool] | None) -> Any:  # fmt: skip
+        self._outside_step("wait_for")
+        name = model.__name__
+        record = self.journal.replay("wait", name)
+        if record is None:
+            due = FOREVER_MS if timeout_ms is None else self.host.clock.upper() + timeout_ms
+            record = self.journal.record("wait", name, [due, False, None])
+        else:
+            due, done, payload = record.value
+            if done:
+                return None if payload is None else model.model_validate(payload)
+        # A matching message that arrived before the turn got here satisfies the wait too.
+        for queued in await self.host.candidates(self, name):
+            if where is None or where(model.model_validate(queued.envelope.payload)):
+                return self._receive(record, model, queued)
+        if due <= self.host.clock.lower():
+            self.journal.update(record, [due, True, None])
+            return None
+        raise Suspend(due, name)
+
+    def _receive(self, record: Record, model: type[BaseModel], queued: Queued) -> BaseModel:
+        self.consumed.append(queued)
+        self.journal.update(record, [record.value[0], True, queued.envelope.payload])
+        return model.model_validate(queued.envelope.payload)
+
+    def _outside_step(self, what: str) -> None:
+        if self.in_step:
+            raise ActorsError(f"{what} cannot be called inside a step's function; call it from the handler")
+
+
+def _target(ref: ActorRef[Any], msg: BaseModel) -> str:
+    return f"{ref.id}:{type(msg).__name__}"
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    inner = fn.func if isinstance(fn, functools.partial) else fn
+    return str(getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None) or repr(inner))
+
+
+async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                    options: StepOptions) -> list[Any]:  # fmt: skip
+    """Call ``fn`` with retries; returns the journal value ``["ok", result]`` or ``["error", type, text]``."""
+    attempts = options.retries + 1
+    for attempt in range(1, attempts + 1):
+        try:
+            async with asyncio.timeout(options.timeout):
+                if asyncio.iscoroutinefunction(fn) or asyncio.iscoroutinefunction(getattr(fn, "func", None)):
+                    result = await fn(*args, **kwargs)
+                else:
+                    result = await asyncio.to_thread(fn, *args, **kwargs)
+                    if asyncio.iscoroutine(result):
+                        result = await result
+        except Exception as exc:
+            if attempt == attempts:
+                return ["error", type(exc).__name__, str(exc)]
+            delay = min(options.max_backoff, options.backoff * 2 ** (attempt - 1))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            continue
+        try:
+            return ["ok", pydantic_core.to_jsonable_python(result)]
+        except pydantic_core.PydanticSerializationError as exc:
+            raise TypeError(
+                f"step {_callable_name(fn)} returned a {type(result).__name__}, which cannot be "
+                "journaled: return JSON-compatible data or a pydantic model"
+            ) from exc
+    raise AssertionError("unreachable")
+
+
+def _step_result(record: Record, name: str, fn: Callable[..., Any]) -> Any:
+    """The journaled outcome, the same on the first run and on every replay."""
+    if record.value[0] == "error":
+        _, error_type, text = record.value
+        raise StepFailed(name, error_type, text)
+    adapter = _return_adapter(fn)
+    value = record.value[1]
+    return value if adapter is None else adapter.validate_python(value)
+
+
+def _return_adapter(fn: Callable[..., Any]) -> TypeAdapter[Any] | None:
+    inner = fn.func if isinstance(fn, functools.partial) else fn
+    try:
+        return _adapter_for(inner)
+    except TypeError:  # unhashable callable
+        return _build_adapter(inner)
+
+
+@functools.lru_cache(maxsize=1024)
+def _adapter_for(fn: Callable[..., Any]) -> TypeAdapter[Any] | None:
+    return _build_adapter(fn)
+
+
+def _build_adapter(fn: Callable[..., Any]) -> TypeAdapter[Any] | None:
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        return None
+    annotation = hints.get("return")
+    if annotation is None or annotation is type(None) or annotation is Any:
+        return None
+    return TypeAdapter(annotation)

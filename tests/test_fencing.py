@@ -7,7 +7,7 @@ import pytest
 from actors import LeaseLost
 from actors.codec import Envelope, encode_envelope
 from actors.keys import GROUP
-from actors.store import TurnRecord
+from actors.store import DONE, DUPLICATE, Write
 
 
 async def test_commit_with_a_stale_epoch_is_refused_and_writes_nothing(connect) -> None:
@@ -24,7 +24,7 @@ async def test_commit_with_a_stale_epoch_is_refused_and_writes_nothing(connect) 
         await store.redis.delete(store.keys.lease(shard))
         second = await store.acquire_lease(shard, "new", ttl_ms=10_000)
         assert second == first + 1
-        record = TurnRecord(entry_id, "Counter/k", b"\x81\xa5total\x01", [raw], [(1, raw)])
+        record = Write("c", "Counter/k", "i", entry_id, b"\x81\xa5total\x01", [raw], [(1, raw)])
         with pytest.raises(LeaseLost):
             await store.commit(shard, f"old|{first}", [record], reply_ttl_ms=1000)
         await store.append(shard, raw)
@@ -41,7 +41,7 @@ async def test_commit_with_a_stale_epoch_is_refused_and_writes_nothing(connect) 
         assert [e for e, _ in claimed] == [entry_id]
         fresh, _ = await store.read_new(shard, f"new|{second}", "new", 10)
         assert len(fresh) == 1
-        assert await store.commit(shard, f"new|{second}", [record], 1000) == [True]
-        assert await store.commit(shard, f"new|{second}", [record], 1000) == [False]
+        assert await store.commit(shard, f"new|{second}", [record], 1000) == [DONE]
+        assert await store.commit(shard, f"new|{second}", [record], 1000) == [DUPLICATE]
         assert await store.load_state(shard, "Counter/k") == b"\x81\xa5total\x01"
         assert await store.redis.xlen(store.keys.outbox(shard)) == 1, "sent once, not twice"

@@ -1,0 +1,171 @@
+"""A turn's journal: what its durable primitives did, by position, so a re-run replays them.
+
+A turn's first journal write *opens* it: its message moves from the inbox to
+the shard's ``turns`` hash, together with the journal, and stays there until
+the turn commits. After a crash, or when a suspended turn (``sleep``,
+``wait_for``) is woken, the handler runs again from the top; each primitive
+takes the next position and, if the journal has a record there, returns what
+was recorded instead of doing its work again. A record of another kind or name
+at that position means the code changed under a running turn: the turn is
+parked (``JournalMismatch``) rather than mis-replayed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .errors import ActorsError, DecodeError
+
+FOREVER_MS = 2**52
+"""The timer score of a turn that waits with no timeout, or is parked: never due."""
+
+OPEN_TURN_VERSION = 1
+
+
+class JournalMismatch(ActorsError):
+    """A primitive does not match what the journal recorded at its position: the
+    handler's code changed while a turn was open. The turn is parked; ``actors
+    inspect REF`` shows it and ``actors cancel REF`` ends it."""
+
+
+class StepFailed(ActorsError):
+    """A ``step`` failed on its last attempt. Journaled: a re-run of the turn raises it
+    again without calling the function."""
+
+    def __init__(self, name: str, error_type: str, message: str) -> None:
+        super().__init__(f"step {name!r} failed: {error_type}: {message}")
+        self.name = name
+        self.error_type = error_type
+        self.message = message
+
+
+class Suspend(BaseException):
+    """Unwinds a handler that must wait (a sleep, or a wait with nothing to receive yet).
+
+    A BaseException so that a handler's ``except Exception`` does not swallow it.
+    """
+
+    def __init__(self, due_ms: int, waiting: str | None) -> None:
+        super().__init__(due_ms, waiting)
+        self.due_ms = due_ms
+        self.waiting = waiting
+
+
+@dataclass(slots=True)
+class Record:
+    kind: str
+    """``step``, ``send``, ``sleep``, ``wait`` or ``ask``."""
+    name: str
+    value: Any
+
+
+class Journal:
+    """The records of one attempt of a turn, and how far the handler has got through them."""
+
+    __slots__ = ("changed", "position", "records")
+
+    def __init__(self, records: list[Record]) -> None:
+        self.records = records
+        self.position = 0
+        self.changed = False
+        """Whether the records differ from the last ones written to Redis."""
+
+    def replay(self, kind: str, name: str) -> Record | None:
+        """Take the next position: its record if the journal has one, else None (run live)."""
+        position = self.position
+        self.position += 1
+        if position >= len(self.records):
+            return None
+        record = self.records[position]
+        if record.kind != kind or record.name != name:
+            raise JournalMismatch(
+                f"journal position {position} holds {record.kind} {record.name!r}, but the handler "
+                f"now calls {kind} {name!r} there: its code changed while this turn was open"
+            )
+        return record
+
+    def record(self, kind: str, name: str, value: Any) -> Record:
+        """Record the primitive at the position just taken by ``replay``."""
+        record = Record(kind, name, value)
+        self.records.append(record)
+        self.changed = True
+        return record
+
+    def update(self, record: Record, value: Any) -> None:
+        record.value = value
+        self.changed = True
+
+
+@dataclass(slots=True)
+class OpenTurn:
+    """A turn whose message left the inbox: what ``turns`` holds for its actor."""
+
+    envelope: bytes
+    records: list[Record]
+    waiting: str | None = None
+    """The message type a suspended ``wait_for`` waits for; None when sleeping or running."""
+    due_ms: int = 0
+    """0 while running; when suspended, when its timer fires (``FOREVER_MS``: never)."""
+    parked: str = ""
+    """Why the turn is parked (a journal mismatch); empty if it is not."""
+    since_ms: int = 0
+    """When it was suspended (Redis clock), for ``actors waits``."""
+
+    @property
+    def suspended(self) -> bool:
+        return self.due_ms > 0
+
+    def encode(self) -> bytes:
+        records = [[r.kind, r.name, r.value] for r in self.records]
+        return msgpack.packb(
+            [
+                OPEN_TURN_VERSION,
+                self.envelope,
+                records,
+                self.waiting,
+                self.due_ms,
+                self.parked,
+                self.since_ms,
+            ],
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> OpenTurn:
+        try:
+            version, envelope, records, waiting, due_ms, parked, since_ms = msgpack.unpackb(data, raw=False)
+        except Exception as exc:
+            raise DecodeError(f"open turn is not valid: {exc}") from exc
+        if version != OPEN_TURN_VERSION:
+            raise DecodeError(f"open turn has version {version}, this runtime reads {OPEN_TURN_VERSION}")
+        return cls(envelope, [Record(*r) for r in records], waiting, due_ms, parked, since_ms)
+
+
+class RedisClock:
+    """Redis's clock (ms) as seen from here, with bounds that account for the round trip.
+
+    Deadlines are set from the upper bound and checked against the lower one,
+    so a worker whose own clock is wrong can neither shorten a sleep nor end it early.
+    """
+
+    __slots__ = ("_received", "_redis_ms", "_sent")
+
+    def __init__(self) -> None:
+        self._redis_ms = 0
+        self._sent = self._received = time.monotonic()
+
+    def observe(self, redis_ms: int, sent: float, received: float) -> None:
+        """Redis said ``redis_ms`` at some moment between ``sent`` and ``received`` (monotonic)."""
+        self._redis_ms, self._sent, self._received = redis_ms, sent, received
+
+    def upper(self) -> int:
+        """Redis's time now is at most this."""
+        return self._redis_ms + int((time.monotonic() - self._sent) * 1000) + 1
+
+    def lower(self) -> int:
+        """Redis's time now is at least this."""
+        return self._redis_ms + int((time.monotonic() - self._received) * 1000)
