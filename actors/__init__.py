@@ -22,6 +22,8 @@ from .errors import (
     UnknownActorType,
     UnknownMessageType,
 )
+from .journal import JournalMismatch, StepFailed
+from .messages import Approval
 from .server import EmbeddedServer
 from .settings import LeaseSettings, MessageSettings, RedisSettings, RetrySettings, WorkerSettings
 from .worker import Worker
@@ -31,6 +33,7 @@ __all__ = [
     "Actor",
     "ActorRef",
     "App",
+    "Approval",
     # talking to them
     "Client",
     "connect",
@@ -50,9 +53,11 @@ __all__ = [
     "DecodeError",
     "DefinitionError",
     "HandlerError",
+    "JournalMismatch",
     "LeaseLost",
     "MessageTooLarge",
     "ServerError",
+    "StepFailed",
     "UnknownActorType",
     "UnknownMessageType",
 ]

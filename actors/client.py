@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel
 
 from .actor import ActorRef, App
-from .codec import actor_id, decode_state
+from .codec import actor_id, decode_envelope, decode_state
+from .journal import FOREVER_MS, OpenTurn
+from .messages import CANCEL, Approval
 from .replies import ReplyListener, reply_value
-from .routing import Routed, route, shard_of
+from .routing import Routed, route, route_control, shard_of
 from .server import resolve_url
 from .settings import DEFAULT_SHARDS, MessageSettings, RedisSettings
 from .store import Store
@@ -87,6 +91,43 @@ class Client:
         cls = self.app.resolve(ref) if self.app else ref.cls
         return cls.State.model_validate(data) if cls is not None else data
 
+    async def approve(
+        self, ref: ActorRef[Any], request_id: str, *, approved: bool = True, by: str = "", comment: str = ""
+    ) -> str:
+        """Send an ``Approval`` (or, with ``approved=False``, a rejection) to ``ref``.
+
+        The ``wait_for(Approval, ...)`` of the actor's open turn receives it.
+        """
+        return await self.send(
+            ref, Approval(request_id=request_id, approved=approved, by=by, comment=comment)
+        )
+
+    async def cancel(self, ref: ActorRef[Any]) -> str:
+        """End the actor's open turn: its message goes to the dead-letter stream
+        (reason ``cancelled``) and the messages deferred behind it are handled next.
+        Does nothing if the actor has no open turn when the cancel arrives."""
+        routed = route_control(ref, CANCEL, self.shards)
+        await self.store.append(routed.shard, routed.data)
+        return routed.envelope.id
+
+    async def inspect(self, ref: ActorRef[Any]) -> ActorView:
+        """The actor's committed state, its open turn if it has one, and its deferred messages."""
+        aid = actor_id(ref.type, ref.key)
+        shard = shard_of(aid, self.shards)
+        raw, deferred = await self.store.open_turn(shard, aid)
+        turn = None if raw is None else TurnView.of(aid, OpenTurn.decode(raw))
+        return ActorView(aid, shard, await self.state(ref), turn, deferred)
+
+    async def waits(self, limit: int = 1000) -> list[TurnView]:
+        """Open turns across every shard (at most ``limit``), oldest first."""
+        views: list[TurnView] = []
+        for shard in range(self.shards):
+            for aid, raw in await self.store.open_turns(shard, limit - len(views)):
+                views.append(TurnView.of(aid, OpenTurn.decode(raw)))
+            if len(views) >= limit:
+                break
+        return sorted(views, key=lambda v: v.since or datetime.min.replace(tzinfo=UTC))
+
     async def _listener(self) -> ReplyListener:
         if self._replies is None:
             self._replies = ReplyListener(self.store)
@@ -97,6 +138,62 @@ class Client:
         if self._replies is not None:
             await self._replies.stop()
         await self.store.close()
+
+
+@dataclass(frozen=True, slots=True)
+class TurnView:
+    """An open turn, as ``actors inspect`` and ``actors waits`` show it."""
+
+    actor: str
+    message_id: str
+    message_type: str
+    status: str
+    """``running``, ``sleeping``, ``waiting`` or ``parked``."""
+    waiting_for: str | None
+    since: datetime | None
+    """When it was suspended or parked."""
+    due: datetime | None
+    """When its timer fires (the end of a sleep, a wait's timeout); None: never."""
+    parked: str
+    journal: list[str]
+    """``kind name`` of each journaled primitive, in order."""
+
+    @classmethod
+    def of(cls, aid: str, turn: OpenTurn) -> TurnView:
+        env = decode_envelope(turn.envelope) if turn.envelope else None
+        if turn.parked:
+            status = "parked"
+        elif not turn.suspended:
+            status = "running"
+        else:
+            status = "waiting" if turn.waiting else "sleeping"
+        return cls(
+            actor=aid,
+            message_id=env.id if env else "",
+            message_type=env.type if env else "",
+            status=status,
+            waiting_for=turn.waiting,
+            since=_datetime(turn.since_ms) if turn.since_ms else None,
+            due=_datetime(turn.due_ms) if 0 < turn.due_ms < FOREVER_MS else None,
+            parked=turn.parked,
+            journal=[f"{r.kind} {r.name}".rstrip() for r in turn.records],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ActorView:
+    """What ``actors inspect`` shows about one actor."""
+
+    actor: str
+    shard: int
+    state: Any
+    turn: TurnView | None
+    deferred: int
+    """Messages waiting behind its open turn (or not yet handled after it closed)."""
+
+
+def _datetime(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 def _ms(seconds: float) -> int:

@@ -84,3 +84,9 @@ def route(
     """``build_envelope``, then encode it under ``max_bytes`` (MessageTooLarge) and place it."""
     env = build_envelope(app, ref, msg, message_id=message_id, reply_to=reply_to, strict_types=strict_types)
     return Routed(env, encode_envelope(env, max_bytes), shard_of(env.actor_id, shards))
+
+
+def route_control(ref: ActorRef[Any], control_type: str, shards: int) -> Routed:
+    """A runtime control message (see ``messages.CANCEL``) to ``ref``: no payload, no handler."""
+    env = Envelope(id=new_message_id(), actor=ref.type, key=ref.key, type=control_type, payload={})
+    return Routed(env, encode_envelope(env, 1 << 20), shard_of(env.actor_id, shards))

@@ -397,6 +397,23 @@ class Store:
         """The first ``count`` messages deferred behind an actor's open turn, in order."""
         return list(await self.redis.lrange(self.keys.deferred(shard, actor_id), 0, count - 1))
 
+    async def open_turn(self, shard: int, actor_id: str) -> tuple[bytes | None, int]:
+        """An actor's open turn (None if it has none) and how many messages wait behind it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.turns(shard), actor_id)
+            pipe.llen(self.keys.deferred(shard, actor_id))
+            turn, deferred = await pipe.execute()
+        return turn, int(deferred)
+
+    async def open_turns(self, shard: int, limit: int) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` open turns of the shard: (actor id, open turn), in no set order."""
+        found: list[tuple[str, bytes]] = []
+        async for actor, turn in self.redis.hscan_iter(self.keys.turns(shard), count=500):
+            found.append((actor.decode(), turn))
+            if len(found) >= limit:
+                break
+        return found
+
     async def due_timers(
         self, shard: int, lease: str, first: bool, limit: int
     ) -> tuple[int, int | None, list[str]]:

@@ -1,0 +1,210 @@
+"""Durable workflows the tests run, in-process and in real worker processes.
+
+Step functions log every start and end to ``$ACTORS_TEST_DIR/steps.log`` (one
+line each, flushed and fsynced) so a test can see exactly which ran, and how often,
+across crashes of the process that ran them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+from pydantic import BaseModel
+
+import actors
+from actors import Approval, StepFailed
+
+
+def log_line(text: str) -> None:
+    path = Path(os.environ.get("ACTORS_TEST_DIR", ".")) / "steps.log"
+    with open(path, "a") as out:
+        out.write(text + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+class Go(BaseModel):
+    steps: int = 5
+    pause: float = 0.0
+    """Seconds each step takes (time for a test to kill the worker inside it)."""
+
+
+class Done(BaseModel):
+    tokens: list[str]
+
+
+class Progress(BaseModel):
+    tokens: list[str] = []
+    finished: int = 0
+
+
+async def work(key: str, i: int, pause: float) -> str:
+    """A step with a visible side effect: returns a token unique to this execution."""
+    token = uuid.uuid4().hex[:8]
+    log_line(f"start {key} {i} {token}")
+    await asyncio.sleep(pause)
+    log_line(f"end {key} {i} {token}")
+    return token
+
+
+def sync_work(key: str, i: int, pause: float) -> str:
+    token = uuid.uuid4().hex[:8]
+    log_line(f"start {key} {i} {token}")
+    time.sleep(pause)
+    log_line(f"end {key} {i} {token}")
+    return token
+
+
+class Pipeline(actors.Actor):
+    """Runs ``steps`` journaled steps (odd ones sync, in a thread), then records them."""
+
+    State = Progress
+
+    async def on_go(self, msg: Go) -> Done:
+        tokens = []
+        for i in range(msg.steps):
+            fn = work if i % 2 == 0 else sync_work
+            tokens.append(await self.step(fn, self.key, i, msg.pause, name=f"step-{i}"))
+        self.state.tokens = tokens
+        self.state.finished += 1
+        log_line(f"finished {self.key}")
+        return Done(tokens=tokens)
+
+
+class Attempts(BaseModel):
+    fail: int
+    retries: int = 3
+
+
+class Outcome(BaseModel):
+    value: str = ""
+    error: str = ""
+    calls: int = 0
+
+
+CALLS: dict[str, int] = {}
+
+
+async def flaky(key: str, fail: int) -> str:
+    CALLS[key] = CALLS.get(key, 0) + 1
+    if CALLS[key] <= fail:
+        raise ConnectionError(f"flaky call #{CALLS[key]}")
+    return f"ok after {CALLS[key]}"
+
+
+class Retrier(actors.Actor):
+    State = Outcome
+
+    async def on_attempts(self, msg: Attempts) -> Outcome:
+        try:
+            self.state.value = await self.step(flaky, self.key, msg.fail, retries=msg.retries, backoff=0.01)
+        except StepFailed as exc:
+            self.state.error = f"{exc.error_type}: {exc.message}"
+        self.state.calls = CALLS.get(self.key, 0)
+        return self.state
+
+
+class Nap(BaseModel):
+    seconds: float
+
+
+class Note(BaseModel):
+    text: str
+
+
+class Woke(BaseModel):
+    slept_from_ms: int = 0
+    woke_at_ms: int = 0
+    after: list[str] = []
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Sleeper(actors.Actor):
+    """Sleeps durably between two journaled clock readings; records later messages."""
+
+    State = Woke
+
+    async def on_nap(self, msg: Nap) -> None:
+        self.state.slept_from_ms = await self.step(now_ms)
+        await self.sleep(timedelta(seconds=msg.seconds))
+        self.state.woke_at_ms = await self.step(now_ms)
+
+    async def on_note(self, msg: Note) -> None:
+        self.state.after.append(msg.text)
+
+
+class Refund(BaseModel):
+    request_id: str
+    timeout: float | None = None
+
+
+class Decision(BaseModel):
+    status: str = ""
+    by: str = ""
+    notes: list[str] = []
+    approvals_seen: int = 0
+
+
+class Approver(actors.Actor):
+    """Waits for an Approval of its request, then records the decision."""
+
+    State = Decision
+
+    async def on_refund(self, msg: Refund) -> Decision:
+        self.state.status = "waiting"
+        approval = await self.wait_for(
+            Approval, timeout=msg.timeout, where=lambda a: a.request_id == msg.request_id
+        )
+        self.state.approvals_seen += approval is not None
+        if approval is None:
+            self.state.status = "timed out"
+        else:
+            self.state.status = "approved" if approval.approved else "rejected"
+            self.state.by = approval.by
+        return self.state
+
+    async def on_note(self, msg: Note) -> None:
+        self.state.notes.append(f"{msg.text}@{self.state.status}")
+
+
+class Changing(actors.Actor):
+    """Its code "changes" between runs of an open turn: ``variant`` decides the steps."""
+
+    variant = "a"
+
+    async def on_go(self, msg: Go) -> None:
+        await self.step(now_ms, name=f"first-{type(self).variant}")
+        await self.sleep(0.3)
+
+
+class Caller(actors.Actor):
+    """Asks another actor, journaled; counts its own step runs."""
+
+    class State(BaseModel):
+        answer: str = ""
+
+    async def on_go(self, msg: Go) -> Done:
+        answer = await self.ask(Callee.ref(self.key), Note(text="hi"))
+        await self.sleep(0.2)
+        self.state.answer = answer.text
+        return Done(tokens=[answer.text])
+
+
+class Callee(actors.Actor):
+    class State(BaseModel):
+        asked: int = 0
+
+    async def on_note(self, msg: Note) -> Note:
+        self.state.asked += 1
+        return Note(text=f"{msg.text} #{self.state.asked}")
+
+
+app = actors.App(Pipeline, Retrier, Sleeper, Approver, Changing, Caller, Callee)
