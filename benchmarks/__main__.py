@@ -2,6 +2,7 @@
 
 import asyncio
 
-from . import failover
+from . import failover, throughput
 
 asyncio.run(failover.main())
+asyncio.run(throughput.main())

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 import actors
-from actors import Approval
 from tests.conftest import eventually
 from tests.workflow_apps import (
     Approver,
     Attempts,
-    Caller,
     Callee,
+    Caller,
     Changing,
     Go,
     Nap,
@@ -93,7 +92,8 @@ async def test_an_approval_on_time_completes_the_wait(connect, start_worker) -> 
         state = await eventually(lambda: _notes(client, ref, 1))
         assert state.notes == ["n1@approved"]
         dead = await _dead_letters(client, ref)
-        assert [d.reason for d in dead] == ["Approver has no handler for Approval and no open wait_for received it"]
+        no_wait = "Approver has no handler for Approval and no open wait_for received it"
+        assert [d.reason for d in dead] == [no_wait]
 
 
 async def test_an_approval_sent_before_the_wait_satisfies_it(connect, start_worker) -> None:
@@ -171,7 +171,7 @@ async def test_ask_between_actors_is_journaled(connect, start_worker) -> None:
     await start_worker(app)
     async with connect(app=app) as client:
         done = await client.ask(Caller.ref("k"), Go(), timeout=20)
-        assert done.tokens == ["hi #1"], "the reply was journaled: the re-run after the sleep did not ask again"
+        assert done.tokens == ["hi #1"], "the re-run after the sleep read the journaled reply"
         assert (await client.state(Callee.ref("k"))).asked == 1
 
 
@@ -183,7 +183,8 @@ async def test_waits_lists_every_open_turn(connect, start_worker) -> None:
         await client.send(Sleeper.ref("zz"), Nap(seconds=3600))
         views = await eventually(lambda: _waits(client, 4))
         by_actor = {v.actor: v for v in views}
-        assert by_actor["Approver/w0"].status == "waiting" and by_actor["Approver/w0"].waiting_for == "Approval"
+        assert by_actor["Approver/w0"].status == "waiting"
+        assert by_actor["Approver/w0"].waiting_for == "Approval"
         assert by_actor["Sleeper/zz"].status == "sleeping"
         now = time.time()
         for view in views:
