@@ -4,6 +4,10 @@ actors worker APP [--processes N]     run workers for APP ("module:attribute")
 actors send|ask REF TYPE JSON --app APP
 actors state REF [--app APP]
 actors status                         workers, shard owners, epochs, lag, pending
+actors approve REF --request-id ID (--approve | --reject) [--by NAME] [--comment TEXT]
+actors waits [--limit N]              every open turn: running, sleeping, waiting, parked
+actors inspect REF [--app APP]        state, open turn (journal, wait, timer), deferred count
+actors cancel REF                     end an actor's open turn (dead-lettered as "cancelled")
 actors dlq list|show|replay|drop
 actors server start|stop|status       the project's embedded server
 """
@@ -21,14 +25,16 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from .actor import ActorRef, App
-from .client import Client, connect
+from .client import Client, TurnView, connect
 from .codec import decode_envelope
 from .errors import ActorsError, DecodeError
+from .messages import Approval
 from .server import EmbeddedServer, default_dir
 from .settings import LeaseSettings, RedisSettings, WorkerSettings
 from .worker import Worker
@@ -161,6 +167,115 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _with_client(args, run)
 
 
+# ---- durable workflows: approvals, open turns, cancel -----------------------------------------
+def cmd_approve(args: argparse.Namespace) -> int:
+    # Checked before connecting: a bad reference or request id writes nothing.
+    ref = ActorRef.parse(args.ref)
+    approval = Approval(request_id=args.request_id, approved=args.approved, by=args.by, comment=args.comment)
+
+    async def run(client: Client) -> None:
+        print(
+            await client.approve(
+                ref, approval.request_id, approved=approval.approved, by=approval.by, comment=approval.comment
+            )
+        )
+
+    return _with_client(args, run, writes=True)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    ref = ActorRef.parse(args.ref)
+
+    async def run(client: Client) -> None:
+        print(await client.cancel(ref))
+
+    return _with_client(args, run, writes=True)
+
+
+def cmd_waits(args: argparse.Namespace) -> int:
+    async def run(client: Client) -> None:
+        views = await client.waits(limit=args.limit)
+        if len(views) >= args.limit:
+            print(f"showing {len(views)} open turns (--limit); there may be more", file=sys.stderr)
+        if args.json:
+            print(json.dumps([_turn_json(v) for v in views], indent=2))
+            return
+        if not views:
+            print("no open turns")
+            return
+        rows = [
+            [v.actor, v.status, v.waiting_for or "-", _when(v.since), _due(v), v.message_type or "-",
+             _clip(v.parked, 60)]
+            for v in views
+        ]  # fmt: skip
+        print(_table(["actor", "status", "waiting for", "since", "due", "message", "parked"], rows))
+
+    return _with_client(args, run)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    ref = ActorRef.parse(args.ref)
+
+    async def run(client: Client) -> None:
+        view = await client.inspect(ref)
+        state = view.state.model_dump(mode="json") if hasattr(view.state, "model_dump") else view.state
+        if args.json:
+            turn = None if view.turn is None else _turn_json(view.turn)
+            shown = {"actor": view.actor, "shard": view.shard, "state": state, "turn": turn}
+            print(json.dumps({**shown, "deferred": view.deferred}, indent=2))
+            return
+        print(f"actor     {view.actor}")
+        print(f"shard     {view.shard}")
+        print(f"state     {json.dumps(state, indent=2)}")
+        turn = view.turn
+        if turn is None:
+            print("turn      none")
+        else:
+            print(f"turn      {turn.status}")
+            print(f"  message      {turn.message_type or '-'} {turn.message_id}".rstrip())
+            print(f"  waiting for  {turn.waiting_for or '-'}")
+            print(f"  since        {_when(turn.since)}")
+            print(f"  due          {_due(turn)}")
+            if turn.parked:
+                print("  parked       " + turn.parked.replace("\n", "\n               "))
+            print(f"  journal      {len(turn.journal)} entries")
+            for n, entry in enumerate(turn.journal):
+                print(f"    {n:>3}  {entry}")
+        print(f"deferred  {view.deferred} messages")
+
+    return _with_client(args, run)
+
+
+def _turn_json(view: TurnView) -> dict[str, Any]:
+    shown = dataclasses.asdict(view)
+    shown["since"] = None if view.since is None else view.since.isoformat(timespec="milliseconds")
+    shown["due"] = None if view.due is None else view.due.isoformat(timespec="milliseconds")
+    return shown
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _due(view: TurnView) -> str:
+    """When the turn's timer fires; a running turn has none ("-"), a suspended one may never fire."""
+    if view.due is not None:
+        return _when(view.due)
+    return "-" if view.status == "running" else "never"
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [headers, *rows]
+    )
+
+
 # ---- dead letters ----------------------------------------------------------------------
 def cmd_dlq(args: argparse.Namespace) -> int:
     async def run(client: Client) -> None:
@@ -284,6 +399,42 @@ def parser() -> argparse.ArgumentParser:
     common(ss)
     ss.set_defaults(func=cmd_status)
 
+    a = sub.add_parser("approve", help="approve or reject a request an actor waits for (wait_for(Approval))")
+    a.add_argument("ref", help="Type/key")
+    a.add_argument("--request-id", required=True, help="the request_id the actor's wait_for matches")
+    decision = a.add_mutually_exclusive_group(required=True)
+    decision.add_argument("--approve", dest="approved", action="store_true", help="approve the request")
+    decision.add_argument("--reject", dest="approved", action="store_false", help="reject the request")
+    a.add_argument("--by", default="", help="who decided")
+    a.add_argument("--comment", default="")
+    common(a)
+    a.set_defaults(func=cmd_approve, approved=None)
+
+    wt = sub.add_parser("waits", help="every open turn: running, sleeping, waiting or parked")
+    wt.add_argument("--json", action="store_true")
+    wt.add_argument("--limit", type=_positive, default=1000, help="at most this many turns (default 1000)")
+    common(wt)
+    wt.set_defaults(func=cmd_waits)
+
+    i = sub.add_parser("inspect", help="an actor's state, open turn and deferred messages")
+    i.add_argument("ref", help="Type/key")
+    i.add_argument("--app", default=os.environ.get("ACTORS_APP"), help="to show the state as its model")
+    i.add_argument("--json", action="store_true")
+    common(i)
+    i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser(
+        "cancel",
+        help="end an actor's open turn",
+        description="End the actor's open turn (running, sleeping, waiting or parked): its message is "
+        "dead-lettered with reason 'cancelled' and its changes are never committed; the messages "
+        "deferred behind it run next. Does nothing if the actor has no open turn when the cancel "
+        "arrives. Prints the cancel message's id.",
+    )
+    c.add_argument("ref", help="Type/key")
+    common(c)
+    c.set_defaults(func=cmd_cancel)
+
     d = sub.add_parser("dlq", help="dead letters: list, show, replay, drop")
     d.add_argument("action", choices=["list", "show", "replay", "drop"])
     d.add_argument("id", nargs="?", help="SHARD/ID for show, replay, drop")
@@ -296,6 +447,13 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("action", choices=["start", "stop", "status"])
     sv.set_defaults(func=cmd_server)
     return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

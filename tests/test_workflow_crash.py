@@ -123,7 +123,7 @@ async def test_sleeps_under_load_never_wake_early(start_worker, connect) -> None
         sleepers = [Sleeper.ref(f"load-{n}") for n in range(100)]
         for n, ref in enumerate(sleepers):
             await client.send(ref, Nap(seconds=0.5 + (n % 10) / 10))
-        for burst in range(20):
+        for _ in range(20):
             await client.send_many([(Counter.ref(f"c{n}"), Add()) for n in range(200)])
         for n, ref in enumerate(sleepers):
             state = await eventually(lambda ref=ref: _woke(client, ref), timeout=30)
