@@ -23,7 +23,8 @@ from .errors import (
     UnknownMessageType,
 )
 from .journal import JournalMismatch, StepFailed
-from .messages import Approval
+from .messages import Approval, Tick
+from .schedules import schedule
 from .server import EmbeddedServer
 from .settings import LeaseSettings, MessageSettings, RedisSettings, RetrySettings, WorkerSettings
 from .worker import Worker
@@ -34,6 +35,8 @@ __all__ = [
     "ActorRef",
     "App",
     "Approval",
+    "schedule",
+    "Tick",
     # talking to them
     "Client",
     "connect",

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel
 
 from .errors import DefinitionError, UnknownActorType, UnknownMessageType
-from .messages import Approval
+from .messages import Approval, Tick
+from .schedules import SCHEDULE_ATTR, Schedule
 
 if TYPE_CHECKING:
     from .turn import TurnContext, TurnInfo
@@ -97,6 +98,8 @@ class Actor:
     type_name: ClassVar[str] = "Actor"
     handlers: ClassVar[dict[str, Handler]] = {}
     waitable: ClassVar[dict[str, type[BaseModel]]] = {"Approval": Approval}
+    schedules: ClassVar[dict[str, tuple[Schedule, Handler]]] = {}
+    """Scheduled methods by schedule name (see ``actors.schedule``)."""
 
     key: str
     state: Any
@@ -113,6 +116,7 @@ class Actor:
         if not (isinstance(cls.State, type) and issubclass(cls.State, BaseModel)):
             raise DefinitionError(f"{cls.__name__}.State must be a pydantic BaseModel subclass")
         cls.handlers = _discover_handlers(cls)
+        cls.schedules = _discover_schedules(cls)
 
     def __init__(self, key: str, state: BaseModel) -> None:
         self.key = key
@@ -265,13 +269,31 @@ def _waitable(cls: type[Actor], types: Sequence[type[BaseModel]]) -> dict[str, t
     return found
 
 
+def _discover_schedules(cls: type[Actor]) -> dict[str, tuple[Schedule, Handler]]:
+    found: dict[str, tuple[Schedule, Handler]] = {}
+    for attr in dir(cls):
+        fn = getattr(cls, attr, None)
+        spec = getattr(fn, SCHEDULE_ATTR, None)
+        if not isinstance(spec, Schedule):
+            continue
+        handler = _as_handler(cls, attr, fn) if inspect.iscoroutinefunction(fn) else None
+        if handler is None or handler.message is not Tick:
+            raise DefinitionError(
+                f"{cls.__name__}.{attr} is scheduled: it must be `async def {attr}(self, tick: Tick)`"
+            )
+        if spec.name in found:
+            raise DefinitionError(f"{cls.__name__} has two schedules named {spec.name!r}")
+        found[spec.name] = (spec, handler)
+    return found
+
+
 def _discover_handlers(cls: type[Actor]) -> dict[str, Handler]:
     handlers: dict[str, Handler] = {}
     for attr in dir(cls):
         if attr.startswith("_") or attr in _RESERVED:
             continue
         fn = getattr(cls, attr)
-        if not inspect.iscoroutinefunction(fn):
+        if not inspect.iscoroutinefunction(fn) or hasattr(fn, SCHEDULE_ATTR):
             continue
         handler = _as_handler(cls, attr, fn)
         if handler is None:

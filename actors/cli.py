@@ -169,16 +169,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # ---- durable workflows: approvals, open turns, cancel -----------------------------------------
 def cmd_approve(args: argparse.Namespace) -> int:
-    # Checked before connecting: a bad reference or request id writes nothing.
+    # Checked before connecting, so a bad reference or request id writes nothing.
     ref = ActorRef.parse(args.ref)
-    approval = Approval(request_id=args.request_id, approved=args.approved, by=args.by, comment=args.comment)
+    Approval(request_id=args.request_id, approved=args.approved, by=args.by, comment=args.comment)
 
     async def run(client: Client) -> None:
-        print(
-            await client.approve(
-                ref, approval.request_id, approved=approval.approved, by=approval.by, comment=approval.comment
-            )
+        sent = await client.approve(
+            ref, args.request_id, approved=args.approved, by=args.by, comment=args.comment
         )
+        print(sent)
 
     return _with_client(args, run, writes=True)
 
@@ -196,7 +195,7 @@ def cmd_waits(args: argparse.Namespace) -> int:
     async def run(client: Client) -> None:
         views = await client.waits(limit=args.limit)
         if len(views) >= args.limit:
-            print(f"showing {len(views)} open turns (--limit); there may be more", file=sys.stderr)
+            print(f"showing the first {len(views)} open turns (--limit); there may be more", file=sys.stderr)
         if args.json:
             print(json.dumps([_turn_json(v) for v in views], indent=2))
             return
@@ -226,7 +225,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             return
         print(f"actor     {view.actor}")
         print(f"shard     {view.shard}")
-        print(f"state     {json.dumps(state, indent=2)}")
+        print("state     " + json.dumps(state, indent=2).replace("\n", "\n          "))
         turn = view.turn
         if turn is None:
             print("turn      none")
@@ -238,10 +237,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"  due          {_due(turn)}")
             if turn.parked:
                 print("  parked       " + turn.parked.replace("\n", "\n               "))
-            print(f"  journal      {len(turn.journal)} entries")
+            print(f"  journal      {_count(len(turn.journal), 'entry', 'entries')}")
             for n, entry in enumerate(turn.journal):
                 print(f"    {n:>3}  {entry}")
-        print(f"deferred  {view.deferred} messages")
+        print(f"deferred  {_count(view.deferred, 'message', 'messages')}")
 
     return _with_client(args, run)
 
@@ -262,6 +261,10 @@ def _due(view: TurnView) -> str:
     if view.due is not None:
         return _when(view.due)
     return "-" if view.status == "running" else "never"
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def _clip(text: str, width: int) -> str:
@@ -399,14 +402,19 @@ def parser() -> argparse.ArgumentParser:
     common(ss)
     ss.set_defaults(func=cmd_status)
 
-    a = sub.add_parser("approve", help="approve or reject a request an actor waits for (wait_for(Approval))")
+    a = sub.add_parser(
+        "approve",
+        help="approve or reject a request an actor waits for (wait_for(Approval))",
+        description="Send an actors.Approval to the actor, for the wait_for(Approval, ...) of its open "
+        "turn; an approval no wait takes is dead-lettered. Prints the message id.",
+    )
     a.add_argument("ref", help="Type/key")
-    a.add_argument("--request-id", required=True, help="the request_id the actor's wait_for matches")
+    a.add_argument("--request-id", required=True, metavar="ID", help="the request the actor waits for")
     decision = a.add_mutually_exclusive_group(required=True)
     decision.add_argument("--approve", dest="approved", action="store_true", help="approve the request")
     decision.add_argument("--reject", dest="approved", action="store_false", help="reject the request")
-    a.add_argument("--by", default="", help="who decided")
-    a.add_argument("--comment", default="")
+    a.add_argument("--by", default="", metavar="NAME", help="who decided")
+    a.add_argument("--comment", default="", metavar="TEXT")
     common(a)
     a.set_defaults(func=cmd_approve, approved=None)
 
@@ -425,7 +433,7 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser(
         "cancel",
-        help="end an actor's open turn",
+        help="end an actor's open turn (does nothing if it has none when the cancel arrives)",
         description="End the actor's open turn (running, sleeping, waiting or parked): its message is "
         "dead-lettered with reason 'cancelled' and its changes are never committed; the messages "
         "deferred behind it run next. Does nothing if the actor has no open turn when the cancel "
@@ -450,7 +458,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value

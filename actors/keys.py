@@ -94,6 +94,10 @@ class Keys:
         """list: messages that reached an actor while it had an open turn, in arrival order."""
         return f"{self._tag(shard)}:deferred:{actor_id}"
 
+    def schedules(self, shard: int) -> str:
+        """hash: ``<actor id>#<schedule>`` -> the newest slot fired (ms), for the shard's actors."""
+        return f"{self._tag(shard)}:schedules"
+
     def dead_letters(self, shard: int) -> str:
         """stream: messages this shard could not handle, with the reason."""
         return f"{self._tag(shard)}:dlq"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 from .actor import ActorRef, App
 from .codec import Envelope, dump_model, encode_envelope, new_message_id
 from .errors import UnknownActorType
+from .messages import TICK
 
 
 def shard_of(actor_id: str, shards: int) -> int:
@@ -90,3 +92,11 @@ def route_control(ref: ActorRef[Any], control_type: str, shards: int) -> Routed:
     """A runtime control message (see ``messages.CANCEL``) to ``ref``: no payload, no handler."""
     env = Envelope(id=new_message_id(), actor=ref.type, key=ref.key, type=control_type, payload={})
     return Routed(env, encode_envelope(env, 1 << 20), shard_of(env.actor_id, shards))
+
+
+def tick_envelope(actor_type: str, key: str, schedule: str, slot: datetime) -> Envelope:
+    """The tick of one slot of a schedule; its id is the same for every worker that builds it."""
+    stamp = int(slot.timestamp() * 1000)
+    payload = {"schedule": schedule, "slot": slot.isoformat()}
+    return Envelope(id=f"tick:{actor_type}/{key}#{schedule}@{stamp}", actor=actor_type, key=key, type=TICK,
+                    payload=payload)  # fmt: skip

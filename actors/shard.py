@@ -34,19 +34,22 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .actor import Actor
+from .actor import Actor, Handler
 from .codec import (
     Envelope,
     Reply,
     decode_envelope,
     decode_state,
     dump_model,
+    encode_envelope,
     encode_reply,
     encode_state,
 )
 from .errors import ActorsError, DecodeError, UnknownActorType, UnknownMessageType
 from .journal import FOREVER_MS, Journal, JournalMismatch, OpenTurn, Record, RedisClock, Suspend
-from .messages import CANCEL
+from .messages import CANCEL, TICK, Tick
+from .routing import shard_of, tick_envelope
+from .schedules import Schedule, slot_datetime
 from .settings import WorkerSettings
 from .store import BACKLOG, DUPLICATE, Entry, LoadedActor, Write
 from .turn import Queued, TurnContext, TurnInfo, TurnServices
@@ -151,8 +154,10 @@ class ShardRunner:
                     tg.create_task(self._watch_actors(), name=f"actors-{self.shard}"),
                 ]
                 timers = tg.create_task(self._timer_loop(), name=f"timers-{self.shard}")
+                schedules = tg.create_task(self._schedule_loop(), name=f"schedules-{self.shard}")
                 await self._read_loop()
                 await timers
+                await schedules
                 await self._idle.wait()
                 while self._actor_tasks:  # resumed turns and deferred messages finish too
                     await asyncio.wait(set(self._actor_tasks))
@@ -250,6 +255,43 @@ class ShardRunner:
             except TimeoutError:
                 pass
 
+    async def _schedule_loop(self) -> None:
+        """Fire the due slots of the schedules of this shard's actors into the inbox."""
+        mine = [
+            (f"{cls.type_name}/{key}#{spec.name}", cls.type_name, key, spec)
+            for cls in self.services.app.actor_types
+            for spec, _ in cls.schedules.values()
+            for key in spec.keys
+            if shard_of(f"{cls.type_name}/{key}", self.services.shards) == self.shard
+        ]
+        if not mine:
+            return
+        marks = await self.store.schedule_marks(self.shard, [m[0] for m in mine], self.clock.upper())
+        last = dict(zip([m[0] for m in mine], marks, strict=True))
+        while not self._stopping.is_set():
+            for field, actor_type, key, spec in mine:
+                fire, newest = spec.due(last[field], self.clock.upper())
+                if newest > last[field]:
+                    last[field] = await self._fire(field, actor_type, key, spec, fire, newest)
+            wake = min(spec.next_after(last[field]) for field, _, _, spec in mine)
+            pause = min(TIMER_POLL_MAX, max(0.0, (wake - self.clock.lower()) / 1000))
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=pause)
+            except TimeoutError:
+                pass
+
+    async def _fire(
+        self, field: str, actor_type: str, key: str, spec: Schedule, slots: list[int], newest: int
+    ) -> int:
+        """Fire ``slots`` and record ``newest`` as done; returns the newest slot Redis records."""
+        limit = self.settings.messages.max_message_bytes
+        envelopes = [tick_envelope(actor_type, key, spec.name, slot_datetime(slot)) for slot in slots]
+        ticks = [(slot, encode_envelope(env, limit)) for slot, env in zip(slots, envelopes, strict=True)]
+        sent = time.monotonic()
+        now, mark = await self.store.fire_schedule(self.shard, self.lease.value, field, newest, ticks)
+        self.clock.observe(now, sent, time.monotonic())
+        return mark
+
     def _timer_set(self, due_ms: int) -> None:
         """A turn of ours set a timer; look again sooner if it is due before the next look."""
         if due_ms < self._next_timer_ms:
@@ -298,7 +340,7 @@ class ShardRunner:
             cls = self.services.app.actor_type(env.actor)
             if env.type == CANCEL:
                 return Queued(entry_id, raw, env, None)
-            model = cls.message_model(env.type)
+            model = Tick if env.type == TICK else cls.message_model(env.type)
         except UnknownActorType as exc:
             return "unknown actor type", str(exc), env
         except UnknownMessageType as exc:
@@ -307,6 +349,8 @@ class ShardRunner:
             message = model.model_validate(env.payload)
         except Exception as exc:  # a user validator may raise anything, not only ValidationError
             return "invalid payload", f"{type(exc).__name__}: {exc}", env
+        if isinstance(message, Tick) and message.schedule not in cls.schedules:
+            return "unknown schedule", f"{cls.__name__} has no schedule named {message.schedule!r}", env
         return Queued(entry_id, raw, env, message)
 
     async def _activate(self, wanted: dict[str, str]) -> None:
@@ -441,7 +485,7 @@ class ShardRunner:
     async def _turn(self, act: Activation, queued: Queued, source: Source) -> None:
         env = queued.envelope
         actor = act.actor
-        handler = None if actor is None else type(actor).handlers.get(env.type)
+        handler = None if actor is None else _handler(type(actor), queued)
         if actor is None or handler is None:
             reason = act.broken or (
                 f"{env.actor} has no handler for {env.type} and no open wait_for received it"
@@ -673,6 +717,13 @@ class ShardRunner:
             self._room.set()
         if self.inflight == 0:
             self._idle.set()
+
+
+def _handler(cls: type[Actor], queued: Queued) -> Handler | None:
+    """The method a message goes to: by type, or a tick by its schedule."""
+    if isinstance(queued.message, Tick):
+        return cls.schedules[queued.message.schedule][1]
+    return cls.handlers.get(queued.envelope.type)
 
 
 def _consumed(ctx: TurnContext) -> dict[str, Any]:

@@ -169,6 +169,7 @@ class Store:
                 "release_lease",
                 "commit",
                 "due_timers",
+                "fire_schedule",
                 "enqueue_once",
                 "forward",
                 "replay_dead_letter",
@@ -425,6 +426,31 @@ class Store:
             "due_timers", [self.keys.lease(shard), self.keys.timers(shard)], [lease, 0 if first else 1, limit]
         )
         return int(now), None if int(later) < 0 else int(later), [a.decode() for a in due]
+
+    # ---- schedules -------------------------------------------------------------------
+    async def schedule_marks(self, shard: int, fields: Sequence[str], now_ms: int) -> list[int]:
+        """The newest slot done of each schedule field, recording ``now_ms`` for new ones."""
+        key = self.keys.schedules(shard)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for field in fields:
+                pipe.hsetnx(key, field, now_ms)
+            pipe.hmget(key, list(fields))
+            *_, marks = await pipe.execute()
+        return [int(m) for m in marks]
+
+    async def fire_schedule(
+        self, shard: int, lease: str, field: str, newest_ms: int, ticks: Sequence[tuple[int, bytes]]
+    ) -> tuple[int, int]:
+        """Append the ticks not yet fired and record ``newest_ms`` if it is due by Redis's clock;
+        returns (Redis now ms, newest slot recorded)."""
+        k = self.keys
+        args: list[Any] = [lease, field, newest_ms, len(ticks)]
+        for slot, envelope in ticks:
+            args += [slot, envelope]
+        now, mark = await self._run(
+            "fire_schedule", [k.lease(shard), k.schedules(shard), k.inbox(shard)], args
+        )
+        return int(now), int(mark)
 
     # ---- outbox and forwarding ---------------------------------------------------
     async def read_outbox(self, shard: int, count: int) -> list[tuple[str, int, bytes]]:

@@ -1,0 +1,105 @@
+"""The examples, run against the test server with short durations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import actors
+from examples import refund_approval
+from examples.refund_approval import Mailer, Refund, RefundRequest
+from tests.conftest import eventually
+
+
+@pytest.fixture(autouse=True)
+def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The fake payment provider writes here (steps run in this process's worker)."""
+    path = tmp_path / "ledger.txt"
+    monkeypatch.setattr(refund_approval, "LEDGER", path)
+    return path
+
+
+def ledger_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def test_the_refund_demo_pays_each_refund_once_and_sends_each_survey(
+    redis_url: str,
+    namespace: str,
+    connect: Callable[..., Any],
+    ledger: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    states = await refund_approval.main(redis_url, namespace, survey_delay=0.5, approve_after=0.1)
+    [small_id] = [order for order in states if order.endswith("-small")]
+    [large_id] = [order for order in states if order.endswith("-large")]
+    small, large = states[small_id], states[large_id]
+    assert small.status == large.status == "refunded"
+    assert large.risk >= refund_approval.HIGH_RISK and large.decided_by == "demo-reviewer"
+    # Low risk is approved automatically, unless the flaky scorer failed all 6 attempts
+    # (p ~ 0.0007), in which case the refund went to the reviewer too.
+    assert small.decided_by == "auto" or (small.risk == 1.0 and small.decided_by == "demo-reviewer")
+
+    # Exactly one payment per refund, although each handler ran again after its sleep
+    # (and the risky one after its wait too): the journal returned the payment id.
+    lines = sorted(line.split() for line in ledger_lines(ledger))
+    assert lines == [
+        [large_id, "900.00", large.payment_id],
+        [small_id, "40.00", small.payment_id],
+    ]
+    async with connect(app=refund_approval.app) as client:
+        assert (await client.state(Mailer.ref("ann@example.com"))).surveys == [small_id]
+        assert (await client.state(Mailer.ref("bob@example.com"))).surveys == [large_id]
+        assert await client.waits() == []
+
+    out = capsys.readouterr().out
+    command = f"actors approve Refund/{large_id} --request-id {large_id} --approve"
+    assert command in out and f"--redis {redis_url} --namespace {namespace}" in out
+    assert f"{large_id}: waiting for Approval" in out
+    assert f"{small_id}: refund paid; sleeping durably" in out
+
+
+async def test_a_risky_refund_waits_for_a_person_and_a_rejection_pays_nothing(
+    connect: Callable[..., Any], start_worker: Callable[..., Any], ledger: Path
+) -> None:
+    await start_worker(refund_approval.app)
+    async with connect(app=refund_approval.app) as client:
+        for order_id, email in [("yes", "ann@example.com"), ("no", "bob@example.com")]:
+            request = RefundRequest(order_id=order_id, amount=900, email=email, survey_delay=0.2)
+            await client.send(Refund.ref(order_id), request)
+
+        views = await eventually(lambda: _waiting_for_approval(client, 2))
+        assert sorted(view.actor for view in views) == ["Refund/no", "Refund/yes"]
+        for view in views:  # the default timeout: two days
+            assert view.due is not None
+            assert abs(view.due - (datetime.now(UTC) + timedelta(days=2))) < timedelta(minutes=1)
+        assert ledger_lines(ledger) == [], "nothing is paid before a person decides"
+
+        await client.approve(Refund.ref("yes"), "yes", by="alice", comment="fine")
+        await client.approve(Refund.ref("no"), "no", approved=False, by="bob", comment="fraud")
+        yes = await eventually(lambda: _status(client, "yes", "refunded"))
+        no = await eventually(lambda: _status(client, "no", "rejected"))
+        assert yes.decided_by == "alice" and no.decided_by == "bob" and no.payment_id == ""
+        await eventually(lambda: _surveys(client, "ann@example.com", ["yes"]))
+        assert [line.split()[0] for line in ledger_lines(ledger)] == ["yes"]
+        assert (await client.state(Mailer.ref("bob@example.com"))) is None, "no survey after a rejection"
+        assert await client.waits() == []
+
+
+async def _waiting_for_approval(client: actors.Client, n: int):  # type: ignore[no-untyped-def]
+    views = [v for v in await client.waits() if v.status == "waiting" and v.waiting_for == "Approval"]
+    return views if len(views) == n else None
+
+
+async def _status(client: actors.Client, order_id: str, status: str):  # type: ignore[no-untyped-def]
+    state = await client.state(Refund.ref(order_id))
+    return state if state is not None and state.status == status else None
+
+
+async def _surveys(client: actors.Client, email: str, expected: list[str]) -> bool:
+    state = await client.state(Mailer.ref(email))
+    return state is not None and state.surveys == expected
