@@ -371,27 +371,27 @@ class Store:
         keys += [k.turns(shard), k.timers(shard), k.dead_letters(shard)]
         args: list[Any] = [lease, reply_ttl_ms, len(writes)]
         for w in writes:
-            deferred_index = reply_index = 0
+            deferred_index = 0
             if w.uses_deferred:
                 keys.append(k.deferred(shard, w.actor_id))
                 deferred_index = len(keys)
+            effects: list[list[Any]] = [["L", e] for e in w.local]
+            effects += [["R", target, e] for target, e in w.remote]
+            effects += [["A", entry_id] for entry_id in w.acks]
+            effects += [["U", e] for e in w.unlists]
+            effects += [["F", entry_id, e] for entry_id, e in w.defers]
             if w.reply_key is not None:
                 keys.append(w.reply_key)
-                reply_index = len(keys)
-            args += [
-                w.op, w.actor_id, w.origin, w.ref, deferred_index,
-                w.snapshot if w.snapshot is not None else b"",
-                reply_index, w.reply_channel or "", w.reply,
-                w.open_turn, w.score, w.envelope, w.reason, w.detail,
-                len(w.local), len(w.remote), len(w.acks), len(w.unlists), len(w.defers),
-            ]  # fmt: skip
-            args += w.local
-            for target, envelope in w.remote:
-                args += [target, envelope]
-            args += w.acks
-            args += w.unlists
-            for entry_id, envelope in w.defers:
-                args += [entry_id, envelope]
+                effects.append(["Y", len(keys), w.reply_channel or "", w.reply])
+            if w.op == "j":
+                effects.append(["J", w.open_turn, w.score])
+            if w.op == "d":
+                effects.append(["D", w.envelope, w.ref if w.origin == "i" else "", w.reason, w.detail])
+            snapshot = w.snapshot if w.snapshot is not None else b""
+            args += [w.op, w.actor_id, w.origin, w.ref, deferred_index, snapshot, len(effects)]
+            for effect in effects:
+                args += effect
+
         return [int(r) for r in await self._run("commit", keys, args)]
 
     async def deferred(self, shard: int, actor_id: str, count: int) -> list[bytes]:

@@ -3,7 +3,7 @@
 -- Each write first takes its message from where it lives ("origin"): an inbox
 -- entry is acked, an open turn must exist, a deferred message must head its
 -- actor's list. If it was taken before (a duplicate), the write does nothing.
--- Then, by op:
+-- Then its effects apply, and by op:
 --   c  commit a turn: state snapshot, sends, consumed messages, reply; close its open turn
 --   j  journal an open turn: store the turn and its timer, flush its sends so far,
 --      ack the messages it consumed, defer the given inbox messages behind it
@@ -15,11 +15,17 @@
 -- KEYS[1] lease   KEYS[2] inbox   KEYS[3] state   KEYS[4] outbox
 -- KEYS[5] turns   KEYS[6] timers  KEYS[7] dlq     KEYS[8..] reply keys, deferred lists
 -- ARGV[1] expected lease value, ARGV[2] reply ttl ms, ARGV[3] number of writes, then
--- per write (see Store.commit): op, actor, origin (i inbox, o open, q deferred, n none),
--- origin ref (entry id, -, raw envelope), deferred list key index, snapshot, reply key
--- index, reply channel, reply, open turn, timer score, dead-letter envelope, reason,
--- detail, then counts and lists: local envelopes, remote (shard, envelope) pairs,
--- consumed inbox entry ids, consumed deferred envelopes, (entry id, envelope) to defer.
+-- per write: op, actor, origin (i inbox, o open, q deferred, n none), origin ref (entry
+-- id, -, raw envelope), deferred list key index (0: none), snapshot ('' unchanged),
+-- number of effects, then each effect as a tag and its values (see Store.commit):
+--   L envelope                 append to this shard's inbox
+--   R shard envelope           append to the outbox, for another shard
+--   A entry                    ack a consumed inbox entry
+--   U envelope                 remove a consumed message from the deferred list
+--   F entry envelope           ack an inbox entry and defer it (if it was pending)
+--   Y key-index channel reply  store (and publish) the reply to an ask
+--   J open-turn score          store the open turn and its timer
+--   D envelope entry reason detail   append to the dead-letter stream
 -- Returns per write: 0 duplicate, 1 done, 2 done and the actor has deferred messages left.
 -- Errors with FENCED if the lease is not held at the expected epoch.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -27,17 +33,11 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 local inbox, state, outbox, turns, timers, dlq = KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local reply_ttl = ARGV[2]
+local ARITY = {L = 1, R = 2, A = 1, U = 1, F = 2, Y = 3, J = 2, D = 4}
 local i = 3
 local function arg()
   i = i + 1
   return ARGV[i]
-end
-local function list(n, width)
-  local items = {}
-  for j = 1, n * width do
-    items[j] = arg()
-  end
-  return items
 end
 
 local function take(origin, ref, actor, deferred)
@@ -67,59 +67,69 @@ local function settle(actor, deferred)
   return 1
 end
 
+local function apply(tag, actor, deferred)
+  if tag == 'L' then
+    redis.call('XADD', inbox, '*', 'e', arg())
+  elseif tag == 'R' then
+    local target = arg()
+    redis.call('XADD', outbox, '*', 's', target, 'e', arg())
+  elseif tag == 'A' then
+    redis.call('XACK', inbox, 'workers', arg())
+  elseif tag == 'U' then
+    redis.call('LREM', deferred, 1, arg())
+  elseif tag == 'F' then
+    local entry = arg()
+    local envelope = arg()
+    if redis.call('XACK', inbox, 'workers', entry) == 1 then
+      redis.call('RPUSH', deferred, envelope)
+    end
+  elseif tag == 'Y' then
+    local key = KEYS[tonumber(arg())]
+    local channel = arg()
+    local reply = arg()
+    redis.call('SET', key, reply, 'PX', reply_ttl)
+    if channel ~= '' then
+      redis.call('PUBLISH', channel, reply)
+    end
+  elseif tag == 'J' then
+    local turn = arg()
+    local score = arg()
+    redis.call('HSET', turns, actor, turn)
+    redis.call('ZADD', timers, score, actor)
+  elseif tag == 'D' then
+    local envelope = arg()
+    local entry = arg()
+    local reason = arg()
+    local detail = arg()
+    local now = redis.call('TIME')
+    redis.call('XADD', dlq, '*', 'e', envelope, 'entry', entry, 'reason', reason, 'detail', detail,
+      'at', now[1] * 1000 + math.floor(now[2] / 1000))
+
+  end
+end
+
 local results = {}
 for w = 1, tonumber(ARGV[3]) do
   local op, actor, origin, ref = arg(), arg(), arg(), arg()
   local deferred = KEYS[tonumber(arg())]
-  local snapshot, reply_key, channel, reply = arg(), KEYS[tonumber(arg())], arg(), arg()
-  local open_turn, score, envelope, reason, detail = arg(), arg(), arg(), arg(), arg()
-  local n_local, n_remote, n_acks = tonumber(arg()), tonumber(arg()), tonumber(arg())
-  local n_unlists, n_defers = tonumber(arg()), tonumber(arg())
-  local locals, remotes, acks = list(n_local, 1), list(n_remote, 2), list(n_acks, 1)
-  local unlists, defers = list(n_unlists, 1), list(n_defers, 2)
-
+  local snapshot, effects = arg(), tonumber(arg())
   local result = take(origin, ref, actor, deferred)
   if result == 1 then
-    if op == 'c' and snapshot ~= '' then
+    if snapshot ~= '' then
       redis.call('HSET', state, actor, snapshot)
     end
-    if op == 'j' then
-      redis.call('HSET', turns, actor, open_turn)
-      redis.call('ZADD', timers, score, actor)
-    end
-    if op == 'd' then
-      local now = redis.call('TIME')
-      redis.call('XADD', dlq, '*', 'e', envelope, 'entry', origin == 'i' and ref or '', 'reason', reason,
-        'detail', detail, 'at', now[1] * 1000 + math.floor(now[2] / 1000))
-    end
-    for j = 1, n_local do
-      redis.call('XADD', inbox, '*', 'e', locals[j])
-    end
-    for j = 1, 2 * n_remote, 2 do
-      redis.call('XADD', outbox, '*', 's', remotes[j], 'e', remotes[j + 1])
-    end
-    for j = 1, n_acks do
-      redis.call('XACK', inbox, 'workers', acks[j])
-    end
-    for j = 1, n_unlists do
-      redis.call('LREM', deferred, 1, unlists[j])
-    end
-    for j = 1, 2 * n_defers, 2 do
-      if redis.call('XACK', inbox, 'workers', defers[j]) == 1 then
-        redis.call('RPUSH', deferred, defers[j + 1])
-      end
-    end
-    if reply_key then
-      redis.call('SET', reply_key, reply, 'PX', reply_ttl)
-      if channel ~= '' then
-        redis.call('PUBLISH', channel, reply)
-      end
+    for _ = 1, effects do
+      apply(arg(), actor, deferred)
     end
     if (op == 'c' or op == 'd') and origin == 'o' then
       redis.call('HDEL', turns, actor)
     end
     if op == 's' or ((op == 'c' or op == 'd') and (origin == 'o' or origin == 'q')) then
       result = settle(actor, deferred)
+    end
+  else
+    for _ = 1, effects do
+      i = i + ARITY[arg()]
     end
   end
   results[w] = result
