@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 
 from pydantic import BaseModel
 
@@ -30,20 +32,27 @@ class Total(BaseModel):
 
 
 class Counter(actors.Actor):
-    """Counts; remembers, per sender, the sequence numbers in the order handled, and the
-    lease epochs its turns committed under (fencing: they may only grow)."""
+    """Counts; remembers, per sender, the sequence numbers in the order handled, the
+    lease epochs its turns committed under (fencing: they may only grow), and an
+    activation log: which process ran each committed turn of a sender's message, from
+    when to when (system-wide monotonic clock), to show no two processes held it at once."""
 
     class State(BaseModel):
         total: int = 0
         seqs: dict[str, list[int]] = {}
         epochs: list[int] = []
+        held: list[tuple[int, float, float]] = []
 
     async def on_add(self, msg: Add) -> None:
+        started = time.monotonic()
         self.state.total += msg.by
         if msg.sender:
             self.state.seqs.setdefault(msg.sender, []).append(msg.seq)
         if not self.state.epochs or self.state.epochs[-1] != self.turn.epoch:
             self.state.epochs.append(self.turn.epoch)
+        if msg.sender:
+            await asyncio.sleep(0)  # a turn that yields, as real ones do
+            self.state.held.append((os.getpid(), started, time.monotonic()))
 
     async def on_nap(self, msg: Nap) -> None:
         await asyncio.sleep(msg.seconds)

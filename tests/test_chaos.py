@@ -7,6 +7,7 @@ ACTORS_CHAOS_MESSAGES (default 20000) runs it longer as a soak; the default fits
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import signal
@@ -136,8 +137,12 @@ async def test_chaos(private_server: EmbeddedServer, namespace: str, tmp_path: P
                 for seqs in s.seqs.values():
                     assert seqs == sorted(seqs), "per-sender order held"
                 assert s.epochs == sorted(set(s.epochs)), "no commit under an older epoch after a newer one"
+                assert_held_by_one_process_at_a_time(s.held)
+            moved = sum(1 for s in final if s and len({pid for pid, _, _ in s.held}) > 1)
+            assert moved >= ACTORS // 10, f"only {moved} actors were served by more than one process"
             await eventually(lambda: _all_owned(client), timeout=20)
             await eventually(lambda: _nothing_pending(client), timeout=20)
+
     finally:
         if parent.returncode is None:
             parent.send_signal(signal.SIGTERM)
@@ -151,7 +156,17 @@ async def test_chaos(private_server: EmbeddedServer, namespace: str, tmp_path: P
         log.close()
 
 
+def assert_held_by_one_process_at_a_time(held: list[tuple[int, float, float]]) -> None:
+    """The activation log of an actor's committed turns: a turn run by one process ends
+    before a turn run by another starts (one clock: CLOCK_MONOTONIC is system-wide)."""
+    ordered = sorted(held, key=lambda h: h[1])
+    for (pid_a, _, end_a), (pid_b, start_b, _) in itertools.pairwise(ordered):
+        if pid_a != pid_b:
+            assert end_a <= start_b, f"processes {pid_a} and {pid_b} held the actor at once"
+
+
 async def _all_owned(client: actors.Client) -> bool:
+
     try:
         live = set(await client.store.live_workers())
         infos = [await client.store.shard_info(s) for s in range(client.shards)]
