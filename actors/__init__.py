@@ -23,6 +23,7 @@ from .errors import (
     UnknownMessageType,
 )
 from .journal import JournalMismatch, StepFailed
+from .limits import Limiter
 from .messages import Approval, Tick
 from .schedules import schedule
 from .server import EmbeddedServer
@@ -35,6 +36,7 @@ __all__ = [
     "ActorRef",
     "App",
     "Approval",
+    "Limiter",
     "schedule",
     "Tick",
     # talking to them

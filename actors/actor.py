@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 from pydantic import BaseModel
 
 from .errors import DefinitionError, UnknownActorType, UnknownMessageType
+from .limits import Limiter, check_limiters
 from .messages import Approval, Tick
 from .schedules import SCHEDULE_ATTR, Schedule
 
@@ -92,6 +93,7 @@ class Actor:
     ``class Counter(Actor, name="counter")`` sets the type name (default: the class name).
     ``waits_for=[Decision]`` declares message types the actor receives only through
     ``wait_for`` (it needs no handler for them); ``Approval`` is always accepted.
+    ``limiter="crawl"`` makes every turn wait for a token and slot of that limiter.
     """
 
     State: ClassVar[type[BaseModel]] = _NoState
@@ -100,16 +102,24 @@ class Actor:
     waitable: ClassVar[dict[str, type[BaseModel]]] = {"Approval": Approval}
     schedules: ClassVar[dict[str, tuple[Schedule, Handler]]] = {}
     """Scheduled methods by schedule name (see ``actors.schedule``)."""
+    limiter: ClassVar[str | None] = None
+    """The limiter every turn of this type holds (``class X(Actor, limiter="name")``)."""
 
     key: str
     state: Any
     _turn: TurnContext | None
 
     def __init_subclass__(
-        cls, name: str | None = None, waits_for: Sequence[type[BaseModel]] = (), **kwargs: Any
+        cls,
+        name: str | None = None,
+        waits_for: Sequence[type[BaseModel]] = (),
+        limiter: str | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
         cls.type_name = name or cls.__name__
+        if limiter is not None:
+            cls.limiter = limiter
         cls.waitable = {**cls.waitable, **_waitable(cls, waits_for)}
         if "/" in cls.type_name:
             raise DefinitionError(f"actor type name {cls.type_name!r} must not contain '/'")
@@ -190,6 +200,7 @@ class Actor:
         backoff: float = 1.0,
         max_backoff: float = 60.0,
         timeout: float | timedelta | None = None,
+        limiter: str | None = None,
         **kwargs: Any,
     ) -> T:
         """Run ``fn(*args, **kwargs)`` (sync functions in a thread) once for this turn.
@@ -201,11 +212,12 @@ class Actor:
         without calling ``fn``. The result comes back as its JSON form, validated
         into ``fn``'s return annotation when it has one, on the first run as on a
         replay. ``name`` (default: the function's qualified name) must stay the same
-        while turns are open.
+        while turns are open. With ``limiter``, each attempt first waits for a token
+        (and a slot) of that limiter of the app.
         """
         from .turn import StepOptions
 
-        options = StepOptions(name, retries, backoff, max_backoff, _seconds(timeout))
+        options = StepOptions(name, retries, backoff, max_backoff, _seconds(timeout), limiter)
         return typing.cast(T, await self._context().step(fn, args, kwargs, options))
 
     async def sleep(self, delay: timedelta | float | None = None, *, until: datetime | None = None) -> None:
@@ -329,10 +341,12 @@ def _as_handler(cls: type[Actor], attr: str, fn: HandlerFn) -> Handler | None:
 class App:
     """The actor types a worker runs and a client may validate against.
 
-    ``App(Counter, Greeter)``; it holds what a process-wide registry would.
+    ``App(Counter, Greeter, limiters=[Limiter("llm", rate=50, per=timedelta(minutes=1))])``;
+    it holds what a process-wide registry would.
     """
 
-    def __init__(self, *actor_types: type[Actor]) -> None:
+    def __init__(self, *actor_types: type[Actor], limiters: Iterable[Limiter] = ()) -> None:
+        self.limiters = check_limiters(limiters)
         self._types: dict[str, type[Actor]] = {}
         for cls in actor_types:
             self.register(cls)
@@ -343,6 +357,11 @@ class App:
         existing = self._types.get(cls.type_name)
         if existing is not None and existing is not cls:
             raise DefinitionError(f"two actor types are named {cls.type_name!r}")
+        if cls.limiter is not None and cls.limiter not in self.limiters:
+            raise DefinitionError(
+                f"{cls.__name__} uses limiter {cls.limiter!r}, which the app does not define "
+                f"(pass App(..., limiters=[Limiter({cls.limiter!r}, ...)]))"
+            )
         self._types[cls.type_name] = cls
         return cls
 

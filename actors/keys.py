@@ -34,6 +34,22 @@ class Keys:
         """pub/sub channel: a lease was released; supervisors look for free shards at once."""
         return f"{self.namespace}:lease-events"
 
+    def limiters(self) -> str:
+        """hash: limiter name -> its definition (JSON), as the workers that use it declare it."""
+        return f"{self.namespace}:limiters"
+
+    def limiter_slots(self, name: str) -> str:
+        """zset: holder id -> lease expiry (ms) of each held concurrency slot of a limiter."""
+        return f"{self.namespace}:{{limit:{name}}}:slots"
+
+    def limiter_tat(self, name: str) -> str:
+        """string: the GCRA theoretical arrival time (ms, Redis clock) of a limiter's rate."""
+        return f"{self.namespace}:{{limit:{name}}}:tat"
+
+    def limiter_events(self) -> str:
+        """pub/sub channel: the name of a limiter whose slot was released; waiters try again."""
+        return f"{self.namespace}:limiter-events"
+
     def reply_channel(self, client_id: str) -> str:
         """pub/sub channel: replies to ``ask`` calls made by one client."""
         return f"{self.namespace}:replies:{client_id}"

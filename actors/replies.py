@@ -111,26 +111,7 @@ class ReplyListener:
         return None if raw is None else decode_reply(raw)
 
     async def _listen(self) -> None:
-        delay = 0.05
-        while True:
-            pubsub = self.store.pubsub()
-            try:
-                await pubsub.subscribe(self.channel)
-                self._ready.set()
-                delay = 0.05
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        self._deliver(message["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not is_transient(exc):
-                    log.exception("reply listener failed; resubscribing")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+        await self.store.listen(self.channel, self._deliver, self._ready)
 
     def _deliver(self, data: bytes) -> None:
         try:

@@ -502,7 +502,8 @@ class ShardRunner:
             ctx = TurnContext(self.services, self, self.shard, env, info, Journal(records), source=source)
             actor._turn = ctx
             try:
-                result = await handler.fn(actor, queued.message)
+                async with self.services.limits.hold(type(actor).limiter):
+                    result = await handler.fn(actor, queued.message)
                 snapshot = encode_state(actor.state)
                 reply = self._reply(env, result)
                 break

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -26,6 +26,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .codec import FIELD
 from .errors import ConfigurationError, LeaseLost
 from .keys import GROUP, Keys
+
+log = logging.getLogger("actors.store")
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 """Errors after which a call's outcome is unknown and the connection is retried."""
@@ -170,6 +172,8 @@ class Store:
                 "commit",
                 "due_timers",
                 "fire_schedule",
+                "limiter_acquire",
+                "limiter_release",
                 "enqueue_once",
                 "forward",
                 "replay_dead_letter",
@@ -452,6 +456,51 @@ class Store:
         )
         return int(now), int(mark)
 
+    # ---- limiters ---------------------------------------------------------------------
+    async def limiter_acquire(
+        self, name: str, holder: str, lease_ms: int, cap: int, interval_ms: float, tolerance_ms: float
+    ) -> tuple[bool, int, int]:
+        """Take a slot and reserve a rate token; returns (granted, wait ms, Redis now ms).
+
+        Not granted: every slot is held; the wait is until the earliest slot lease expires.
+        """
+        k = self.keys
+        granted, wait, now = await self._run(
+            "limiter_acquire",
+            [k.limiter_slots(name), k.limiter_tat(name)],
+            [holder, lease_ms, cap, interval_ms, tolerance_ms],
+        )
+        return bool(granted), int(wait), int(now)
+
+    async def limiter_release(self, name: str, holder: str) -> bool:
+        k = self.keys
+        return bool(
+            await self._run("limiter_release", [k.limiter_slots(name)], [holder, k.limiter_events(), name])
+        )
+
+    async def limiter_renew(self, held: Sequence[tuple[str, str]], lease_ms: int) -> None:
+        """Extend the leases of held slots, (limiter, holder) pairs, in one round trip."""
+        now = await self.server_time_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, holder in held:
+                pipe.zadd(self.keys.limiter_slots(name), {holder: now + lease_ms}, xx=True)
+            await pipe.execute()
+
+    async def declare_limiters(self, definitions: dict[str, str]) -> dict[str, str]:
+        """Record limiter definitions (JSON) not recorded yet; returns every recorded one."""
+        key = self.keys.limiters()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, definition in definitions.items():
+                pipe.hsetnx(key, name, definition)
+            pipe.hgetall(key)
+            *_, recorded = await pipe.execute()
+        return {n.decode(): d.decode() for n, d in recorded.items()}
+
+    async def limiter_holders(self, name: str) -> int:
+        """How many slots of the limiter are held now (leases not expired)."""
+        now = await self.server_time_ms()
+        return int(await self.redis.zcount(self.keys.limiter_slots(name), now, "+inf"))
+
     # ---- outbox and forwarding ---------------------------------------------------
     async def read_outbox(self, shard: int, count: int) -> list[tuple[str, int, bytes]]:
         rows = await self.redis.xrange(self.keys.outbox(shard), count=count)
@@ -468,8 +517,35 @@ class Store:
             await self.redis.xdel(self.keys.outbox(shard), *entry_ids)
 
     # ---- replies -------------------------------------------------------------------
-    def pubsub(self) -> PubSub:
-        return self.redis.pubsub(ignore_subscribe_messages=True)
+    async def listen(
+        self, channel: str, on_message: Callable[[bytes], None], subscribed: asyncio.Event | None = None
+    ) -> None:
+        """Call ``on_message`` with every message published on ``channel``, until cancelled.
+
+        Resubscribes with backoff after a connection loss; ``subscribed`` is set each
+        time the subscription is (re)made. Messages published while it is down are lost,
+        so callers also look at the stored state now and then.
+        """
+        delay = 0.05
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                if subscribed is not None:
+                    subscribed.set()
+                delay = 0.05
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        on_message(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.exception("listening on %s failed; subscribing again", channel)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                await asyncio.gather(pubsub.aclose(), return_exceptions=True)
 
     async def get_reply(self, shard: int, message_id: str) -> bytes | None:
         value = await self.redis.get(self.keys.reply(shard, message_id))

@@ -39,6 +39,7 @@ class Supervisor:
         on_acquired: OnAcquired,
         on_lost: OnLost,
         on_release: OnRelease,
+        info: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self.store = store
         self.worker_id = worker_id
@@ -53,6 +54,8 @@ class Supervisor:
         self._on_release = on_release
         self._ttl_ms = int(settings.ttl * 1000)
         self._info = {"host": socket.gethostname(), "pid": str(os.getpid()), "started": str(time.time())}
+        self._more_info = info
+        """Fields added to the worker's info hash at every heartbeat (e.g. limiter waiters)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep leases until ``stop`` is set; then release them all (after draining)."""
@@ -94,22 +97,11 @@ class Supervisor:
 
     async def _listen_for_releases(self) -> None:
         """Wake the tick when any worker releases a lease (graceful hand-over in one round trip)."""
-        while True:
-            pubsub = self.store.pubsub()
-            try:
-                await pubsub.subscribe(self.store.keys.lease_events())
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        self._released.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                await asyncio.sleep(self.settings.renew_interval)
-            finally:
-                await asyncio.gather(pubsub.aclose(), return_exceptions=True)
+        await self.store.listen(self.store.keys.lease_events(), lambda _: self._released.set())
 
     async def tick(self) -> None:
-        live = await self.store.heartbeat(self.worker_id, self._ttl_ms, self._info)
+        info = self._info if self._more_info is None else {**self._info, **self._more_info()}
+        live = await self.store.heartbeat(self.worker_id, self._ttl_ms, info)
         await self._renew()
         share = math.ceil(self.shards / max(1, len(live)))
         keeping = [s for s in self.held if s not in self._releasing]

@@ -25,6 +25,7 @@ from .actor import ActorRef, App
 from .codec import Envelope, decode_reply, encode_reply
 from .errors import ActorsError
 from .journal import FOREVER_MS, Journal, Record, RedisClock, StepFailed, Suspend
+from .limits import Limits
 from .replies import ReplyListener, reply_value
 from .routing import Routed, route
 from .settings import MessageSettings
@@ -42,6 +43,7 @@ class TurnServices:
     shards: int
     messages: MessageSettings
     replies: ReplyListener
+    limits: Limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,7 @@ class StepOptions:
     backoff: float = 1.0
     max_backoff: float = 60.0
     timeout: float | None = None
+    limiter: str | None = None
 
 
 class TurnHost(Protocol):
@@ -153,11 +156,13 @@ class TurnContext:
                    options: StepOptions) -> Any:  # fmt: skip
         self._outside_step("step")
         name = options.name or _callable_name(fn)
+        if options.limiter is not None:
+            self.services.limits.check(options.limiter)
         record = self.journal.replay("step", name)
         if record is None:
             self.in_step = True
             try:
-                outcome = await _run_step(fn, args, kwargs, options)
+                outcome = await _run_step(fn, args, kwargs, options, self.services.limits)
             finally:
                 self.in_step = False
             record = self.journal.record("step", name, outcome)
@@ -214,12 +219,12 @@ def _callable_name(fn: Callable[..., Any]) -> str:
 
 
 async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                    options: StepOptions) -> list[Any]:  # fmt: skip
+                    options: StepOptions, limits: Limits) -> list[Any]:  # fmt: skip
     """Call ``fn`` with retries; returns the journal value ``["ok", result]`` or ``["error", type, text]``."""
     attempts = options.retries + 1
     for attempt in range(1, attempts + 1):
         try:
-            async with asyncio.timeout(options.timeout):
+            async with limits.hold(options.limiter), asyncio.timeout(options.timeout):
                 if asyncio.iscoroutinefunction(fn) or asyncio.iscoroutinefunction(getattr(fn, "func", None)):
                     result = await fn(*args, **kwargs)
                 else:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from .actor import App
 from .errors import LeaseLost
+from .limits import Limits
 from .replies import ReplyListener
 from .server import resolve_url
 from .settings import DEFAULT_SHARDS, RedisSettings, WorkerSettings
@@ -65,13 +66,16 @@ class Worker:
     async def run(self) -> None:
         store = Store.from_url(resolve_url(self.redis_settings.url), self.redis_settings.namespace)
         replies = ReplyListener(store)
+        limits = Limits(store, self.app.limiters, int(self.settings.lease.ttl * 1000))
         try:
             shards = await store.shard_count(self.settings.shards, DEFAULT_SHARDS)
             await replies.start()
-            self._services = TurnServices(self.app, store, shards, self.settings.messages, replies)
+            await limits.start()
+            self._services = TurnServices(self.app, store, shards, self.settings.messages, replies, limits)
             supervisor = Supervisor(
                 store, self.id, shards, self.settings.lease,
                 on_acquired=self._start_shard, on_lost=self._stop_shard, on_release=self._drain_shard,
+                info=lambda: {f"waiting:{name}": str(n) for name, n in limits.waiting().items()},
             )  # fmt: skip
             await supervisor.tick()
             self.ready.set()
@@ -79,6 +83,7 @@ class Worker:
         finally:
             for shard in list(self._slots):
                 self._stop_shard(shard)
+            await limits.stop()
             await replies.stop()
             await store.close()
 

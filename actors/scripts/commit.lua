@@ -104,7 +104,6 @@ local function apply(tag, actor, deferred)
     local now = redis.call('TIME')
     redis.call('XADD', dlq, '*', 'e', envelope, 'entry', entry, 'reason', reason, 'detail', detail,
       'at', now[1] * 1000 + math.floor(now[2] / 1000))
-
   end
 end
 

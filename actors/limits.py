@@ -1,0 +1,218 @@
+"""Rate and concurrency limiters that hold across every worker process.
+
+    app = App(Crawler, limiters=[Limiter("llm", rate=50, per=timedelta(minutes=1), concurrency=10)])
+    ...
+    await self.step(call_llm, prompt, limiter="llm")      # each attempt takes a token and a slot
+    class Crawler(Actor, limiter="crawl"): ...            # each turn does
+
+Rate: GCRA on Redis's clock (``limiter_acquire.lua``). A token is a reservation:
+the script says how long to wait, so a token costs one Redis call however many
+wait. ``burst`` tokens may go at once; the long-run rate is ``rate`` per ``per``.
+
+Concurrency: a slot is a member of a zset scored by its lease expiry, renewed
+while held, released when the work ends (completes, fails or is cancelled). A
+holder that dies (SIGKILL) loses its slots when their leases expire. A process
+asks for one slot at a time per limiter (its local waiters queue in order) and
+asks again when any process releases a slot (pub/sub) or the earliest lease
+expires, so waiting costs no polling.
+
+``per_worker`` caps concurrent holders in each worker process, without Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from datetime import timedelta
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import ConfigurationError, DefinitionError
+from .store import Store
+
+log = logging.getLogger("actors.limits")
+
+
+class Limiter(BaseModel):
+    """A named limit: a rate (``rate`` per ``per``, ``burst`` at once), a global
+    concurrency cap, a per-process cap, or any of them together."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    rate: float | None = Field(default=None, gt=0)
+    per: timedelta = timedelta(seconds=1)
+    burst: int = Field(default=1, ge=1)
+    concurrency: int | None = Field(default=None, ge=1)
+    per_worker: int | None = Field(default=None, ge=1)
+
+    def __init__(self, name: str, /, **kwargs: object) -> None:
+        super().__init__(name=name, **kwargs)
+
+    @model_validator(mode="after")
+    def _limits_something(self) -> Limiter:
+        if self.rate is None and self.concurrency is None and self.per_worker is None:
+            raise ValueError(f"limiter {self.name!r} needs rate, concurrency or per_worker")
+        if self.per.total_seconds() <= 0:
+            raise ValueError(f"limiter {self.name!r}: per must be positive")
+        return self
+
+    @property
+    def interval_ms(self) -> float:
+        """Time between two tokens at the steady rate (0: no rate)."""
+        return 0.0 if self.rate is None else self.per.total_seconds() * 1000 / self.rate
+
+    @property
+    def tolerance_ms(self) -> float:
+        return self.interval_ms * (self.burst - 1)
+
+    @property
+    def global_(self) -> bool:
+        return self.rate is not None or self.concurrency is not None
+
+
+def check_limiters(limiters: Iterable[Limiter]) -> dict[str, Limiter]:
+    found: dict[str, Limiter] = {}
+    for limiter in limiters:
+        if not isinstance(limiter, Limiter):
+            raise DefinitionError(f"limiters must be actors.Limiter instances, not {limiter!r}")
+        if limiter.name in found:
+            raise DefinitionError(f"two limiters are named {limiter.name!r}")
+        found[limiter.name] = limiter
+    return found
+
+
+class _Queue:
+    """One limiter's state in this process."""
+
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+        self.local = asyncio.Semaphore(limiter.per_worker) if limiter.per_worker else None
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.released = asyncio.Event()
+        self.holding = 0
+
+
+class Limits:
+    """The limiters of one process (a worker's, shared by all its turns)."""
+
+    def __init__(self, store: Store, limiters: dict[str, Limiter], lease_ms: int) -> None:
+        self.store = store
+        self.lease_ms = lease_ms
+        self._queues = {name: _Queue(limiter) for name, limiter in limiters.items()}
+        self._held: set[tuple[str, str]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        if not self._queues:
+            return
+        declared = {n: q.limiter.model_dump_json() for n, q in self._queues.items()}
+        recorded = await self.store.declare_limiters(declared)
+        for name, definition in declared.items():
+            if recorded.get(name) != definition:
+                log.warning(
+                    "limiter %r is defined differently by another process: %s (here: %s)",
+                    name, recorded.get(name), definition,
+                )  # fmt: skip
+        subscribed = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(
+                self.store.listen(self.store.keys.limiter_events(), self._on_release, subscribed)
+            ),
+            asyncio.create_task(self._renew_loop()),
+        ]
+        await subscribed.wait()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def waiting(self) -> dict[str, int]:
+        """Per limiter: how many turns of this process wait for it."""
+        return {name: len(q.waiters) for name, q in self._queues.items()}
+
+    def check(self, name: str) -> None:
+        if name not in self._queues:
+            known = ", ".join(sorted(self._queues)) or "none"
+            raise ConfigurationError(f"no limiter named {name!r} in the app (it defines: {known})")
+
+    @contextlib.asynccontextmanager
+    async def hold(self, name: str | None) -> AsyncIterator[None]:
+        """Wait for a token and a slot of limiter ``name`` (None: no limit); the slot is
+        given back on exit."""
+        if name is None:
+            yield
+            return
+        self.check(name)
+        queue = self._queues[name]
+        async with queue.local or contextlib.nullcontext():
+            holder = await self._acquire(queue) if queue.limiter.global_ else None
+            queue.holding += 1
+            try:
+                yield
+            finally:
+                queue.holding -= 1
+                if holder is not None and queue.limiter.concurrency is not None:
+                    await self._release(name, holder)
+
+    async def _acquire(self, queue: _Queue) -> str:
+        """Wait for this process's turn, then for a slot; sleep out the rate reservation."""
+        limiter = queue.limiter
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.waiters.append(turn)
+        if queue.waiters[0] is turn:
+            turn.set_result(None)
+        holder = uuid.uuid4().hex
+        try:
+            await turn
+            while True:
+                queue.released.clear()  # before asking: a release heard meanwhile wakes us at once
+                granted, wait_ms, _ = await self.store.limiter_acquire(
+                    limiter.name, holder, self.lease_ms, limiter.concurrency or 0,
+                    limiter.interval_ms, limiter.tolerance_ms,
+                )  # fmt: skip
+                if granted:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(queue.released.wait(), timeout=max(wait_ms, 1) / 1000)
+            if limiter.concurrency is not None:
+                self._held.add((limiter.name, holder))
+        finally:
+            queue.waiters.remove(turn)
+            if queue.waiters and not queue.waiters[0].done():
+                queue.waiters[0].set_result(None)
+        if wait_ms:
+            try:
+                await asyncio.sleep(wait_ms / 1000)
+            except BaseException:
+                if limiter.concurrency is not None:
+                    await self._release(limiter.name, holder)
+                raise
+        return holder
+
+    async def _release(self, name: str, holder: str) -> None:
+        self._held.discard((name, holder))
+        try:
+            await asyncio.shield(self.store.limiter_release(name, holder))
+        except Exception as exc:  # its lease expires on its own
+            log.warning("could not release a slot of limiter %r: %s", name, exc)
+
+    def _on_release(self, data: bytes) -> None:
+        queue = self._queues.get(data.decode(errors="replace"))
+        if queue is not None:
+            queue.released.set()
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            if not self._held:
+                continue
+            try:
+                await self.store.limiter_renew(list(self._held), self.lease_ms)
+            except Exception as exc:
+                log.warning("could not renew limiter slots: %s", exc)
