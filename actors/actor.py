@@ -73,7 +73,7 @@ class _NoState(BaseModel):
     """The state of an actor that declares none."""
 
 
-_RESERVED = frozenset({"ref", "send", "ask", "state", "key", "turn", "step", "sleep", "wait_for"})
+_RESERVED = frozenset({"ref", "send", "ask", "state", "key", "turn", "step", "sleep", "wait_for", "enqueue"})
 T = TypeVar("T")
 
 
@@ -189,6 +189,23 @@ class Actor:
         the timeout; use ``send`` for cycles.
         """
         return await self._context().ask(ref, msg, timeout)
+
+    async def enqueue(
+        self,
+        queue: str,
+        ref: ActorRef[Any],
+        msg: BaseModel,
+        *,
+        priority: int = 0,
+        dedup_id: str | None = None,
+        partition: str = "",
+    ) -> str:
+        """Put ``msg`` for ``ref`` on the queue of limiter ``queue`` (see ``Client.enqueue``);
+        journaled. Raises DuplicateItem if ``dedup_id`` is queued or running."""
+        from .limits import QueueItem
+
+        item = QueueItem(priority, dedup_id or "", partition)
+        return await self._context().enqueue(queue, ref, msg, item)
 
     async def step(
         self,

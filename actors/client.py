@@ -15,7 +15,9 @@ from pydantic import BaseModel
 
 from .actor import ActorRef, App
 from .codec import actor_id, decode_envelope, decode_state
+from .errors import ConfigurationError
 from .journal import FOREVER_MS, OpenTurn
+from .limits import QueueItem, enqueue
 from .messages import CANCEL, Approval
 from .replies import ReplyListener, reply_value
 from .routing import Routed, route, route_control, shard_of
@@ -90,6 +92,38 @@ class Client:
         data = decode_state(raw)
         cls = self.app.resolve(ref) if self.app else ref.cls
         return cls.State.model_validate(data) if cls is not None else data
+
+    async def enqueue(
+        self,
+        queue: str,
+        ref: ActorRef[Any],
+        msg: BaseModel,
+        *,
+        priority: int = 0,
+        dedup_id: str | None = None,
+        partition: str = "",
+    ) -> str:
+        """Queue ``msg`` for ``ref`` behind limiter ``queue``; returns the item id.
+
+        Workers hand queued items to their actors as the limiter allows (its rate and
+        concurrency; a queued item's turn holds a slot): higher ``priority`` first
+        (-1000..1000), then partitions in turn, then arrival order. Raises DuplicateItem
+        if an item with ``dedup_id`` is still queued or running.
+        """
+        item = QueueItem(priority, dedup_id or "", partition)
+        await self._check_queue(queue)
+        routed = route(
+            self.app, ref, msg, self.shards, self.messages.max_message_bytes, headers=item.headers(queue)
+        )
+        return await enqueue(self.store, queue, routed, item)
+
+    async def _check_queue(self, queue: str) -> None:
+        known = set(self.app.limiters) if self.app is not None else set(await self.store.declare_limiters({}))
+        if queue not in known:
+            defined = ", ".join(sorted(known)) or "none"
+            raise ConfigurationError(
+                f"no limiter named {queue!r} (defined: {defined}); a queue is named after one"
+            )
 
     async def approve(
         self, ref: ActorRef[Any], request_id: str, *, approved: bool = True, by: str = "", comment: str = ""

@@ -54,3 +54,12 @@ class LeaseLost(ActorsError):
 
 class ServerError(ActorsError):
     """The embedded Redis/Valkey server could not be found, started or stopped."""
+
+
+class DuplicateItem(ActorsError):
+    """``enqueue`` was given a dedup id that an item still queued or running holds."""
+
+    def __init__(self, dedup_id: str, item_id: str) -> None:
+        super().__init__(f"dedup id {dedup_id!r} is already queued or running (item {item_id})")
+        self.dedup_id = dedup_id
+        self.item_id = item_id

@@ -46,6 +46,15 @@ class Keys:
         """string: the GCRA theoretical arrival time (ms, Redis clock) of a limiter's rate."""
         return f"{self.namespace}:{{limit:{name}}}:tat"
 
+    def queue(self, name: str, part: str) -> str:
+        """The keys of limiter ``name``'s queue, beside its slots (same hash tag):
+        ``items`` hash id -> [shard, envelope, dedup id, partition, score];
+        ``ready`` zset id -> score (priority, then fair round, then arrival);
+        ``dispatching`` zset id -> deadline of a dispatch in progress;
+        ``seq`` and ``vtime`` counters; ``rounds`` and ``counts`` hashes per partition;
+        ``dedup`` hash dedup id -> item id, while the item is queued or running."""
+        return f"{self.namespace}:{{limit:{name}}}:q:{part}"
+
     def limiter_events(self) -> str:
         """pub/sub channel: the name of a limiter whose slot was released; waiters try again."""
         return f"{self.namespace}:limiter-events"

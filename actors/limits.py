@@ -27,12 +27,17 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import ConfigurationError, DefinitionError
+from .errors import ConfigurationError, DefinitionError, DuplicateItem
 from .store import Store
+
+if TYPE_CHECKING:
+    from .routing import Routed
 
 log = logging.getLogger("actors.limits")
 
@@ -86,6 +91,49 @@ def check_limiters(limiters: Iterable[Limiter]) -> dict[str, Limiter]:
     return found
 
 
+QUEUE_HEADER = "queue"
+DEDUP_HEADER = "dedup"
+DEDUP_TTL_MS = 7 * 24 * 3600 * 1000
+"""How long a dedup id is kept at most, should the end of its item's turn go unrecorded."""
+DISPATCH_DEADLINE_MS = 30_000
+POLL = 5.0
+"""Seconds between looks at a queue when no event says it changed."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueItem:
+    """How an item is queued: ``priority`` (-1000..1000, higher first), ``dedup_id`` (refused
+    while another item holding it is queued or running), ``partition`` (partitions take turns)."""
+
+    priority: int = 0
+    dedup_id: str = ""
+    partition: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.priority, int) or not -1000 <= self.priority <= 1000:
+            raise ValueError(f"priority must be an integer from -1000 to 1000, not {self.priority!r}")
+
+    def headers(self, name: str) -> dict[str, str]:
+        return {QUEUE_HEADER: name, DEDUP_HEADER: self.dedup_id}
+
+
+async def enqueue(store: Store, name: str, routed: Routed, item: QueueItem) -> str:
+    """Put ``routed`` (built with ``item.headers(name)``) on limiter ``name``'s queue."""
+    queued, holder = await store.queue_enqueue(
+        name, routed.envelope.id, routed.shard, routed.data, item.dedup_id, item.partition,
+        item.priority, DEDUP_TTL_MS,
+    )  # fmt: skip
+    if not queued:
+        raise DuplicateItem(item.dedup_id, holder)
+    return holder
+
+
+def queued_item(headers: dict[str, str], message_id: str) -> tuple[str, str, str] | None:
+    """(limiter, item id, dedup id) if the message came through a queue."""
+    name = headers.get(QUEUE_HEADER)
+    return None if not name else (name, message_id, headers.get(DEDUP_HEADER, ""))
+
+
 class _Queue:
     """One limiter's state in this process."""
 
@@ -94,15 +142,21 @@ class _Queue:
         self.local = asyncio.Semaphore(limiter.per_worker) if limiter.per_worker else None
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.released = asyncio.Event()
+        """Set when any process releases a slot (or queues an item): waiters ask again."""
+        self.changed = asyncio.Event()
+        """The same events, for this process's dispatcher."""
         self.holding = 0
 
 
 class Limits:
     """The limiters of one process (a worker's, shared by all its turns)."""
 
-    def __init__(self, store: Store, limiters: dict[str, Limiter], lease_ms: int) -> None:
+    def __init__(
+        self, store: Store, limiters: dict[str, Limiter], lease_ms: int, idempotency_ttl_ms: int = 0
+    ) -> None:
         self.store = store
         self.lease_ms = lease_ms
+        self.idempotency_ttl_ms = idempotency_ttl_ms or 24 * 3600 * 1000
         self._queues = {name: _Queue(limiter) for name, limiter in limiters.items()}
         self._held: set[tuple[str, str]] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -119,13 +173,13 @@ class Limits:
                     name, recorded.get(name), definition,
                 )  # fmt: skip
         subscribed = asyncio.Event()
+        events = self.store.keys.limiter_events()
         self._tasks = [
-            asyncio.create_task(
-                self.store.listen(self.store.keys.limiter_events(), self._on_release, subscribed)
-            ),
+            asyncio.create_task(self.store.listen(events, self._on_release, subscribed)),
             asyncio.create_task(self._renew_loop()),
         ]
         await subscribed.wait()
+        self._tasks += [asyncio.create_task(self._dispatch_loop(q)) for q in self._queues.values()]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -206,6 +260,69 @@ class Limits:
         queue = self._queues.get(data.decode(errors="replace"))
         if queue is not None:
             queue.released.set()
+            queue.changed.set()
+
+    # ---- queues --------------------------------------------------------------------
+    async def enqueue(self, name: str, routed: Routed, item: QueueItem) -> str:
+        """Queue a routed message (its envelope carries ``item.headers``); returns its item id."""
+        self.check(name)
+        return await enqueue(self.store, name, routed, item)
+
+    @contextlib.asynccontextmanager
+    async def hold_item(self, name: str | None, item_id: str) -> AsyncIterator[None]:
+        """Hold the slot a queued item was dispatched with (taken again if its lease
+        expired meanwhile) while its turn runs."""
+        queue = self._queues.get(name) if name is not None else None
+        if queue is None or queue.limiter.concurrency is None:
+            yield
+            return
+        while True:
+            queue.released.clear()
+            granted, wait_ms, _ = await self.store.limiter_acquire(
+                queue.limiter.name, item_id, self.lease_ms, queue.limiter.concurrency, 0, 0
+            )
+            if granted:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(queue.released.wait(), timeout=max(wait_ms, 1) / 1000)
+        self._held.add((queue.limiter.name, item_id))
+        try:
+            yield
+        finally:
+            await self._release(queue.limiter.name, item_id)
+
+    async def _dispatch_loop(self, queue: _Queue) -> None:
+        """Move the queue's items to their actors' inboxes as fast as the limiter allows."""
+        limiter = queue.limiter
+        while True:
+            queue.changed.clear()
+            try:
+                status, wait_ms, item = await self.store.queue_dispatch(
+                    limiter.name, self.lease_ms, limiter.concurrency or 0,
+                    limiter.interval_ms, limiter.tolerance_ms, DISPATCH_DEADLINE_MS,
+                )  # fmt: skip
+                if item is not None:
+                    await asyncio.sleep(wait_ms / 1000)
+                    item_id, shard, envelope = item
+                    # Idempotent by item id: a dispatch retried after a crash appends nothing twice.
+                    await self.store.append_once(shard, item_id, item_id, envelope, self.idempotency_ttl_ms)
+                    await self.store.queue_dispatched(limiter.name, item_id)
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("queue %r: dispatch failed: %s", limiter.name, exc)
+                status, wait_ms = 2, 0
+            timeout = max(wait_ms, 1) / 1000 if status == 0 else POLL
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(queue.changed.wait(), timeout=timeout)
+
+    async def items_done(self, items: list[tuple[str, str, str]]) -> None:
+        """(limiter, item id, dedup id) of queued items whose turns ended."""
+        try:
+            await self.store.queue_done(items)
+        except Exception as exc:  # slots and dedup ids expire on their own
+            log.warning("could not record the end of %d queued items: %s", len(items), exc)
 
     async def _renew_loop(self) -> None:
         while True:

@@ -81,10 +81,13 @@ def route(
     *,
     message_id: str | None = None,
     reply_to: str | None = None,
+    headers: dict[str, str] | None = None,
     strict_types: bool = False,
 ) -> Routed:
     """``build_envelope``, then encode it under ``max_bytes`` (MessageTooLarge) and place it."""
-    env = build_envelope(app, ref, msg, message_id=message_id, reply_to=reply_to, strict_types=strict_types)
+    env = build_envelope(
+        app, ref, msg, message_id=message_id, reply_to=reply_to, headers=headers, strict_types=strict_types
+    )
     return Routed(env, encode_envelope(env, max_bytes), shard_of(env.actor_id, shards))
 
 

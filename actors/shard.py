@@ -47,6 +47,7 @@ from .codec import (
 )
 from .errors import ActorsError, DecodeError, UnknownActorType, UnknownMessageType
 from .journal import FOREVER_MS, Journal, JournalMismatch, OpenTurn, Record, RedisClock, Suspend
+from .limits import queued_item
 from .messages import CANCEL, TICK, Tick
 from .routing import shard_of, tick_envelope
 from .schedules import Schedule, slot_datetime
@@ -502,7 +503,8 @@ class ShardRunner:
             ctx = TurnContext(self.services, self, self.shard, env, info, Journal(records), source=source)
             actor._turn = ctx
             try:
-                async with self.services.limits.hold(type(actor).limiter):
+                limits = self.services.limits
+                async with limits.hold(type(actor).limiter), limits.hold_item(_queue_of(env), env.id):
                     result = await handler.fn(actor, queued.message)
                 snapshot = encode_state(actor.state)
                 reply = self._reply(env, result)
@@ -537,6 +539,7 @@ class ShardRunner:
             local=ctx.local, remote=ctx.remote,
             reply_key=self.store.keys.reply(self.shard, env.id) if env.reply_to else None,
             reply_channel=env.reply_to, reply=reply,
+            item=queued_item(env.headers, env.id),
             **_consumed(ctx),
         )  # fmt: skip
         result = await self._write(write)
@@ -645,8 +648,9 @@ class ShardRunner:
             error = encode_reply(Reply(env.id, False, None, None, reason, detail))
             reply = {"reply_key": self.store.keys.reply(self.shard, env.id), "reply_channel": env.reply_to,
                      "reply": error}  # fmt: skip
+        item = None if env is None else queued_item(env.headers, env.id)
         return Write("d", aid, origin, ref, envelope=raw, reason=reason, detail=detail,
-                     acks=[q.entry_id for q in acks if q.entry_id], **reply)  # fmt: skip
+                     acks=[q.entry_id for q in acks if q.entry_id], item=item, **reply)  # fmt: skip
 
     # ---- 4. commit ---------------------------------------------------------------------
     async def _write(self, write: Write) -> int:
@@ -674,12 +678,17 @@ class ShardRunner:
                     self.shard, self.lease.value, [w for w, _ in batch], self._reply_ttl_ms
                 )
                 forwarded = False
+                items_done = []
                 for (write, fut), result in zip(batch, results, strict=True):
                     forwarded = forwarded or bool(write.remote)
+                    if write.item is not None and result != DUPLICATE:
+                        items_done.append(write.item)
                     if not fut.done():
                         fut.set_result(result)
                 if forwarded:
                     self._forward_wakeup.set()
+                if items_done:
+                    await self.services.limits.items_done(items_done)
 
     # ---- 5. forward ---------------------------------------------------------------------
     async def _forward_loop(self) -> None:
@@ -718,6 +727,11 @@ class ShardRunner:
             self._room.set()
         if self.inflight == 0:
             self._idle.set()
+
+
+def _queue_of(env: Envelope) -> str | None:
+    item = queued_item(env.headers, env.id)
+    return None if item is None else item[0]
 
 
 def _handler(cls: type[Actor], queued: Queued) -> Handler | None:

@@ -94,10 +94,12 @@ class Write:
     """Deferred envelopes the turn consumed, removed from the actor's list."""
     defers: Sequence[tuple[str, bytes]] = ()
     """Inbox (entry id, envelope) pairs moved behind the actor's open turn."""
+    item: tuple[str, str, str] | None = None
+    """(limiter, item id, dedup id) of the queued item whose turn this write ends."""
 
     @property
     def uses_deferred(self) -> bool:
-        return self.origin in "oq" or self.op in "fs" or bool(self.unlists or self.defers)
+        return self.origin in ("o", "q") or self.op in ("f", "s") or bool(self.unlists or self.defers)
 
 
 DUPLICATE, DONE, BACKLOG = 0, 1, 2
@@ -174,6 +176,9 @@ class Store:
                 "fire_schedule",
                 "limiter_acquire",
                 "limiter_release",
+                "queue_dispatch",
+                "queue_done",
+                "queue_enqueue",
                 "enqueue_once",
                 "forward",
                 "replay_dead_letter",
@@ -495,6 +500,71 @@ class Store:
             pipe.hgetall(key)
             *_, recorded = await pipe.execute()
         return {n.decode(): d.decode() for n, d in recorded.items()}
+
+    async def queue_enqueue(
+        self, name: str, item_id: str, shard: int, envelope: bytes, dedup_id: str, partition: str,
+        priority: int, dedup_ttl_ms: int,
+    ) -> tuple[bool, str]:  # fmt: skip
+        """Queue an item; returns (True, item id), or (False, id of the item holding ``dedup_id``)."""
+        k = self.keys
+        keys = [k.queue(name, p) for p in ("items", "ready", "vtime", "rounds", "counts")]
+        keys.append(k.queue(name, f"dedup:{dedup_id}") if dedup_id else keys[0])
+        args = [
+            item_id,
+            shard,
+            envelope,
+            dedup_id,
+            partition,
+            priority,
+            dedup_ttl_ms,
+            k.limiter_events(),
+            name,
+        ]
+        queued, holder = await self._run("queue_enqueue", keys, args)
+        return bool(queued), holder.decode()
+
+    async def queue_dispatch(
+        self, name: str, lease_ms: int, cap: int, interval_ms: float, tolerance_ms: float, deadline_ms: int
+    ) -> tuple[int, int, tuple[str, int, bytes] | None]:
+        """Take the next queued item with a slot and a token: (1, wait ms, (id, shard, envelope)),
+        (0, ms until a slot lease expires, None) if every slot is held, (2, 0, None) if empty."""
+        k = self.keys
+        keys = [k.limiter_slots(name), k.limiter_tat(name)]
+        keys += [k.queue(name, p) for p in ("items", "ready", "dispatching", "vtime", "rounds", "counts")]
+        reply = await self._run(
+            "queue_dispatch", keys, [lease_ms, cap, interval_ms, tolerance_ms, deadline_ms]
+        )
+        status = int(reply[0])
+        if status != 1:
+            return status, int(reply[1]) if status == 0 else 0, None
+        return 1, int(reply[1]), (reply[2].decode(), int(reply[3]), bytes(reply[4]))
+
+    async def queue_dispatched(self, name: str, item_id: str) -> None:
+        """The item is in its actor's inbox: it leaves the queue (its slot and dedup id stay)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.keys.queue(name, "dispatching"), item_id)
+            pipe.hdel(self.keys.queue(name, "items"), item_id)
+            await pipe.execute()
+
+    async def queue_done(self, items: Sequence[tuple[str, str, str]]) -> None:
+        """(limiter, item id, dedup id) of queued items whose turns ended, in one round trip."""
+        k = self.keys
+        script = self._scripts["queue_done"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, item_id, dedup_id in items:
+                slots = k.limiter_slots(name)
+                dedup = k.queue(name, f"dedup:{dedup_id}") if dedup_id else slots
+                args = [item_id, "1" if dedup_id else "", k.limiter_events(), name]
+                await script(keys=[slots, dedup], args=args, client=pipe)
+            await pipe.execute()
+
+    async def queue_depths(self, name: str) -> tuple[dict[str, int], int]:
+        """Queued items by partition, and items being dispatched."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.queue(name, "counts"))
+            pipe.zcard(self.keys.queue(name, "dispatching"))
+            counts, dispatching = await pipe.execute()
+        return {p.decode(): int(n) for p, n in counts.items()}, int(dispatching)
 
     async def limiter_holders(self, name: str) -> int:
         """How many slots of the limiter are held now (leases not expired)."""

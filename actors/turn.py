@@ -23,9 +23,9 @@ from pydantic import BaseModel, TypeAdapter
 
 from .actor import ActorRef, App
 from .codec import Envelope, decode_reply, encode_reply
-from .errors import ActorsError
+from .errors import ActorsError, DuplicateItem
 from .journal import FOREVER_MS, Journal, Record, RedisClock, StepFailed, Suspend
-from .limits import Limits
+from .limits import Limits, QueueItem
 from .replies import ReplyListener, reply_value
 from .routing import Routed, route
 from .settings import MessageSettings
@@ -143,6 +143,27 @@ class TurnContext:
             record = self.journal.record("ask", name, encode_reply(reply))
             await self.host.flush(self)
         return reply_value(decode_reply(record.value), self.services.app.resolve(ref), type(msg).__name__)
+
+    async def enqueue(self, queue: str, ref: ActorRef[Any], msg: BaseModel, item: QueueItem) -> str:
+        self._outside_step("enqueue")
+        self.services.limits.check(queue)
+        name = f"{queue}:{_target(ref, msg)}"
+        position = self.journal.position
+        record = self.journal.replay("enqueue", name)
+        if record is None:
+            # A deterministic item id: a re-run before the result was journaled queues
+            # nothing new, and the dispatcher appends each item id once.
+            item_id = f"{self.envelope.id}.q{position}"
+            routed = self._route(ref, msg, message_id=item_id, headers=item.headers(queue))
+            try:
+                value = ["ok", await self.services.limits.enqueue(queue, routed, item)]
+            except DuplicateItem as exc:
+                value = ["duplicate", exc.dedup_id, exc.item_id]
+            record = self.journal.record("enqueue", name, value)
+            await self.host.flush(self)
+        if record.value[0] == "duplicate":
+            raise DuplicateItem(record.value[1], record.value[2])
+        return str(record.value[1])
 
     def _route(self, ref: ActorRef[Any], msg: BaseModel, **kwargs: Any) -> Routed:
         services = self.services

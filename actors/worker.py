@@ -66,7 +66,10 @@ class Worker:
     async def run(self) -> None:
         store = Store.from_url(resolve_url(self.redis_settings.url), self.redis_settings.namespace)
         replies = ReplyListener(store)
-        limits = Limits(store, self.app.limiters, int(self.settings.lease.ttl * 1000))
+        limits = Limits(
+            store, self.app.limiters, int(self.settings.lease.ttl * 1000),
+            int(self.settings.messages.idempotency_ttl * 1000),
+        )  # fmt: skip
         try:
             shards = await store.shard_count(self.settings.shards, DEFAULT_SHARDS)
             await replies.start()

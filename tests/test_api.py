@@ -9,7 +9,8 @@ def test_exported_names_are_pinned() -> None:
         "RedisSettings", "WorkerSettings", "LeaseSettings", "RetrySettings", "MessageSettings",
         "ActorsError", "AskTimeout", "ConfigurationError", "DecodeError", "DefinitionError",
         "HandlerError", "LeaseLost", "MessageTooLarge", "ServerError", "UnknownActorType",
-        "UnknownMessageType", "Approval", "schedule", "Tick", "JournalMismatch", "StepFailed", "Limiter",
+        "UnknownMessageType", "Approval", "schedule", "Tick", "JournalMismatch", "StepFailed",
+        "Limiter", "DuplicateItem",
     ])  # fmt: skip
     for name in actors.__all__:
         assert getattr(actors, name) is not None

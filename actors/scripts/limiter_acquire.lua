@@ -13,6 +13,11 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local cap = tonumber(ARGV[3])
+if cap > 0 and redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  -- Already held (a queued item's slot, taken at dispatch): renew it; no new token.
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  return {1, 0, math.floor(now)}
+end
 if cap > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
   if redis.call('ZCARD', KEYS[1]) >= cap then

@@ -1,0 +1,63 @@
+-- Take the next item of a limiter's queue, with a concurrency slot held under the
+-- item's id and a rate token reserved, as limiter_acquire.lua does for a step.
+-- The item stays in `items` and moves to `dispatching` until the dispatcher confirms
+-- it appended the item to its actor's inbox (QueueStore.dispatched); a dispatch not
+-- confirmed by its deadline (the dispatcher died) goes back to `ready`.
+-- KEYS[1] slots  KEYS[2] tat  KEYS[3] items  KEYS[4] ready  KEYS[5] dispatching
+-- KEYS[6] vtime  KEYS[7] rounds  KEYS[8] counts
+-- ARGV[1] slot lease ms, ARGV[2] concurrency cap (0: none), ARGV[3] emission interval
+-- ms (0: no rate), ARGV[4] burst tolerance ms, ARGV[5] ms a dispatcher has, after its
+-- rate wait, to append and confirm
+-- Returns {1, wait ms, item id, shard, envelope} for an item (append it after the wait);
+-- {0, ms until the earliest slot lease expires} when every slot is held;
+-- {2} when the queue is empty.
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+for _, id in ipairs(redis.call('ZRANGE', KEYS[5], '-inf', now, 'BYSCORE')) do
+  redis.call('ZREM', KEYS[5], id)
+  local raw = redis.call('HGET', KEYS[3], id)
+  if raw then
+    local item = cmsgpack.unpack(raw)
+    redis.call('ZADD', KEYS[4], item[5], id)
+    redis.call('HINCRBY', KEYS[8], item[4], 1)
+  end
+end
+local cap = tonumber(ARGV[2])
+if cap > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+  if redis.call('ZCARD', KEYS[1]) >= cap then
+    local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+    return {0, math.ceil(tonumber(first[2]) - now)}
+  end
+end
+local head = redis.call('ZRANGE', KEYS[4], 0, 0)
+if #head == 0 then
+  return {2}
+end
+local id = head[1]
+local item = cmsgpack.unpack(redis.call('HGET', KEYS[3], id))
+redis.call('ZREM', KEYS[4], id)
+if item[6] > tonumber(redis.call('GET', KEYS[6]) or '0') then
+  redis.call('SET', KEYS[6], item[6])
+end
+if redis.call('HINCRBY', KEYS[8], item[4], -1) <= 0 then
+  redis.call('HDEL', KEYS[8], item[4])
+  redis.call('HDEL', KEYS[7], item[4])
+end
+if cap > 0 then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 2))
+end
+local wait = 0
+local interval = tonumber(ARGV[3])
+if interval > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if tat < now then
+    tat = now
+  end
+  wait = math.max(0, tat - now - tonumber(ARGV[4]))
+  local new_tat = tat + interval
+  redis.call('SET', KEYS[2], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now + interval))
+end
+redis.call('ZADD', KEYS[5], now + wait + tonumber(ARGV[5]), id)
+return {1, math.ceil(wait), id, item[1], item[2]}

@@ -1,0 +1,10 @@
+-- A queued item's turn has ended (committed or dead-lettered): forget its dedup id,
+-- give back its slot if still held, and wake the dispatchers.
+-- KEYS[1] slots  KEYS[2] dedup key (string: item id), or the slots key again if none
+-- ARGV[1] item id, ARGV[2] has a dedup id ('1' or ''), ARGV[3] events channel, ARGV[4] limiter name
+if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1

@@ -1,0 +1,35 @@
+-- Put an item on a limiter's queue, unless its dedup id is queued or running.
+-- Order: higher priority first; within a priority, partitions take turns (each item
+-- gets its partition's next round, starting no earlier than the round being
+-- dispatched, so a new or small partition is not stuck behind a large one);
+-- within a partition, arrival order.
+-- KEYS[1] items  KEYS[2] ready  KEYS[3] vtime  KEYS[4] rounds  KEYS[5] counts
+-- KEYS[6] dedup key (string: item id), or the items key again when there is no dedup id
+-- ARGV[1] item id, ARGV[2] target shard, ARGV[3] envelope, ARGV[4] dedup id ('' none),
+-- ARGV[5] partition, ARGV[6] priority (-1000..1000), ARGV[7] dedup ttl ms,
+-- ARGV[8] events channel, ARGV[9] limiter name
+-- Returns {1, item id} if queued (or queued before under this item id), {0, the item id
+-- holding the dedup id} if refused.
+if ARGV[4] ~= '' then
+  local holder = redis.call('GET', KEYS[6])
+  if holder and holder ~= ARGV[1] then
+    return {0, holder}
+  end
+end
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  return {1, ARGV[1]}
+end
+local partition = ARGV[5]
+local vtime = tonumber(redis.call('GET', KEYS[3]) or '0')
+local last = tonumber(redis.call('HGET', KEYS[4], partition) or '-1')
+local round = math.max(last + 1, vtime)
+redis.call('HSET', KEYS[4], partition, round)
+redis.call('HINCRBY', KEYS[5], partition, 1)
+local score = (1000 - tonumber(ARGV[6])) * 68719476736 + round
+redis.call('HSET', KEYS[1], ARGV[1], cmsgpack.pack({ARGV[2], ARGV[3], ARGV[4], partition, score, round}))
+redis.call('ZADD', KEYS[2], score, ARGV[1])
+if ARGV[4] ~= '' then
+  redis.call('SET', KEYS[6], ARGV[1], 'PX', ARGV[7])
+end
+redis.call('PUBLISH', ARGV[8], ARGV[9])
+return {1, ARGV[1]}

@@ -1,0 +1,764 @@
+"""Durable workflows: what a sleeping actor costs in Redis, how fast and how late timers fire,
+and what a journaled step costs, measured in one run on one server.
+
+    python -m benchmarks.workflows [--sleepers 100000] [--timers 20000] [--steps 10]
+                                   [--step-messages 2000] [--step-actors 200] [--serial 100]
+                                   [--processes 2] [--only sleepers|timers|steps ...] [--json PATH]
+
+Everything runs on a private server (AOF on, fsync every second) that this command starts on a
+free loopback port in a temporary directory and stops at the end. Each part uses a fresh
+namespace, ``--shards 16`` and ``--processes`` real worker processes
+(``python -m actors.cli worker benchmarks.workflows:app``), started before the part and stopped
+after it.
+
+1. ``sleepers``: ``--sleepers`` N Sleeper actors each get one message whose handler does
+   ``await self.sleep(timedelta(days=30))``; they are sent with ``send_many`` in chunks of 1,000
+   (at most ``WINDOW`` not yet suspended at a time) until the shards' ``timers`` zsets hold N
+   members. A suspended turn lives in the shard's ``turns`` hash (its message and journal) and
+   ``timers`` zset (its due time). Reported: Redis ``used_memory`` after minus before, divided
+   by N, just after the last suspension and again once the workers have trimmed the acked
+   entries from the inbox streams; and ``MEMORY USAGE key SAMPLES 1000`` of each shard's
+   turns, timers, state and inbox keys (after minus before), per sleeper.
+2. ``timers``: ``--timers`` M Alarm actors each ``sleep(until=T)`` with one T, a whole second
+   far enough ahead that all M are suspended before it (checked). After the sleep each handler
+   records ``time.time()`` in its state. Reported: lateness (wake-up time minus T) p50/p99/max,
+   the earliest wake (must be >= 0), M / (last wake - T), and M / (all turns committed - T) as
+   seen by a poller.
+3. ``steps``: ``--step-messages`` messages to ``--step-actors`` actors whose handler does
+   ``--steps`` K ``await self.step(noop)`` (an async noop; also a sync one, which a step runs in
+   a thread), against one that calls ``await noop()`` K times directly. Throughput: all
+   messages sent at once with ``send_many``, timed until every actor's state counts them all
+   (after one warm-up message per actor). Latency: ``--serial`` awaited ``ask`` to one actor.
+   Added cost per step = (t_step - t_plain) / (messages * K). Each step is one fenced write
+   (``commit.lua``, op ``j``) of the whole open turn so far, before the handler goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+
+import actors
+from actors.codec import decode_state
+from actors.routing import shard_of
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_SPEC = "benchmarks.workflows:app"
+SHARDS = 16
+SEND_CHUNK = 1_000
+WINDOW = 20_000
+"""Sleepers sent but not yet suspended, at most (keeps the inbox streams from ballooning)."""
+SAMPLES = 1_000
+"""``MEMORY USAGE ... SAMPLES``: 0 (exact) walks every field, slow for 1M sleepers."""
+POLL_S = 0.02
+STALL_S = 60.0
+"""Give up when the awaited count does not move for this long."""
+TARGET_BYTES = 512
+
+
+# ---- the actors the workers run -----------------------------------------------------------
+class Hibernate(BaseModel):
+    days: float = 30.0
+
+
+class Sleeper(actors.Actor):
+    """One message: sleep for a month. Nothing else, so what stays in Redis is the sleep."""
+
+    async def on_hibernate(self, msg: Hibernate) -> None:
+        await self.sleep(timedelta(days=msg.days))
+
+
+class WakeAt(BaseModel):
+    due_ms: int
+    """A whole second, so ``due_ms / 1000`` is exact and the runtime's due is this one."""
+
+
+class Alarm(actors.Actor):
+    class State(BaseModel):
+        woke: float = 0.0
+        wakes: int = 0
+
+    async def on_wake_at(self, msg: WakeAt) -> None:
+        await self.sleep(until=datetime.fromtimestamp(msg.due_ms / 1000, UTC))
+        self.state.woke = time.time()
+        self.state.wakes += 1
+
+
+class Work(BaseModel):
+    k: int = 10
+
+
+class Counted(BaseModel):
+    done: int = 0
+
+
+async def noop() -> None:
+    return None
+
+
+def sync_noop() -> None:
+    return None
+
+
+class Stepped(actors.Actor):
+    """K journaled steps of an async function, awaited in the handler's task."""
+
+    State = Counted
+
+    async def on_work(self, msg: Work) -> None:
+        for _ in range(msg.k):
+            await self.step(noop)
+        self.state.done += 1
+
+
+class ThreadStepped(actors.Actor):
+    """K journaled steps of a sync function: a step runs it in a thread (``asyncio.to_thread``)."""
+
+    State = Counted
+
+    async def on_work(self, msg: Work) -> None:
+        for _ in range(msg.k):
+            await self.step(sync_noop)
+        self.state.done += 1
+
+
+class Plain(actors.Actor):
+    """The same K calls, not journaled."""
+
+    State = Counted
+
+    async def on_work(self, msg: Work) -> None:
+        for _ in range(msg.k):
+            await noop()
+        self.state.done += 1
+
+
+app = actors.App(Sleeper, Alarm, Stepped, ThreadStepped, Plain)
+
+
+# ---- worker processes -----------------------------------------------------------------------
+@dataclass
+class Workers:
+    procs: list[subprocess.Popen[bytes]]
+    log: Path
+
+    def log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(no log)"
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                tail = self.log_tail()
+                raise RuntimeError(f"worker {p.pid} exited with {p.returncode}; {self.log}:\n{tail}")
+
+    def rss_mib(self) -> list[float]:
+        """Resident memory of each worker process (MiB), from /proc; 0 where unreadable."""
+        sizes = []
+        for p in self.procs:
+            try:
+                status = Path(f"/proc/{p.pid}/status").read_text()
+                kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+            except (OSError, StopIteration, ValueError):
+                kib = 0
+            sizes.append(kib / 1024)
+        return sizes
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def spawn_workers(url: str, ns: str, count: int, log: Path) -> Workers:
+    argv = [sys.executable, "-m", "actors.cli", "--log-level", "WARNING", "worker", APP_SPEC,
+            "--redis", url, "--namespace", ns, "--shards", str(SHARDS)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log, "ab") as out:
+        procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=out) for _ in range(count)]
+    return Workers(procs, log)
+
+
+async def shard_values(r: aioredis.Redis, command: Callable[[Any, int], Any]) -> list[Any]:
+    """``command(pipe, shard)`` for every shard in one pipeline; the replies in shard order."""
+    async with r.pipeline(transaction=False) as pipe:
+        for s in range(SHARDS):
+            command(pipe, s)
+        return list(await pipe.execute())
+
+
+async def wait_balanced(client: actors.Client, workers: Workers, timeout: float = 60.0) -> None:
+    """Until every shard is leased and the processes share them evenly."""
+    keys = client.store.keys
+    share = math.ceil(SHARDS / len(workers.procs))
+    deadline = time.monotonic() + timeout
+    while True:
+        values = await shard_values(client.store.redis, lambda pipe, s: pipe.get(keys.lease(s)))
+        owners = [v.decode().rpartition("|")[0] if v else "" for v in values]
+        held = [sum(1 for o in owners if f"-{p.pid}-" in o) for p in workers.procs]
+        if all(owners) and min(held) >= 1 and max(held) <= share:
+            return
+        workers.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"shards not balanced after {timeout:.0f}s: {held}; {workers.log_tail()}")
+        await asyncio.sleep(0.05)
+
+
+async def wait_until(
+    count: Callable[[], Awaitable[int]], target: int, workers: Workers, what: str, poll: float = POLL_S
+) -> float:
+    """Poll ``count`` until it equals ``target``; returns the wall-clock time it first did.
+    Fails if a worker exits or the count does not move for STALL_S."""
+    last, moved = -1, time.monotonic()
+    while True:
+        n = await count()
+        if n == target:
+            return time.time()
+        workers.check_alive()
+        if n != last:
+            last, moved = n, time.monotonic()
+        elif time.monotonic() - moved > STALL_S:
+            raise RuntimeError(f"{what}: stuck at {n} of {target} for {STALL_S:.0f}s; {workers.log_tail()}")
+        await asyncio.sleep(poll)
+
+
+async def timer_count(client: actors.Client) -> int:
+    keys = client.store.keys
+    return sum(await shard_values(client.store.redis, lambda pipe, s: pipe.zcard(keys.timers(s))))
+
+
+async def epochs(client: actors.Client) -> list[int]:
+    """Every shard's fencing epoch: it grows by one each time the shard changes owner."""
+    keys = client.store.keys
+    return [
+        int(v or 0) for v in await shard_values(client.store.redis, lambda pipe, s: pipe.get(keys.epoch(s)))
+    ]
+
+
+def lease_changes(first: list[int], last: list[int]) -> int:
+    return sum(b - a for a, b in zip(first, last, strict=True))
+
+
+async def open_count(client: actors.Client) -> int:
+    """Timers plus open turns over all shards: 0 once every turn has committed."""
+    keys = client.store.keys
+
+    def both(pipe: Any, s: int) -> None:
+        pipe.zcard(keys.timers(s))
+        pipe.hlen(keys.turns(s))
+
+    async with client.store.redis.pipeline(transaction=False) as pipe:
+        for s in range(SHARDS):
+            both(pipe, s)
+        return sum(await pipe.execute())
+
+
+async def states(client: actors.Client, ids: Sequence[str]) -> list[dict[str, Any] | None]:
+    """Decoded snapshots of ``ids`` (None where there is none), read per shard with HMGET."""
+    by_shard: dict[int, list[str]] = {}
+    for aid in ids:
+        by_shard.setdefault(shard_of(aid, SHARDS), []).append(aid)
+    r, keys = client.store.redis, client.store.keys
+    async with r.pipeline(transaction=False) as pipe:
+        for s, group in by_shard.items():
+            pipe.hmget(keys.state(s), group)
+        replies = await pipe.execute()
+    found: dict[str, dict[str, Any] | None] = {}
+    for group, values in zip(by_shard.values(), replies, strict=True):
+        for aid, raw in zip(group, values, strict=True):
+            found[aid] = None if raw is None else decode_state(raw)
+    return [found[aid] for aid in ids]
+
+
+def quantile(ordered: Sequence[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def progress(text: str) -> None:
+    print(f"  .. {text}", file=sys.stderr, flush=True)
+
+
+# ---- 1. bytes per sleeping actor ------------------------------------------------------------
+def sleeper_key(i: int) -> str:
+    return f"order-{i:07d}"
+
+
+KEY_TYPES = ("turns", "timers", "state", "inbox")
+
+
+async def key_usage(client: actors.Client, kind: str) -> int:
+    """``MEMORY USAGE`` summed over the shards' keys of one kind (0 for a missing key)."""
+    k = client.store.keys
+    name = {"turns": k.turns, "timers": k.timers, "state": k.state, "inbox": k.inbox}[kind]
+    values = await shard_values(
+        client.store.redis, lambda pipe, s: pipe.memory_usage(name(s), samples=SAMPLES)
+    )
+    return sum(int(v or 0) for v in values)
+
+
+INFO_FIELDS = ("used_memory", "used_memory_dataset", "used_memory_overhead", "mem_clients_normal",
+               "mem_aof_buffer", "used_memory_scripts")  # fmt: skip
+
+
+async def memory_snapshot(client: actors.Client) -> dict[str, int]:
+    snap = {kind: await key_usage(client, kind) for kind in KEY_TYPES}
+    info = await client.store.redis.info("memory")
+    snap.update({name: int(info.get(name, 0)) for name in INFO_FIELDS})
+    return snap
+
+
+async def send_sleepers(client: actors.Client, n: int, workers: Workers) -> None:
+    """Send N Hibernate messages in chunks, keeping at most WINDOW of them not yet suspended."""
+    report_every = max(n // 10, SEND_CHUNK)
+    sent, suspended = 0, 0
+    while sent < n:
+        while sent - suspended >= WINDOW:
+            workers.check_alive()
+            await asyncio.sleep(0.05)
+            suspended = await timer_count(client)
+        chunk = min(SEND_CHUNK, n - sent)
+        batch = [(Sleeper.ref(sleeper_key(i)), Hibernate()) for i in range(sent, sent + chunk)]
+        await client.send_many(batch)
+        sent += chunk
+        if sent % report_every < chunk:
+            suspended = await timer_count(client)
+            progress(f"sleepers: {sent:,} sent, {suspended:,} suspended")
+        elif sent % (SEND_CHUNK * 5) == 0:
+            suspended = await timer_count(client)
+
+
+async def wait_trimmed(client: actors.Client, workers: Workers, timeout: float = 60.0) -> tuple[int, float]:
+    """Until every inbox stream is trimmed to at most one radix-tree node of entries (the
+    workers ``XTRIM MINID ~`` acked entries every ~5 s); returns (entries left, seconds)."""
+    r, keys = client.store.redis, client.store.keys
+    started = time.monotonic()
+    while True:
+        lengths = await shard_values(r, lambda pipe, s: pipe.xlen(keys.inbox(s)))
+        if max(lengths) <= 100 or time.monotonic() - started > timeout:
+            return sum(lengths), time.monotonic() - started
+        workers.check_alive()
+        await asyncio.sleep(0.5)
+
+
+async def blob_sizes(client: actors.Client, sample: int) -> tuple[float, int, str]:
+    """Average open-turn blob (bytes) over a random sample of fields, the max, and an actor id."""
+    r, keys = client.store.redis, client.store.keys
+    per_shard = max(1, sample // SHARDS)
+    fields = await shard_values(r, lambda pipe, s: pipe.hrandfield(keys.turns(s), per_shard))
+    async with r.pipeline(transaction=False) as pipe:
+        for s, names in enumerate(fields):
+            for name in names:
+                pipe.hstrlen(keys.turns(s), name)
+        sizes = await pipe.execute()
+    example = next((names[0].decode() for names in fields if names), "")
+    return (statistics.fmean(sizes) if sizes else 0.0), max(sizes, default=0), example
+
+
+async def run_sleepers(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    n = args.sleepers
+    ns = f"sleep-{uuid.uuid4().hex[:6]}"
+    async with actors.connect(url, namespace=ns, app=app, shards=SHARDS) as client:
+        r = client.store.redis
+        workers = spawn_workers(url, ns, args.processes, tmp / f"{ns}.log")
+        try:
+            await wait_balanced(client, workers)
+            epochs_before = await epochs(client)
+            before = await memory_snapshot(client)
+            started = time.time()
+            await send_sleepers(client, n, workers)
+            done = await wait_until(lambda: timer_count(client), n, workers, "sleepers suspended", 0.1)
+            untrimmed = await memory_snapshot(client)
+            left, trim_wait = await wait_trimmed(client, workers)
+            after = await memory_snapshot(client)
+            # Every timer is the month-long sleep (none at 0 = running, none FOREVER = parked).
+            now_ms = int(time.time() * 1000)
+            sleeping = sum(
+                await shard_values(
+                    r, lambda pipe, s: pipe.zcount(client.store.keys.timers(s), now_ms + 86_400_000, 2**51)
+                )
+            )
+            turns = sum(await shard_values(r, lambda pipe, s: pipe.hlen(client.store.keys.turns(s))))
+            blob_avg, blob_max, example = await blob_sizes(client, 1_000)
+            rss = workers.rss_mib()
+            changes = lease_changes(epochs_before, await epochs(client))
+        finally:
+            workers.stop()
+        # Leave a clean server for the next parts.
+        async for key in r.scan_iter(match=f"{ns}:*", count=1000):
+            await r.unlink(key)
+        for _ in range(600):  # the server frees them in the background; let it finish first
+            if not int((await r.info("memory")).get("lazyfree_pending_objects", 0)):
+                break
+            await asyncio.sleep(0.1)
+    if sleeping != n or turns != n:
+        raise RuntimeError(f"expected {n} sleeping turns; timers due in 30 days: {sleeping}, turns: {turns}")
+    delta = {k: after[k] - before[k] for k in (*KEY_TYPES, "used_memory")}
+    return {
+        "sleepers": n,
+        "populate_s": done - started,
+        "populate_per_s": n / (done - started),
+        "processes": args.processes,
+        "used_memory_before": before["used_memory"],
+        "used_memory_after": after["used_memory"],
+        "bytes_per_sleeper": delta["used_memory"] / n,
+        "bytes_per_sleeper_untrimmed": (untrimmed["used_memory"] - before["used_memory"]) / n,
+        "inbox_bytes_per_sleeper_untrimmed": (untrimmed["inbox"] - before["inbox"]) / n,
+        "by_key_type": {k: delta[k] / n for k in KEY_TYPES},
+        "other": (delta["used_memory"] - sum(delta[k] for k in KEY_TYPES)) / n,
+        "info_memory_delta": {k: after[k] - before[k] for k in INFO_FIELDS},
+        "inbox_entries_left": left,
+        "trim_wait_s": trim_wait,
+        "open_turn_blob_avg": blob_avg,
+        "open_turn_blob_max": blob_max,
+        "actor_id_example": example,
+        "worker_rss_mib": rss,
+        "lease_changes": changes,
+    }
+
+
+# ---- 2. timers fired per second, and lateness -----------------------------------------------
+async def run_timers(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    m = args.timers
+    ns = f"timers-{uuid.uuid4().hex[:6]}"
+    ids = [f"Alarm/a{i}" for i in range(m)]
+    async with actors.connect(url, namespace=ns, app=app, shards=SHARDS) as client:
+        workers = spawn_workers(url, ns, args.processes, tmp / f"{ns}.log")
+        try:
+            await wait_balanced(client, workers)
+            epochs_before = await epochs(client)
+            margin = args.timer_margin if args.timer_margin is not None else 2.0 + m / 4_000
+            due_s = math.ceil(time.time() + margin)
+            msg = WakeAt(due_ms=due_s * 1000)
+            started = time.time()
+            for first in range(0, m, SEND_CHUNK):
+                last = min(m, first + SEND_CHUNK)
+                await client.send_many([(Alarm.ref(f"a{i}"), msg) for i in range(first, last)])
+            suspended = await wait_until(lambda: timer_count(client), m, workers, "alarms suspended")
+            spare = due_s - suspended
+            if spare <= 0.2:
+                raise RuntimeError(
+                    f"the {m} alarms were suspended only {spare:.2f}s before their due time; "
+                    f"raise --timer-margin (was {margin:.1f}s)"
+                )
+            await asyncio.sleep(max(0.0, due_s - time.time() - 0.2))
+            try:
+                committed = await wait_until(lambda: open_count(client), 0, workers, "alarms woken", 0.005)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}\n{await timer_diagnosis(client, epochs_before)}") from None
+            found = await states(client, ids)
+            changes = lease_changes(epochs_before, await epochs(client))
+        finally:
+            workers.stop()
+    woke = [s["woke"] for s in found if s]
+    wakes = [s["wakes"] for s in found if s]
+    if len(woke) != m or set(wakes) != {1}:
+        raise RuntimeError(f"{m} alarms: {len(woke)} woke, wakes per actor {sorted(set(wakes))}")
+    late = sorted(w - due_s for w in woke)
+    return {
+        "timers": m,
+        "processes": args.processes,
+        "suspend_s": suspended - started,
+        "spare_s": spare,
+        "late_ms_min": late[0] * 1000,
+        "late_ms_p50": statistics.median(late) * 1000,
+        "late_ms_p99": quantile(late, 0.99) * 1000,
+        "late_ms_max": late[-1] * 1000,
+        "early": sum(1 for x in late if x < 0),
+        "fired_per_s": m / late[-1] if late[-1] > 0 else float("inf"),
+        "committed_s": committed - due_s,
+        "committed_per_s": m / (committed - due_s),
+        "lease_changes": changes,
+    }
+
+
+async def timer_diagnosis(client: actors.Client, epochs_before: list[int]) -> str:
+    """Why alarms did not all commit: where the open turns are, their timers, the epochs."""
+    r, keys = client.store.redis, client.store.keys
+    turns = await shard_values(r, lambda pipe, s: pipe.hlen(keys.turns(s)))
+    at_zero = await shard_values(r, lambda pipe, s: pipe.zcount(keys.timers(s), 0, 0))
+    now = await epochs(client)
+    rows = [
+        f"shard {s}: {turns[s]} open turns, {at_zero[s]} timers at score 0, "
+        f"epoch {epochs_before[s]} -> {now[s]}"
+        for s in range(SHARDS)
+        if turns[s] or at_zero[s] or now[s] != epochs_before[s]
+    ]
+    return "\n".join(rows)
+
+
+# ---- 3. cost of a journaled step --------------------------------------------------------------
+@dataclass
+class StepRun:
+    kind: str
+    label: str
+    messages: int
+    seconds: float
+    serial: int
+    serial_seconds: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def serial_ms(self) -> float:
+        return self.serial_seconds / self.serial * 1000
+
+
+STEP_TYPES: Sequence[tuple[str, type[actors.Actor], str]] = (
+    ("plain", Plain, "K x await noop() (not journaled)"),
+    ("step", Stepped, "K x await self.step(noop), async noop"),
+    ("thread_step", ThreadStepped, "K x await self.step(sync_noop), in a thread"),
+)
+
+
+async def run_step_kind(
+    client: actors.Client, workers: Workers, cls: type[actors.Actor], kind: str, label: str,
+    args: argparse.Namespace,
+) -> StepRun:  # fmt: skip
+    n, actor_count, k = args.step_messages, args.step_actors, args.steps
+    refs = [cls.ref(f"{kind}{i}") for i in range(actor_count)]
+    ids = [ref.id for ref in refs]
+
+    async def done_total() -> int:
+        return sum(s["done"] for s in await states(client, ids) if s)
+
+    # Warm-up: one message per actor, so activations and code paths are hot.
+    await client.send_many([(ref, Work(k=k)) for ref in refs])
+    await wait_until(done_total, actor_count, workers, f"{kind} warm-up", 0.01)
+    started = time.time()
+    for first in range(0, n, SEND_CHUNK):
+        last = min(n, first + SEND_CHUNK)
+        await client.send_many([(refs[i % actor_count], Work(k=k)) for i in range(first, last)])
+    finished = await wait_until(done_total, actor_count + n, workers, kind, 0.01)
+    one = cls.ref(f"{kind}-serial")
+    await client.ask(one, Work(k=k), timeout=30)  # activate it
+    serial_started = time.perf_counter()
+    for _ in range(args.serial):
+        await client.ask(one, Work(k=k), timeout=30)
+    serial_seconds = time.perf_counter() - serial_started
+    return StepRun(kind, label, n, finished - started, args.serial, serial_seconds)
+
+
+async def run_steps(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    ns = f"steps-{uuid.uuid4().hex[:6]}"
+    runs: dict[str, StepRun] = {}
+    async with actors.connect(url, namespace=ns, app=app, shards=SHARDS) as client:
+        workers = spawn_workers(url, ns, args.processes, tmp / f"{ns}.log")
+        try:
+            await wait_balanced(client, workers)
+            epochs_before = await epochs(client)
+            for kind, cls, label in STEP_TYPES:
+                runs[kind] = await run_step_kind(client, workers, cls, kind, label, args)
+                progress(f"steps: {kind} {runs[kind].rate:,.0f} turns/s")
+            changes = lease_changes(epochs_before, await epochs(client))
+        finally:
+            workers.stop()
+    n, k = args.step_messages, args.steps
+    plain = runs["plain"]
+    out: dict[str, Any] = {
+        "messages": n,
+        "actors": args.step_actors,
+        "k": k,
+        "serial": args.serial,
+        "processes": args.processes,
+        "lease_changes": changes,
+        "runs": {},
+    }
+    for kind, run in runs.items():
+        out["runs"][kind] = {
+            "label": run.label,
+            "seconds": run.seconds,
+            "turns_per_s": run.rate,
+            "serial_ms_per_turn": run.serial_ms,
+            "added_us_per_step": None if kind == "plain" else (run.seconds - plain.seconds) / (n * k) * 1e6,
+            "added_serial_us_per_step": None
+            if kind == "plain"
+            else (run.serial_ms - plain.serial_ms) / k * 1000,
+        }
+    return out
+
+
+# ---- report ------------------------------------------------------------------------------------
+def owner_changes(res: dict[str, Any]) -> str:
+    n = res["lease_changes"]
+    note = "" if n == 0 else " (leases were lost: see the worker log)"
+    return f"   shard owner changes while measuring: {n}{note}"
+
+
+def report_sleepers(res: dict[str, Any]) -> list[str]:
+    n = res["sleepers"]
+    total = res["bytes_per_sleeper"]
+    verdict = "under" if total < TARGET_BYTES else "OVER"
+    lines = [
+        f"1. bytes per sleeping actor: {n:,} Sleeper actors, each in sleep(timedelta(days=30))",
+        f"   populated in {res['populate_s']:.1f}s ({res['populate_per_s']:,.0f} suspended/s, "
+        f"{res['processes']} worker procs, send_many chunks of {SEND_CHUNK:,})",
+        f"   open-turn blob: {res['open_turn_blob_avg']:.0f} bytes avg, {res['open_turn_blob_max']} max "
+        f"(sample of 1,000); actor id e.g. {res['actor_id_example']!r}",
+        "",
+        f"   {'what':<52} {'bytes/sleeper':>13}",
+        f"   {'-' * 66}",
+    ]
+    for kind in KEY_TYPES:
+        what = f"{kind} (MEMORY USAGE SAMPLES {SAMPLES}, 16 keys, delta)"
+        lines.append(f"   {what:<52} {res['by_key_type'][kind]:>13.1f}")
+    lines += [
+        f"   {'other (used_memory delta - the above)':<52} {res['other']:>13.1f}",
+        f"   {'used_memory delta / N, inboxes trimmed':<52} {total:>13.1f}   "
+        f"{verdict} the {TARGET_BYTES}-byte target",
+        f"   {'used_memory delta / N, just suspended (untrimmed)':<52} "
+        f"{res['bytes_per_sleeper_untrimmed']:>13.1f}   "
+        f"(inbox streams then {res['inbox_bytes_per_sleeper_untrimmed']:.1f})",
+        f"   used_memory {res['used_memory_before'] / 2**20:.1f} MiB before, "
+        f"{res['used_memory_after'] / 2**20:.1f} MiB after; {res['inbox_entries_left']} inbox entries "
+        f"left after trimming ({res['trim_wait_s']:.1f}s wait); worker RSS "
+        + ", ".join(f"{x:.0f}" for x in res["worker_rss_mib"])
+        + " MiB",
+        owner_changes(res),
+    ]
+    return lines
+
+
+def report_timers(res: dict[str, Any]) -> list[str]:
+    m = res["timers"]
+    early = "none early" if res["early"] == 0 else f"{res['early']} EARLY"
+    return [
+        f"2. timers: {m:,} Alarm actors in sleep(until=T), one T for all; {res['processes']} worker procs",
+        f"   all suspended {res['spare_s']:.2f}s before T "
+        f"(sending and suspending took {res['suspend_s']:.2f}s)",
+        "",
+        f"   {'lateness (wake-up time.time() - T)':<40} {'min':>8} {'p50':>8} {'p99':>8} {'max':>8}",
+        f"   {'-' * 76}",
+        f"   {'ms':<40} {res['late_ms_min']:>8.1f} {res['late_ms_p50']:>8.1f} "
+        f"{res['late_ms_p99']:>8.1f} {res['late_ms_max']:>8.1f}   {early}",
+        "",
+        f"   {'fired/s: M / (last wake-up - T)':<40} {res['fired_per_s']:>10,.0f}",
+        f"   {'committed/s: M / (all committed - T)':<40} {res['committed_per_s']:>10,.0f}   "
+        f"(last commit seen {res['committed_s']:.2f}s after T)",
+        owner_changes(res),
+    ]
+
+
+def report_steps(res: dict[str, Any]) -> list[str]:
+    k, n = res["k"], res["messages"]
+    lines = [
+        f"3. journaled steps: K={k} per turn; {n:,} messages to {res['actors']} actors, all sent "
+        f"at once (throughput), and {res['serial']} awaited asks to one actor (latency); "
+        f"{res['processes']} worker procs",
+        "",
+        f"   {'handler':<44} {'turns/s':>9} {'+us/step':>9} {'ask ms':>8} {'+us/step':>9}",
+        f"   {'-' * 83}",
+    ]
+    for run in res["runs"].values():
+        added = "" if run["added_us_per_step"] is None else f"{run['added_us_per_step']:.0f}"
+        serial = "" if run["added_serial_us_per_step"] is None else f"{run['added_serial_us_per_step']:.0f}"
+        lines.append(
+            f"   {run['label']:<44} {run['turns_per_s']:>9,.0f} {added:>9} "
+            f"{run['serial_ms_per_turn']:>8.2f} {serial:>9}"
+        )
+    lines += [
+        "",
+        "   +us/step (throughput) = (t_step - t_plain) / (messages * K): wall time added per step with",
+        f"   {res['actors']} actors busy at once; +us/step (latency) = (ask ms - plain ask ms) / K for one",
+        "   actor alone. Each step is one fenced Redis write of the open turn before the handler goes on.",
+        owner_changes(res),
+    ]
+    return lines
+
+
+def load_average() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.2f} (1 min), {five:.2f} (5 min)"
+
+
+PARTS = ("sleepers", "timers", "steps")
+
+
+async def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sleepers", type=int, default=100_000, help="N sleeping actors (part 1)")
+    parser.add_argument("--timers", type=int, default=20_000, help="M actors woken at one instant (part 2)")
+    parser.add_argument("--timer-margin", type=float, default=None,
+                        help="seconds from the first send to T (default 2 + M/4000)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=10, help="K steps per turn (part 3)")
+    parser.add_argument("--step-messages", type=int, default=2_000, help="messages per handler kind (part 3)")
+    parser.add_argument("--step-actors", type=int, default=200, help="actors per handler kind (part 3)")
+    parser.add_argument("--serial", type=int, default=100, help="awaited asks to one actor (part 3)")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes for every part")
+    parser.add_argument("--only", action="append", choices=PARTS, help="run only this part (repeatable)")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    parts = args.only or list(PARTS)
+
+    load_before = load_average()
+    tmp = Path(tempfile.mkdtemp(prefix="actors-workflows-"))
+    server = actors.EmbeddedServer(tmp / "redis").start()
+    results: dict[str, Any] = {}
+    try:
+        r = aioredis.Redis.from_url(server.url)
+        try:
+            server_info = await r.info("server")
+            mem_info = await r.info("memory")
+        finally:
+            await r.aclose()
+        for part, run in (("sleepers", run_sleepers), ("timers", run_timers), ("steps", run_steps)):
+            if part in parts:
+                results[part] = await run(server.url, tmp, args)
+    except BaseException:
+        print(f"benchmark failed; server data and worker logs kept in {tmp}", file=sys.stderr)
+        server.stop()
+        raise
+    server.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    name = "valkey" if "valkey_version" in server_info else "redis"
+    version = server_info.get("valkey_version") or server_info.get("redis_version")
+    header = [
+        f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, {name} {version} "
+        f"(allocator {mem_info.get('mem_allocator')}), AOF everysec, loopback; "
+        f"load average before {load_before}, after {load_average()}",
+        f"{SHARDS} shards; parts: {', '.join(parts)}",
+    ]
+    sections = {"sleepers": report_sleepers, "timers": report_timers, "steps": report_steps}
+    for line in header:
+        print(line)
+    for part, res in results.items():
+        print()
+        for line in sections[part](res):
+            print(line)
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "results": results}, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,170 @@
+"""Queues behind limiters: priority order, dedup refusal, fairness between partitions,
+the concurrency cap held by queued turns, and enqueueing from inside an actor."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+import actors
+from actors import Actor, App, ConfigurationError, DuplicateItem, Limiter
+
+from .conftest import eventually
+
+
+class Job(BaseModel):
+    tag: str
+    seconds: float = 0.0
+
+
+class Fan(BaseModel):
+    tags: list[str]
+    dedup: str = ""
+
+
+def note(event: str, tag: str) -> None:
+    with open(Path(os.environ["ACTORS_TEST_DIR"]) / "jobs.log", "a") as out:
+        out.write(f"{event} {tag} {time.time():.6f}\n")
+
+
+class Worker(Actor):
+    class State(BaseModel):
+        done: int = 0
+
+    async def on_job(self, msg: Job) -> None:
+        note("start", msg.tag)
+        await asyncio.sleep(msg.seconds)
+        note("end", msg.tag)
+        self.state.done += 1
+
+
+class Boss(Actor):
+    """Queues jobs from inside a turn (journaled), then sleeps (the turn re-runs on waking)."""
+
+    class State(BaseModel):
+        items: list[str] = []
+        refused: str = ""
+
+    async def on_fan(self, msg: Fan) -> None:
+        for tag in msg.tags:
+            self.state.items.append(await self.enqueue("serial", Worker.ref(tag), Job(tag=tag)))
+        try:
+            await self.enqueue("serial", Worker.ref("again"), Job(tag="again"), dedup_id=msg.dedup)
+            await self.enqueue("serial", Worker.ref("again"), Job(tag="again"), dedup_id=msg.dedup)
+        except DuplicateItem as exc:
+            self.state.refused = exc.dedup_id
+        await self.sleep(0.2)
+
+
+app = App(Worker, Boss, limiters=[Limiter("serial", concurrency=1), Limiter("pair", concurrency=2)])
+
+
+@pytest.fixture(autouse=True)
+def job_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("ACTORS_TEST_DIR", str(tmp_path))
+    return tmp_path / "jobs.log"
+
+
+def events(path: Path, kind: str) -> list[str]:
+    if not path.exists():
+        return []
+    return [line.split()[1] for line in path.read_text().splitlines() if line.startswith(kind)]
+
+
+async def test_higher_priority_goes_first_and_arrival_order_breaks_ties(
+    connect, start_worker, job_log
+) -> None:
+    async with connect(app=app, shards=4) as client:
+        for tag, priority in [("a", 0), ("b", 5), ("c", 0), ("d", 10), ("e", -3), ("f", 5)]:
+            await client.enqueue("serial", Worker.ref(tag), Job(tag=tag), priority=priority)
+        await start_worker(app)
+        await eventually(lambda: len(events(job_log, "end")) == 6, timeout=20)
+    assert events(job_log, "start") == ["d", "b", "f", "a", "c", "e"]
+
+
+async def test_a_dedup_id_is_refused_while_queued_or_running_and_free_after(
+    connect, start_worker, job_log
+) -> None:
+    async with connect(app=app, shards=4) as client:
+        first = await client.enqueue(
+            "serial", Worker.ref("x"), Job(tag="x1", seconds=0.5), dedup_id="order-7"
+        )
+        with pytest.raises(DuplicateItem, match="'order-7' is already queued or running") as refused:
+            await client.enqueue("serial", Worker.ref("x"), Job(tag="x2"), dedup_id="order-7")
+        assert refused.value.item_id == first
+        await start_worker(app)
+        await eventually(lambda: events(job_log, "start") == ["x1"], timeout=20)
+        with pytest.raises(DuplicateItem):  # running now
+            await client.enqueue("serial", Worker.ref("x"), Job(tag="x3"), dedup_id="order-7")
+        await eventually(lambda: events(job_log, "end") == ["x1"], timeout=20)
+
+        async def accepted() -> bool:
+            try:
+                await client.enqueue("serial", Worker.ref("x"), Job(tag="x4"), dedup_id="order-7")
+            except DuplicateItem:
+                return False
+            return True
+
+        await eventually(accepted, timeout=10)
+        await eventually(lambda: events(job_log, "end") == ["x1", "x4"], timeout=20)
+
+
+async def test_a_small_partition_is_not_starved_by_a_large_one(connect, start_worker, job_log) -> None:
+    async with connect(app=app, shards=4) as client:
+        for n in range(200):
+            await client.enqueue("pair", Worker.ref(f"big-{n}"), Job(tag=f"big-{n}"), partition="big")
+        await start_worker(app)
+        await eventually(lambda: len(events(job_log, "end")) >= 10, timeout=20)
+        for n in range(10):
+            await client.enqueue("pair", Worker.ref(f"small-{n}"), Job(tag=f"small-{n}"), partition="small")
+        await eventually(lambda: len(events(job_log, "end")) == 210, timeout=60)
+    ends = events(job_log, "end")
+    last_small = max(i for i, tag in enumerate(ends) if tag.startswith("small"))
+    big_before = sum(1 for tag in ends[:last_small] if tag.startswith("big"))
+    assert big_before < 100, f"{big_before} big items finished before the last small one"
+
+
+async def test_queued_turns_hold_the_limiters_slots(connect, start_worker, job_log) -> None:
+    await start_worker(app)
+    await start_worker(app)
+    async with connect(app=app, shards=4) as client:
+        for n in range(12):
+            await client.enqueue("pair", Worker.ref(f"w{n}"), Job(tag=f"w{n}", seconds=0.1))
+        await eventually(lambda: len(events(job_log, "end")) == 12, timeout=30)
+    lines = [line.split() for line in job_log.read_text().splitlines()]
+    timeline = sorted((float(t), 1 if kind == "start" else -1) for kind, _, t in lines)
+    running = peak = 0
+    for _, change in timeline:
+        running += change
+        peak = max(peak, running)
+    assert peak == 2
+
+
+async def test_an_actor_enqueues_from_a_turn_once_even_when_it_re_runs(
+    connect, start_worker, job_log
+) -> None:
+    await start_worker(app)
+    async with connect(app=app, shards=4) as client:
+        await client.send(Boss.ref("b"), Fan(tags=["p", "q", "r"], dedup="boss-again"))
+        await eventually(lambda: len(events(job_log, "end")) == 4, timeout=20)
+        state = await eventually(lambda: _boss_done(client), timeout=20)
+        assert len(state.items) == 3 and state.refused == "boss-again"
+    assert sorted(events(job_log, "start")) == ["again", "p", "q", "r"], "each queued once"
+
+
+async def test_enqueue_refuses_an_unknown_queue_and_a_bad_priority(connect) -> None:
+    async with connect(app=app, shards=4) as client:
+        with pytest.raises(ConfigurationError, match="no limiter named 'nope'"):
+            await client.enqueue("nope", Worker.ref("k"), Job(tag="k"))
+        with pytest.raises(ValueError, match="priority must be an integer from -1000 to 1000"):
+            await client.enqueue("serial", Worker.ref("k"), Job(tag="k"), priority=5000)
+
+
+async def _boss_done(client: actors.Client):  # type: ignore[no-untyped-def]
+    state = await client.state(Boss.ref("b"))
+    return state if state is not None and state.items else None
