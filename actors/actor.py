@@ -181,12 +181,11 @@ class Actor:
         self._context().send(ref, msg)
 
     async def ask(self, ref: ActorRef[Any], msg: BaseModel, *, timeout: float = 30.0) -> Any:
-        """Send ``msg`` and wait for the reply.
-
-        Not yet journaled: if this turn re-runs after a crash, the request is
-        re-sent with the same message id, so the target handles it once and
-        the reply is read back. Two actors asking each other deadlock until
-        the timeout; use ``send`` for cycles.
+        """Send ``msg`` and wait for the reply; journaled, so a re-run of this turn gets
+        the recorded reply without asking again. The request goes out at once, with a
+        message id fixed by the turn and the call's position, so a re-run before the
+        reply was recorded is deduplicated by the target. Two actors asking each other
+        wait until the timeout; use ``send`` for cycles.
         """
         return await self._context().ask(ref, msg, timeout)
 
@@ -240,9 +239,11 @@ class Actor:
     async def sleep(self, delay: timedelta | float | None = None, *, until: datetime | None = None) -> None:
         """Sleep durably for ``delay`` (a timedelta or seconds) or until ``until``.
 
-        The turn is suspended and leaves the worker's memory; the shard's owner
-        wakes it when the time has come by Redis's clock, never before, even if
-        every worker was down meanwhile. Messages to this actor wait until the turn ends.
+        The turn is suspended: its handler is unwound and it lives in Redis until the
+        shard's owner wakes it, when the time has come by Redis's clock, never before,
+        even if every worker was down meanwhile. The handler then runs again from the
+        top (journaled primitives return their results). Messages to this actor wait
+        until the turn ends.
         """
         if (delay is None) == (until is None):
             raise TypeError("sleep needs exactly one of delay or until")

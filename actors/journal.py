@@ -66,13 +66,15 @@ class Record:
 class Journal:
     """The records of one attempt of a turn, and how far the handler has got through them."""
 
-    __slots__ = ("changed", "position", "records")
+    __slots__ = ("changed", "mismatch", "position", "records")
 
     def __init__(self, records: list[Record]) -> None:
         self.records = records
         self.position = 0
         self.changed = False
         """Whether the records differ from the last ones written to Redis."""
+        self.mismatch: JournalMismatch | None = None
+        """Kept even if the handler catches the error, so the turn is parked all the same."""
 
     def replay(self, kind: str, name: str) -> Record | None:
         """Take the next position: its record if the journal has one, else None (run live)."""
@@ -82,10 +84,11 @@ class Journal:
             return None
         record = self.records[position]
         if record.kind != kind or record.name != name:
-            raise JournalMismatch(
+            self.mismatch = JournalMismatch(
                 f"journal position {position} holds {record.kind} {record.name!r}, but the handler "
                 f"now calls {kind} {name!r} there: its code changed while this turn was open"
             )
+            raise self.mismatch
         return record
 
     def record(self, kind: str, name: str, value: Any) -> Record:
@@ -114,14 +117,18 @@ class OpenTurn:
     """Why the turn is parked (a journal mismatch); empty if it is not."""
     since_ms: int = 0
     """When it was suspended (Redis clock), for ``actors waits``."""
+    write: int = 1
+    """How many journal writes made it: each write names the one it follows, so a write
+    that is retried after it was applied (a lost reply) is recognised and applies nothing."""
 
     @property
     def suspended(self) -> bool:
         return self.due_ms > 0
 
     def encode(self) -> bytes:
+        """``<write>:`` then msgpack: the commit script reads the write number without msgpack."""
         records = [[r.kind, r.name, r.value] for r in self.records]
-        return msgpack.packb(
+        return f"{self.write}:".encode() + msgpack.packb(
             [
                 OPEN_TURN_VERSION,
                 self.envelope,
@@ -137,12 +144,14 @@ class OpenTurn:
     @classmethod
     def decode(cls, data: bytes) -> OpenTurn:
         try:
-            version, envelope, records, waiting, due_ms, parked, since_ms = msgpack.unpackb(data, raw=False)
+            write, _, packed = data.partition(b":")
+            version, envelope, records, waiting, due_ms, parked, since_ms = msgpack.unpackb(packed, raw=False)
+            number = int(write)
         except Exception as exc:
             raise DecodeError(f"open turn is not valid: {exc}") from exc
         if version != OPEN_TURN_VERSION:
             raise DecodeError(f"open turn has version {version}, this runtime reads {OPEN_TURN_VERSION}")
-        return cls(envelope, [Record(*r) for r in records], waiting, due_ms, parked, since_ms)
+        return cls(envelope, [Record(*r) for r in records], waiting, due_ms, parked, since_ms, number)
 
 
 class RedisClock:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import time
 import traceback
@@ -376,7 +377,8 @@ class ShardRunner:
             try:
                 act.open = OpenTurn.decode(found.open_turn)
             except DecodeError as exc:
-                act.open = OpenTurn(b"", [], parked=f"its open turn cannot be read: {exc}", due_ms=FOREVER_MS)
+                reason = f"its open turn cannot be read: {exc}"
+                act.open = OpenTurn(b"", [], None, FOREVER_MS, reason, write=_write_number(found.open_turn))
             act.woken = found.timer == 0
         else:
             act.backlog = found.timer is not None
@@ -456,10 +458,12 @@ class ShardRunner:
         assert act.open is not None
         checked = self._check(None, act.open.envelope)
         if isinstance(checked, Queued):
-            await self._turn(act, checked, Source(act, "o", "", act.open.envelope))
+            await self._turn(act, checked, Source(act, "o", str(act.open.write), act.open.envelope))
             return
         reason, detail, env = checked
-        write = self._dead_letter_write(act.id, "o", "", act.open.envelope, reason, detail, env)
+        write = self._dead_letter_write(
+            act.id, "o", str(act.open.write), act.open.envelope, reason, detail, env
+        )
         self._closed(act, await self._write(write))
 
     async def _cancel(self, act: Activation, control: Queued) -> None:
@@ -469,7 +473,7 @@ class ShardRunner:
         reason = "cancelled"
         detail = f"its open turn was cancelled (message {control.envelope.id})"
         write = self._dead_letter_write(
-            act.id, "o", "", act.open.envelope, reason, detail, env, acks=[control]
+            act.id, "o", str(act.open.write), act.open.envelope, reason, detail, env, acks=[control]
         )
         log.info("shard %s: cancelled the open turn of %s", self.shard, act.id)
         self._closed(act, await self._write(write))
@@ -506,18 +510,27 @@ class ShardRunner:
                 limits = self.services.limits
                 async with limits.hold(type(actor).limiter), limits.hold_item(_queue_of(env), env.id):
                     result = await handler.fn(actor, queued.message)
+                if ctx.journal.mismatch is not None:
+                    raise ctx.journal.mismatch  # the handler caught it: park all the same
                 snapshot = encode_state(actor.state)
                 reply = self._reply(env, result)
                 break
             except Suspend as suspend:
                 actor.state = _load_state(type(actor), act.snapshot)
-                await self._suspend(ctx, suspend)
+                if ctx.journal.mismatch is not None:
+                    await self._park(ctx, str(ctx.journal.mismatch))
+                else:
+                    await self._suspend(ctx, suspend)
                 return
             except JournalMismatch as exc:
                 actor.state = _load_state(type(actor), act.snapshot)
                 await self._park(ctx, str(exc))
                 return
             except Exception as exc:
+                if ctx.journal.mismatch is not None:
+                    actor.state = _load_state(type(actor), act.snapshot)
+                    await self._park(ctx, str(ctx.journal.mismatch))
+                    return
                 # A failed attempt must leave no trace: back to the committed snapshot
                 # (it loaded when the actor was activated, so it loads again).
                 actor.state = _load_state(type(actor), act.snapshot)
@@ -573,6 +586,7 @@ class ShardRunner:
         open_turn = OpenTurn(source.raw, ctx.journal.records, suspend.waiting, suspend.due_ms,
                              since_ms=self.clock.upper())  # fmt: skip
         await self._write_open(ctx, open_turn, behind)
+        act.woken = False
         self._timer_set(suspend.due_ms)
 
     async def _park(self, ctx: TurnContext, reason: str) -> None:
@@ -589,6 +603,7 @@ class ShardRunner:
     async def _write_open(self, ctx: TurnContext, open_turn: OpenTurn, behind: Sequence[Queued] = ()) -> None:
         source: Source = ctx.source
         act = source.act
+        open_turn.write = act.open.write + 1 if source.origin == "o" and act.open is not None else 1
         write = Write(
             "j", act.id, source.origin, source.ref,
             local=list(ctx.local), remote=list(ctx.remote),
@@ -602,9 +617,8 @@ class ShardRunner:
         self._settled(act, [*ctx.consumed, *behind])
         ctx.consumed.clear()
         ctx.journal.changed = False
-        act.open = OpenTurn(open_turn.envelope, _copy_records(open_turn.records), open_turn.waiting,
-                            open_turn.due_ms, open_turn.parked, open_turn.since_ms)  # fmt: skip
-        source.origin, source.ref = "o", ""
+        act.open = dataclasses.replace(open_turn, records=_copy_records(open_turn.records))
+        source.origin, source.ref = "o", str(open_turn.write)
 
     async def candidates(self, ctx: TurnContext, message_type: str) -> list[Queued]:
         """Messages of ``message_type`` behind this turn: deferred ones, then queued ones."""
@@ -727,6 +741,14 @@ class ShardRunner:
             self._room.set()
         if self.inflight == 0:
             self._idle.set()
+
+
+def _write_number(raw: bytes) -> int:
+    """The write number of an open turn whose body cannot be read (so it can be cancelled)."""
+    try:
+        return int(raw.partition(b":")[0])
+    except ValueError:
+        return 0
 
 
 def _queue_of(env: Envelope) -> str | None:

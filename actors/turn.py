@@ -260,11 +260,11 @@ async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
             continue
         try:
             return ["ok", pydantic_core.to_jsonable_python(result)]
-        except pydantic_core.PydanticSerializationError as exc:
-            raise TypeError(
-                f"step {_callable_name(fn)} returned a {type(result).__name__}, which cannot be "
-                "journaled: return JSON-compatible data or a pydantic model"
-            ) from exc
+        except pydantic_core.PydanticSerializationError:
+            # Journaled as the step's error: its side effects happened, so it must not run again.
+            text = (f"step {_callable_name(fn)} returned a {type(result).__name__}, which cannot be "
+                    "journaled: return JSON-compatible data or a pydantic model")  # fmt: skip
+            return ["error", "TypeError", text]
     raise AssertionError("unreachable")
 
 

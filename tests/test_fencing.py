@@ -6,6 +6,7 @@ import pytest
 
 from actors import LeaseLost
 from actors.codec import Envelope, encode_envelope
+from actors.journal import OpenTurn, Record
 from actors.keys import GROUP
 from actors.store import DONE, DUPLICATE, Write
 
@@ -45,3 +46,32 @@ async def test_commit_with_a_stale_epoch_is_refused_and_writes_nothing(connect) 
         assert await store.commit(shard, f"new|{second}", [record], 1000) == [DUPLICATE]
         assert await store.load_state(shard, "Counter/k") == b"\x81\xa5total\x01"
         assert await store.redis.xlen(store.keys.outbox(shard)) == 1, "sent once, not twice"
+
+
+async def test_a_journal_write_retried_after_it_was_applied_writes_nothing_twice(connect) -> None:
+    """redis-py retries a script after a lost reply: the retry must be recognised."""
+    async with connect() as client:
+        store = client.store
+        shard = 0
+        epoch = await store.acquire_lease(shard, "w", ttl_ms=10_000)
+        lease = f"w|{epoch}"
+        raw = encode_envelope(Envelope("m1", "Counter", "k", "Add", {"by": 1}), 1 << 20)
+        await store.append(shard, raw)
+        [(entry_id, _)], _ = await store.read_new(shard, lease, "w", 10)
+        sent = encode_envelope(Envelope("m2", "Counter", "other", "Add", {"by": 1}), 1 << 20)
+
+        def journal(origin: str, ref: str, write: int) -> Write:
+            turn = OpenTurn(raw, [Record("send", "Counter/other:Add", None)], write=write).encode()
+            return Write("j", "Counter/k", origin, ref, remote=[(1, sent)], open_turn=turn)
+
+        opening = journal("i", entry_id, 1)
+        assert await store.commit(shard, lease, [opening], 1000) == [DONE]
+        assert await store.commit(shard, lease, [opening], 1000) == [DUPLICATE]
+        progress = journal("o", "1", 2)
+        assert await store.commit(shard, lease, [progress], 1000) == [DONE]
+        assert await store.commit(shard, lease, [progress], 1000) == [DUPLICATE]
+        assert await store.redis.xlen(store.keys.outbox(shard)) == 2, "each write's send once"
+        closing = Write("c", "Counter/k", "o", "2", b"\x81\xa5total\x01")
+        assert await store.commit(shard, lease, [closing], 1000) == [DONE]
+        assert await store.commit(shard, lease, [closing], 1000) == [DUPLICATE]
+        assert await store.redis.hlen(store.keys.turns(shard)) == 0

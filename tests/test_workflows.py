@@ -12,6 +12,7 @@ import pytest
 import actors
 from tests.conftest import eventually
 from tests.workflow_apps import (
+    UNJOURNALABLE_CALLS,
     Approver,
     Attempts,
     Callee,
@@ -20,10 +21,12 @@ from tests.workflow_apps import (
     Go,
     Nap,
     Note,
+    Odd,
     Pipeline,
     Refund,
     Retrier,
     Sleeper,
+    Stubborn,
     app,
 )
 
@@ -167,6 +170,35 @@ async def test_a_journal_mismatch_parks_the_turn_with_a_readable_error(connect, 
         assert worker.runners
 
 
+async def test_a_handler_that_swallows_the_mismatch_is_parked_all_the_same(connect, start_worker) -> None:
+    await start_worker(app)
+    async with connect(app=app) as client:
+        ref = Stubborn.ref("s")
+        Stubborn.variant = "a"
+        try:
+            await client.send(ref, Go())
+            await eventually(lambda: _turn_status(client, ref, "sleeping"))
+            Stubborn.variant = "b"
+            view = await eventually(lambda: _turn_status(client, ref, "parked"), timeout=10)
+        finally:
+            Stubborn.variant = "a"
+        assert "now calls step 'first-b'" in view.turn.parked
+        assert await client.state(ref) is None, "nothing it did after the mismatch was committed"
+
+
+async def test_a_step_result_that_cannot_be_journaled_is_its_error_and_never_re_runs(
+    connect, start_worker
+) -> None:
+    await start_worker(app)
+    UNJOURNALABLE_CALLS.clear()
+    async with connect(app=app) as client:
+        ref = Odd.ref("o")
+        await client.send(ref, Go())
+        state = await eventually(lambda: _odd_done(client, ref), timeout=10)
+        assert state.error == "TypeError"
+    assert len(UNJOURNALABLE_CALLS) == 1
+
+
 async def test_ask_between_actors_is_journaled(connect, start_worker) -> None:
     await start_worker(app)
     async with connect(app=app) as client:
@@ -233,6 +265,11 @@ async def _dead_letters(client: actors.Client, ref: actors.ActorRef) -> list:  #
 
 async def _dead_letter_count(client: actors.Client, ref: actors.ActorRef, n: int) -> bool:
     return len(await _dead_letters(client, ref)) == n
+
+
+async def _odd_done(client: actors.Client, ref: actors.ActorRef):  # type: ignore[no-untyped-def]
+    state = await client.state(ref)
+    return state if state is not None and state.error else None
 
 
 async def _gone(client: actors.Client, ref: actors.ActorRef) -> bool:

@@ -185,6 +185,42 @@ class Changing(actors.Actor):
         await self.sleep(0.3)
 
 
+class Stubborn(actors.Actor):
+    """Like Changing, but its handler swallows every error around the step."""
+
+    variant = "a"
+
+    class State(BaseModel):
+        errors: list[str] = []
+
+    async def on_go(self, msg: Go) -> None:
+        try:
+            await self.step(now_ms, name=f"first-{type(self).variant}")
+        except Exception as exc:
+            self.state.errors.append(type(exc).__name__)
+        await self.sleep(0.3)
+
+
+UNJOURNALABLE_CALLS: list[int] = []
+
+
+def unjournalable() -> object:
+    UNJOURNALABLE_CALLS.append(1)
+    return object()
+
+
+class Odd(actors.Actor):
+    class State(BaseModel):
+        error: str = ""
+
+    async def on_go(self, msg: Go) -> None:
+        try:
+            await self.step(unjournalable)
+        except StepFailed as exc:
+            self.state.error = exc.error_type
+        await self.sleep(0.2)  # the re-run after waking must not call it again
+
+
 class Caller(actors.Actor):
     """Asks another actor, journaled; counts its own step runs."""
 
@@ -207,4 +243,4 @@ class Callee(actors.Actor):
         return Note(text=f"{msg.text} #{self.state.asked}")
 
 
-app = actors.App(Pipeline, Retrier, Sleeper, Approver, Changing, Caller, Callee)
+app = actors.App(Pipeline, Retrier, Sleeper, Approver, Changing, Stubborn, Odd, Caller, Callee)

@@ -1,8 +1,9 @@
 -- Apply a batch of writes of one shard atomically, fenced by the lease.
 --
 -- Each write first takes its message from where it lives ("origin"): an inbox
--- entry is acked, an open turn must exist, a deferred message must head its
--- actor's list. If it was taken before (a duplicate), the write does nothing.
+-- entry is acked, an open turn must still be at the write number the writer last
+-- saw, a deferred message must head its actor's list. If it was taken before (a
+-- duplicate, e.g. a write retried after a lost reply), the write does nothing.
 -- Then its effects apply, and by op:
 --   c  commit a turn: state snapshot, sends, consumed messages, reply; close its open turn
 --   j  journal an open turn: store the turn and its timer, flush its sends so far,
@@ -16,7 +17,8 @@
 -- KEYS[5] turns   KEYS[6] timers  KEYS[7] dlq     KEYS[8..] reply keys, deferred lists
 -- ARGV[1] expected lease value, ARGV[2] reply ttl ms, ARGV[3] number of writes, then
 -- per write: op, actor, origin (i inbox, o open, q deferred, n none), origin ref (entry
--- id, -, raw envelope), deferred list key index (0: none), snapshot ('' unchanged),
+-- id, the open turn's write number, raw envelope), deferred list key index (0: none),
+-- snapshot ('' unchanged),
 -- number of effects, then each effect as a tag and its values (see Store.commit):
 --   L envelope                 append to this shard's inbox
 --   R shard envelope           append to the outbox, for another shard
@@ -44,7 +46,11 @@ local function take(origin, ref, actor, deferred)
   if origin == 'i' then
     return redis.call('XACK', inbox, 'workers', ref)
   elseif origin == 'o' then
-    return redis.call('HEXISTS', turns, actor)
+    local open = redis.call('HGET', turns, actor)
+    if open and string.match(open, '^(%d+):') == ref then
+      return 1
+    end
+    return 0
   elseif origin == 'q' then
     if redis.call('LINDEX', deferred, 0) == ref then
       redis.call('LPOP', deferred)
