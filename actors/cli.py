@@ -34,6 +34,7 @@ from .actor import ActorRef, App
 from .client import Client, TurnView, connect
 from .codec import decode_envelope
 from .errors import ActorsError, DecodeError
+from .limits import Limiter
 from .messages import Approval
 from .server import EmbeddedServer, default_dir
 from .settings import LeaseSettings, RedisSettings, WorkerSettings
@@ -150,10 +151,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         store = client.store
         workers = await store.live_workers()
         infos = [await store.shard_info(s) for s in range(client.shards)]
+        limiters = await _limiter_status(store, workers)
         if args.json:
-            print(
-                json.dumps({"workers": workers, "shards": [dataclasses.asdict(i) for i in infos]}, indent=2)
-            )
+            shards = [dataclasses.asdict(i) for i in infos]
+            print(json.dumps({"workers": workers, "shards": shards, "limiters": limiters}, indent=2))
             return
         print(f"namespace {store.keys.namespace}: {client.shards} shards, {len(workers)} live workers")
         for w in workers:
@@ -163,8 +164,38 @@ def cmd_status(args: argparse.Namespace) -> int:
         for i in infos:
             print(f"{i.shard:>5} {i.owner or '-':<36} {i.epoch:>6} {i.length:>8} "
                   f"{'-' if i.lag is None else i.lag:>6} {i.pending:>8} {i.dead_letters:>5}")  # fmt: skip
+        if limiters:
+            print(f"{'limiter':<20} {'rate':<16} {'slots':>9} {'waiting':>8} {'queued':>7}  by partition")
+            for lim in limiters:
+                parts = ", ".join(
+                    f"{p or '(none)'}={n}" for p, n in sorted(lim["queued_by_partition"].items())
+                )
+                print(f"{lim['name']:<20} {lim['rate']:<16} {lim['slots']:>9} {lim['waiting']:>8} "
+                      f"{lim['queued']:>7}  {parts or '-'}")  # fmt: skip
 
     return _with_client(args, run)
+
+
+async def _limiter_status(store: Any, workers: list[str]) -> list[dict[str, Any]]:
+    """Each declared limiter: its rate, slots held of its cap, turns waiting, queue depth."""
+    definitions = await store.declare_limiters({})
+    infos = await store.worker_infos(workers)
+    found = []
+    for name, definition in sorted(definitions.items()):
+        limiter = Limiter.model_validate_json(definition)
+        held = await store.limiter_holders(name)
+        by_partition, dispatching = await store.queue_depths(name)
+        rate = "-" if limiter.rate is None else f"{limiter.rate:g}/{limiter.per.total_seconds():g}s"
+        found.append({
+            "name": name,
+            "rate": rate + (f" burst {limiter.burst}" if limiter.burst > 1 else ""),
+            "slots": f"{held}/{limiter.concurrency}" if limiter.concurrency else "-",
+            "waiting": sum(int(info.get(f"waiting:{name}", 0)) for info in infos),
+            "queued": sum(by_partition.values()),
+            "dispatching": dispatching,
+            "queued_by_partition": by_partition,
+        })  # fmt: skip
+    return found
 
 
 # ---- durable workflows: approvals, open turns, cancel -----------------------------------------

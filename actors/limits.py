@@ -55,8 +55,10 @@ class Limiter(BaseModel):
     concurrency: int | None = Field(default=None, ge=1)
     per_worker: int | None = Field(default=None, ge=1)
 
-    def __init__(self, name: str, /, **kwargs: object) -> None:
-        super().__init__(name=name, **kwargs)
+    def __init__(self, name: str | None = None, /, **kwargs: object) -> None:
+        if name is not None:
+            kwargs["name"] = name
+        super().__init__(**kwargs)
 
     @model_validator(mode="after")
     def _limits_something(self) -> Limiter:

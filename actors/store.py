@@ -257,6 +257,13 @@ class Store:
         await self.redis.zrem(self.keys.workers(), worker_id)
         await self.redis.delete(self.keys.worker_info(worker_id))
 
+    async def worker_infos(self, worker_ids: Sequence[str]) -> list[dict[str, str]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for worker_id in worker_ids:
+                pipe.hgetall(self.keys.worker_info(worker_id))
+            infos = await pipe.execute()
+        return [{k.decode(): v.decode() for k, v in info.items()} for info in infos]
+
     async def live_workers(self) -> list[str]:
         now = await self.server_time_ms()
         ids = await self.redis.zrangebyscore(self.keys.workers(), now, "+inf")

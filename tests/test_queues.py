@@ -4,6 +4,7 @@ the concurrency cap held by queued turns, and enqueueing from inside an actor.""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import actors
 from actors import Actor, App, ConfigurationError, DuplicateItem, Limiter
 
 from .conftest import eventually
+from .test_cli import actors_cli, ok
 
 
 class Job(BaseModel):
@@ -168,3 +170,24 @@ async def test_enqueue_refuses_an_unknown_queue_and_a_bad_priority(connect) -> N
 async def _boss_done(client: actors.Client):  # type: ignore[no-untyped-def]
     state = await client.state(Boss.ref("b"))
     return state if state is not None and state.items else None
+
+
+async def test_status_shows_each_limiter_its_slots_and_queue_by_partition(
+    connect, redis_url, namespace
+) -> None:
+    async with connect(app=app, shards=4) as client:
+        for n in range(3):
+            await client.enqueue("pair", Worker.ref(f"t{n}"), Job(tag=f"t{n}"), partition="tenant-a")
+        await client.enqueue("pair", Worker.ref("u"), Job(tag="u"), partition="tenant-b")
+        # What a worker of the app does when it starts (no worker runs, so nothing is dispatched):
+        await client.store.declare_limiters({n: lim.model_dump_json() for n, lim in app.limiters.items()})
+
+        args = ("status", "--json", "--redis", redis_url, "--namespace", namespace)
+        status = json.loads(ok(await actors_cli(*args)))
+        by_name = {lim["name"]: lim for lim in status["limiters"]}
+        assert by_name["pair"]["slots"] == "0/2"
+        assert by_name["pair"]["queued"] == 4
+        assert by_name["pair"]["queued_by_partition"] == {"tenant-a": 3, "tenant-b": 1}
+        assert by_name["serial"]["queued"] == 0
+        text = ok(await actors_cli("status", "--redis", redis_url, "--namespace", namespace))
+        assert "tenant-a=3, tenant-b=1" in text
