@@ -15,8 +15,9 @@
 --
 -- KEYS[1] lease   KEYS[2] inbox   KEYS[3] state   KEYS[4] outbox
 -- KEYS[5] turns   KEYS[6] timers  KEYS[7] dlq     KEYS[8..] reply keys, deferred lists
--- ARGV[1] expected lease value, ARGV[2] reply ttl ms, ARGV[3] number of writes, then
--- per write: op, actor, origin (i inbox, o open, q deferred, n none), origin ref (entry
+-- ARGV[1] expected lease value, ARGV[2] reply ttl ms, ARGV[3] number of writes,
+-- ARGV[4] the writes as one msgpack array (one argument rather than thousands: packing
+-- arguments is the client's main cost), holding per write: op, actor, origin (i inbox, o open, q deferred, n none), origin ref (entry
 -- id, the open turn's write number, raw envelope), deferred list key index (0: none),
 -- snapshot ('' unchanged),
 -- number of effects, then each effect as a tag and its values (see Store.commit):
@@ -36,10 +37,11 @@ end
 local inbox, state, outbox, turns, timers, dlq = KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local reply_ttl = ARGV[2]
 local ARITY = {L = 1, R = 2, A = 1, U = 1, F = 2, Y = 3, J = 2, D = 4}
-local i = 3
+local values = cmsgpack.unpack(ARGV[4])
+local i = 0
 local function arg()
   i = i + 1
-  return ARGV[i]
+  return values[i]
 end
 
 local function take(origin, ref, actor, deferred)
