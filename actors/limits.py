@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import ConfigurationError, DefinitionError, DuplicateItem
-from .store import Store
+from .store import RELEASED, Store
 
 if TYPE_CHECKING:
     from .routing import Routed
@@ -146,7 +146,9 @@ class _Queue:
         self.released = asyncio.Event()
         """Set when any process releases a slot (or queues an item): waiters ask again."""
         self.changed = asyncio.Event()
-        """The same events, for this process's dispatcher."""
+        """Set when an item is queued, or a slot released while the dispatcher found none free."""
+        self.full = False
+        """The dispatcher's last look found every slot taken."""
         self.holding = 0
 
 
@@ -177,7 +179,7 @@ class Limits:
         subscribed = asyncio.Event()
         events = self.store.keys.limiter_events()
         self._tasks = [
-            asyncio.create_task(self.store.listen(events, self._on_release, subscribed)),
+            asyncio.create_task(self.store.listen(events, self._on_event, subscribed)),
             asyncio.create_task(self._renew_loop()),
         ]
         await subscribed.wait()
@@ -258,10 +260,16 @@ class Limits:
         except Exception as exc:  # its lease expires on its own
             log.warning("could not release a slot of limiter %r: %s", name, exc)
 
-    def _on_release(self, data: bytes) -> None:
-        queue = self._queues.get(data.decode(errors="replace"))
-        if queue is not None:
+    def _on_event(self, data: bytes) -> None:
+        kind, _, name = data.decode(errors="replace").partition(":")
+        queue = self._queues.get(name)
+        if queue is None:
+            return
+        if f"{kind}:" == RELEASED:
             queue.released.set()
+            if queue.full:  # a dispatcher that found every slot taken may go on
+                queue.changed.set()
+        else:
             queue.changed.set()
 
     # ---- queues --------------------------------------------------------------------
@@ -303,6 +311,7 @@ class Limits:
                     limiter.name, self.lease_ms, limiter.concurrency or 0,
                     limiter.interval_ms, limiter.tolerance_ms, DISPATCH_DEADLINE_MS,
                 )  # fmt: skip
+                queue.full = status == 0
                 if item is not None:
                     await asyncio.sleep(wait_ms / 1000)
                     item_id, shard, envelope = item

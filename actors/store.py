@@ -103,6 +103,9 @@ class Write:
         return self.origin in ("o", "q") or self.op in ("f", "s") or bool(self.unlists or self.defers)
 
 
+RELEASED, QUEUED = "released:", "queued:"
+"""Prefixes of the limiter events: a slot was given back, or an item was queued."""
+
 DUPLICATE, DONE, BACKLOG = 0, 1, 2
 """Results of a write: taken before (nothing done); done; done and deferred messages remain."""
 
@@ -491,7 +494,9 @@ class Store:
     async def limiter_release(self, name: str, holder: str) -> bool:
         k = self.keys
         return bool(
-            await self._run("limiter_release", [k.limiter_slots(name)], [holder, k.limiter_events(), name])
+            await self._run(
+                "limiter_release", [k.limiter_slots(name)], [holder, k.limiter_events(), f"{RELEASED}{name}"]
+            )
         )
 
     async def limiter_renew(self, held: Sequence[tuple[str, str]], lease_ms: int) -> None:
@@ -529,7 +534,7 @@ class Store:
             priority,
             dedup_ttl_ms,
             k.limiter_events(),
-            name,
+            f"{QUEUED}{name}",
         ]
         queued, holder = await self._run("queue_enqueue", keys, args)
         return bool(queued), holder.decode()
@@ -565,7 +570,7 @@ class Store:
             for name, item_id, dedup_id in items:
                 slots = k.limiter_slots(name)
                 dedup = k.queue(name, f"dedup:{dedup_id}") if dedup_id else slots
-                args = [item_id, "1" if dedup_id else "", k.limiter_events(), name]
+                args = [item_id, "1" if dedup_id else "", k.limiter_events(), f"{RELEASED}{name}"]
                 await script(keys=[slots, dedup], args=args, client=pipe)
             await pipe.execute()
 

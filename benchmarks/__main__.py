@@ -2,7 +2,9 @@
 
 import asyncio
 
-from . import failover, throughput
+from . import failover, limits, throughput, workflows
 
 asyncio.run(failover.main())
 asyncio.run(throughput.main())
+asyncio.run(workflows.main())
+asyncio.run(limits.main())

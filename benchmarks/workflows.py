@@ -31,6 +31,11 @@ after it.
    (after one warm-up message per actor). Latency: ``--serial`` awaited ``ask`` to one actor.
    Added cost per step = (t_step - t_plain) / (messages * K). Each step is one fenced write
    (``commit.lua``, op ``j``) of the whole open turn so far, before the handler goes on.
+
+Each part also prints how many times a shard changed owner while it ran (fencing epochs after
+minus before); anything but 0 means a worker lost leases under the load and the figures include
+failovers. ``--only`` runs some parts (``--only sleepers --sleepers 1000000`` for the README's
+figure); ``--json PATH`` also writes every figure.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -73,6 +78,8 @@ SAMPLES = 1_000
 POLL_S = 0.02
 STALL_S = 60.0
 """Give up when the awaited count does not move for this long."""
+TIMERS_STALL_S = 15.0
+"""Part 2: every alarm should have woken a few seconds after T."""
 TARGET_BYTES = 512
 
 
@@ -171,6 +178,17 @@ class Workers:
                 tail = self.log_tail()
                 raise RuntimeError(f"worker {p.pid} exited with {p.returncode}; {self.log}:\n{tail}")
 
+    def warnings(self) -> dict[str, int]:
+        """Lines of the workers' log by kind (lease lost, write already applied, other warnings)."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        lines = [line for line in text.splitlines() if " WARNING " in line or " ERROR " in line]
+        return {
+            "lines": len(lines),
+            "lease_lost": sum("lost the lease" in line for line in lines),
+            "already_applied": sum("already applied" in line for line in text.splitlines()),
+            "errors": sum(" ERROR " in line for line in lines),
+        }
+
     def rss_mib(self) -> list[float]:
         """Resident memory of each worker process (MiB), from /proc; 0 where unreadable."""
         sizes = []
@@ -229,11 +247,25 @@ async def wait_balanced(client: actors.Client, workers: Workers, timeout: float 
         await asyncio.sleep(0.05)
 
 
+class Stalled(RuntimeError):
+    """An awaited count stopped moving."""
+
+    def __init__(self, what: str, n: int, target: int, stall: float, log_tail: str) -> None:
+        super().__init__(f"{what}: stuck at {n} (want {target}) for {stall:.0f}s; worker log:\n{log_tail}")
+        self.n = n
+        self.stall = stall
+
+
 async def wait_until(
-    count: Callable[[], Awaitable[int]], target: int, workers: Workers, what: str, poll: float = POLL_S
+    count: Callable[[], Awaitable[int]],
+    target: int,
+    workers: Workers,
+    what: str,
+    poll: float = POLL_S,
+    stall: float = STALL_S,
 ) -> float:
     """Poll ``count`` until it equals ``target``; returns the wall-clock time it first did.
-    Fails if a worker exits or the count does not move for STALL_S."""
+    Fails if a worker exits, or raises Stalled if the count does not move for ``stall`` s."""
     last, moved = -1, time.monotonic()
     while True:
         n = await count()
@@ -242,14 +274,33 @@ async def wait_until(
         workers.check_alive()
         if n != last:
             last, moved = n, time.monotonic()
-        elif time.monotonic() - moved > STALL_S:
-            raise RuntimeError(f"{what}: stuck at {n} of {target} for {STALL_S:.0f}s; {workers.log_tail()}")
+        elif time.monotonic() - moved > stall:
+            raise Stalled(what, n, target, stall, workers.log_tail())
         await asyncio.sleep(poll)
 
 
 async def timer_count(client: actors.Client) -> int:
     keys = client.store.keys
     return sum(await shard_values(client.store.redis, lambda pipe, s: pipe.zcard(keys.timers(s))))
+
+
+async def inbox_entries(client: actors.Client) -> int:
+    keys = client.store.keys
+    return sum(await shard_values(client.store.redis, lambda pipe, s: pipe.xlen(keys.inbox(s))))
+
+
+LATENCY_MS = 50
+"""The server records events (commands, fsync, fork...) slower than this (``LATENCY LATEST``)."""
+
+
+async def reset_latency(client: actors.Client) -> None:
+    await client.store.redis.execute_command("LATENCY", "RESET")
+
+
+async def latency_spikes(client: actors.Client) -> dict[str, int]:
+    """The server's slowest event of each kind since the last reset (ms), over LATENCY_MS."""
+    rows = await client.store.redis.execute_command("LATENCY", "LATEST")
+    return {(row[0].decode() if isinstance(row[0], bytes) else str(row[0])): int(row[3]) for row in rows}
 
 
 async def epochs(client: actors.Client) -> list[int]:
@@ -347,7 +398,8 @@ async def send_sleepers(client: actors.Client, n: int, workers: Workers) -> None
         sent += chunk
         if sent % report_every < chunk:
             suspended = await timer_count(client)
-            progress(f"sleepers: {sent:,} sent, {suspended:,} suspended")
+            entries = await inbox_entries(client)
+            progress(f"sleepers: {sent:,} sent, {suspended:,} suspended, {entries:,} entries in the inboxes")
         elif sent % (SEND_CHUNK * 5) == 0:
             suspended = await timer_count(client)
 
@@ -388,6 +440,7 @@ async def run_sleepers(url: str, tmp: Path, args: argparse.Namespace) -> dict[st
         try:
             await wait_balanced(client, workers)
             epochs_before = await epochs(client)
+            await reset_latency(client)
             before = await memory_snapshot(client)
             started = time.time()
             await send_sleepers(client, n, workers)
@@ -406,8 +459,10 @@ async def run_sleepers(url: str, tmp: Path, args: argparse.Namespace) -> dict[st
             blob_avg, blob_max, example = await blob_sizes(client, 1_000)
             rss = workers.rss_mib()
             changes = lease_changes(epochs_before, await epochs(client))
+            spikes = await latency_spikes(client)
         finally:
             workers.stop()
+            worker_log = workers.warnings()
         # Leave a clean server for the next parts.
         async for key in r.scan_iter(match=f"{ns}:*", count=1000):
             await r.unlink(key)
@@ -438,6 +493,8 @@ async def run_sleepers(url: str, tmp: Path, args: argparse.Namespace) -> dict[st
         "actor_id_example": example,
         "worker_rss_mib": rss,
         "lease_changes": changes,
+        "worker_log": worker_log,
+        "server_latency_ms": spikes,
     }
 
 
@@ -451,6 +508,7 @@ async def run_timers(url: str, tmp: Path, args: argparse.Namespace) -> dict[str,
         try:
             await wait_balanced(client, workers)
             epochs_before = await epochs(client)
+            await reset_latency(client)
             margin = args.timer_margin if args.timer_margin is not None else 2.0 + m / 4_000
             due_s = math.ceil(time.time() + margin)
             msg = WakeAt(due_ms=due_s * 1000)
@@ -467,13 +525,29 @@ async def run_timers(url: str, tmp: Path, args: argparse.Namespace) -> dict[str,
                 )
             await asyncio.sleep(max(0.0, due_s - time.time() - 0.2))
             try:
-                committed = await wait_until(lambda: open_count(client), 0, workers, "alarms woken", 0.005)
-            except RuntimeError as exc:
-                raise RuntimeError(f"{exc}\n{await timer_diagnosis(client, epochs_before)}") from None
+                committed = await wait_until(
+                    lambda: open_count(client), 0, workers, "alarms woken", 0.005, TIMERS_STALL_S
+                )
+            except Stalled as exc:
+                # Report it with the other parts' figures rather than abort the run.
+                diagnosis, stuck, at_zero = await timer_diagnosis(client, epochs_before)
+                return {
+                    "timers": m,
+                    "processes": args.processes,
+                    "failed": f"{stuck:,} of {m:,} alarms never woke (no progress for {exc.stall:.0f}s); "
+                    f"{at_zero:,} of them have timer score 0 (taken, to be resumed by the shard owner)",
+                    "diagnosis": diagnosis,
+                    "log_tail": workers.log_tail(),
+                    "worker_log": workers.warnings(),
+                    "server_latency_ms": await latency_spikes(client),
+                    "lease_changes": lease_changes(epochs_before, await epochs(client)),
+                }
             found = await states(client, ids)
             changes = lease_changes(epochs_before, await epochs(client))
+            spikes = await latency_spikes(client)
         finally:
             workers.stop()
+            worker_log = workers.warnings()
     woke = [s["woke"] for s in found if s]
     wakes = [s["wakes"] for s in found if s]
     if len(woke) != m or set(wakes) != {1}:
@@ -493,11 +567,14 @@ async def run_timers(url: str, tmp: Path, args: argparse.Namespace) -> dict[str,
         "committed_s": committed - due_s,
         "committed_per_s": m / (committed - due_s),
         "lease_changes": changes,
+        "worker_log": worker_log,
+        "server_latency_ms": spikes,
     }
 
 
-async def timer_diagnosis(client: actors.Client, epochs_before: list[int]) -> str:
-    """Why alarms did not all commit: where the open turns are, their timers, the epochs."""
+async def timer_diagnosis(client: actors.Client, epochs_before: list[int]) -> tuple[list[str], int, int]:
+    """Why alarms did not all commit: per shard, open turns, timers at 0 and the epochs; and
+    the totals of open turns and of timers at 0."""
     r, keys = client.store.redis, client.store.keys
     turns = await shard_values(r, lambda pipe, s: pipe.hlen(keys.turns(s)))
     at_zero = await shard_values(r, lambda pipe, s: pipe.zcount(keys.timers(s), 0, 0))
@@ -508,7 +585,7 @@ async def timer_diagnosis(client: actors.Client, epochs_before: list[int]) -> st
         for s in range(SHARDS)
         if turns[s] or at_zero[s] or now[s] != epochs_before[s]
     ]
-    return "\n".join(rows)
+    return rows, sum(turns), sum(at_zero)
 
 
 # ---- 3. cost of a journaled step --------------------------------------------------------------
@@ -520,7 +597,6 @@ class StepRun:
     seconds: float
     serial: int
     serial_seconds: float
-    extra: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -574,12 +650,15 @@ async def run_steps(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, 
         try:
             await wait_balanced(client, workers)
             epochs_before = await epochs(client)
+            await reset_latency(client)
             for kind, cls, label in STEP_TYPES:
                 runs[kind] = await run_step_kind(client, workers, cls, kind, label, args)
                 progress(f"steps: {kind} {runs[kind].rate:,.0f} turns/s")
             changes = lease_changes(epochs_before, await epochs(client))
+            spikes = await latency_spikes(client)
         finally:
             workers.stop()
+            worker_log = workers.warnings()
     n, k = args.step_messages, args.steps
     plain = runs["plain"]
     out: dict[str, Any] = {
@@ -589,6 +668,8 @@ async def run_steps(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, 
         "serial": args.serial,
         "processes": args.processes,
         "lease_changes": changes,
+        "worker_log": worker_log,
+        "server_latency_ms": spikes,
         "runs": {},
     }
     for kind, run in runs.items():
@@ -608,8 +689,19 @@ async def run_steps(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, 
 # ---- report ------------------------------------------------------------------------------------
 def owner_changes(res: dict[str, Any]) -> str:
     n = res["lease_changes"]
-    note = "" if n == 0 else " (leases were lost: see the worker log)"
-    return f"   shard owner changes while measuring: {n}{note}"
+    note = "" if n == 0 else " (leases were lost under the load: failovers are included)"
+    line = f"   shard owner changes while measuring: {n}{note}"
+    log = res.get("worker_log")
+    if log:
+        line += (
+            f"; worker log: {log['lines']} warning/error lines ({log['lease_lost']} lost leases, "
+            f"{log['errors']} errors, {log['already_applied']} 'already applied' resets)"
+        )
+    spikes = res.get("server_latency_ms")
+    if spikes is not None:
+        slow = ", ".join(f"{event} {ms} ms" for event, ms in sorted(spikes.items())) or "none"
+        line += f"\n   server events slower than {LATENCY_MS} ms (LATENCY LATEST, max): {slow}"
+    return line
 
 
 def report_sleepers(res: dict[str, Any]) -> list[str]:
@@ -648,9 +740,17 @@ def report_sleepers(res: dict[str, Any]) -> list[str]:
 
 def report_timers(res: dict[str, Any]) -> list[str]:
     m = res["timers"]
+    title = f"2. timers: {m:,} Alarm actors in sleep(until=T), one T for all; {res['processes']} worker procs"
+    if "failed" in res:
+        return [
+            title,
+            f"   FAILED: {res['failed']}",
+            *(f"     {row}" for row in res["diagnosis"]),
+            owner_changes(res),
+        ]
     early = "none early" if res["early"] == 0 else f"{res['early']} EARLY"
     return [
-        f"2. timers: {m:,} Alarm actors in sleep(until=T), one T for all; {res['processes']} worker procs",
+        title,
         f"   all suspended {res['spare_s']:.2f}s before T "
         f"(sending and suspending took {res['suspend_s']:.2f}s)",
         "",
@@ -728,6 +828,7 @@ async def main(argv: list[str] | None = None) -> None:
         try:
             server_info = await r.info("server")
             mem_info = await r.info("memory")
+            await r.config_set("latency-monitor-threshold", LATENCY_MS)
         finally:
             await r.aclose()
         for part, run in (("sleepers", run_sleepers), ("timers", run_timers), ("steps", run_steps)):
@@ -738,7 +839,9 @@ async def main(argv: list[str] | None = None) -> None:
         server.stop()
         raise
     server.stop()
-    shutil.rmtree(tmp, ignore_errors=True)
+    failed = [part for part, res in results.items() if "failed" in res]
+    if not failed:
+        shutil.rmtree(tmp, ignore_errors=True)
 
     name = "valkey" if "valkey_version" in server_info else "redis"
     version = server_info.get("valkey_version") or server_info.get("redis_version")
@@ -758,6 +861,9 @@ async def main(argv: list[str] | None = None) -> None:
     if args.json:
         args.json.write_text(json.dumps({"header": header, "results": results}, indent=2) + "\n")
         print(f"\nwrote {args.json}")
+    if failed:
+        print(f"\nFAILED: {', '.join(failed)}; server data and worker logs kept in {tmp}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

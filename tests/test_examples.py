@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,9 +12,10 @@ from typing import Any
 import pytest
 
 import actors
-from examples import refund_approval
+from examples import doc_pipeline, refund_approval
 from examples.refund_approval import Mailer, Refund, RefundRequest
 from tests.conftest import eventually
+from tests.test_limits import max_in_window
 
 
 @pytest.fixture(autouse=True)
@@ -103,3 +106,27 @@ async def _status(client: actors.Client, order_id: str, status: str):  # type: i
 async def _surveys(client: actors.Client, email: str, expected: list[str]) -> bool:
     state = await client.state(Mailer.ref(email))
     return state is not None and state.surveys == expected
+
+
+async def test_the_pipeline_indexes_each_document_once_within_its_limits(
+    redis_url: str, namespace: str, connect: Callable[..., Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # ~2 s when all is well: the timeout turns a stalled pipeline into a failure, not a hang
+    report = await asyncio.wait_for(doc_pipeline.main(redis_url, namespace, documents=30), timeout=30)
+    pipeline, documents, meter = report["pipeline"], report["documents"], report["meter"]
+    assert len(documents) == pipeline.total == 30 and sorted(pipeline.done) == sorted(documents)
+    assert pipeline.finished_at is not None
+    for doc_id, state in documents.items():
+        assert state is not None and state.summary and len(state.embedding) == 4, doc_id
+    # One successful LLM call and one embedding per document: failed attempts were retried,
+    # and no journaled step ran again.
+    assert meter.summaries == meter.embeddings == Counter(dict.fromkeys(documents, 1))
+    assert len(meter.llm_starts) == 30 + meter.llm_failures
+    # 20 tokens/s, burst 1: a 1-second window of local start times holds at most 21 (the first
+    # call of the window may have started late); the embedding slots are taken to the cap.
+    assert max_in_window(meter.llm_starts, 1.0) <= doc_pipeline.LLM_RATE + 1
+    assert meter.embedding_max == doc_pipeline.EMBED_SLOTS
+    async with connect(app=doc_pipeline.app) as client:
+        assert await client.store.queue_depths("docs") == ({}, 0), "the queue is empty"
+        assert await client.waits() == []
+    assert "indexed 30/30" in capsys.readouterr().out
