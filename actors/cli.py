@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from . import telemetry
 from .actor import ActorRef, App
 from .client import Client, TurnView, connect
 from .codec import decode_envelope
@@ -58,6 +59,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.processes > 1:
         return _run_parent(args)
     app = load_app(args.app)
+    telemetry.configure(args.otel)
     settings = WorkerSettings(
         shards=args.shards,
         lease=LeaseSettings(ttl=args.lease_ttl, renew_interval=args.renew_interval),
@@ -71,7 +73,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         await worker.run()
 
     logging.getLogger("actors").info("worker %s starting", worker.id)
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        telemetry.shutdown()
     return 0
 
 
@@ -113,6 +118,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--namespace", args.namespace]
     if args.shards:
         argv += ["--shards", str(args.shards)]
+    if args.otel:
+        argv += ["--otel", args.otel]
     return argv
 
 
@@ -408,6 +415,8 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--lease-ttl", type=float, default=LeaseSettings().ttl)
     w.add_argument("--renew-interval", type=float, default=LeaseSettings().renew_interval)
     w.add_argument("--grace", type=float, default=10.0, help="seconds in-flight turns get on shutdown")
+    w.add_argument("--otel", choices=["console", "otlp", "none"], default=None,
+                   help="export traces (default: as OTEL_TRACES_EXPORTER says; off if unset)")  # fmt: skip
     common(w)
     w.set_defaults(func=cmd_worker)
 

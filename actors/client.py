@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 
+from . import telemetry
 from .actor import ActorRef, App
 from .codec import actor_id, decode_envelope, decode_state
 from .errors import ConfigurationError
@@ -42,21 +44,27 @@ class Client:
         With ``idempotency_key``, a second send with the same key (within
         ``idempotency_ttl``) is accepted but has no effect, and returns the first id.
         """
-        routed = self._route(ref, msg)
-        if idempotency_key is None:
-            await self.store.append(routed.shard, routed.data)
-            return routed.envelope.id
-        appended, first_id = await self.store.append_once(
-            routed.shard, idempotency_key, routed.envelope.id, routed.data, _ms(self.messages.idempotency_ttl)
-        )
-        return routed.envelope.id if appended else first_id
+        with _sending("send", ref, msg):
+            routed = self._route(ref, msg)
+            if idempotency_key is None:
+                await self.store.append(routed.shard, routed.data)
+                return routed.envelope.id
+            appended, first_id = await self.store.append_once(
+                routed.shard,
+                idempotency_key,
+                routed.envelope.id,
+                routed.data,
+                _ms(self.messages.idempotency_ttl),
+            )
+            return routed.envelope.id if appended else first_id
 
     async def send_many(self, items: Iterable[tuple[ActorRef[Any], BaseModel]]) -> list[str]:
         """Send many messages in one pipelined round trip; order is kept per target."""
-        batch = [self._route(ref, msg) for ref, msg in items]
-        if batch:
-            await self.store.append_many([(r.shard, r.data) for r in batch])
-        return [r.envelope.id for r in batch]
+        with telemetry.span("send_many", kind=SpanKind.PRODUCER):
+            batch = [self._route(ref, msg) for ref, msg in items]
+            if batch:
+                await self.store.append_many([(r.shard, r.data) for r in batch])
+            return [r.envelope.id for r in batch]
 
     async def ask(
         self,
@@ -72,11 +80,12 @@ class Client:
         failing, or the message was refused), AskTimeout after ``timeout``.
         """
         replies = await self._listener()
-        routed = self._route(ref, msg, reply_to=replies.channel)
-        reply = await replies.request(
-            routed.shard, routed.envelope.id, routed.data, idempotency_key,
-            _ms(self.messages.idempotency_ttl), timeout,
-        )  # fmt: skip
+        with _sending("ask", ref, msg):
+            routed = self._route(ref, msg, reply_to=replies.channel)
+            reply = await replies.request(
+                routed.shard, routed.envelope.id, routed.data, idempotency_key,
+                _ms(self.messages.idempotency_ttl), timeout,
+            )  # fmt: skip
         return reply_value(reply, self.app.resolve(ref) if self.app else ref.cls, routed.envelope.type)
 
     def _route(self, ref: ActorRef[Any], msg: BaseModel, reply_to: str | None = None) -> Routed:
@@ -112,10 +121,11 @@ class Client:
         """
         item = QueueItem(priority, dedup_id or "", partition)
         await self._check_queue(queue)
-        routed = route(
-            self.app, ref, msg, self.shards, self.messages.max_message_bytes, headers=item.headers(queue)
-        )
-        return await enqueue(self.store, queue, routed, item)
+        with _sending("enqueue", ref, msg):
+            routed = route(
+                self.app, ref, msg, self.shards, self.messages.max_message_bytes, headers=item.headers(queue)
+            )
+            return await enqueue(self.store, queue, routed, item)
 
     async def _check_queue(self, queue: str) -> None:
         known = set(self.app.limiters) if self.app is not None else set(await self.store.declare_limiters({}))
@@ -224,6 +234,12 @@ class ActorView:
     turn: TurnView | None
     deferred: int
     """Messages waiting behind its open turn (or not yet handled after it closed)."""
+
+
+def _sending(verb: str, ref: ActorRef[Any], msg: BaseModel) -> contextlib.AbstractContextManager[Any]:
+    """The producer span of a message from outside; its context travels in the envelope."""
+    attributes = {"actor.type": ref.type, "actor.key": ref.key, "message.type": type(msg).__name__}
+    return telemetry.span(f"{verb} {type(msg).__name__}", attributes, kind=SpanKind.PRODUCER)
 
 
 def _datetime(ms: int) -> datetime:

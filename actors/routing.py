@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from . import telemetry
 from .actor import ActorRef, App
 from .codec import Envelope, dump_model, encode_envelope, new_message_id
 from .errors import UnknownActorType
@@ -85,6 +86,7 @@ def route(
     strict_types: bool = False,
 ) -> Routed:
     """``build_envelope``, then encode it under ``max_bytes`` (MessageTooLarge) and place it."""
+    headers = telemetry.inject(dict(headers or {}))  # the sender's span becomes the turn's parent
     env = build_envelope(
         app, ref, msg, message_id=message_id, reply_to=reply_to, headers=headers, strict_types=strict_types
     )

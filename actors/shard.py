@@ -33,8 +33,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 
+from . import telemetry
 from .actor import Actor, Handler
 from .codec import (
     Envelope,
@@ -427,6 +429,10 @@ class ShardRunner:
         waiting = act.open.waiting
         wanted = waiting is not None and any(q.envelope.type == waiting for q in act.queue)
         if (act.woken or wanted or not act.open.suspended) and not act.open.parked:
+            if telemetry.tracing():
+                self._trace_wake(
+                    act.open, "timer fired" if act.woken else "wait resumed" if wanted else "recovered"
+                )
             act.woken = False
             await self._resume(act)
             return True
@@ -436,6 +442,19 @@ class ShardRunner:
             self._settled(act, behind)
             return True
         return False
+
+    def _trace_wake(self, open_turn: OpenTurn, what: str) -> None:
+        """A span, in the trace of the open turn's message, for what woke the turn."""
+        try:
+            env = decode_envelope(open_turn.envelope)
+        except DecodeError:
+            return
+        lateness = max(0, self.clock.lower() - open_turn.due_ms) if what == "timer fired" else 0
+        attributes = {"actor.type": env.actor, "actor.key": env.key, "timer.lateness_ms": lateness}
+        with telemetry.span(f"{what} {env.actor}", attributes, parent=env.headers):
+            pass
+        if what == "timer fired":
+            telemetry.record("timer_lateness", lateness, {"actor.type": env.actor})
 
     async def _advance_backlog(self, act: Activation) -> None:
         """Handle the oldest message deferred behind a turn that has closed."""
@@ -507,9 +526,7 @@ class ShardRunner:
             ctx = TurnContext(self.services, self, self.shard, env, info, Journal(records), source=source)
             actor._turn = ctx
             try:
-                limits = self.services.limits
-                async with limits.hold(type(actor).limiter), limits.hold_item(_queue_of(env), env.id):
-                    result = await handler.fn(actor, queued.message)
+                result = await self._call(ctx, actor, handler, queued)
                 if ctx.journal.mismatch is not None:
                     raise ctx.journal.mismatch  # the handler caught it: park all the same
                 snapshot = encode_state(actor.state)
@@ -560,6 +577,33 @@ class ShardRunner:
         self._settled(act, ctx.consumed)
         if where.origin != "i":
             self._closed(act, result)
+
+    async def _call(self, ctx: TurnContext, actor: Actor, handler: Handler, queued: Queued) -> Any:
+        """One attempt of the handler: within its limiters, in a span that is the child of
+        the span that sent the message (whichever attempt, whichever worker)."""
+        env, info = queued.envelope, ctx.info
+        name = f"turn {type(actor).__name__}.{handler.name}"
+        attributes = {"actor.type": env.actor, "actor.key": env.key, "message.type": env.type,
+                      "message.id": env.id, "shard": self.shard, "attempt": info.attempt,
+                      "epoch": info.epoch, "resumed": ctx.source.origin == "o"}  # fmt: skip
+        limits = self.services.limits
+        started = time.perf_counter()
+        outcome = "done"
+        with telemetry.span(name, attributes, kind=SpanKind.CONSUMER, parent=env.headers) as current:
+            try:
+                async with limits.hold(type(actor).limiter), limits.hold_item(_queue_of(env), env.id):
+                    return await handler.fn(actor, queued.message)
+            except Suspend:
+                outcome = "suspended"
+                raise
+            except BaseException as exc:
+                outcome = "failed"
+                telemetry.failed(current, exc)
+                raise
+            finally:
+                if current is not None:
+                    current.set_attribute("turn.outcome", outcome)
+                telemetry.count_turn(env.actor, outcome, (time.perf_counter() - started) * 1000)
 
     @staticmethod
     def _reply(env: Envelope, result: Any) -> bytes:

@@ -13,14 +13,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import time
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pydantic_core
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, TypeAdapter
 
+from . import telemetry
 from .actor import ActorRef, App
 from .codec import Envelope, decode_reply, encode_reply
 from .errors import ActorsError, DuplicateItem
@@ -137,9 +140,13 @@ class TurnContext:
             # which the target drops, and reads back the first reply.
             message_id = f"{self.envelope.id}.ask{position}"
             replies = self.services.replies
-            routed = self._route(ref, msg, message_id=message_id, reply_to=replies.channel)
             ttl_ms = int(self.services.messages.idempotency_ttl * 1000)
-            reply = await replies.request(routed.shard, message_id, routed.data, message_id, ttl_ms, timeout)
+            attributes = {"actor.type": ref.type, "actor.key": ref.key}
+            with telemetry.span(f"ask {type(msg).__name__}", attributes, kind=SpanKind.CLIENT):
+                routed = self._route(ref, msg, message_id=message_id, reply_to=replies.channel)
+                reply = await replies.request(
+                    routed.shard, message_id, routed.data, message_id, ttl_ms, timeout
+                )
             record = self.journal.record("ask", name, encode_reply(reply))
             await self.host.flush(self)
         return reply_value(decode_reply(record.value), self.services.app.resolve(ref), type(msg).__name__)
@@ -183,7 +190,8 @@ class TurnContext:
         if record is None:
             self.in_step = True
             try:
-                outcome = await _run_step(fn, args, kwargs, options, self.services.limits)
+                with telemetry.span(f"step {name}", {"step.name": name}):
+                    outcome = await _run_step(fn, args, kwargs, options, self.services.limits)
             finally:
                 self.in_step = False
             record = self.journal.record("step", name, outcome)
@@ -245,7 +253,10 @@ async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
     attempts = options.retries + 1
     for attempt in range(1, attempts + 1):
         try:
+            waiting = time.perf_counter()
             async with limits.hold(options.limiter), asyncio.timeout(options.timeout):
+                if options.limiter is not None:
+                    telemetry.waited(options.limiter, (time.perf_counter() - waiting) * 1000)
                 if asyncio.iscoroutinefunction(fn) or asyncio.iscoroutinefunction(getattr(fn, "func", None)):
                     result = await fn(*args, **kwargs)
                 else:

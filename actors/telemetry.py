@@ -1,0 +1,150 @@
+"""OpenTelemetry traces and metrics, off unless configured.
+
+Turn it on with the standard environment (``OTEL_TRACES_EXPORTER=console|otlp``,
+``OTEL_METRICS_EXPORTER``, ``OTEL_SERVICE_NAME``, ``OTEL_EXPORTER_OTLP_ENDPOINT``...),
+with ``actors worker --otel console``, or in code with ``actors.telemetry.use(tracer_provider,
+meter_provider)``. Off, no span is created and no instrument is touched: each hook is one
+flag test.
+
+The W3C trace context travels in each envelope's headers (``traceparent``), so a turn's
+span is the child of the span that sent its message; a turn resumed after a sleep, a
+wait or a crash runs from the same envelope, so it joins the trace it started in, again
+as a child of that send.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+TRACER_NAME = "actors"
+_tracer: trace.Tracer | None = None
+_instruments: _Instruments | None = None
+
+
+class _Instruments:
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.turns = meter.create_counter(
+            "actors.turns", description="turns finished, by actor type and outcome"
+        )
+        self.turn_latency = meter.create_histogram(
+            "actors.turn.duration", unit="ms", description="handler time of a turn attempt"
+        )
+        self.queue_wait = meter.create_histogram(
+            "actors.message.queue_wait", unit="ms", description="from send to the start of its turn"
+        )
+        self.dead_letters = meter.create_counter("actors.dead_letters", description="messages dead-lettered")
+        self.timer_lateness = meter.create_histogram(
+            "actors.timer.lateness", unit="ms", description="how long after its due time a timer fired"
+        )
+        self.limiter_wait = meter.create_histogram(
+            "actors.limiter.wait", unit="ms", description="time spent waiting for a limiter"
+        )
+
+
+def use(
+    tracer_provider: trace.TracerProvider | None = None, meter_provider: metrics.MeterProvider | None = None
+) -> None:
+    """Turn tracing and/or metrics on with these providers (None leaves that signal off)."""
+    global _tracer, _instruments
+    _tracer = None if tracer_provider is None else tracer_provider.get_tracer(TRACER_NAME)
+    _instruments = None if meter_provider is None else _Instruments(meter_provider.get_meter(TRACER_NAME))
+
+
+def configure(exporter: str | None = None) -> bool:
+    """Set up the SDK from ``exporter`` (``console``, ``otlp`` or ``none``) or, if None, from
+    ``OTEL_TRACES_EXPORTER``; returns whether tracing is on."""
+    choice = (exporter or os.environ.get("OTEL_TRACES_EXPORTER") or "none").lower()
+    if choice == "none":
+        use(None, None)
+        return False
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+    span_exporter: SpanExporter
+    if choice == "console":
+        span_exporter = ConsoleSpanExporter(out=sys.stdout, formatter=lambda s: s.to_json(indent=None) + "\n")
+    elif choice == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError as exc:
+            raise RuntimeError(
+                "OTLP export needs the exporter package: pip install opentelemetry-exporter-otlp-proto-http"
+            ) from exc
+        span_exporter = OTLPSpanExporter()
+    else:
+        raise ValueError(f"unknown trace exporter {choice!r} (use console, otlp or none)")
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "actors")})
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    trace.set_tracer_provider(provider)
+    use(provider, metrics.get_meter_provider())
+    return True
+
+
+def shutdown() -> None:
+    """Flush what the SDK still holds (at process exit)."""
+    provider = trace.get_tracer_provider()
+    if _tracer is not None and hasattr(provider, "shutdown"):
+        provider.shutdown()
+
+
+def tracing() -> bool:
+    return _tracer is not None
+
+
+def inject(headers: dict[str, str]) -> dict[str, str]:
+    """Add the current trace context to a message's headers (when tracing)."""
+    if _tracer is not None:
+        propagate.inject(headers)
+    return headers
+
+
+@contextlib.contextmanager
+def span(name: str, attributes: Mapping[str, Any] | None = None, *, kind: SpanKind = SpanKind.INTERNAL,
+         parent: Mapping[str, str] | None = None) -> Iterator[Span | None]:  # fmt: skip
+    """A span, current inside the block (None when tracing is off). ``parent``: the headers
+    of a message, whose trace context becomes this span's parent."""
+    if _tracer is None:
+        yield None
+        return
+    context = propagate.extract(parent) if parent is not None else None
+    with _tracer.start_as_current_span(name, context=context, kind=kind, attributes=attributes) as current:
+        yield current
+
+
+def failed(current: Span | None, exc: BaseException) -> None:
+    if current is not None:
+        current.record_exception(exc)
+        current.set_status(Status(StatusCode.ERROR, str(exc)))
+
+
+def waited(limiter: str, ms: float) -> None:
+    """A step waited ``ms`` for a limiter: on the current span, and in the histogram."""
+    if _tracer is not None:
+        trace.get_current_span().set_attribute("limiter.wait_ms", ms)
+    record("limiter_wait", ms, {"limiter": limiter})
+
+
+def count_turn(actor_type: str, outcome: str, duration_ms: float) -> None:
+    if _instruments is not None:
+        attrs = {"actor.type": actor_type, "outcome": outcome}
+        _instruments.turns.add(1, attrs)
+        _instruments.turn_latency.record(duration_ms, attrs)
+
+
+def record(instrument: str, value: float, attributes: Mapping[str, Any] | None = None) -> None:
+    """Record on one of the histograms or counters by attribute name (when metrics are on)."""
+    if _instruments is not None:
+        target = getattr(_instruments, instrument)
+        if hasattr(target, "record"):
+            target.record(value, attributes)
+        else:
+            target.add(value, attributes)
