@@ -4,6 +4,7 @@ actors worker APP [--processes N]     run workers for APP ("module:attribute")
 actors send|ask REF TYPE JSON --app APP
 actors state REF [--app APP]
 actors status                         workers, shard owners, epochs, lag, pending
+actors top                            a live view of throughput, latency, lag, leases, limiters
 actors approve REF --request-id ID (--approve | --reject) [--by NAME] [--comment TEXT]
 actors waits [--limit N]              every open turn: running, sleeping, waiting, parked
 actors inspect REF [--app APP]        state, open turn (journal, wait, timer), deferred count
@@ -30,12 +31,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import telemetry
+from . import telemetry, top
 from .actor import ActorRef, App
 from .client import Client, TurnView, connect
 from .codec import decode_envelope
 from .errors import ActorsError, DecodeError
-from .limits import Limiter
 from .messages import Approval
 from .server import EmbeddedServer, default_dir
 from .settings import LeaseSettings, RedisSettings, WorkerSettings
@@ -158,7 +158,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         store = client.store
         workers = await store.live_workers()
         infos = [await store.shard_info(s) for s in range(client.shards)]
-        limiters = await _limiter_status(store, workers)
+        limiters = await top.limiter_status(store, await store.worker_infos(workers))
         if args.json:
             shards = [dataclasses.asdict(i) for i in infos]
             print(json.dumps({"workers": workers, "shards": shards, "limiters": limiters}, indent=2))
@@ -183,26 +183,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _with_client(args, run)
 
 
-async def _limiter_status(store: Any, workers: list[str]) -> list[dict[str, Any]]:
-    """Each declared limiter: its rate, slots held of its cap, turns waiting, queue depth."""
-    definitions = await store.declare_limiters({})
-    infos = await store.worker_infos(workers)
-    found = []
-    for name, definition in sorted(definitions.items()):
-        limiter = Limiter.model_validate_json(definition)
-        held = await store.limiter_holders(name)
-        by_partition, dispatching = await store.queue_depths(name)
-        rate = "-" if limiter.rate is None else f"{limiter.rate:g}/{limiter.per.total_seconds():g}s"
-        found.append({
-            "name": name,
-            "rate": rate + (f" burst {limiter.burst}" if limiter.burst > 1 else ""),
-            "slots": f"{held}/{limiter.concurrency}" if limiter.concurrency else "-",
-            "waiting": sum(int(info.get(f"waiting:{name}", 0)) for info in infos),
-            "queued": sum(by_partition.values()),
-            "dispatching": dispatching,
-            "queued_by_partition": by_partition,
-        })  # fmt: skip
-    return found
+def cmd_top(args: argparse.Namespace) -> int:
+    async def run(client: Client) -> None:
+        await top.run(client.store, client.shards, args.interval, args.frames)
+
+    try:
+        return _with_client(args, run)
+    except KeyboardInterrupt:
+        return 0
 
 
 # ---- durable workflows: approvals, open turns, cancel -----------------------------------------
@@ -441,6 +429,12 @@ def parser() -> argparse.ArgumentParser:
     ss.add_argument("--json", action="store_true")
     common(ss)
     ss.set_defaults(func=cmd_status)
+
+    tp = sub.add_parser("top", help="a live view: throughput, latency, lag, leases, limiters, open turns")
+    tp.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    tp.add_argument("--frames", type=int, default=None, help="stop after this many frames (default: never)")
+    common(tp)
+    tp.set_defaults(func=cmd_top)
 
     a = sub.add_parser(
         "approve",

@@ -603,7 +603,9 @@ class ShardRunner:
             finally:
                 if current is not None:
                     current.set_attribute("turn.outcome", outcome)
-                telemetry.count_turn(env.actor, outcome, (time.perf_counter() - started) * 1000)
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                self.services.stats.record(elapsed_ms)
+                telemetry.count_turn(env.actor, outcome, elapsed_ms)
 
     @staticmethod
     def _reply(env: Envelope, result: Any) -> bytes:

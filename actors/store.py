@@ -137,6 +137,9 @@ class ShardInfo:
     lag: int | None
     pending: int
     dead_letters: int
+    read: int = 0
+    """Entries ever delivered to the workers' group (handled = read - pending)."""
+    open_turns: int = 0
 
 
 def _honours_cancel(cls: type[T]) -> type[T]:
@@ -659,18 +662,22 @@ class Store:
             pipe.get(k.epoch(shard))
             pipe.xlen(k.inbox(shard))
             pipe.xlen(k.dead_letters(shard))
-            lease, epoch, length, dead = await pipe.execute()
+            pipe.hlen(k.turns(shard))
+            lease, epoch, length, dead, open_turns = await pipe.execute()
         lag: int | None = None
-        pending = 0
+        pending = read = 0
         try:
             for group in await self.redis.xinfo_groups(k.inbox(shard)):
                 if group["name"] == GROUP.encode():
                     lag = group.get("lag")
                     pending = int(group["pending"])
+                    read = int(group.get("entries-read") or 0)
         except ResponseError:  # no stream yet
             pass
         owner = lease.decode().rpartition("|")[0] if lease else None
-        return ShardInfo(shard, owner, int(epoch or 0), int(length), lag, pending, int(dead))
+        return ShardInfo(
+            shard, owner, int(epoch or 0), int(length), lag, pending, int(dead), read, int(open_turns)
+        )
 
 
 def _client(url: str, retries: int) -> aioredis.Redis:

@@ -15,6 +15,7 @@ import functools
 import random
 import time
 import typing
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -47,6 +48,27 @@ class TurnServices:
     messages: MessageSettings
     replies: ReplyListener
     limits: Limits
+    stats: TurnStats = field(default_factory=lambda: TurnStats())
+
+
+class TurnStats:
+    """Recent turn durations of this process, for ``actors top`` (through the worker's info)."""
+
+    def __init__(self, keep: int = 2000) -> None:
+        self.turns = 0
+        self.recent: deque[float] = deque(maxlen=keep)
+
+    def record(self, ms: float) -> None:
+        self.turns += 1
+        self.recent.append(ms)
+
+    def summary(self) -> dict[str, str]:
+        ordered = sorted(self.recent)
+        if not ordered:
+            return {"turns": str(self.turns)}
+        p50 = ordered[len(ordered) // 2]
+        p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+        return {"turns": str(self.turns), "turn_p50_ms": f"{p50:.2f}", "turn_p99_ms": f"{p99:.2f}"}
 
 
 @dataclass(frozen=True, slots=True)

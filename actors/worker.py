@@ -78,7 +78,7 @@ class Worker:
             supervisor = Supervisor(
                 store, self.id, shards, self.settings.lease,
                 on_acquired=self._start_shard, on_lost=self._stop_shard, on_release=self._drain_shard,
-                info=lambda: {f"waiting:{name}": str(n) for name, n in limits.waiting().items()},
+                info=self._info,
             )  # fmt: skip
             await supervisor.tick()
             self.ready.set()
@@ -89,6 +89,12 @@ class Worker:
             await limits.stop()
             await replies.stop()
             await store.close()
+
+    def _info(self) -> dict[str, str]:
+        """What the heartbeat adds to this worker's info hash, for ``actors status`` and ``top``."""
+        assert self._services is not None
+        waiting = {f"waiting:{name}": str(n) for name, n in self._services.limits.waiting().items()}
+        return {**waiting, **self._services.stats.summary(), "shards": str(len(self._slots))}
 
     # ---- shard runners ---------------------------------------------------------
     def _start_shard(self, lease: Lease) -> None:

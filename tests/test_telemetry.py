@@ -3,6 +3,7 @@ sleep, an approval sent from another process and a worker crash; off, nothing is
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+import actors
 from actors import telemetry
 from actors.codec import decode_envelope
 from actors.routing import shard_of
@@ -164,3 +166,29 @@ async def test_metrics_count_turns_and_time_them(connect, start_worker) -> None:
     assert turns == 6
     [durations] = found["actors.turn.duration"].data.data_points
     assert durations.count == 6
+
+
+async def test_actors_top_shows_throughput_latency_workers_shards_and_open_turns(
+    connect, start_worker, redis_url, namespace
+) -> None:
+    from .apps import Add, Counter, Get
+    from .apps import app as counter_app
+
+    both = actors.App(*counter_app.actor_types, *app.actor_types)
+    worker = await start_worker(both)
+    async with connect(app=both) as client:
+        await client.send_many([(Counter.ref(f"c{n}"), Add()) for n in range(200)])
+        await client.ask(Counter.ref("c0"), Get(), timeout=10)
+        await client.send(Traced.ref("top"), Start(request_id="r9"))
+        await eventually(lambda: _waiting(client, Traced.ref("top")), timeout=20)
+        await asyncio.sleep(1.5)  # a heartbeat carries the latest turn figures
+        text = ok(await actors_cli("top", "--frames", "2", "--interval", "0.2",
+                                   "--redis", redis_url, "--namespace", namespace))  # fmt: skip
+    frames = text.split("actors top - namespace ")
+    assert len(frames) == 3 and frames[1].startswith(namespace)
+    last = frames[2]
+    assert "handled 0/s" in last, "nothing new between the two frames"
+    assert "open turns 1" in last
+    [row] = [line.split() for line in last.splitlines() if line.startswith(worker.id)]
+    assert int(row[1]) == 4 and int(row[2]) >= 203, "shards held, turns done"
+    assert float(row[3]) > 0 and float(row[4]) >= float(row[3]), "p50 and p99 turn times"
