@@ -5,6 +5,7 @@ actors send|ask REF TYPE JSON --app APP
 actors state REF [--app APP]
 actors status                         workers, shard owners, epochs, lag, pending
 actors top                            a live view of throughput, latency, lag, leases, limiters
+actors bench [--messages N ...]       measure throughput and latency with real worker processes
 actors approve REF --request-id ID (--approve | --reject) [--by NAME] [--comment TEXT]
 actors waits [--limit N]              every open turn: running, sleeping, waiting, parked
 actors inspect REF [--app APP]        state, open turn (journal, wait, timer), deferred count
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import importlib
 import json
 import logging
@@ -37,7 +39,7 @@ from .client import Client, TurnView, connect
 from .codec import decode_envelope
 from .errors import ActorsError, DecodeError
 from .messages import Approval
-from .server import EmbeddedServer, default_dir
+from .server import EmbeddedServer, default_dir, resolve_url
 from .settings import LeaseSettings, RedisSettings, WorkerSettings
 from .worker import Worker
 
@@ -60,6 +62,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return _run_parent(args)
     app = load_app(args.app)
     telemetry.configure(args.otel)
+    # A worker allocates many short-lived objects; with the default thresholds, full
+    # collections of a large heap stalled the event loop past the lease TTL under load.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     settings = WorkerSettings(
         shards=args.shards,
         lease=LeaseSettings(ttl=args.lease_ttl, renew_interval=args.renew_interval),
@@ -181,6 +187,17 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f"{lim['queued']:>7}  {parts or '-'}")  # fmt: skip
 
     return _with_client(args, run)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    if min(args.actors, args.messages, args.processes, args.asks) < 1:
+        raise SystemExit("--actors, --messages, --processes and --asks must be at least 1")
+    url = resolve_url(RedisSettings.from_env(args.redis).url)
+    result = asyncio.run(bench.run(url, args.actors, args.messages, args.processes, args.asks, not args.json))
+    print(bench.report(result, args.json))
+    return 0 if result.exactly_once else 1
 
 
 def cmd_top(args: argparse.Namespace) -> int:
@@ -429,6 +446,17 @@ def parser() -> argparse.ArgumentParser:
     ss.add_argument("--json", action="store_true")
     common(ss)
     ss.set_defaults(func=cmd_status)
+
+    bn = sub.add_parser("bench", help="throughput, ask latency and Redis commands per message, measured")
+    bn.add_argument("--actors", type=int, default=1_000)
+    bn.add_argument("--messages", type=int, default=200_000)
+    bn.add_argument("--processes", type=int, default=2, help="worker processes to start")
+    bn.add_argument("--asks", type=int, default=1_000, help="sequential asks for the latency figures")
+    bn.add_argument("--json", action="store_true")
+    bn.add_argument(
+        "--redis", default=None, help="Redis URL (default: ACTORS_REDIS_URL, else the embedded server)"
+    )
+    bn.set_defaults(func=cmd_bench)
 
     tp = sub.add_parser("top", help="a live view: throughput, latency, lag, leases, limiters, open turns")
     tp.add_argument("--interval", type=float, default=1.0, help="seconds between frames")

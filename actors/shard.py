@@ -144,6 +144,7 @@ class ShardRunner:
         self._timer_wakeup = asyncio.Event()
         self._next_timer_ms = 0
         self._actor_tasks: set[asyncio.Task[None]] = set()
+        self._task_room = asyncio.Event()
         self._actor_failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reply_ttl_ms = int(settings.messages.reply_ttl * 1000)
 
@@ -178,6 +179,7 @@ class ShardRunner:
 
     def _actor_done(self, task: asyncio.Task[None]) -> None:
         self._actor_tasks.discard(task)
+        self._task_room.set()
         if not task.cancelled() and task.exception() is not None and not self._actor_failure.done():
             self._actor_failure.set_exception(task.exception())  # type: ignore[arg-type]
 
@@ -239,14 +241,14 @@ class ShardRunner:
                 del self.activations[aid]
 
     async def _timer_loop(self) -> None:
-        """Wake actors whose timers are due. The first look also takes timers at 0: the
-        open turns and deferred messages a previous owner left."""
-        first = True
+        """Wake actors whose timers are due. First, every actor left at 0 by a previous
+        owner (open turns it was running or had woken, deferred messages), in batches."""
+        async for actor_ids in self.store.timers_at_zero(self.shard, TIMER_BATCH):
+            await self._wake(actor_ids)
         while not self._stopping.is_set():
             sent = time.monotonic()
-            now, later, due = await self.store.due_timers(self.shard, self.lease.value, first, TIMER_BATCH)
+            now, later, due = await self.store.due_timers(self.shard, self.lease.value, TIMER_BATCH)
             self.clock.observe(now, sent, time.monotonic())
-            first = False
             if due:
                 await self._wake(due)
             if len(due) == TIMER_BATCH:
@@ -302,6 +304,10 @@ class ShardRunner:
             self._timer_wakeup.set()
 
     async def _wake(self, actor_ids: list[str]) -> None:
+        # Bounded like reading: a takeover or a burst of timers must not start every turn at once.
+        while len(self._actor_tasks) >= self.settings.max_inflight:
+            self._task_room.clear()
+            await self._task_room.wait()
         await self._activate({aid: aid.partition("/")[0] for aid in actor_ids})
         for aid in actor_ids:
             act = self.activations[aid]

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
@@ -441,15 +441,24 @@ class Store:
                 break
         return found
 
-    async def due_timers(
-        self, shard: int, lease: str, first: bool, limit: int
-    ) -> tuple[int, int | None, list[str]]:
-        """Take due timers (setting them to 0); returns (Redis now ms, next due ms, actor ids).
+    async def timers_at_zero(self, shard: int, batch: int) -> AsyncIterator[list[str]]:
+        """Batches of the actors whose timer is 0 (needing attention now), as a new owner
+        must wake them all. ZSCAN returns every member present throughout at least once,
+        however many there are and whatever changes meanwhile."""
+        found: list[str] = []
+        async for member, score in self.redis.zscan_iter(self.keys.timers(shard), count=batch):
+            if score == 0:
+                found.append(member.decode())
+                if len(found) >= batch:
+                    yield found
+                    found = []
+        if found:
+            yield found
 
-        ``first``: also take actors already at 0, as a new owner does to recover them.
-        """
+    async def due_timers(self, shard: int, lease: str, limit: int) -> tuple[int, int | None, list[str]]:
+        """Take due timers (setting them to 0); returns (Redis now ms, next due ms, actor ids)."""
         now, later, *due = await self._run(
-            "due_timers", [self.keys.lease(shard), self.keys.timers(shard)], [lease, 0 if first else 1, limit]
+            "due_timers", [self.keys.lease(shard), self.keys.timers(shard)], [lease, limit]
         )
         return int(now), None if int(later) < 0 else int(later), [a.decode() for a in due]
 
@@ -653,6 +662,19 @@ class Store:
 
     async def drop_dead_letter(self, shard: int, dlq_id: str) -> bool:
         return bool(await self.redis.xdel(self.keys.dead_letters(shard), dlq_id))
+
+    async def drop_namespace(self) -> int:
+        """Delete every key of this namespace (``actors bench`` cleans up with it)."""
+        dropped = 0
+        batch: list[bytes] = []
+        async for key in self.redis.scan_iter(match=f"{self.keys.namespace}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                dropped += await self.redis.unlink(*batch)
+                batch.clear()
+        if batch:
+            dropped += await self.redis.unlink(*batch)
+        return dropped
 
     # ---- status --------------------------------------------------------------------
     async def shard_info(self, shard: int) -> ShardInfo:

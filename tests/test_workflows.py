@@ -280,3 +280,35 @@ async def _gone(client: actors.Client, ref: actors.ActorRef) -> bool:
 async def _waits(client: actors.Client, n: int):  # type: ignore[no-untyped-def]
     views = await client.waits()
     return views if len(views) >= n else None
+
+
+async def test_a_new_owner_wakes_every_actor_left_at_zero_not_just_one_batch(
+    connect, start_worker, monkeypatch
+) -> None:
+    import actors.shard
+
+    monkeypatch.setattr(actors.shard, "TIMER_BATCH", 20)
+    worker = await start_worker(app)
+    async with connect(app=app) as client:
+        refs = [Sleeper.ref(f"z{n}") for n in range(200)]
+        await client.send_many([(ref, Nap(seconds=3600)) for ref in refs])
+        await eventually(lambda: _timers(client, lambda score: score > 0, 200), timeout=30)
+        worker.stop()
+        await eventually(lambda: not worker.runners, timeout=20)
+        # As if the owner had died right after taking every timer (they sit at 0).
+        for shard in range(client.shards):
+            key = client.store.keys.timers(shard)
+            members = await client.store.redis.zrange(key, 0, -1)
+            if members:
+                await client.store.redis.zadd(key, {m: 0 for m in members})
+        await start_worker(app)
+        # Every one is resumed, finds its sleep not yet due, and goes back to its due time.
+        await eventually(lambda: _timers(client, lambda score: score > 0, 200), timeout=30)
+
+
+async def _timers(client: actors.Client, check, n: int) -> bool:  # type: ignore[no-untyped-def]
+    scores = []
+    for shard in range(client.shards):
+        rows = await client.store.redis.zrange(client.store.keys.timers(shard), 0, -1, withscores=True)
+        scores += [score for _, score in rows]
+    return len(scores) == n and all(check(s) for s in scores)

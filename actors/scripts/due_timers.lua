@@ -2,10 +2,8 @@
 -- ("needs attention now"), so a crash of this owner hands it to the next one.
 -- KEYS[1] lease      string "<worker>|<epoch>"
 -- KEYS[2] timers     zset actor id -> due time (ms, Redis clock)
--- ARGV[1] expected lease value
--- ARGV[2] lowest score to take: 0 on a new owner's first scan (it recovers turns
---         that were running and deferred messages), 1 afterwards
--- ARGV[3] at most this many
+-- ARGV[1] expected lease value, ARGV[2] at most this many
+-- Actors already at 0 are not taken again here: a new owner finds them with ZSCAN.
 -- Returns {now ms, next due ms after now (-1 if none), actor id...}.
 -- Errors with FENCED if the lease is not held at the expected epoch.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -13,7 +11,7 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local due = redis.call('ZRANGE', KEYS[2], ARGV[2], now, 'BYSCORE', 'LIMIT', 0, ARGV[3])
+local due = redis.call('ZRANGE', KEYS[2], 1, now, 'BYSCORE', 'LIMIT', 0, ARGV[2])
 local result = {now, -1}
 for j, actor in ipairs(due) do
   redis.call('ZADD', KEYS[2], 'XX', 0, actor)
