@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import redis.asyncio
 
 import actors
 from actors import EmbeddedServer
@@ -340,3 +341,20 @@ async def test_send_reaches_the_worker_spawned_by_the_cli(spawn_worker, cli, con
         assert await client.ask(Counter.ref("w"), Get(), timeout=30) == Total(total=6)
         state = await client.state(Counter.ref("w"))
         assert isinstance(state, Counter.State) and state.total == 6
+
+
+async def test_bench_measures_with_real_workers_and_cleans_up(redis_url: str) -> None:
+    result = await actors_cli(
+        "bench", "--messages", "3000", "--actors", "50", "--processes", "2", "--asks", "50", "--json",
+        "--redis", redis_url,
+    )  # fmt: skip
+    figures = json.loads(ok(result))
+    assert figures["exactly_once"] is True and figures["messages"] == 3000 and figures["processes"] == 2
+    assert figures["msgs_per_s"] > 0 and 0 < figures["ask_p50_ms"] <= figures["ask_p99_ms"]
+    assert figures["commands_per_message"] > 1
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        assert [k async for k in client.scan_iter(match="bench-*")] == [], "its namespace was deleted"
+    finally:
+        await client.aclose()
+    assert "must be at least 1" in failed(await actors_cli("bench", "--messages", "0", "--redis", redis_url))
