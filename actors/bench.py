@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from .actor import Actor, App
 from .client import Client, connect
+from .errors import ConfigurationError
 
 BATCH = 1_000
 
@@ -77,7 +78,9 @@ async def run(url: str, actors: int, messages: int, processes: int, asks: int, p
     workers = [_spawn(url, namespace) for _ in range(processes)]
     try:
         async with connect(url, namespace=namespace, app=app) as client:
-            await _wait_for_workers(client, processes)
+            if processes > client.shards:
+                raise ConfigurationError(f"--processes {processes} is more than the {client.shards} shards")
+            await _wait_for_workers(client, processes, workers)
             before = await _commands(client)
             started = time.perf_counter()
             for first in range(0, messages, BATCH):
@@ -91,12 +94,14 @@ async def run(url: str, actors: int, messages: int, processes: int, asks: int, p
             commands = await _commands(client) - before
             totals = [s.total if s else 0 for s in await _states(client, actors)]
             latencies = await _asks(client, actors, asks)
-            await client.store.drop_namespace()
     finally:
         for proc in workers:
             proc.terminate()
         for proc in workers:
             proc.wait(timeout=30)
+        # Only once the workers are gone: a worker still running would write keys again.
+        async with connect(url, namespace=namespace, record_shards=False) as cleaner:
+            await cleaner.store.drop_namespace()
     return Result(
         messages, actors, processes, round(seconds, 3), round(messages / seconds),
         round(messages / (sent - started)), round(commands / messages, 2),
@@ -111,11 +116,19 @@ def _spawn(url: str, namespace: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=os.environ.copy())
 
 
-async def _wait_for_workers(client: Client, processes: int) -> None:
+async def _wait_for_workers(client: Client, processes: int, workers: list[subprocess.Popen[bytes]]) -> None:
+    deadline = time.monotonic() + 60
     while True:
         owners = {(await client.store.shard_info(s)).owner for s in range(client.shards)}
         if None not in owners and len(owners) == processes:
             return
+        exited = [p.returncode for p in workers if p.poll() is not None]
+        if exited or time.monotonic() > deadline:
+            raise ConfigurationError(
+                f"the worker processes did not start (exit codes {exited})"
+                if exited
+                else f"{processes} workers did not share the shards within 60 s"
+            )
         await asyncio.sleep(0.1)
 
 

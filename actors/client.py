@@ -125,7 +125,7 @@ class Client:
             routed = route(
                 self.app, ref, msg, self.shards, self.messages.max_message_bytes, headers=item.headers(queue)
             )
-            return await enqueue(self.store, queue, routed, item)
+            return await enqueue(self.store, queue, routed, item, _ms(self.messages.idempotency_ttl))
 
     async def _check_queue(self, queue: str) -> None:
         known = set(self.app.limiters) if self.app is not None else set(await self.store.declare_limiters({}))

@@ -119,11 +119,11 @@ class QueueItem:
         return {QUEUE_HEADER: name, DEDUP_HEADER: self.dedup_id}
 
 
-async def enqueue(store: Store, name: str, routed: Routed, item: QueueItem) -> str:
+async def enqueue(store: Store, name: str, routed: Routed, item: QueueItem, seen_ttl_ms: int) -> str:
     """Put ``routed`` (built with ``item.headers(name)``) on limiter ``name``'s queue."""
     queued, holder = await store.queue_enqueue(
         name, routed.envelope.id, routed.shard, routed.data, item.dedup_id, item.partition,
-        item.priority, DEDUP_TTL_MS,
+        item.priority, DEDUP_TTL_MS, seen_ttl_ms,
     )  # fmt: skip
     if not queued:
         raise DuplicateItem(item.dedup_id, holder)
@@ -276,16 +276,28 @@ class Limits:
     async def enqueue(self, name: str, routed: Routed, item: QueueItem) -> str:
         """Queue a routed message (its envelope carries ``item.headers``); returns its item id."""
         self.check(name)
-        return await enqueue(self.store, name, routed, item)
+        return await enqueue(self.store, name, routed, item, self.idempotency_ttl_ms)
 
     @contextlib.asynccontextmanager
     async def hold_item(self, name: str | None, item_id: str) -> AsyncIterator[None]:
         """Hold the slot a queued item was dispatched with (taken again if its lease
         expired meanwhile) while its turn runs."""
         queue = self._queues.get(name) if name is not None else None
-        if queue is None or queue.limiter.concurrency is None:
+        if queue is None:
             yield
             return
+        async with queue.local or contextlib.nullcontext():
+            if queue.limiter.concurrency is None:
+                yield
+                return
+            await self._take_item_slot(queue, item_id)
+            try:
+                yield
+            finally:
+                await self._release(queue.limiter.name, item_id)
+
+    async def _take_item_slot(self, queue: _Queue, item_id: str) -> None:
+        assert queue.limiter.concurrency is not None
         while True:
             queue.released.clear()
             granted, wait_ms, _ = await self.store.limiter_acquire(
@@ -296,10 +308,6 @@ class Limits:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(queue.released.wait(), timeout=max(wait_ms, 1) / 1000)
         self._held.add((queue.limiter.name, item_id))
-        try:
-            yield
-        finally:
-            await self._release(queue.limiter.name, item_id)
 
     async def _dispatch_loop(self, queue: _Queue) -> None:
         """Move the queue's items to their actors' inboxes as fast as the limiter allows."""

@@ -145,6 +145,7 @@ class ShardRunner:
         self._next_timer_ms = 0
         self._actor_tasks: set[asyncio.Task[None]] = set()
         self._task_room = asyncio.Event()
+        self._waking: set[asyncio.Task[None]] = set()
         self._actor_failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reply_ttl_ms = int(settings.messages.reply_ttl * 1000)
 
@@ -179,6 +180,7 @@ class ShardRunner:
 
     def _actor_done(self, task: asyncio.Task[None]) -> None:
         self._actor_tasks.discard(task)
+        self._waking.discard(task)
         self._task_room.set()
         if not task.cancelled() and task.exception() is not None and not self._actor_failure.done():
             self._actor_failure.set_exception(task.exception())  # type: ignore[arg-type]
@@ -304,8 +306,9 @@ class ShardRunner:
             self._timer_wakeup.set()
 
     async def _wake(self, actor_ids: list[str]) -> None:
-        # Bounded like reading: a takeover or a burst of timers must not start every turn at once.
-        while len(self._actor_tasks) >= self.settings.max_inflight:
+        # Bounded like reading: a takeover or a burst of timers must not start every turn at
+        # once. Only turns woken here count: ones waiting for a limiter must not stop timers.
+        while len(self._waking) >= self.settings.max_inflight:
             self._task_room.clear()
             await self._task_room.wait()
         await self._activate({aid: aid.partition("/")[0] for aid in actor_ids})
@@ -315,7 +318,7 @@ class ShardRunner:
                 act.woken = True
             else:
                 act.backlog = True  # deferred messages left, or a stale timer to settle
-            self._start(act)
+            self._waking.add(self._start(act))
 
     # ---- 2. check and queue -------------------------------------------------------
     async def _dispatch(self, entries: list[Entry]) -> None:
@@ -392,11 +395,12 @@ class ShardRunner:
             act.backlog = found.timer is not None
         return act
 
-    def _start(self, act: Activation) -> None:
+    def _start(self, act: Activation) -> asyncio.Task[None]:
         if act.task is None:
             act.task = asyncio.create_task(self._drain_actor(act))
             self._actor_tasks.add(act.task)
             act.task.add_done_callback(self._actor_done)
+        return act.task
 
     # ---- 3. an actor's work, in order --------------------------------------------------
     async def _drain_actor(self, act: Activation) -> None:
@@ -435,10 +439,8 @@ class ShardRunner:
         waiting = act.open.waiting
         wanted = waiting is not None and any(q.envelope.type == waiting for q in act.queue)
         if (act.woken or wanted or not act.open.suspended) and not act.open.parked:
-            if telemetry.tracing():
-                self._trace_wake(
-                    act.open, "timer fired" if act.woken else "wait resumed" if wanted else "recovered"
-                )
+            timer = act.woken and act.open.suspended  # not a running turn a dead owner left
+            self._note_wake(act.open, "timer fired" if timer else "wait resumed" if wanted else "recovered")
             act.woken = False
             await self._resume(act)
             return True
@@ -449,18 +451,21 @@ class ShardRunner:
             return True
         return False
 
-    def _trace_wake(self, open_turn: OpenTurn, what: str) -> None:
-        """A span, in the trace of the open turn's message, for what woke the turn."""
+    def _note_wake(self, open_turn: OpenTurn, what: str) -> None:
+        """What woke an open turn: a timer's lateness (metric), and a span in the trace of
+        the turn's message."""
+        lateness = max(0, self.clock.lower() - open_turn.due_ms) if what == "timer fired" else 0
+        if what == "timer fired":
+            telemetry.record("timer_lateness", lateness)
+        if not telemetry.tracing():
+            return
         try:
             env = decode_envelope(open_turn.envelope)
         except DecodeError:
             return
-        lateness = max(0, self.clock.lower() - open_turn.due_ms) if what == "timer fired" else 0
         attributes = {"actor.type": env.actor, "actor.key": env.key, "timer.lateness_ms": lateness}
         with telemetry.span(f"{what} {env.actor}", attributes, parent=env.headers):
             pass
-        if what == "timer fired":
-            telemetry.record("timer_lateness", lateness, {"actor.type": env.actor})
 
     async def _advance_backlog(self, act: Activation) -> None:
         """Handle the oldest message deferred behind a turn that has closed."""
@@ -597,7 +602,10 @@ class ShardRunner:
         outcome = "done"
         with telemetry.span(name, attributes, kind=SpanKind.CONSUMER, parent=env.headers) as current:
             try:
-                async with limits.hold(type(actor).limiter), limits.hold_item(_queue_of(env), env.id):
+                queue = _queue_of(env)
+                # A turn fed by its type's own limiter's queue holds the slot it was dispatched with.
+                type_limiter = None if queue == type(actor).limiter else type(actor).limiter
+                async with limits.hold(type_limiter), limits.hold_item(queue, env.id):
                     return await handler.fn(actor, queued.message)
             except Suspend:
                 outcome = "suspended"
@@ -747,7 +755,7 @@ class ShardRunner:
                 items_done = []
                 for (write, fut), result in zip(batch, results, strict=True):
                     forwarded = forwarded or bool(write.remote)
-                    if write.item is not None and result != DUPLICATE:
+                    if write.item is not None:  # a duplicate too: its first run's reply may be lost
                         items_done.append(write.item)
                     if not fut.done():
                         fut.set_result(result)

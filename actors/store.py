@@ -184,6 +184,7 @@ class Store:
                 "limiter_acquire",
                 "limiter_release",
                 "queue_dispatch",
+                "queue_dispatched",
                 "queue_done",
                 "queue_enqueue",
                 "enqueue_once",
@@ -531,12 +532,16 @@ class Store:
 
     async def queue_enqueue(
         self, name: str, item_id: str, shard: int, envelope: bytes, dedup_id: str, partition: str,
-        priority: int, dedup_ttl_ms: int,
+        priority: int, dedup_ttl_ms: int, seen_ttl_ms: int,
     ) -> tuple[bool, str]:  # fmt: skip
-        """Queue an item; returns (True, item id), or (False, id of the item holding ``dedup_id``)."""
+        """Queue an item; returns (True, item id), or (False, id of the item holding ``dedup_id``).
+
+        An item id queued before (within ``seen_ttl_ms``) is not queued again: a turn that
+        re-runs its journaled ``enqueue`` after the item was dispatched queues nothing."""
         k = self.keys
         keys = [k.queue(name, p) for p in ("items", "ready", "vtime", "rounds", "counts")]
         keys.append(k.queue(name, f"dedup:{dedup_id}") if dedup_id else keys[0])
+        keys.append(k.queue(name, f"seen:{item_id}"))
         args = [
             item_id,
             shard,
@@ -547,6 +552,7 @@ class Store:
             dedup_ttl_ms,
             k.limiter_events(),
             f"{QUEUED}{name}",
+            seen_ttl_ms,
         ]
         queued, holder = await self._run("queue_enqueue", keys, args)
         return bool(queued), holder.decode()
@@ -569,10 +575,8 @@ class Store:
 
     async def queue_dispatched(self, name: str, item_id: str) -> None:
         """The item is in its actor's inbox: it leaves the queue (its slot and dedup id stay)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.keys.queue(name, "dispatching"), item_id)
-            pipe.hdel(self.keys.queue(name, "items"), item_id)
-            await pipe.execute()
+        keys = [self.keys.queue(name, p) for p in ("items", "ready", "dispatching", "counts", "rounds")]
+        await self._run("queue_dispatched", keys, [item_id])
 
     async def queue_done(self, items: Sequence[tuple[str, str, str]]) -> None:
         """(limiter, item id, dedup id) of queued items whose turns ended, in one round trip."""

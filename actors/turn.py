@@ -274,20 +274,21 @@ async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
     """Call ``fn`` with retries; returns the journal value ``["ok", result]`` or ``["error", type, text]``."""
     attempts = options.retries + 1
     for attempt in range(1, attempts + 1):
-        try:
-            waiting = time.perf_counter()
-            async with limits.hold(options.limiter), asyncio.timeout(options.timeout):
-                if options.limiter is not None:
-                    telemetry.waited(options.limiter, (time.perf_counter() - waiting) * 1000)
-                if asyncio.iscoroutinefunction(fn) or asyncio.iscoroutinefunction(getattr(fn, "func", None)):
-                    result = await fn(*args, **kwargs)
-                else:
-                    result = await asyncio.to_thread(fn, *args, **kwargs)
-                    if asyncio.iscoroutine(result):
-                        result = await result
-        except Exception as exc:
+        waiting = time.perf_counter()
+        # Outside the try: a Redis error while waiting for the limiter is not the step's
+        # failure (the function never ran); it ends the turn, which runs again later.
+        async with limits.hold(options.limiter):
+            if options.limiter is not None:
+                telemetry.waited(options.limiter, (time.perf_counter() - waiting) * 1000)
+            try:
+                result = await _call_once(fn, args, kwargs, options.timeout)
+            except Exception as exc:
+                failure: Exception | None = exc
+            else:
+                failure = None
+        if failure is not None:
             if attempt == attempts:
-                return ["error", type(exc).__name__, str(exc)]
+                return ["error", type(failure).__name__, str(failure)]
             delay = min(options.max_backoff, options.backoff * 2 ** (attempt - 1))
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             continue
@@ -299,6 +300,15 @@ async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
                     "journaled: return JSON-compatible data or a pydantic model")  # fmt: skip
             return ["error", "TypeError", text]
     raise AssertionError("unreachable")
+
+
+async def _call_once(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                     timeout: float | None) -> Any:  # fmt: skip
+    async with asyncio.timeout(timeout):
+        if asyncio.iscoroutinefunction(fn) or asyncio.iscoroutinefunction(getattr(fn, "func", None)):
+            return await fn(*args, **kwargs)
+        result = await asyncio.to_thread(fn, *args, **kwargs)
+        return await result if asyncio.iscoroutine(result) else result
 
 
 def _step_result(record: Record, name: str, fn: Callable[..., Any]) -> Any:

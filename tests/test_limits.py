@@ -190,3 +190,26 @@ async def _balanced(client: actors.Client, n: int) -> bool:
     """``n`` live workers, each holding some of the shards, and every shard held."""
     owners = [(await client.store.shard_info(s)).owner for s in range(client.shards)]
     return all(owners) and len(set(owners)) == n
+
+
+async def test_a_slot_held_longer_than_two_leases_still_counts(connect) -> None:
+    """Renewals keep a slot; nothing may expire the whole set of slots under a holder."""
+    from actors.limits import Limits
+
+    async with connect() as client:
+        limits = Limits(client.store, {"one": Limiter("one", concurrency=1)}, lease_ms=300)
+        await limits.start()
+        try:
+            async with limits.hold("one"):
+                await asyncio.sleep(1.0)  # more than 2 leases, renewed every 100 ms
+                second = asyncio.ensure_future(_take(limits))
+                await asyncio.sleep(0.5)
+                assert not second.done(), "a second holder got in while the first held the only slot"
+            await asyncio.wait_for(second, timeout=5)
+        finally:
+            await limits.stop()
+
+
+async def _take(limits) -> None:  # type: ignore[no-untyped-def]
+    async with limits.hold("one"):
+        pass

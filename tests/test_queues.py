@@ -191,3 +191,83 @@ async def test_status_shows_each_limiter_its_slots_and_queue_by_partition(
         assert by_name["serial"]["queued"] == 0
         text = ok(await actors_cli("status", "--redis", redis_url, "--namespace", namespace))
         assert "tenant-a=3, tenant-b=1" in text
+
+
+class Crawl(Actor, limiter="crawl1"):
+    async def on_job(self, msg: Job) -> None:
+        note("start", msg.tag)
+        await asyncio.sleep(msg.seconds)
+        note("end", msg.tag)
+
+
+class Local(Actor):
+    async def on_job(self, msg: Job) -> None:
+        note("start", msg.tag)
+        await asyncio.sleep(msg.seconds)
+        note("end", msg.tag)
+
+
+own = App(Crawl, Local, limiters=[Limiter("crawl1", concurrency=1), Limiter("local", per_worker=1)])
+
+
+async def test_a_limited_type_fed_by_its_own_limiters_queue_needs_one_slot(
+    connect, start_worker, job_log
+) -> None:
+    await start_worker(own)
+    async with connect(app=own, shards=4) as client:
+        for n in range(4):
+            await client.enqueue("crawl1", Crawl.ref(f"k{n}"), Job(tag=f"k{n}", seconds=0.05))
+        await eventually(lambda: len(events(job_log, "end")) == 4, timeout=10)
+
+
+async def test_per_worker_caps_queued_turns_too(connect, start_worker, job_log) -> None:
+    await start_worker(own)
+    async with connect(app=own, shards=4) as client:
+        for n in range(5):
+            await client.enqueue("local", Local.ref(f"l{n}"), Job(tag=f"l{n}", seconds=0.1))
+        await eventually(lambda: len(events(job_log, "end")) == 5, timeout=20)
+    lines = [line.split() for line in job_log.read_text().splitlines()]
+    running = peak = 0
+    for kind, _, _ in sorted(lines, key=lambda w: float(w[2])):
+        running += 1 if kind == "start" else -1
+        peak = max(peak, running)
+    assert peak == 1
+
+
+async def test_a_late_dispatch_confirmation_does_not_jam_the_queue(connect) -> None:
+    async with connect(app=app, shards=4) as client:
+        store = client.store
+        for tag in ("a", "b"):
+            await client.enqueue("serial", Worker.ref(tag), Job(tag=tag))
+        _, _, first = await store.queue_dispatch("serial", 60_000, 1, 0, 0, deadline_ms=1)
+        assert first is not None
+        await asyncio.sleep(0.05)  # the dispatcher stalls past its deadline...
+        status, _, _ = await store.queue_dispatch("serial", 60_000, 1, 0, 0, deadline_ms=1)
+        assert status == 0, "the lapsed item is queued again, but its slot is still held"
+        await store.queue_dispatched("serial", first[0])  # ...then appends it and confirms, late
+        await store.limiter_release("serial", first[0])
+        _, _, second = await store.queue_dispatch("serial", 60_000, 1, 0, 0, deadline_ms=30_000)
+        assert second is not None and second[0] != first[0], "the next item, not the done one"
+        assert await store.queue_depths("serial") == ({}, 1)
+
+
+async def test_an_item_queued_again_under_its_id_after_dispatch_is_not_queued_twice(connect) -> None:
+    async with connect(app=app, shards=4) as client:
+        store = client.store
+        headers = {"queue": "serial", "dedup": "d-1"}
+        routed = actors.routing.route(
+            app,
+            Worker.ref("r"),
+            Job(tag="r"),
+            client.shards,
+            1 << 20,
+            message_id="turn-1.q0",
+            headers=headers,
+        )
+        args = ("serial", "turn-1.q0", routed.shard, routed.data, "d-1", "", 0, 60_000, 60_000)
+        assert await store.queue_enqueue(*args) == (True, "turn-1.q0")
+        _, _, item = await store.queue_dispatch("serial", 60_000, 1, 0, 0, 30_000)
+        assert item is not None
+        await store.queue_dispatched("serial", item[0])
+        assert await store.queue_enqueue(*args) == (True, "turn-1.q0"), "a re-run of the same enqueue"
+        assert await store.queue_depths("serial") == ({}, 0), "nothing queued twice"

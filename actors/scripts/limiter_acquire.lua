@@ -25,7 +25,6 @@ if cap > 0 then
     return {0, math.ceil(tonumber(first[2]) - now), math.floor(now)}
   end
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 2))
 end
 local interval = tonumber(ARGV[4])
 if interval <= 0 then

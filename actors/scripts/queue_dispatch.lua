@@ -30,13 +30,18 @@ if cap > 0 then
     return {0, math.ceil(tonumber(first[2]) - now)}
   end
 end
-local head = redis.call('ZRANGE', KEYS[4], 0, 0)
-if #head == 0 then
-  return {2}
-end
-local id = head[1]
-local item = cmsgpack.unpack(redis.call('HGET', KEYS[3], id))
-redis.call('ZREM', KEYS[4], id)
+local id, raw
+repeat
+  local head = redis.call('ZRANGE', KEYS[4], 0, 0)
+  if #head == 0 then
+    return {2}
+  end
+  id = head[1]
+  redis.call('ZREM', KEYS[4], id)
+  -- An id without its item was appended and confirmed after its dispatch had lapsed: done.
+  raw = redis.call('HGET', KEYS[3], id)
+until raw
+local item = cmsgpack.unpack(raw)
 if item[6] > tonumber(redis.call('GET', KEYS[6]) or '0') then
   redis.call('SET', KEYS[6], item[6])
 end
@@ -46,7 +51,6 @@ if redis.call('HINCRBY', KEYS[8], item[4], -1) <= 0 then
 end
 if cap > 0 then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
-  redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[1]) * 2))
 end
 local wait = 0
 local interval = tonumber(ARGV[3])

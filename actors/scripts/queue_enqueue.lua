@@ -5,9 +5,10 @@
 -- within a partition, arrival order.
 -- KEYS[1] items  KEYS[2] ready  KEYS[3] vtime  KEYS[4] rounds  KEYS[5] counts
 -- KEYS[6] dedup key (string: item id), or the items key again when there is no dedup id
+-- KEYS[7] seen key (string): this item id was queued (so a retry queues nothing)
 -- ARGV[1] item id, ARGV[2] target shard, ARGV[3] envelope, ARGV[4] dedup id ('' none),
 -- ARGV[5] partition, ARGV[6] priority (-1000..1000), ARGV[7] dedup ttl ms,
--- ARGV[8] events channel, ARGV[9] limiter name
+-- ARGV[8] events channel, ARGV[9] event, ARGV[10] ms to remember the item id
 -- Returns {1, item id} if queued (or queued before under this item id), {0, the item id
 -- holding the dedup id} if refused.
 if ARGV[4] ~= '' then
@@ -16,9 +17,10 @@ if ARGV[4] ~= '' then
     return {0, holder}
   end
 end
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+if redis.call('EXISTS', KEYS[7]) == 1 then
   return {1, ARGV[1]}
 end
+redis.call('SET', KEYS[7], 1, 'PX', ARGV[10])
 local partition = ARGV[5]
 local vtime = tonumber(redis.call('GET', KEYS[3]) or '0')
 local last = tonumber(redis.call('HGET', KEYS[4], partition) or '-1')
