@@ -2,9 +2,11 @@
 
 import asyncio
 
-from . import failover, limits, throughput, workflows
+from . import failover, latency, limits, peers, throughput, workflows
 
 asyncio.run(failover.main())
 asyncio.run(throughput.main())
 asyncio.run(workflows.main())
 asyncio.run(limits.main())
+asyncio.run(latency.main())
+asyncio.run(peers.main())
