@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import signal
@@ -74,13 +75,14 @@ def summary(name: str, samples: list[float]) -> str:
             f"p99={p99 * 1000:7.0f} ms  max={ordered[-1] * 1000:7.0f} ms")  # fmt: skip
 
 
-async def main() -> None:
+async def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--terms", type=int, default=10)
     parser.add_argument("--lease-ttl", type=float, default=actors.LeaseSettings().ttl)
     parser.add_argument("--renew-interval", type=float, default=actors.LeaseSettings().renew_interval)
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="also write the samples (seconds) as JSON here")
+    args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="actors-failover-"))
     server = actors.EmbeddedServer(tmp / "redis").start()
     ns = "failover"
@@ -103,6 +105,11 @@ async def main() -> None:
     print(f"lease ttl {args.lease_ttl}s, renew every {args.renew_interval}s, {SHARDS} shards, 2 workers")
     print(summary("SIGKILL", kills))
     print(summary("SIGTERM", terms))
+    if args.json:
+        settings = {"lease_ttl": args.lease_ttl, "renew_interval": args.renew_interval, "shards": SHARDS}
+        args.json.write_text(
+            json.dumps({"settings": settings, "sigkill_s": kills, "sigterm_s": terms}, indent=2)
+        )
 
 
 if __name__ == "__main__":
