@@ -312,6 +312,7 @@ class ShardRunner:
             self._task_room.clear()
             await self._task_room.wait()
         await self._activate({aid: aid.partition("/")[0] for aid in actor_ids})
+        telemetry.record("timers_fired", len(actor_ids))
         for aid in actor_ids:
             act = self.activations[aid]
             if act.open is not None:
@@ -528,6 +529,9 @@ class ShardRunner:
             write = self._dead_letter_write(act.id, source.origin, source.ref, source.raw, reason, "", env)
             self._closed(act, await self._write(write))
             return
+        if source.origin == "i" and isinstance(source.ref, str):  # the entry id is its append time
+            waited = self.clock.lower() - int(source.ref.partition("-")[0])
+            telemetry.record("queue_wait", max(0, waited), {"actor.type": env.actor})
         retry = self.settings.retry
         attempt = 0
         while True:
@@ -717,6 +721,7 @@ class ShardRunner:
         log.warning(
             "shard %s: dead-lettered a message%s: %s", self.shard, f" to {aid}" if aid else "", reason
         )
+        telemetry.record("dead_letters", 1, {"actor.type": env.actor if env is not None else ""})
         reply: dict[str, Any] = {}
         if env is not None and env.reply_to:
             error = encode_reply(Reply(env.id, False, None, None, reason, detail))

@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.metrics import Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 TRACER_NAME = "actors"
@@ -46,6 +47,24 @@ class _Instruments:
         self.limiter_wait = meter.create_histogram(
             "actors.limiter.wait", unit="ms", description="time spent waiting for a limiter"
         )
+        self.timers_fired = meter.create_counter("actors.timers.fired", description="timers taken when due")
+        self.meter = meter
+
+
+def observe_worker(leases: Callable[[], int], inflight: Callable[[], dict[int, int]]) -> None:
+    """Gauges read from a worker when metrics are collected: leases held, and per shard the
+    messages read but not yet finished. (Mailbox lag per shard is in ``actors top``.)"""
+    if _instruments is None:
+        return
+    meter = _instruments.meter
+    meter.create_observable_gauge(
+        "actors.leases.held", callbacks=[lambda _: [Observation(leases())]], description="shard leases held"
+    )
+    meter.create_observable_gauge(
+        "actors.shard.inflight",
+        callbacks=[lambda _: [Observation(n, {"shard": s}) for s, n in inflight().items()]],
+        description="messages read but not yet finished, per shard",
+    )
 
 
 def use(

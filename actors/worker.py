@@ -15,6 +15,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 
+from . import telemetry
 from .actor import App
 from .errors import LeaseLost
 from .limits import Limits
@@ -80,6 +81,9 @@ class Worker:
                 on_acquired=self._start_shard, on_lost=self._stop_shard, on_release=self._drain_shard,
                 info=self._info,
             )  # fmt: skip
+            telemetry.observe_worker(
+                lambda: len(self._slots), lambda: {r.shard: r.inflight for r in self.runners}
+            )
             await supervisor.tick()
             self.ready.set()
             await supervisor.run(self._stop)

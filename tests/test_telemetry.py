@@ -141,7 +141,7 @@ async def _approved(client, ref) -> bool:  # type: ignore[no-untyped-def]
     return state is not None and state.approved
 
 
-async def test_metrics_count_turns_and_time_them(connect, start_worker) -> None:
+async def test_metrics_count_turns_time_them_and_watch_the_worker(connect, start_worker) -> None:
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -156,9 +156,11 @@ async def test_metrics_count_turns_and_time_them(connect, start_worker) -> None:
             for _ in range(5):
                 await client.send(Counter.ref("m"), Add())
             await client.ask(Counter.ref("m"), Get(), timeout=10)
+            await client.store.append(0, b"not an envelope")
+            await eventually(lambda: _dead(client), timeout=10)
+            data = reader.get_metrics_data()
     finally:
         telemetry.use(None)
-    data = reader.get_metrics_data()
     found = {m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
     turns = sum(
         p.value for p in found["actors.turns"].data.data_points if p.attributes["actor.type"] == "Counter"
@@ -166,6 +168,16 @@ async def test_metrics_count_turns_and_time_them(connect, start_worker) -> None:
     assert turns == 6
     [durations] = found["actors.turn.duration"].data.data_points
     assert durations.count == 6
+    [waits] = found["actors.message.queue_wait"].data.data_points
+    assert waits.count == 6 and waits.min >= 0
+    assert sum(p.value for p in found["actors.dead_letters"].data.data_points) == 1
+    [leases] = found["actors.leases.held"].data.data_points
+    assert leases.value == 4
+    assert {p.attributes["shard"] for p in found["actors.shard.inflight"].data.data_points} == {0, 1, 2, 3}
+
+
+async def _dead(client) -> bool:  # type: ignore[no-untyped-def]
+    return len(await client.store.dead_letters(0, 10)) == 1
 
 
 async def test_actors_top_shows_throughput_latency_workers_shards_and_open_turns(
