@@ -271,3 +271,20 @@ async def test_an_item_queued_again_under_its_id_after_dispatch_is_not_queued_tw
         await store.queue_dispatched("serial", item[0])
         assert await store.queue_enqueue(*args) == (True, "turn-1.q0"), "a re-run of the same enqueue"
         assert await store.queue_depths("serial") == ({}, 0), "nothing queued twice"
+
+
+async def test_queued_items_survive_a_redis_restart(tmp_path, start_worker, namespace, job_log) -> None:
+    from actors import EmbeddedServer
+
+    server = EmbeddedServer(tmp_path / "redis").start()
+    try:
+        async with actors.connect(server.url, namespace=namespace, app=app, shards=4) as client:
+            for n in range(5):
+                await client.enqueue("serial", Worker.ref(f"s{n}"), Job(tag=f"s{n}"), partition=f"p{n % 2}")
+        server.stop()  # graceful: the AOF is flushed
+        server.start()
+        await start_worker(app, url=server.url)
+        await eventually(lambda: len(events(job_log, "end")) == 5, timeout=30)
+        assert sorted(events(job_log, "end")) == [f"s{n}" for n in range(5)]
+    finally:
+        server.stop()
