@@ -48,15 +48,17 @@ class Keys:
 
     def queue(self, name: str, part: str) -> str:
         """The keys of limiter ``name``'s queue, beside its slots (same hash tag):
-        ``items`` hash id -> [shard, envelope, dedup id, partition, score];
+        ``items`` hash id -> msgpack [shard, envelope, dedup id, partition, score, round];
         ``ready`` zset id -> score (priority, then fair round, then arrival);
         ``dispatching`` zset id -> deadline of a dispatch in progress;
-        ``seq`` and ``vtime`` counters; ``rounds`` and ``counts`` hashes per partition;
-        ``dedup`` hash dedup id -> item id, while the item is queued or running."""
+        ``vtime`` (the round being dispatched); ``rounds`` and ``counts`` hashes per partition;
+        ``dedup:<id>`` string -> item id while the item is queued or running (PX 7 days);
+        ``seen:<item id>`` string: the item id was queued (PX the idempotency TTL)."""
         return f"{self.namespace}:{{limit:{name}}}:q:{part}"
 
     def limiter_events(self) -> str:
-        """pub/sub channel: the name of a limiter whose slot was released; waiters try again."""
+        """pub/sub channel: ``released:<limiter>`` (a slot was given back: waiters ask again)
+        or ``queued:<limiter>`` (an item was queued: dispatchers look)."""
         return f"{self.namespace}:limiter-events"
 
     def reply_channel(self, client_id: str) -> str:

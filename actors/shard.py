@@ -246,6 +246,8 @@ class ShardRunner:
         """Wake actors whose timers are due. First, every actor left at 0 by a previous
         owner (open turns it was running or had woken, deferred messages), in batches."""
         async for actor_ids in self.store.timers_at_zero(self.shard, TIMER_BATCH):
+            if self._stopping.is_set():
+                return  # draining: the next owner finds them at 0
             await self._wake(actor_ids)
         while not self._stopping.is_set():
             sent = time.monotonic()

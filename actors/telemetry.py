@@ -32,10 +32,10 @@ _instruments: _Instruments | None = None
 class _Instruments:
     def __init__(self, meter: metrics.Meter) -> None:
         self.turns = meter.create_counter(
-            "actors.turns", description="turns finished, by actor type and outcome"
+            "actors.turns", description="turn attempts (first runs, retries, resumes), by type and outcome"
         )
         self.turn_latency = meter.create_histogram(
-            "actors.turn.duration", unit="ms", description="handler time of a turn attempt"
+            "actors.turn.duration", unit="ms", description="a turn attempt, its limiter waits included"
         )
         self.queue_wait = meter.create_histogram(
             "actors.message.queue_wait", unit="ms", description="from send to the start of its turn"
@@ -104,15 +104,41 @@ def configure(exporter: str | None = None) -> bool:
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
     trace.set_tracer_provider(provider)
-    use(provider, metrics.get_meter_provider())
+    use(provider, _meter_provider(choice, resource))
     return True
+
+
+def _meter_provider(traces: str, resource: Any) -> metrics.MeterProvider | None:
+    """Metrics go where ``OTEL_METRICS_EXPORTER`` says (default: where traces go)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import (
+        ConsoleMetricExporter,
+        MetricExporter,
+        PeriodicExportingMetricReader,
+    )
+
+    choice = (os.environ.get("OTEL_METRICS_EXPORTER") or traces).lower()
+    exporter: MetricExporter
+    if choice == "none":
+        return None
+    if choice == "console":
+        exporter = ConsoleMetricExporter(out=sys.stdout, formatter=lambda m: m.to_json(indent=None) + "\n")
+    elif choice == "otlp":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        exporter = OTLPMetricExporter()
+    else:
+        raise ValueError(f"unknown metrics exporter {choice!r} (use console, otlp or none)")
+    provider = MeterProvider(resource=resource, metric_readers=[PeriodicExportingMetricReader(exporter)])
+    metrics.set_meter_provider(provider)
+    return provider
 
 
 def shutdown() -> None:
     """Flush what the SDK still holds (at process exit)."""
-    provider = trace.get_tracer_provider()
-    if _tracer is not None and hasattr(provider, "shutdown"):
-        provider.shutdown()
+    for provider in (trace.get_tracer_provider(), metrics.get_meter_provider()):
+        if hasattr(provider, "shutdown"):
+            provider.shutdown()
 
 
 def tracing() -> bool:

@@ -276,7 +276,8 @@ async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
     for attempt in range(1, attempts + 1):
         waiting = time.perf_counter()
         # Outside the try: a Redis error while waiting for the limiter is not the step's
-        # failure (the function never ran); it ends the turn, which runs again later.
+        # failure (the function never ran), so it is not journaled; it fails this attempt
+        # of the whole turn, which is retried (then dead-lettered) like any handler error.
         async with limits.hold(options.limiter):
             if options.limiter is not None:
                 telemetry.waited(options.limiter, (time.perf_counter() - waiting) * 1000)

@@ -114,6 +114,8 @@ async def test_a_turn_resumed_after_a_crash_joins_its_trace(spans, connect, spaw
     [send] = by_name(spans.get_finished_spans(), "send Start")
     exported = _turn_spans(second.log)
     assert exported, "the survivor exported the resumed turn's spans"
+    metrics = [line for line in second.log.read_text().splitlines() if line.startswith('{"resource_metrics"')]
+    assert metrics and "actors.turns" in metrics[-1], "and its metrics, at the latest when it stopped"
     for span in exported:
         assert int(span["context"]["trace_id"], 16) == send.context.trace_id
         assert int(span["parent_id"], 16) == send.context.span_id
@@ -122,8 +124,8 @@ async def test_a_turn_resumed_after_a_crash_joins_its_trace(spans, connect, spaw
 
 def _turn_spans(log: Path) -> list[dict]:  # type: ignore[type-arg]
     lines = log.read_text().splitlines() if log.exists() else []
-    spans = [json.loads(line) for line in lines if line.startswith("{")]
-    return [span for span in spans if span["name"].startswith("turn Traced")]
+    exported = [json.loads(line) for line in lines if line.startswith("{")]  # spans and metrics
+    return [s for s in exported if "context" in s and s["name"].startswith("turn Traced")]
 
 
 async def _waiting(client, ref) -> bool:  # type: ignore[no-untyped-def]

@@ -1,7 +1,7 @@
 -- Take the next item of a limiter's queue, with a concurrency slot held under the
 -- item's id and a rate token reserved, as limiter_acquire.lua does for a step.
 -- The item stays in `items` and moves to `dispatching` until the dispatcher confirms
--- it appended the item to its actor's inbox (QueueStore.dispatched); a dispatch not
+-- it appended the item to its actor's inbox (queue_dispatched.lua); a dispatch not
 -- confirmed by its deadline (the dispatcher died) goes back to `ready`.
 -- KEYS[1] slots  KEYS[2] tat  KEYS[3] items  KEYS[4] ready  KEYS[5] dispatching
 -- KEYS[6] vtime  KEYS[7] rounds  KEYS[8] counts
