@@ -71,7 +71,7 @@ def plots(results: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(9, 4.5))
         ax.barh(list(bars), list(bars.values()))
         ax.set_xlabel("messages per second")
-        ax.set_title("Throughput: ours (1 and 2 worker processes) and the raw Redis floor, same run")
+        ax.set_title("Throughput, beside the raw Redis floor measured in the same run")
         fig.tight_layout()
         fig.savefig(results / "throughput.png", dpi=110)
         made.append("throughput.png")
