@@ -133,6 +133,8 @@ class ShardRunner:
         self.clock = RedisClock()
         self.activations: dict[str, Activation] = {}
         self.inflight = 0
+        self.lag = 0
+        """Inbox entries not yet read, as of the last chores (only kept when metrics are on)."""
         self._room = asyncio.Event()
         self._room.set()
         self._idle = asyncio.Event()
@@ -232,6 +234,8 @@ class ShardRunner:
     async def _chores(self) -> None:
         await self.store.trim_inbox(self.shard)
         self._evict_idle()
+        if telemetry.metering():
+            self.lag = (await self.store.shard_info(self.shard)).lag or 0
 
     def _evict_idle(self) -> None:
         now = time.monotonic()

@@ -51,9 +51,12 @@ class _Instruments:
         self.meter = meter
 
 
-def observe_worker(leases: Callable[[], int], inflight: Callable[[], dict[int, int]]) -> None:
-    """Gauges read from a worker when metrics are collected: leases held, and per shard the
-    messages read but not yet finished. (Mailbox lag per shard is in ``actors top``.)"""
+def observe_worker(
+    leases: Callable[[], int], inflight: Callable[[], dict[int, int]], lag: Callable[[], dict[int, int]]
+) -> None:
+    """Gauges read from a worker when metrics are collected: leases held and, per shard, the
+    messages read but not yet finished, and the mailbox lag (entries not yet read, as of the
+    shard's last chores, every ``trim_interval``)."""
     if _instruments is None:
         return
     meter = _instruments.meter
@@ -64,6 +67,11 @@ def observe_worker(leases: Callable[[], int], inflight: Callable[[], dict[int, i
         "actors.shard.inflight",
         callbacks=[lambda _: [Observation(n, {"shard": s}) for s, n in inflight().items()]],
         description="messages read but not yet finished, per shard",
+    )
+    meter.create_observable_gauge(
+        "actors.shard.lag",
+        callbacks=[lambda _: [Observation(n, {"shard": s}) for s, n in lag().items()]],
+        description="inbox entries not yet read, per shard",
     )
 
 
@@ -139,6 +147,10 @@ def shutdown() -> None:
     for provider in (trace.get_tracer_provider(), metrics.get_meter_provider()):
         if hasattr(provider, "shutdown"):
             provider.shutdown()
+
+
+def metering() -> bool:
+    return _instruments is not None
 
 
 def tracing() -> bool:

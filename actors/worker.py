@@ -82,7 +82,9 @@ class Worker:
                 info=self._info,
             )  # fmt: skip
             telemetry.observe_worker(
-                lambda: len(self._slots), lambda: {r.shard: r.inflight for r in self.runners}
+                lambda: len(self._slots),
+                lambda: {r.shard: r.inflight for r in self.runners},
+                lambda: {r.shard: r.lag for r in self.runners},
             )
             await supervisor.tick()
             self.ready.set()

@@ -176,6 +176,7 @@ async def test_metrics_count_turns_time_them_and_watch_the_worker(connect, start
     [leases] = found["actors.leases.held"].data.data_points
     assert leases.value == 4
     assert {p.attributes["shard"] for p in found["actors.shard.inflight"].data.data_points} == {0, 1, 2, 3}
+    assert {p.attributes["shard"] for p in found["actors.shard.lag"].data.data_points} == {0, 1, 2, 3}
 
 
 async def _dead(client) -> bool:  # type: ignore[no-untyped-def]
