@@ -183,6 +183,12 @@ def failed(current: Span | None, exc: BaseException) -> None:
         current.set_status(Status(StatusCode.ERROR, str(exc)))
 
 
+def annotate(key: str, value: Any) -> None:
+    """An attribute on the current span (when tracing)."""
+    if _tracer is not None:
+        trace.get_current_span().set_attribute(key, value)
+
+
 def waited(limiter: str, ms: float) -> None:
     """A step waited ``ms`` for a limiter: on the current span, and in the histogram."""
     if _tracer is not None:

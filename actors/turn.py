@@ -287,6 +287,7 @@ async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
                 failure: Exception | None = exc
             else:
                 failure = None
+        telemetry.annotate("step.attempt", attempt)
         if failure is not None:
             if attempt == attempts:
                 return ["error", type(failure).__name__, str(failure)]

@@ -73,6 +73,7 @@ async def test_one_trace_follows_a_message_through_an_ask_a_sleep_and_an_approva
     assert helper.parent is not None and helper.parent.span_id == ask.context.span_id
     [step] = by_name(finished, "step slow")
     assert step.parent is not None and step.parent.span_id == turns[0].context.span_id
+    assert step.attributes is not None and step.attributes["step.attempt"] == 1
     for woke in (*by_name(finished, "timer fired Traced"), *by_name(finished, "wait resumed Traced")):
         assert woke.context.trace_id == trace_id
     assert by_name(finished, "timer fired Traced") and by_name(finished, "wait resumed Traced")
