@@ -7,6 +7,7 @@ model or None) is the reply type for ``ask``.
 
 from __future__ import annotations
 
+import builtins
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -51,7 +52,7 @@ class ActorRef(Generic[A]):
 
     type: str
     key: str
-    cls: type[A] | None = None
+    cls: builtins.type[A] | None = None  # builtins: the field ``type`` shadows it here
 
     @property
     def id(self) -> str:

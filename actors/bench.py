@@ -102,10 +102,11 @@ async def run(url: str, actors: int, messages: int, processes: int, asks: int, p
         # Only once the workers are gone: a worker still running would write keys again.
         async with connect(url, namespace=namespace, record_shards=False) as cleaner:
             await cleaner.store.drop_namespace()
+    p50, p90, p99, p999 = (round(percentile(latencies, q), 3) for q in (0.5, 0.9, 0.99, 0.999))
     return Result(
         messages, actors, processes, round(seconds, 3), round(messages / seconds),
         round(messages / (sent - started)), round(commands / messages, 2),
-        *(round(percentile(latencies, q), 3) for q in (0.5, 0.9, 0.99, 0.999)),
+        p50, p90, p99, p999,
         exactly_once=sum(totals) == messages,
     )  # fmt: skip
 

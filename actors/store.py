@@ -11,18 +11,19 @@ import asyncio
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT
 
 from .codec import FIELD
 from .errors import ConfigurationError, LeaseLost
@@ -61,6 +62,11 @@ T = TypeVar("T")
 
 Entry = tuple[str, bytes | None]
 """An inbox entry: its stream id and its envelope bytes (None if the field is missing)."""
+
+_StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
+"""What XRANGE returns to our clients. redis-py types replies as ``bytes | str`` (and stream
+entries as possibly None) for every client; ours never decode responses (see ``_client``),
+so the casts below state what the replies are."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,7 +261,8 @@ class Store:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zadd(self.keys.workers(), {worker_id: now + ttl_ms})
             pipe.zremrangebyscore(self.keys.workers(), "-inf", now)
-            pipe.hset(self.keys.worker_info(worker_id), mapping=info)
+            # redis-py's Mapping[FieldT, ...] is invariant in its key, so dict[str, str] needs the cast.
+            pipe.hset(self.keys.worker_info(worker_id), mapping=cast("Mapping[FieldT, EncodableT]", info))
             pipe.pexpire(self.keys.worker_info(worker_id), ttl_ms)
             pipe.zrangebyscore(self.keys.workers(), now, "+inf")
             *_, live = await pipe.execute()
@@ -274,7 +281,7 @@ class Store:
 
     async def live_workers(self) -> list[str]:
         now = await self.server_time_ms()
-        ids = await self.redis.zrangebyscore(self.keys.workers(), now, "+inf")
+        ids = cast("list[bytes]", await self.redis.zrangebyscore(self.keys.workers(), now, "+inf"))
         return sorted(i.decode() for i in ids)
 
     async def acquire_lease(self, shard: int, worker_id: str, ttl_ms: int) -> int | None:
@@ -302,7 +309,7 @@ class Store:
 
     # ---- inbox -------------------------------------------------------------
     async def append(self, shard: int, envelope: bytes) -> str:
-        entry_id = await self._appender.xadd(self.keys.inbox(shard), {FIELD: envelope})
+        entry_id = cast(bytes, await self._appender.xadd(self.keys.inbox(shard), {FIELD: envelope}))
         return str(entry_id.decode())
 
     async def append_many(self, items: Sequence[tuple[int, bytes]]) -> list[str]:
@@ -381,7 +388,7 @@ class Store:
         ]
 
     async def load_state(self, shard: int, actor_id: str) -> bytes | None:
-        value = await self.redis.hget(self.keys.state(shard), actor_id)
+        value = cast("bytes | None", await self.redis.hget(self.keys.state(shard), actor_id))
         return value if value is None else bytes(value)
 
     # ---- commits ---------------------------------------------------------------
@@ -423,7 +430,8 @@ class Store:
 
     async def deferred(self, shard: int, actor_id: str, count: int) -> list[bytes]:
         """The first ``count`` messages deferred behind an actor's open turn, in order."""
-        return list(await self.redis.lrange(self.keys.deferred(shard, actor_id), 0, count - 1))
+        envelopes = await self.redis.lrange(self.keys.deferred(shard, actor_id), 0, count - 1)
+        return list(cast("list[bytes]", envelopes))
 
     async def open_turn(self, shard: int, actor_id: str) -> tuple[bytes | None, int]:
         """An actor's open turn (None if it has none) and how many messages wait behind it."""
@@ -605,7 +613,7 @@ class Store:
 
     # ---- outbox and forwarding ---------------------------------------------------
     async def read_outbox(self, shard: int, count: int) -> list[tuple[str, int, bytes]]:
-        rows = await self.redis.xrange(self.keys.outbox(shard), count=count)
+        rows = cast("_StreamRows", await self.redis.xrange(self.keys.outbox(shard), count=count))
         return [(i.decode(), int(f[b"s"]), f[FIELD]) for i, f in rows]
 
     async def forward(self, source: int, target: int, items: Sequence[tuple[str, bytes]]) -> int:
@@ -647,15 +655,17 @@ class Store:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
             finally:
-                await asyncio.gather(pubsub.aclose(), return_exceptions=True)
+                # PubSub.aclose is unannotated in redis-py (it returns None).
+                await asyncio.gather(pubsub.aclose(), return_exceptions=True)  # type: ignore[no-untyped-call]
 
     async def get_reply(self, shard: int, message_id: str) -> bytes | None:
-        value = await self.redis.get(self.keys.reply(shard, message_id))
+        value = cast("bytes | None", await self.redis.get(self.keys.reply(shard, message_id)))
         return value if value is None else bytes(value)
 
     # ---- dead letters --------------------------------------------------------------
     async def dead_letters(self, shard: int, count: int, start: str = "-") -> list[DeadLetter]:
-        rows = await self.redis.xrange(self.keys.dead_letters(shard), min=start, count=count)
+        found = await self.redis.xrange(self.keys.dead_letters(shard), min=start, count=count)
+        rows = cast("_StreamRows", found)
         return [_dead_letter(i, f) for i, f in rows]
 
     async def replay_dead_letter(self, shard: int, dlq_id: str) -> str | None:

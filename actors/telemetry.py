@@ -100,7 +100,10 @@ def configure(exporter: str | None = None) -> bool:
         span_exporter = ConsoleSpanExporter(out=sys.stdout, formatter=lambda s: s.to_json(indent=None) + "\n")
     elif choice == "otlp":
         try:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+            # An optional package (checked for just below), absent from the dev environment.
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found, unused-ignore]
+                OTLPSpanExporter,
+            )
         except ImportError as exc:
             raise RuntimeError(
                 "OTLP export needs the exporter package: pip install opentelemetry-exporter-otlp-proto-http"
@@ -132,7 +135,14 @@ def _meter_provider(traces: str, resource: Any) -> metrics.MeterProvider | None:
     if choice == "console":
         exporter = ConsoleMetricExporter(out=sys.stdout, formatter=lambda m: m.to_json(indent=None) + "\n")
     elif choice == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        try:  # the optional exporter package, as for traces above
+            from opentelemetry.exporter.otlp.proto.http.metric_exporter import (  # type: ignore[import-not-found, unused-ignore]
+                OTLPMetricExporter,
+            )
+        except ImportError as exc:
+            raise RuntimeError(
+                "OTLP export needs the exporter package: pip install opentelemetry-exporter-otlp-proto-http"
+            ) from exc
 
         exporter = OTLPMetricExporter()
     else:
