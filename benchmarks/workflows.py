@@ -3,11 +3,12 @@ and what a journaled step costs, measured in one run on one server.
 
     python -m benchmarks.workflows [--sleepers 100000] [--timers 20000] [--steps 10]
                                    [--step-messages 2000] [--step-actors 200] [--serial 100]
-                                   [--processes 2] [--only sleepers|timers|steps ...] [--json PATH]
+                                   [--idle-actors 100000] [--processes 2]
+                                   [--only sleepers|timers|steps|idle ...] [--json PATH]
 
 Everything runs on a private server (AOF on, fsync every second) that this command starts on a
 free loopback port in a temporary directory and stops at the end. Each part uses a fresh
-namespace, ``--shards 16`` and ``--processes`` real worker processes
+namespace, ``--shards 16`` and ``--processes`` real worker processes (1 for ``idle``)
 (``python -m actors.cli worker benchmarks.workflows:app``), started before the part and stopped
 after it.
 
@@ -31,6 +32,15 @@ after it.
    (after one warm-up message per actor). Latency: ``--serial`` awaited ``ask`` to one actor.
    Added cost per step = (t_step - t_plain) / (messages * K). Each step is one fenced write
    (``commit.lua``, op ``j``) of the whole open turn so far, before the handler goes on.
+4. ``idle``: ``--idle-actors`` N distinct Counter actors each get one message (the handler adds 1
+   to an int in its state), sent with ``send_many`` in chunks of 1,000 (at most ``WINDOW`` not
+   yet committed), to ONE worker process, until the shards' ``state`` hashes hold N snapshots.
+   Reported: Redis ``used_memory`` after minus before, divided by N, once the inbox streams are
+   trimmed, with ``MEMORY USAGE key SAMPLES 1000`` of the state and inbox keys (after minus
+   before); and the worker's RSS (``VmRSS``) before the first send and just after the last
+   commit, while all N activations are still in memory (``WorkerSettings`` defaults: an
+   activation is dropped after ``idle_timeout`` s without a message, or past
+   ``max_activations`` per shard), and (after - before) / N per activation.
 
 Each part also prints how many times a shard changed owner while it ran (fencing epochs after
 minus before); anything but 0 means a worker lost leases under the load and the figures include
@@ -66,6 +76,7 @@ from pydantic import BaseModel
 import actors
 from actors.codec import decode_state
 from actors.routing import shard_of
+from actors.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_SPEC = "benchmarks.workflows:app"
@@ -160,7 +171,21 @@ class Plain(actors.Actor):
         self.state.done += 1
 
 
-app = actors.App(Sleeper, Alarm, Stepped, ThreadStepped, Plain)
+class Tick(BaseModel):
+    pass
+
+
+class Counter(actors.Actor):
+    """One int of state; the smallest actor that leaves a snapshot behind."""
+
+    class State(BaseModel):
+        n: int = 0
+
+    async def on_tick(self, msg: Tick) -> None:
+        self.state.n += 1
+
+
+app = actors.App(Sleeper, Alarm, Stepped, ThreadStepped, Plain, Counter)
 
 
 # ---- worker processes -----------------------------------------------------------------------
@@ -346,6 +371,16 @@ async def states(client: actors.Client, ids: Sequence[str]) -> list[dict[str, An
     return [found[aid] for aid in ids]
 
 
+async def drop_namespace(r: aioredis.Redis, ns: str) -> None:
+    """Delete a part's keys and wait until the server has freed them (it does so in the background)."""
+    async for key in r.scan_iter(match=f"{ns}:*", count=1000):
+        await r.unlink(key)
+    for _ in range(600):
+        if not int((await r.info("memory")).get("lazyfree_pending_objects", 0)):
+            break
+        await asyncio.sleep(0.1)
+
+
 def quantile(ordered: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
@@ -383,25 +418,46 @@ async def memory_snapshot(client: actors.Client) -> dict[str, int]:
     return snap
 
 
-async def send_sleepers(client: actors.Client, n: int, workers: Workers) -> None:
-    """Send N Hibernate messages in chunks, keeping at most WINDOW of them not yet suspended."""
+async def send_windowed(
+    client: actors.Client,
+    n: int,
+    message: Callable[[int], tuple[Any, BaseModel]],
+    settled: Callable[[], Awaitable[int]],
+    workers: Workers,
+    label: str,
+    what: str,
+) -> None:
+    """Send ``message(i)`` for i < N with ``send_many`` in chunks, keeping at most WINDOW of them
+    sent but not yet ``settled`` (suspended, committed...: the count ``what`` names)."""
     report_every = max(n // 10, SEND_CHUNK)
-    sent, suspended = 0, 0
+    sent, done = 0, 0
     while sent < n:
-        while sent - suspended >= WINDOW:
+        while sent - done >= WINDOW:
             workers.check_alive()
             await asyncio.sleep(0.05)
-            suspended = await timer_count(client)
+            done = await settled()
         chunk = min(SEND_CHUNK, n - sent)
-        batch = [(Sleeper.ref(sleeper_key(i)), Hibernate()) for i in range(sent, sent + chunk)]
-        await client.send_many(batch)
+        await client.send_many([message(i) for i in range(sent, sent + chunk)])
         sent += chunk
         if sent % report_every < chunk:
-            suspended = await timer_count(client)
+            done = await settled()
             entries = await inbox_entries(client)
-            progress(f"sleepers: {sent:,} sent, {suspended:,} suspended, {entries:,} entries in the inboxes")
+            progress(f"{label}: {sent:,} sent, {done:,} {what}, {entries:,} entries in the inboxes")
         elif sent % (SEND_CHUNK * 5) == 0:
-            suspended = await timer_count(client)
+            done = await settled()
+
+
+async def send_sleepers(client: actors.Client, n: int, workers: Workers) -> None:
+    """Send N Hibernate messages in chunks, keeping at most WINDOW of them not yet suspended."""
+    await send_windowed(
+        client,
+        n,
+        lambda i: (Sleeper.ref(sleeper_key(i)), Hibernate()),
+        lambda: timer_count(client),
+        workers,
+        "sleepers",
+        "suspended",
+    )
 
 
 async def wait_trimmed(client: actors.Client, workers: Workers, timeout: float = 60.0) -> tuple[int, float]:
@@ -417,15 +473,17 @@ async def wait_trimmed(client: actors.Client, workers: Workers, timeout: float =
         await asyncio.sleep(0.5)
 
 
-async def blob_sizes(client: actors.Client, sample: int) -> tuple[float, int, str]:
-    """Average open-turn blob (bytes) over a random sample of fields, the max, and an actor id."""
+async def blob_sizes(client: actors.Client, sample: int, kind: str = "turns") -> tuple[float, int, str]:
+    """Average blob (bytes) over a random sample of fields of the shards' ``turns`` (open turns)
+    or ``state`` (snapshots) hashes, the max, and an actor id."""
     r, keys = client.store.redis, client.store.keys
+    key = keys.turns if kind == "turns" else keys.state
     per_shard = max(1, sample // SHARDS)
-    fields = await shard_values(r, lambda pipe, s: pipe.hrandfield(keys.turns(s), per_shard))
+    fields = await shard_values(r, lambda pipe, s: pipe.hrandfield(key(s), per_shard))
     async with r.pipeline(transaction=False) as pipe:
         for s, names in enumerate(fields):
             for name in names:
-                pipe.hstrlen(keys.turns(s), name)
+                pipe.hstrlen(key(s), name)
         sizes = await pipe.execute()
     example = next((names[0].decode() for names in fields if names), "")
     return (statistics.fmean(sizes) if sizes else 0.0), max(sizes, default=0), example
@@ -463,13 +521,7 @@ async def run_sleepers(url: str, tmp: Path, args: argparse.Namespace) -> dict[st
         finally:
             workers.stop()
             worker_log = workers.warnings()
-        # Leave a clean server for the next parts.
-        async for key in r.scan_iter(match=f"{ns}:*", count=1000):
-            await r.unlink(key)
-        for _ in range(600):  # the server frees them in the background; let it finish first
-            if not int((await r.info("memory")).get("lazyfree_pending_objects", 0)):
-                break
-            await asyncio.sleep(0.1)
+        await drop_namespace(r, ns)  # leave a clean server for the next parts
     if sleeping != n or turns != n:
         raise RuntimeError(f"expected {n} sleeping turns; timers due in 30 days: {sleeping}, turns: {turns}")
     delta = {k: after[k] - before[k] for k in (*KEY_TYPES, "used_memory")}
@@ -686,6 +738,94 @@ async def run_steps(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, 
     return out
 
 
+# ---- 4. what an idle actor costs: Redis, and worker memory while it stays activated -----------
+def idle_key(i: int) -> str:
+    return f"user-{i:07d}"
+
+
+async def state_count(client: actors.Client) -> int:
+    """Snapshots in the shards' state hashes: one per actor whose first turn has committed."""
+    keys = client.store.keys
+    return sum(await shard_values(client.store.redis, lambda pipe, s: pipe.hlen(keys.state(s))))
+
+
+async def run_idle(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    n = args.idle_actors
+    ns = f"idle-{uuid.uuid4().hex[:6]}"
+    limits = WorkerSettings()
+    async with actors.connect(url, namespace=ns, app=app, shards=SHARDS) as client:
+        r = client.store.redis
+        workers = spawn_workers(url, ns, 1, tmp / f"{ns}.log")
+        try:
+            await wait_balanced(client, workers)
+            epochs_before = await epochs(client)
+            await reset_latency(client)
+            before = await memory_snapshot(client)
+            rss_before = workers.rss_mib()[0]
+            started = time.time()
+            await send_windowed(
+                client,
+                n,
+                lambda i: (Counter.ref(idle_key(i)), Tick()),
+                lambda: state_count(client),
+                workers,
+                "idle",
+                "committed",
+            )
+            done = await wait_until(lambda: state_count(client), n, workers, "counters committed", 0.05)
+            rss_after = workers.rss_mib()[0]
+            rss_at = time.time()
+            per_shard = await shard_values(r, lambda pipe, s: pipe.hlen(client.store.keys.state(s)))
+            left, trim_wait = await wait_trimmed(client, workers)
+            after = await memory_snapshot(client)
+            rss_trimmed = workers.rss_mib()[0]
+            rss_trimmed_at = time.time()
+            blob_avg, blob_max, example = await blob_sizes(client, 1_000, "state")
+            sample = [f"Counter/{idle_key(i)}" for i in range(0, n, max(1, n // 1_000))]
+            counts = {s["n"] if s else None for s in await states(client, sample)}
+            changes = lease_changes(epochs_before, await epochs(client))
+            spikes = await latency_spikes(client)
+        finally:
+            workers.stop()
+            worker_log = workers.warnings()
+        await drop_namespace(r, ns)  # leave a clean server for any later part
+    if counts != {1}:
+        raise RuntimeError(f"expected every counter at 1; a sample of 1,000 holds {sorted(counts, key=str)}")
+    delta = {k: after[k] - before[k] for k in (*KEY_TYPES, "used_memory")}
+    mib = 2**20
+    return {
+        "actors": n,
+        "processes": 1,
+        "populate_s": done - started,
+        "populate_per_s": n / (done - started),
+        "used_memory_before": before["used_memory"],
+        "used_memory_after": after["used_memory"],
+        "bytes_per_actor": delta["used_memory"] / n,
+        "by_key_type": {k: delta[k] / n for k in KEY_TYPES},
+        "other": (delta["used_memory"] - sum(delta[k] for k in KEY_TYPES)) / n,
+        "info_memory_delta": {k: after[k] - before[k] for k in INFO_FIELDS},
+        "inbox_entries_left": left,
+        "trim_wait_s": trim_wait,
+        "state_blob_avg": blob_avg,
+        "state_blob_max": blob_max,
+        "actor_id_example": example,
+        "actors_per_shard_max": max(per_shard),
+        "actors_per_shard_min": min(per_shard),
+        "idle_timeout_s": limits.idle_timeout,
+        "max_activations_per_shard": limits.max_activations,
+        "trim_interval_s": limits.trim_interval,
+        "rss_mib_before": rss_before,
+        "rss_mib_after": rss_after,
+        "rss_mib_after_trim": rss_trimmed,
+        "rss_bytes_per_activation": (rss_after - rss_before) * mib / n,
+        "rss_s_after_first_send": rss_at - started,
+        "rss_after_trim_s_after_first_send": rss_trimmed_at - started,
+        "lease_changes": changes,
+        "worker_log": worker_log,
+        "server_latency_ms": spikes,
+    }
+
+
 # ---- report ------------------------------------------------------------------------------------
 def owner_changes(res: dict[str, Any]) -> str:
     n = res["lease_changes"]
@@ -793,12 +933,60 @@ def report_steps(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def report_idle(res: dict[str, Any]) -> list[str]:
+    n = res["actors"]
+    mib = 2**20
+    ttl, cap = res["idle_timeout_s"], res["max_activations_per_shard"]
+    fresh = res["rss_s_after_first_send"] < ttl
+    note = (
+        "all still activated"
+        if fresh and res["actors_per_shard_max"] <= cap
+        else "SOME MAY HAVE BEEN EVICTED: past idle_timeout or max_activations"
+    )
+    lines = [
+        f"4. idle actors: {n:,} distinct Counter actors, one message each (state: one int, +1), "
+        f"{res['processes']} worker proc",
+        f"   populated in {res['populate_s']:.1f}s ({res['populate_per_s']:,.0f} committed/s, send_many "
+        f"chunks of {SEND_CHUNK:,}); state blob {res['state_blob_avg']:.0f} bytes avg, "
+        f"{res['state_blob_max']} max (sample of 1,000); actor id e.g. {res['actor_id_example']!r}",
+        "",
+        f"   {'Redis, once the inboxes are trimmed':<52} {'bytes/actor':>13}",
+        f"   {'-' * 66}",
+        f"   {f'state hashes (MEMORY USAGE SAMPLES {SAMPLES}, delta)':<52} "
+        f"{res['by_key_type']['state']:>13.1f}",
+        f"   {'inbox streams (same)':<52} {res['by_key_type']['inbox']:>13.1f}",
+        f"   {'turns + timers (same; no open turns)':<52} "
+        f"{res['by_key_type']['turns'] + res['by_key_type']['timers']:>13.1f}",
+        f"   {'other (used_memory delta - the above)':<52} {res['other']:>13.1f}",
+        f"   {'used_memory delta / N':<52} {res['bytes_per_actor']:>13.1f}",
+        f"   used_memory {res['used_memory_before'] / mib:.1f} MiB before, "
+        f"{res['used_memory_after'] / mib:.1f} MiB after; {res['inbox_entries_left']} inbox entries "
+        f"left after trimming ({res['trim_wait_s']:.1f}s wait)",
+        "",
+        f"   {'worker process (1 proc, all 16 shards)':<52} {'RSS MiB':>13}",
+        f"   {'-' * 66}",
+        f"   {'before the first send':<52} {res['rss_mib_before']:>13.1f}",
+        f"   {'just after all N committed':<52} {res['rss_mib_after']:>13.1f}   "
+        f"({res['rss_s_after_first_send']:.1f}s after the first send)",
+        f"   {'after the trimming wait':<52} {res['rss_mib_after_trim']:>13.1f}   "
+        f"({res['rss_after_trim_s_after_first_send']:.1f}s after the first send)",
+        f"   {'(after - before) / N, bytes per activation':<52} {res['rss_bytes_per_activation']:>13,.0f}",
+        f"   activation limits (WorkerSettings defaults): idle_timeout {ttl:g}s, max_activations "
+        f"{cap:,} per shard",
+        f"   ({cap * SHARDS:,} for a process holding all {SHARDS} shards), checked every trim_interval "
+        f"{res['trim_interval_s']:g}s; here {res['actors_per_shard_min']:,}-{res['actors_per_shard_max']:,} "
+        f"actors per shard: {note}",
+        owner_changes(res),
+    ]
+    return lines
+
+
 def load_average() -> str:
     one, five, _ = os.getloadavg()
     return f"{one:.2f} (1 min), {five:.2f} (5 min)"
 
 
-PARTS = ("sleepers", "timers", "steps")
+PARTS = ("sleepers", "timers", "steps", "idle")
 
 
 async def main(argv: list[str] | None = None) -> None:
@@ -813,7 +1001,8 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step-messages", type=int, default=2_000, help="messages per handler kind (part 3)")
     parser.add_argument("--step-actors", type=int, default=200, help="actors per handler kind (part 3)")
     parser.add_argument("--serial", type=int, default=100, help="awaited asks to one actor (part 3)")
-    parser.add_argument("--processes", type=int, default=2, help="worker processes for every part")
+    parser.add_argument("--idle-actors", type=int, default=100_000, help="N idle actors (part 4)")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes (parts 1-3; idle uses 1)")
     parser.add_argument("--only", action="append", choices=PARTS, help="run only this part (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
@@ -831,7 +1020,8 @@ async def main(argv: list[str] | None = None) -> None:
             await r.config_set("latency-monitor-threshold", LATENCY_MS)
         finally:
             await r.aclose()
-        for part, run in (("sleepers", run_sleepers), ("timers", run_timers), ("steps", run_steps)):
+        runs = (("sleepers", run_sleepers), ("timers", run_timers), ("steps", run_steps), ("idle", run_idle))
+        for part, run in runs:
             if part in parts:
                 results[part] = await run(server.url, tmp, args)
     except BaseException:
@@ -851,7 +1041,12 @@ async def main(argv: list[str] | None = None) -> None:
         f"load average before {load_before}, after {load_average()}",
         f"{SHARDS} shards; parts: {', '.join(parts)}",
     ]
-    sections = {"sleepers": report_sleepers, "timers": report_timers, "steps": report_steps}
+    sections = {
+        "sleepers": report_sleepers,
+        "timers": report_timers,
+        "steps": report_steps,
+        "idle": report_idle,
+    }
     for line in header:
         print(line)
     for part, res in results.items():
