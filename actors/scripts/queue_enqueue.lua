@@ -11,14 +11,15 @@
 -- ARGV[8] events channel, ARGV[9] event, ARGV[10] ms to remember the item id
 -- Returns {1, item id} if queued (or queued before under this item id), {0, the item id
 -- holding the dedup id} if refused.
+-- An item id queued before is done with, whoever holds its dedup id now.
+if redis.call('EXISTS', KEYS[7]) == 1 then
+  return {1, ARGV[1]}
+end
 if ARGV[4] ~= '' then
   local holder = redis.call('GET', KEYS[6])
   if holder and holder ~= ARGV[1] then
     return {0, holder}
   end
-end
-if redis.call('EXISTS', KEYS[7]) == 1 then
-  return {1, ARGV[1]}
 end
 redis.call('SET', KEYS[7], 1, 'PX', ARGV[10])
 local partition = ARGV[5]
