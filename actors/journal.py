@@ -66,13 +66,11 @@ class Record:
 class Journal:
     """The records of one attempt of a turn, and how far the handler has got through them."""
 
-    __slots__ = ("changed", "mismatch", "position", "records")
+    __slots__ = ("mismatch", "position", "records")
 
     def __init__(self, records: list[Record]) -> None:
         self.records = records
         self.position = 0
-        self.changed = False
-        """Whether the records differ from the last ones written to Redis."""
         self.mismatch: JournalMismatch | None = None
         """Kept even if the handler catches the error, so the turn is parked all the same."""
 
@@ -95,12 +93,10 @@ class Journal:
         """Record the primitive at the position just taken by ``replay``."""
         record = Record(kind, name, value)
         self.records.append(record)
-        self.changed = True
         return record
 
     def update(self, record: Record, value: Any) -> None:
         record.value = value
-        self.changed = True
 
 
 @dataclass(slots=True)

@@ -686,7 +686,6 @@ class ShardRunner:
         ctx.remote.clear()
         self._settled(act, [*ctx.consumed, *behind])
         ctx.consumed.clear()
-        ctx.journal.changed = False
         act.open = dataclasses.replace(open_turn, records=_copy_records(open_turn.records))
         source.origin, source.ref = "o", str(open_turn.write)
 
