@@ -53,19 +53,15 @@ p99 < 1 ms; at 2,000 msgs/s p99 < 2 ms.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -80,10 +76,19 @@ import actors
 from actors.routing import route
 
 from . import throughput
-from .throughput import Workers, lease_owners, load_average, poll_until, wait_committed
+from .common import (
+    ROOT,
+    SHARDS,
+    Workers,
+    argument_parser,
+    child_env,
+    lease_owners,
+    private_server,
+    worker_argv,
+    write_json,
+)
+from .throughput import all_leased, poll_until, wait_committed
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARDS = throughput.SHARDS
 PROBES = 100
 APP_SPEC = "benchmarks.latency:app"
 DIR_ENV = "BENCH_LATENCY_DIR"
@@ -302,22 +307,9 @@ def spawn_worker(
     stdout_null: bool = False,
 ) -> Workers:
     """One worker process. OTEL_* variables of this environment are not passed on."""
-    argv = [sys.executable, "-m", module, "--log-level", "WARNING", "worker", app_spec,
-            "--redis", url, "--namespace", ns, "--shards", str(SHARDS), *extra]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    env.update({"PYTHONPATH": str(ROOT), **(env_extra or {})})
-    started = time.perf_counter()
-    with open(log, "ab") as out:
-        stdout: Any = subprocess.DEVNULL if stdout_null else out
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=stdout, stderr=out)
-    return Workers([proc], log, started)
-
-
-async def all_leased(client: actors.Client, workers: Workers) -> None:
-    async def check() -> bool:
-        return all(await lease_owners(client))
-
-    await poll_until(check, workers, 60, "every shard to be leased")
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    argv = worker_argv(app_spec, url, ns, extra_args=extra, module=module)
+    return Workers.spawn(argv, 1, log, env=env_extra, base_env=base_env, stdout_null=stdout_null)
 
 
 class Profiler:
@@ -491,7 +483,7 @@ async def start_floor(server: actors.EmbeddedServer, tmp: Path, body_bytes: int)
         await r.xgroup_create(stream, FLOOR_GROUP, id="$", mkstream=True)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "benchmarks.latency", FLOOR_CMD, server.url, stream, str(out_dir),
-            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=asyncio.subprocess.PIPE,
+            cwd=ROOT, env=child_env(), stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         floor = Floor(r, proc, stream, out_dir, server.pid, body_bytes)
         if await floor.line() != "ready":
@@ -678,9 +670,7 @@ def drain_table(drains: Sequence[DrainResult]) -> list[str]:
 
 
 async def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--rates", default="500,2000,8000", help="offered loads, msgs/s, comma-separated")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each offered load")
     parser.add_argument("--asks", type=int, default=2_000, help="sequential asks (and floor PINGs)")
@@ -695,29 +685,19 @@ async def main(argv: list[str] | None = None) -> None:
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
 
-    load_before = load_average()
-    tmp = Path(tempfile.mkdtemp(prefix="actors-latency-"))
-    server = actors.EmbeddedServer(tmp / "redis").start()
-    started = time.perf_counter()
-    try:
+    with private_server("latency", kept="server data, samples and worker logs") as run:
+        server, tmp = run.server, run.tmp
+        started = time.perf_counter()
         loads, trips, envelope = await run_latency(server, tmp, rates, args.seconds, args.asks, args.profile)
         drains = (
             []
             if args.skip_tracing
             else await run_tracing(server.url, tmp, args.drain_messages, args.drain_actors, args.trace_rounds)
         )
-    except BaseException:
-        print(f"benchmark failed; server data, samples and worker logs kept in {tmp}", file=sys.stderr)
-        server.stop()
-        raise
-    server.stop()
-    shutil.rmtree(tmp, ignore_errors=True)
 
+    took = f"; run took {time.perf_counter() - started:.0f}s"
     header = [
-        f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"server {Path(server.binary or 'valkey-server').name}, AOF everysec, loopback; "
-        f"load average before {load_before}, after {load_average()}; "
-        f"run took {time.perf_counter() - started:.0f}s",
+        run.machine_line(took),
         f"1 worker process, {SHARDS} shards, {PROBES} Probe actors; Ping envelope {envelope} bytes "
         f"(the floor's XADD body is as large); {args.seconds:g}s per offered load, after a "
         f"{WARMUP_S:g}s warm-up",
@@ -754,8 +734,7 @@ async def main(argv: list[str] | None = None) -> None:
             "send_latency": [flat(r) for r in loads if r.who == "ours"],
             "floor_latency": [flat(r) for r in loads if r.who == "floor"],
         }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+        write_json(args.json, payload)
 
 
 if __name__ == "__main__":

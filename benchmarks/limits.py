@@ -55,14 +55,7 @@ import contextlib
 import functools
 import hashlib
 import itertools
-import json
 import os
-import platform
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -82,9 +75,9 @@ from actors.keys import Keys
 from actors.limits import Limiter, Limits
 from actors.store import Store
 
-ROOT = Path(__file__).resolve().parent.parent
+from .common import SHARDS, Workers, argument_parser, private_server, wait_balanced, worker_argv, write_json
+
 APP_SPEC = "benchmarks.limits:app"
-SHARDS = 16
 LEASE_MS = 2_000
 """The slot lease ``Limits`` gets, as a worker with the default ``lease.ttl`` gives it."""
 WARMUP = 500
@@ -405,21 +398,7 @@ async def run_contention(url: str, info: aioredis.Redis, args: argparse.Namespac
 
 
 # ---- 3. accuracy in worker processes ------------------------------------------------------------
-@dataclass
-class Workers:
-    procs: list[subprocess.Popen[bytes]]
-    log: Path
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(no log)"
-
-    def check_alive(self) -> None:
-        for p in self.procs:
-            if p.poll() is not None:
-                raise RuntimeError(
-                    f"worker {p.pid} exited with {p.returncode}; {self.log}:\n{self.log_tail()}"
-                )
-
+class AccuracyWorkers(Workers):
     def problems(self) -> list[str]:
         """The log's ERROR and WARNING lines so far (the workers log at WARNING)."""
         if not self.log.exists():
@@ -427,40 +406,14 @@ class Workers:
         lines = self.log.read_text(errors="replace").splitlines()
         return [line for line in lines if " ERROR " in line or " WARNING " in line]
 
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
-
-def spawn_workers(url: str, ns: str, count: int, calls_dir: Path, args: argparse.Namespace) -> Workers:
-    argv = [sys.executable, "-m", "actors.cli", "--log-level", "WARNING", "worker", APP_SPEC,
-            "--redis", url, "--namespace", ns, "--shards", str(SHARDS)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), DIR_ENV: str(calls_dir),
-           RATE_ENV: str(args.rate), BURST_ENV: str(args.burst), CAP_ENV: str(args.cap)}  # fmt: skip
-    log = calls_dir / "workers.log"
-    with open(log, "ab") as out:
-        procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=out) for _ in range(count)]
-    return Workers(procs, log)
-
-
-async def balanced(client: actors.Client, workers: Workers, timeout: float = 60) -> None:
-    """Until every shard is leased and every worker holds at least one."""
-    deadline = time.perf_counter() + timeout
-    while True:
-        owners = [(await client.store.shard_info(s)).owner or "" for s in range(SHARDS)]
-        if all(owners) and all(any(f"-{p.pid}-" in o for o in owners) for p in workers.procs):
-            return
-        workers.check_alive()
-        if time.perf_counter() > deadline:
-            raise RuntimeError(f"shards not balanced over the workers after {timeout:.0f}s: {owners}")
-        await asyncio.sleep(POLL_S)
+def spawn_workers(
+    url: str, ns: str, count: int, calls_dir: Path, args: argparse.Namespace
+) -> AccuracyWorkers:
+    """Workers whose limiters are the ones ``args`` says, recording their calls in ``calls_dir``."""
+    env = {DIR_ENV: str(calls_dir), RATE_ENV: str(args.rate), BURST_ENV: str(args.burst),
+           CAP_ENV: str(args.cap)}  # fmt: skip
+    return AccuracyWorkers.spawn(worker_argv(APP_SPEC, url, ns), count, calls_dir / "workers.log", env=env)
 
 
 def read_calls(directory: Path, kind: str) -> list[tuple[int, float, float]]:
@@ -517,7 +470,7 @@ async def run_accuracy(url: str, info: aioredis.Redis, tmp: Path, args: argparse
     async with actors.connect(url, namespace=ns, app=app, shards=SHARDS) as client:
         workers = spawn_workers(url, ns, args.processes, calls_dir, args)
         try:
-            await balanced(client, workers)
+            await wait_balanced(client, workers)
             # rate
             noted = len(workers.problems())
             n = round(args.rate * args.seconds) + 1
@@ -695,18 +648,11 @@ def print_accuracy(acc: dict[str, Any], processes: int) -> None:
         print(f"  {label:<36} {value}")
 
 
-def load_average() -> str:
-    one, five, _ = os.getloadavg()
-    return f"{one:.2f} (1 min), {five:.2f} (5 min)"
-
-
 PARTS = ("overhead", "contention", "accuracy")
 
 
 async def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--acquires", type=int, default=20_000, help="N sequential holds per measurement")
     parser.add_argument("--tasks", type=int, default=50, help="K tasks competing for the cap")
     parser.add_argument("--cap", type=int, default=5, help="concurrency cap (contention and accuracy)")
@@ -722,34 +668,23 @@ async def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     _register_scripts()
-    load_before = load_average()
-    tmp = Path(tempfile.mkdtemp(prefix="actors-limits-"))
-    server = actors.EmbeddedServer(tmp / "redis").start()
     overhead: list[Calls] = []
     contention: list[Calls] = []
     accuracy: dict[str, Any] = {}
-    try:
-        info = aioredis.Redis.from_url(server.url)
+    with private_server("limits", kept="server data and logs") as run:
+        info = aioredis.Redis.from_url(run.url)
         try:
             if "overhead" in args.only:
-                overhead = await run_overhead(server.url, info, args.acquires)
+                overhead = await run_overhead(run.url, info, args.acquires)
             if "contention" in args.only:
-                contention = await run_contention(server.url, info, args)
+                contention = await run_contention(run.url, info, args)
             if "accuracy" in args.only:
-                accuracy = await run_accuracy(server.url, info, tmp, args)
+                accuracy = await run_accuracy(run.url, info, run.tmp, args)
         finally:
             await info.aclose()
-    except BaseException:
-        print(f"benchmark failed; server data and logs kept in {tmp}", file=sys.stderr)
-        server.stop()
-        raise
-    server.stop()
-    shutil.rmtree(tmp, ignore_errors=True)
 
     header = [
-        f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"server {Path(server.binary or 'valkey-server').name}, AOF everysec, loopback; "
-        f"load average before {load_before}, after {load_average()}",
+        run.machine_line(),
         "client: redis-py asyncio + hiredis; 'cmds sent' = commands the client sent (counted per "
         "connection), 'cmds run' = INFO commandstats delta (inside scripts too)",
     ]
@@ -776,8 +711,7 @@ async def main(argv: list[str] | None = None) -> None:
                            for c in contention],
             "accuracy": accuracy,
         }  # fmt: skip
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+        write_json(args.json, payload)
 
 
 if __name__ == "__main__":

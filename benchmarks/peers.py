@@ -69,13 +69,10 @@ import contextlib
 import importlib.util
 import json
 import os
-import platform
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -88,11 +85,11 @@ from pydantic import BaseModel
 
 import actors
 
+from .common import ROOT, SHARDS, argument_parser, child_env, private_server, write_json
+from .common import worker_argv as actors_worker_argv
 from .peer_jobs import common
 from .peer_jobs.common import done_key, latency_key, ready_key
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARDS = 16
 WARMUP = 50
 CHUNK = 500
 """Jobs per batch for producers with a batch API (ours, DBOS)."""
@@ -189,8 +186,7 @@ class Ours(System):
     setting = f"actors worker, {SHARDS} shards; counter actor, state saved per turn; send_many x{CHUNK}"
 
     def worker_argv(self) -> list[str]:
-        return [sys.executable, "-m", "actors.cli", "--log-level", "WARNING", "worker", APP_SPEC,
-                "--redis", self.ctx.url, "--namespace", self.namespace, "--shards", str(SHARDS)]  # fmt: skip
+        return actors_worker_argv(APP_SPEC, self.ctx.url, self.namespace)
 
     @property
     def namespace(self) -> str:
@@ -402,8 +398,9 @@ class Worker:
 
 
 def spawn(system: System, ctx: Context) -> Worker:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), common.URL_ENV: ctx.url,
-           common.PREFIX_ENV: ctx.prefix, common.SQLITE_ENV: ctx.sqlite_url}  # fmt: skip
+    env = child_env(
+        {common.URL_ENV: ctx.url, common.PREFIX_ENV: ctx.prefix, common.SQLITE_ENV: ctx.sqlite_url}
+    )
     log = ctx.tmp / f"{ctx.prefix.replace(':', '-')}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(system.worker_argv(), cwd=ROOT, env=env, stdout=out, stderr=out,
@@ -604,11 +601,6 @@ def print_report(header: Sequence[str], results: dict[str, Result]) -> None:
               f"{r.pct(0.99):>8.1f} {r.enqueue_seconds:>9.2f} {r.seconds:>8.2f}  {r.check}")  # fmt: skip
 
 
-def load_average() -> str:
-    one, five, _ = os.getloadavg()
-    return f"{one:.2f} (1 min), {five:.2f} (5 min)"
-
-
 def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -620,9 +612,7 @@ def versions() -> str:
 
 
 async def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--messages", type=int, default=5_000, help="N jobs for the throughput figure")
     parser.add_argument("--rate", type=float, default=200.0, help="offered load for latency, jobs/s")
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of the latency load")
@@ -644,34 +634,23 @@ async def main(argv: list[str] | None = None) -> None:
         reason = "no peer system is installed (pip install -e '.[bench-peers]')"
         print(f"peers: skipped, {reason}")
         if args.json:
-            args.json.write_text(json.dumps({"skipped": reason}, indent=2) + "\n")
+            write_json(args.json, {"skipped": reason}, announce=False)
         return
 
-    load_before = load_average()
-    tmp = Path(tempfile.mkdtemp(prefix="actors-peers-"))
-    server = actors.EmbeddedServer(tmp / "redis").start()
-    os.environ[common.URL_ENV] = server.url  # the peer modules read it when imported
     samples: dict[str, list[Result]] = {}
-    try:
+    with private_server("peers") as run:
+        os.environ[common.URL_ENV] = run.url  # the peer modules read it when imported
         for round_no in range(args.rounds):
-            for key, result in (await run_round(server.url, tmp, args, round_no)).items():
+            for key, result in (await run_round(run.url, run.tmp, args, round_no)).items():
                 samples.setdefault(key, []).append(result)
-    except BaseException:
-        print(f"benchmark failed; server data and worker logs kept in {tmp}", file=sys.stderr)
-        server.stop()
-        raise
-    server.stop()
-    failed = {c.key for c in SYSTEMS if c.key in args.only and not missing_packages(c)} - set(samples)
-    if failed or args.keep:
-        print(f"worker logs kept in {tmp}")
-    else:
-        shutil.rmtree(tmp, ignore_errors=True)
+        failed = {c.key for c in SYSTEMS if c.key in args.only and not missing_packages(c)} - set(samples)
+        run.keep = bool(failed) or args.keep
+    if run.keep:
+        print(f"worker logs kept in {run.tmp}")
 
     results = {k: max(runs, key=lambda r: r.rate) for k, runs in samples.items()}
     header = [
-        f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"server {Path(server.binary or 'valkey-server').name}, AOF everysec, loopback; "
-        f"load average before {load_before}, after {load_average()}",
+        run.machine_line(),
         f"jobs/s: {args.messages} jobs of {{'n': i}}, first enqueue -> all handlers ran (one Redis "
         f"INCR each), 1 worker process per system; latency: open loop, {args.rate:g} jobs/s for "
         f"{args.seconds:g} s, enqueue -> handler start; rounds: {args.rounds}",
@@ -694,8 +673,7 @@ async def main(argv: list[str] | None = None) -> None:
             },
             "samples": {k: [r.rate for r in runs] for k, runs in samples.items()},
         }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+        write_json(args.json, payload)
 
 
 if __name__ == "__main__":

@@ -38,14 +38,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -59,8 +51,8 @@ from pydantic import BaseModel
 import actors
 from actors.keys import GROUP
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARDS = 16
+from .common import SHARDS, Workers, argument_parser, lease_owners, private_server, worker_argv, write_json
+
 BODY_BYTES = 58
 """The size of one encoded ``Inc`` envelope to a ``Count`` actor: the floor writes as much."""
 PREFILL_CHUNK = 1_000
@@ -207,53 +199,7 @@ async def run_floor(url: str, prefix: str, n: int, actor_count: int) -> list[Res
         await r.aclose()
 
 
-# ---- worker processes ------------------------------------------------------------------
-@dataclass
-class Workers:
-    procs: list[subprocess.Popen[bytes]]
-    log: Path
-    spawned_at: float
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(no log)"
-
-    def check_alive(self) -> None:
-        for p in self.procs:
-            if p.poll() is not None:
-                raise RuntimeError(
-                    f"worker {p.pid} exited with {p.returncode}; {self.log}:\n{self.log_tail()}"
-                )
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-
-def spawn_workers(url: str, ns: str, count: int, log: Path) -> Workers:
-    argv = [sys.executable, "-m", "actors.cli", "--log-level", "WARNING", "worker", APP_SPEC,
-            "--redis", url, "--namespace", ns, "--shards", str(SHARDS)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    started = time.perf_counter()
-    with open(log, "ab") as out:
-        procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=out) for _ in range(count)]
-    return Workers(procs, log, started)
-
-
-async def lease_owners(client: actors.Client) -> list[str | None]:
-    async with client.store.redis.pipeline(transaction=False) as pipe:
-        for s in range(SHARDS):
-            pipe.get(client.store.keys.lease(s))
-        values = await pipe.execute()
-    return [v.decode().rpartition("|")[0] if v else None for v in values]
-
-
+# ---- waiting on the workers ---------------------------------------------------------------
 async def poll_until(
     check: Callable[[], Awaitable[bool]], workers: Workers, timeout: float, what: str
 ) -> float:
@@ -266,6 +212,13 @@ async def poll_until(
         if time.perf_counter() > deadline:
             raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
         await asyncio.sleep(POLL_S)
+
+
+async def all_leased(client: actors.Client, workers: Workers) -> None:
+    async def check() -> bool:
+        return all(await lease_owners(client))
+
+    await poll_until(check, workers, 60, "every shard to be leased")
 
 
 async def outstanding(client: actors.Client) -> int | None:
@@ -345,7 +298,7 @@ async def run_drain(url: str, tmp: Path, processes: int, n: int, actor_count: in
     ns = f"drain{processes}-{uuid.uuid4().hex[:6]}"
     async with actors.connect(url, namespace=ns, app=app, shards=SHARDS) as client:
         await send_chunks(client, n, actor_count, PREFILL_CHUNK)
-        workers = spawn_workers(url, ns, processes, tmp / f"{ns}.log")
+        workers = Workers.spawn(worker_argv(APP_SPEC, url, ns), processes, tmp / f"{ns}.log")
         try:
 
             async def any_lease() -> bool:
@@ -370,13 +323,9 @@ async def run_drain(url: str, tmp: Path, processes: int, n: int, actor_count: in
 async def run_e2e(url: str, tmp: Path, processes: int, n: int, actor_count: int, awaited: bool) -> Result:
     ns = f"e2e{'a' if awaited else 'p'}-{uuid.uuid4().hex[:6]}"
     async with actors.connect(url, namespace=ns, app=app, shards=SHARDS) as client:
-        workers = spawn_workers(url, ns, processes, tmp / f"{ns}.log")
+        workers = Workers.spawn(worker_argv(APP_SPEC, url, ns), processes, tmp / f"{ns}.log")
         try:
-
-            async def all_leased() -> bool:
-                return all(await lease_owners(client))
-
-            await poll_until(all_leased, workers, 60, "every shard to be leased")
+            await all_leased(client, workers)
             started = time.perf_counter()
             if awaited:
                 for i in range(n):
@@ -447,15 +396,8 @@ def best_of(samples: dict[str, list[Result]]) -> dict[str, Result]:
     return best
 
 
-def load_average() -> str:
-    one, five, _ = os.getloadavg()
-    return f"{one:.2f} (1 min), {five:.2f} (5 min)"
-
-
 async def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--messages", type=int, default=50_000, help="N for the floor, drain and e2e")
     parser.add_argument("--actors", type=int, default=1_000, help="Count actors the messages go to")
     parser.add_argument("--awaited-messages", type=int, default=5_000, help="N for e2e awaited send")
@@ -464,25 +406,14 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
 
-    load_before = load_average()
-    tmp = Path(tempfile.mkdtemp(prefix="actors-throughput-"))
-    server = actors.EmbeddedServer(tmp / "redis").start()
     samples: dict[str, list[Result]] = {}
-    try:
+    with private_server("throughput") as run:
         for round_no in range(args.rounds):
-            for r in await run_round(server.url, tmp, args, round_no):
+            for r in await run_round(run.url, run.tmp, args, round_no):
                 samples.setdefault(r.key, []).append(r)
-    except BaseException:
-        print(f"benchmark failed; server data and worker logs kept in {tmp}", file=sys.stderr)
-        server.stop()
-        raise
-    server.stop()
-    shutil.rmtree(tmp, ignore_errors=True)
 
     header = [
-        f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"server {Path(server.binary or 'valkey-server').name}, AOF everysec, loopback; "
-        f"load average before {load_before}, after {load_average()}",
+        run.machine_line(),
         f"{args.actors} Count actors, {SHARDS} shards, body {BODY_BYTES} bytes; "
         f"floor: redis-py asyncio + hiredis, one connection; rounds: {args.rounds}",
     ]
@@ -496,8 +427,7 @@ async def main(argv: list[str] | None = None) -> None:
             "samples": {k: [r.rate for r in runs] for k, runs in samples.items()},
             "ratios": rel,
         }
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+        write_json(args.json, payload)
 
 
 if __name__ == "__main__":

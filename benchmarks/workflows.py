@@ -52,16 +52,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
-import os
-import platform
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -78,9 +71,9 @@ from actors.codec import decode_state
 from actors.routing import shard_of
 from actors.settings import WorkerSettings
 
-ROOT = Path(__file__).resolve().parent.parent
+from .common import SHARDS, Workers, argument_parser, private_server, wait_balanced, worker_argv, write_json
+
 APP_SPEC = "benchmarks.workflows:app"
-SHARDS = 16
 SEND_CHUNK = 1_000
 WINDOW = 20_000
 """Sleepers sent but not yet suspended, at most (keeps the inbox streams from ballooning)."""
@@ -189,19 +182,10 @@ app = actors.App(Sleeper, Alarm, Stepped, ThreadStepped, Plain, Counter)
 
 
 # ---- worker processes -----------------------------------------------------------------------
-@dataclass
-class Workers:
-    procs: list[subprocess.Popen[bytes]]
-    log: Path
+class PartWorkers(Workers):
+    """A part's worker processes; ``stop`` gives each 30 s."""
 
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else "(no log)"
-
-    def check_alive(self) -> None:
-        for p in self.procs:
-            if p.poll() is not None:
-                tail = self.log_tail()
-                raise RuntimeError(f"worker {p.pid} exited with {p.returncode}; {self.log}:\n{tail}")
+    stop_timeout = 30.0
 
     def warnings(self) -> dict[str, int]:
         """Lines of the workers' log by kind (lease lost, write already applied, other warnings)."""
@@ -226,25 +210,9 @@ class Workers:
             sizes.append(kib / 1024)
         return sizes
 
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
-
-def spawn_workers(url: str, ns: str, count: int, log: Path) -> Workers:
-    argv = [sys.executable, "-m", "actors.cli", "--log-level", "WARNING", "worker", APP_SPEC,
-            "--redis", url, "--namespace", ns, "--shards", str(SHARDS)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with open(log, "ab") as out:
-        procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=out) for _ in range(count)]
-    return Workers(procs, log)
+def spawn_workers(url: str, ns: str, count: int, log: Path) -> PartWorkers:
+    return PartWorkers.spawn(worker_argv(APP_SPEC, url, ns), count, log)
 
 
 async def shard_values(r: aioredis.Redis, command: Callable[[Any, int], Any]) -> list[Any]:
@@ -253,23 +221,6 @@ async def shard_values(r: aioredis.Redis, command: Callable[[Any, int], Any]) ->
         for s in range(SHARDS):
             command(pipe, s)
         return list(await pipe.execute())
-
-
-async def wait_balanced(client: actors.Client, workers: Workers, timeout: float = 60.0) -> None:
-    """Until every shard is leased and the processes share them evenly."""
-    keys = client.store.keys
-    share = math.ceil(SHARDS / len(workers.procs))
-    deadline = time.monotonic() + timeout
-    while True:
-        values = await shard_values(client.store.redis, lambda pipe, s: pipe.get(keys.lease(s)))
-        owners = [v.decode().rpartition("|")[0] if v else "" for v in values]
-        held = [sum(1 for o in owners if f"-{p.pid}-" in o) for p in workers.procs]
-        if all(owners) and min(held) >= 1 and max(held) <= share:
-            return
-        workers.check_alive()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"shards not balanced after {timeout:.0f}s: {held}; {workers.log_tail()}")
-        await asyncio.sleep(0.05)
 
 
 class Stalled(RuntimeError):
@@ -496,7 +447,7 @@ async def run_sleepers(url: str, tmp: Path, args: argparse.Namespace) -> dict[st
         r = client.store.redis
         workers = spawn_workers(url, ns, args.processes, tmp / f"{ns}.log")
         try:
-            await wait_balanced(client, workers)
+            await wait_balanced(client, workers, even=True)
             epochs_before = await epochs(client)
             await reset_latency(client)
             before = await memory_snapshot(client)
@@ -558,7 +509,7 @@ async def run_timers(url: str, tmp: Path, args: argparse.Namespace) -> dict[str,
     async with actors.connect(url, namespace=ns, app=app, shards=SHARDS) as client:
         workers = spawn_workers(url, ns, args.processes, tmp / f"{ns}.log")
         try:
-            await wait_balanced(client, workers)
+            await wait_balanced(client, workers, even=True)
             epochs_before = await epochs(client)
             await reset_latency(client)
             margin = args.timer_margin if args.timer_margin is not None else 2.0 + m / 4_000
@@ -700,7 +651,7 @@ async def run_steps(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, 
     async with actors.connect(url, namespace=ns, app=app, shards=SHARDS) as client:
         workers = spawn_workers(url, ns, args.processes, tmp / f"{ns}.log")
         try:
-            await wait_balanced(client, workers)
+            await wait_balanced(client, workers, even=True)
             epochs_before = await epochs(client)
             await reset_latency(client)
             for kind, cls, label in STEP_TYPES:
@@ -757,7 +708,7 @@ async def run_idle(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, A
         r = client.store.redis
         workers = spawn_workers(url, ns, 1, tmp / f"{ns}.log")
         try:
-            await wait_balanced(client, workers)
+            await wait_balanced(client, workers, even=True)
             epochs_before = await epochs(client)
             await reset_latency(client)
             before = await memory_snapshot(client)
@@ -981,18 +932,11 @@ def report_idle(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def load_average() -> str:
-    one, five, _ = os.getloadavg()
-    return f"{one:.2f} (1 min), {five:.2f} (5 min)"
-
-
 PARTS = ("sleepers", "timers", "steps", "idle")
 
 
 async def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argument_parser(__doc__)
     parser.add_argument("--sleepers", type=int, default=100_000, help="N sleeping actors (part 1)")
     parser.add_argument("--timers", type=int, default=20_000, help="M actors woken at one instant (part 2)")
     parser.add_argument("--timer-margin", type=float, default=None,
@@ -1008,12 +952,9 @@ async def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     parts = args.only or list(PARTS)
 
-    load_before = load_average()
-    tmp = Path(tempfile.mkdtemp(prefix="actors-workflows-"))
-    server = actors.EmbeddedServer(tmp / "redis").start()
     results: dict[str, Any] = {}
-    try:
-        r = aioredis.Redis.from_url(server.url)
+    with private_server("workflows") as run:
+        r = aioredis.Redis.from_url(run.url)
         try:
             server_info = await r.info("server")
             mem_info = await r.info("memory")
@@ -1021,24 +962,16 @@ async def main(argv: list[str] | None = None) -> None:
         finally:
             await r.aclose()
         runs = (("sleepers", run_sleepers), ("timers", run_timers), ("steps", run_steps), ("idle", run_idle))
-        for part, run in runs:
+        for part, run_part in runs:
             if part in parts:
-                results[part] = await run(server.url, tmp, args)
-    except BaseException:
-        print(f"benchmark failed; server data and worker logs kept in {tmp}", file=sys.stderr)
-        server.stop()
-        raise
-    server.stop()
-    failed = [part for part, res in results.items() if "failed" in res]
-    if not failed:
-        shutil.rmtree(tmp, ignore_errors=True)
+                results[part] = await run_part(run.url, run.tmp, args)
+        failed = [part for part, res in results.items() if "failed" in res]
+        run.keep = bool(failed)  # its worker logs say why
 
     name = "valkey" if "valkey_version" in server_info else "redis"
     version = server_info.get("valkey_version") or server_info.get("redis_version")
     header = [
-        f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, {name} {version} "
-        f"(allocator {mem_info.get('mem_allocator')}), AOF everysec, loopback; "
-        f"load average before {load_before}, after {load_average()}",
+        run.machine_line(server=f"{name} {version} (allocator {mem_info.get('mem_allocator')})"),
         f"{SHARDS} shards; parts: {', '.join(parts)}",
     ]
     sections = {
@@ -1054,10 +987,10 @@ async def main(argv: list[str] | None = None) -> None:
         for line in sections[part](res):
             print(line)
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "results": results}, indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+        write_json(args.json, {"header": header, "results": results})
     if failed:
-        print(f"\nFAILED: {', '.join(failed)}; server data and worker logs kept in {tmp}", file=sys.stderr)
+        kept = f"server data and worker logs kept in {run.tmp}"
+        print(f"\nFAILED: {', '.join(failed)}; {kept}", file=sys.stderr)
         raise SystemExit(1)
 
 
