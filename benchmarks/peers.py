@@ -2,8 +2,8 @@
 Valkey server, in the same run.
 
     python -m benchmarks.peers [--messages 5000] [--rate 200] [--seconds 3] [--actors 1000]
-                               [--only ours,arq,dramatiq,taskiq,celery,dbos] [--rounds 1]
-                               [--json PATH]
+                               [--only ours,arq,dramatiq,taskiq,celery,dbos,dbos-pg]
+                               [--rounds 1] [--json PATH]
 
 The peers are optional (``pip install -e '.[bench-peers]'``, plus ``pip install --no-deps arq``:
 arq pins redis<6): one whose package is missing, or that fails, gets one line saying why and the
@@ -13,7 +13,10 @@ Everything runs on a private server (AOF on, fsync every second) that this comma
 free loopback port in a temporary directory and stops at the end. Each system gets ONE real
 worker process (a subprocess started by its own CLI; dramatiq's and taskiq's CLIs keep a
 supervising parent that runs no jobs) and its broker keys on that server; DBOS keeps its queue
-in a SQLite file in the same temporary directory. The systems run one after another.
+in its system database: a SQLite file in the same temporary directory (``dbos``), or a private
+PostgreSQL server (``dbos-pg``, ``benchmarks.postgres``: started the same way, on loopback, as
+an unprivileged user when run as root, if Postgres binaries are found; else that line says
+``DBOS (Postgres): skipped: <why>``). The systems run one after another.
 
 The job: payload ``{"n": i}``, a handler that does nothing but one Redis call, the same for
 all (``benchmarks.peer_jobs.common``): ``INCR`` of a counter of its own (throughput) or
@@ -27,7 +30,7 @@ For each system, after a warm-up of 50 jobs (which also waits out the worker's s
   producer in this process, and the clock runs from the first enqueue until the counter reads N
   (polled every 5 ms). The producer uses the library's batch API where it has one (ours:
   ``client.send_many`` in chunks of 500; DBOS: ``DBOSClient.enqueue_in_transaction``, 500 per
-  SQLite transaction); async libraries without one get 50 enqueue calls in flight at a time
+  database transaction); async libraries without one get 50 enqueue calls in flight at a time
   (arq ``enqueue_job``, taskiq ``kiq``); sync ones are called in a loop in one thread (dramatiq
   ``send``, celery ``apply_async`` on one producer). The time the enqueueing alone took is
   printed too: when it is close to the total, the producer was the limit.
@@ -54,8 +57,11 @@ Settings, each system's most durable standard one (all on the same server, AOF e
 * celery: Redis broker, ``task_acks_late=True``, ``task_reject_on_worker_lost=True``,
   ``worker_prefetch_multiplier=1``, threads pool with concurrency 4 (so one process), JSON,
   no result backend, ``--without-gossip --without-mingle --without-heartbeat``.
-* DBOS: queued async workflows, SQLite system database (a commit and fsync per state change),
-  queue polled every 1 s (its default), portable JSON serializer instead of pickle.
+* DBOS (SQLite): queued async workflows, SQLite system database (a commit and fsync per state
+  change), queue polled every 1 s (its default), portable JSON serializer instead of pickle.
+* DBOS (Postgres): the same, with its system database on the private Postgres (a new database
+  per round; Postgres's defaults: ``fsync``, ``synchronous_commit`` and ``full_page_writes``
+  on; driver psycopg 3, which dbos depends on).
 
 ``--rounds R`` repeats everything R times and keeps each system's fastest throughput sample and
 its latency sample from that round.
@@ -89,6 +95,7 @@ from .common import ROOT, SHARDS, argument_parser, child_env, private_server, wr
 from .common import worker_argv as actors_worker_argv
 from .peer_jobs import common
 from .peer_jobs.common import done_key, latency_key, ready_key
+from .postgres import PrivatePostgres, private_postgres
 
 WARMUP = 50
 CHUNK = 500
@@ -133,27 +140,48 @@ class Context:
     tmp: Path
     actor_count: int
     round_no: int
+    postgres: PrivatePostgres | None = None
+    """The private Postgres (``dbos-pg``), if it started."""
 
     @property
     def sqlite_url(self) -> str:
         return f"sqlite:///{self.tmp / f'dbos-{self.round_no}.sqlite'}"
+
+    @property
+    def postgres_database(self) -> str:
+        return f"dbos{self.round_no}"
 
 
 class System:
     """One system under test: how to start its worker and how to enqueue to it."""
 
     key: ClassVar[str]
+    label: ClassVar[str] = ""
+    """Its name in the results table (``key`` if empty)."""
     setting: ClassVar[str]
     packages: ClassVar[tuple[str, ...]] = ()
     install: ClassVar[str] = "pip install -e '.[bench-peers]'"
     sync: ClassVar[bool] = False
     """Its enqueue calls block: run them in a thread."""
+    needs_postgres: ClassVar[bool] = False
+    """Runs only when the private Postgres started (``benchmarks.postgres``)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
+    @classmethod
+    def name(cls) -> str:
+        return cls.label or cls.key
+
     def worker_argv(self) -> list[str]:
         raise NotImplementedError
+
+    def worker_env(self) -> dict[str, str]:
+        """Extra environment of its worker process."""
+        return {}
+
+    def prepare(self) -> None:
+        """Called before its worker is started."""
 
     async def open(self, worker: Worker) -> None:
         pass
@@ -318,12 +346,25 @@ class Celery(System):
 
 class Dbos(System):
     key = "dbos"
+    label = "DBOS (SQLite)"
     setting = f"queued async workflows, SQLite (fsync/commit), poll 1 s; JSON; {CHUNK} per txn"
-    packages = ("dbos", "sqlalchemy")
+    packages: ClassVar[tuple[str, ...]] = ("dbos", "sqlalchemy")
     sync = True
+
+    @property
+    def database_url(self) -> str:
+        """Its system database, as DBOS is given it."""
+        return self.ctx.sqlite_url
+
+    def engine_options(self) -> tuple[Any, dict[str, Any]]:
+        """The URL and options of the SQLAlchemy engine its batches are enqueued through."""
+        return self.database_url, {"connect_args": {"timeout": 30}}
 
     def worker_argv(self) -> list[str]:
         return [sys.executable, "-m", "benchmarks.peer_jobs.dbos_worker"]
+
+    def worker_env(self) -> dict[str, str]:
+        return {common.DBOS_URL_ENV: self.database_url}
 
     async def open(self, worker: Worker) -> None:
         import sqlalchemy as sa
@@ -338,11 +379,12 @@ class Dbos(System):
         finally:
             await r.aclose()
         self.client = DBOSClient(
-            system_database_url=self.ctx.sqlite_url,
+            system_database_url=self.database_url,
             serializer=DBOSPortableJSONSerializer(),
             application_name=dbos_worker.APP_NAME,
         )
-        self.engine = sa.create_engine(self.ctx.sqlite_url, connect_args={"timeout": 30})
+        url, options = self.engine_options()
+        self.engine = sa.create_engine(url, **options)
         self.options: Any = {"queue_name": common.QUEUE, "workflow_name": common.JOB}
 
     async def close(self) -> None:
@@ -359,7 +401,32 @@ class Dbos(System):
                     self.client.enqueue_in_transaction(conn, self.options, p)
 
 
-SYSTEMS: Sequence[type[System]] = (Ours, Arq, Dramatiq, Taskiq, Celery, Dbos)
+class DbosPostgres(Dbos):
+    key = "dbos-pg"
+    label = "DBOS (Postgres)"
+    setting = f"queued async workflows, Postgres (fsync, sync commit), poll 1 s; JSON; {CHUNK} per txn"
+    packages = ("dbos", "sqlalchemy", "psycopg")
+    needs_postgres = True
+
+    @property
+    def postgres(self) -> PrivatePostgres:
+        if self.ctx.postgres is None:
+            raise RuntimeError("no private Postgres")
+        return self.ctx.postgres
+
+    @property
+    def database_url(self) -> str:
+        return self.postgres.url(self.ctx.postgres_database)
+
+    def engine_options(self) -> tuple[Any, dict[str, Any]]:
+        # DBOS picks psycopg 3 itself; a plain postgresql:// engine would ask for psycopg2.
+        return self.postgres.url(self.ctx.postgres_database, scheme="postgresql+psycopg"), {}
+
+    def prepare(self) -> None:
+        self.postgres.create_database(self.ctx.postgres_database)
+
+
+SYSTEMS: Sequence[type[System]] = (Ours, Arq, Dramatiq, Taskiq, Celery, Dbos, DbosPostgres)
 
 
 # ---- worker processes -----------------------------------------------------------------
@@ -398,9 +465,7 @@ class Worker:
 
 
 def spawn(system: System, ctx: Context) -> Worker:
-    env = child_env(
-        {common.URL_ENV: ctx.url, common.PREFIX_ENV: ctx.prefix, common.SQLITE_ENV: ctx.sqlite_url}
-    )
+    env = child_env({common.URL_ENV: ctx.url, common.PREFIX_ENV: ctx.prefix, **system.worker_env()})
     log = ctx.tmp / f"{ctx.prefix.replace(':', '-')}.log"
     with open(log, "ab") as out:
         proc = subprocess.Popen(system.worker_argv(), cwd=ROOT, env=env, stdout=out, stderr=out,
@@ -437,6 +502,7 @@ async def wait_count(
 @dataclass
 class Result:
     key: str
+    label: str
     setting: str
     messages: int
     seconds: float
@@ -535,8 +601,8 @@ async def run_system(system: System, worker: Worker, r: aioredis.Redis, n: int, 
     if drained - all_sent > 1.0:
         notes.append(f"latency load: last job ran {drained - all_sent:.1f}s after the last send")
     check = "; ".join(notes)
-    return Result(system.key, system.setting, n, finished - started, enqueued - started, latencies,
-                  rate, achieved, drained - all_sent, check)  # fmt: skip
+    return Result(system.key, system.name(), system.setting, n, finished - started, enqueued - started,
+                  latencies, rate, achieved, drained - all_sent, check)  # fmt: skip
 
 
 def installed(package: str) -> bool:
@@ -552,7 +618,9 @@ def missing_packages(cls: type[System]) -> list[str]:
     return [p for p in cls.packages if not installed(p)]
 
 
-async def run_round(url: str, tmp: Path, args: argparse.Namespace, round_no: int) -> dict[str, Result]:
+async def run_round(
+    url: str, tmp: Path, args: argparse.Namespace, round_no: int, postgres: PrivatePostgres | None
+) -> dict[str, Result]:
     results: dict[str, Result] = {}
     r = aioredis.Redis.from_url(url)
     try:
@@ -565,8 +633,16 @@ async def run_round(url: str, tmp: Path, args: argparse.Namespace, round_no: int
                     print(f"{cls.key}: skipped, not installed: {', '.join(missing)} ({cls.install})",
                           flush=True)  # fmt: skip
                 continue
-            ctx = Context(url, f"peers{round_no}:{cls.key}", tmp, args.actors, round_no)
+            if cls.needs_postgres and postgres is None:
+                continue  # main said why
+            ctx = Context(url, f"peers{round_no}:{cls.key}", tmp, args.actors, round_no, postgres)
             system = cls(ctx)
+            try:
+                system.prepare()
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                print(f"{cls.key}: failed before its worker started, {reason}", flush=True)
+                continue
             worker = spawn(system, ctx)
             try:
                 result = await run_system(system, worker, r, args.messages, args.rate, args.seconds)
@@ -588,16 +664,17 @@ async def run_round(url: str, tmp: Path, args: argparse.Namespace, round_no: int
 def print_report(header: Sequence[str], results: dict[str, Result]) -> None:
     ours = results.get("ours")
     width = max([len("setting"), *(len(r.setting) for r in results.values())])
+    names = max([len("system"), *(len(r.label) for r in results.values())])
     print()
     for line in header:
         print(line)
     print()
-    print(f"{'system':<9} {'setting':<{width}} {'jobs/s':>8} {'ours/peer':>9} {'p50 ms':>8} "
+    print(f"{'system':<{names}} {'setting':<{width}} {'jobs/s':>8} {'ours/peer':>9} {'p50 ms':>8} "
           f"{'p99 ms':>8} {'enqueue s':>9} {'total s':>8}  check")  # fmt: skip
-    print("-" * (width + 80))
+    print("-" * (width + names + 71))
     for r in results.values():
         ratio = f"{ours.rate / r.rate:>9.2f}" if ours else f"{'-':>9}"
-        print(f"{r.key:<9} {r.setting:<{width}} {r.rate:>8,.0f} {ratio} {r.pct(0.5):>8.1f} "
+        print(f"{r.label:<{names}} {r.setting:<{width}} {r.rate:>8,.0f} {ratio} {r.pct(0.5):>8.1f} "
               f"{r.pct(0.99):>8.1f} {r.enqueue_seconds:>9.2f} {r.seconds:>8.2f}  {r.check}")  # fmt: skip
 
 
@@ -605,7 +682,7 @@ def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     found = []
-    for name in ("redis", "arq", "dramatiq", "taskiq", "taskiq-redis", "celery", "kombu", "dbos"):
+    for name in ("redis", "arq", "dramatiq", "taskiq", "taskiq-redis", "celery", "kombu", "dbos", "psycopg"):
         with contextlib.suppress(PackageNotFoundError):
             found.append(f"{name} {version(name)}")
     return ", ".join(found)
@@ -638,12 +715,28 @@ async def main(argv: list[str] | None = None) -> None:
         return
 
     samples: dict[str, list[Result]] = {}
-    with private_server("peers") as run:
+    skipped: set[str] = set()
+    postgres_line = ""
+    with private_server("peers") as run, contextlib.ExitStack() as stack:
         os.environ[common.URL_ENV] = run.url  # the peer modules read it when imported
+        postgres: PrivatePostgres | None = None
+        wanted = [c for c in SYSTEMS if c.key in args.only and c.needs_postgres and not missing_packages(c)]
+        if wanted:
+            postgres, why = stack.enter_context(private_postgres())
+            if postgres is None:
+                skipped.update(c.key for c in wanted)
+                for c in wanted:
+                    print(f"{c.name()}: skipped: {why}", flush=True)
+            else:
+                postgres_line = (
+                    f"postgres: {postgres.version}, private, loopback TCP, default durability "
+                    "(fsync, synchronous_commit, full_page_writes on)"
+                )
         for round_no in range(args.rounds):
-            for key, result in (await run_round(run.url, run.tmp, args, round_no)).items():
+            for key, result in (await run_round(run.url, run.tmp, args, round_no, postgres)).items():
                 samples.setdefault(key, []).append(result)
-        failed = {c.key for c in SYSTEMS if c.key in args.only and not missing_packages(c)} - set(samples)
+        ran = {c.key for c in SYSTEMS if c.key in args.only and not missing_packages(c)} - skipped
+        failed = ran - set(samples)
         run.keep = bool(failed) or args.keep
     if run.keep:
         print(f"worker logs kept in {run.tmp}")
@@ -655,6 +748,7 @@ async def main(argv: list[str] | None = None) -> None:
         f"INCR each), 1 worker process per system; latency: open loop, {args.rate:g} jobs/s for "
         f"{args.seconds:g} s, enqueue -> handler start; rounds: {args.rounds}",
         f"versions: {versions()}",
+        *([postgres_line] if postgres_line else []),
     ]
     print_report(header, results)
     if args.json:

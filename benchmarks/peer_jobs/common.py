@@ -18,9 +18,10 @@ import redis.asyncio as aioredis
 
 URL_ENV = "PEERS_REDIS_URL"
 PREFIX_ENV = "PEERS_PREFIX"
-SQLITE_ENV = "PEERS_SQLITE_URL"
+DBOS_URL_ENV = "PEERS_DBOS_URL"
+"""DBOS's system database: a SQLite file (``dbos``) or the private Postgres (``dbos-pg``)."""
 QUEUE = "peers"
-"""DBOS's queue (in its SQLite file). The Redis-based peers get one named after them, as
+"""DBOS's queue (in its system database). The Redis-based peers get one named after them, as
 ``queue("celery")``: they share one server, and some keep a queue under its bare name."""
 JOB = "peers_job"
 MAX_CONNECTIONS = 50

@@ -1,5 +1,6 @@
-"""DBOS: ``python -m benchmarks.peer_jobs.dbos_worker``: one process that launches DBOS on a
-SQLite system database, listens to one queue and runs an ``async`` workflow per queued item.
+"""DBOS: ``python -m benchmarks.peer_jobs.dbos_worker``: one process that launches DBOS on the
+system database at ``$PEERS_DBOS_URL`` (a SQLite file, or ``postgresql://...`` for the private
+Postgres), listens to one queue and runs an ``async`` workflow per queued item.
 
 Payloads and results use DBOS's portable JSON serializer (its default pickles). Stops on SIGTERM.
 """
@@ -14,7 +15,7 @@ from typing import Any
 import redis
 from dbos import DBOS, DBOSConfig, DBOSPortableJSONSerializer
 
-from .common import JOB, PREFIX_ENV, QUEUE, SQLITE_ENV, ready_key, record, redis_url
+from .common import DBOS_URL_ENV, JOB, PREFIX_ENV, QUEUE, ready_key, record, redis_url
 
 APP_NAME = "peers"
 
@@ -22,7 +23,7 @@ APP_NAME = "peers"
 def config() -> DBOSConfig:
     return {
         "name": APP_NAME,
-        "system_database_url": os.environ[SQLITE_ENV],
+        "system_database_url": os.environ[DBOS_URL_ENV],
         "serializer": DBOSPortableJSONSerializer(),
         "log_level": "WARNING",
     }
