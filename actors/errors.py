@@ -52,6 +52,11 @@ class LeaseLost(ActorsError):
     at the epoch the turn started with (fencing)."""
 
 
+class Diverged(ActorsError):
+    """A shard runner's memory disagrees with its inbox in Redis (the entries it meant to
+    take were not the next ones); the runner starts afresh from Redis."""
+
+
 class ServerError(ActorsError):
     """The embedded Redis/Valkey server could not be found, started or stopped."""
 

@@ -55,7 +55,7 @@ from .messages import CANCEL, TICK, Tick
 from .routing import shard_of, tick_envelope
 from .schedules import Schedule, slot_datetime
 from .settings import WorkerSettings
-from .store import BACKLOG, DUPLICATE, Entry, LoadedActor, Write
+from .store import BACKLOG, DUPLICATE, Entry, LoadedActor, Take, Write
 from .turn import Queued, TurnContext, TurnInfo, TurnServices
 
 log = logging.getLogger("actors.shard")
@@ -143,6 +143,12 @@ class ShardRunner:
         self._writes: list[tuple[Write, asyncio.Future[int]]] = []
         self._commit_wakeup = asyncio.Event()
         self._forward_wakeup = asyncio.Event()
+        self._seen_newest = ""
+        self._seen = 0
+        """Inbox entries ``read_after`` showed this runner, and the newest one's id."""
+        self._taken = 0
+        """How many of those a commit took into the group (see Take)."""
+        self._take_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._timer_wakeup = asyncio.Event()
         self._next_timer_ms = 0
         self._actor_tasks: set[asyncio.Task[None]] = set()
@@ -199,25 +205,51 @@ class ShardRunner:
 
     # ---- 1. receive --------------------------------------------------------------
     async def _read_loop(self) -> None:
+        """Take the inbox's entries in order: one round trip per wake-up.
+
+        Entries enter the group (and so a pending list) only through fenced scripts,
+        so a paused former owner can never take any. At start the runner claims its
+        pending entries and reads with the fenced ``read_new`` until a batch is not
+        full: the group has then delivered everything up to its newest entry. From
+        there it blocks on a plain ``XREAD`` after the newest entry it has seen, and
+        the turns of what that returns start at once; the next commit takes those
+        entries into the group first (``Take``), and effects outside the commit wait
+        for that (``confirmed``). After ``block_ms`` with nothing new and nothing left
+        to take, it reads with ``read_new`` again.
+        """
         s = self.settings
         await self._dispatch(await self.store.claim_pending(self.shard, self.consumer, s.read_count))
         next_chores = time.monotonic() + s.trim_interval
+        after: str | None = None
         while not self._stopping.is_set():
             await self._room.wait()
-            entries, newest = await self.store.read_new(
-                self.shard, self.lease.value, self.consumer, s.read_count
-            )
-            if entries:
+            if after is None:
+                entries, newest = await self.store.read_new(
+                    self.shard, self.lease.value, self.consumer, s.read_count
+                )
                 await self._dispatch(entries)
-            elif not await self._wait_for_new(newest):
-                return
+                after = None if len(entries) == s.read_count else newest
+            else:
+                seen = await self._read_after(after)
+                if seen is None:
+                    return
+                if seen:
+                    after = self._seen_newest = seen[-1][0]
+                    self._seen += len(seen)
+                    await self._dispatch(seen)
+                elif self._taken >= self._seen:
+                    # Quiet for block_ms: next, a fenced read, which also tells a paused
+                    # former owner at once that its lease is gone.
+                    after = None
             if time.monotonic() >= next_chores:
                 await self._chores()
                 next_chores = time.monotonic() + s.trim_interval
 
-    async def _wait_for_new(self, newest: str) -> bool:
-        """Block until the inbox has an entry after ``newest``; False if draining began."""
-        waiting = asyncio.ensure_future(self.store.wait_for_new(self.shard, newest, self.settings.block_ms))
+    async def _read_after(self, after: str) -> list[Entry] | None:
+        """Entries after ``after``, blocking up to ``block_ms`` for one ([] if none came);
+        None if draining began meanwhile."""
+        s = self.settings
+        waiting = asyncio.ensure_future(self.store.read_after(self.shard, after, s.read_count, s.block_ms))
         stop = asyncio.ensure_future(self._stopping.wait())
         try:
             await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -227,9 +259,20 @@ class ShardRunner:
                 waiting.cancel()
                 await asyncio.gather(waiting, return_exceptions=True)
         if waiting.cancelled():
-            return False
-        waiting.result()  # re-raise a Redis error
-        return True
+            return None
+        return waiting.result()  # re-raises a Redis error
+
+    async def confirmed(self) -> None:
+        """Return once every entry this runner has dispatched is taken into the group as its
+        own (raises LeaseLost if the lease is gone). Effects outside the commit (a step's
+        function, an ask, queueing, a limiter hold) wait for this, so a former owner that
+        has not noticed its lease is gone cannot cause them."""
+        if self._taken >= self._seen:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._take_waiters.append((self._seen, waiter))
+        self._commit_wakeup.set()
+        await waiter
 
     async def _chores(self) -> None:
         await self.store.trim_inbox(self.shard)
@@ -615,6 +658,8 @@ class ShardRunner:
                 queue = _queue_of(env)
                 # A turn fed by its type's own limiter's queue holds the slot it was dispatched with.
                 type_limiter = None if queue == type(actor).limiter else type(actor).limiter
+                if type_limiter is not None or queue is not None:
+                    await self.confirmed()  # only the owner may spend the limiter's capacity
                 async with limits.hold(type_limiter), limits.hold_item(queue, env.id):
                     return await handler.fn(actor, queued.message)
             except Suspend:
@@ -756,11 +801,17 @@ class ShardRunner:
         while True:
             await self._commit_wakeup.wait()
             self._commit_wakeup.clear()
-            while self._writes:
+            while self._writes or self._take_waiters:
                 batch, self._writes = self._writes[:limit], self._writes[limit:]
-                results = await self.store.commit(
-                    self.shard, self.lease.value, [w for w, _ in batch], self._reply_ttl_ms
+                seen = self._seen
+                take = (
+                    Take(self.consumer, self._seen_newest, seen - self._taken) if seen > self._taken else None
                 )
+                results = await self.store.commit(
+                    self.shard, self.lease.value, [w for w, _ in batch], self._reply_ttl_ms, take
+                )
+                self._taken = seen
+                self._wake_take_waiters()
                 forwarded = False
                 items_done = []
                 for (write, fut), result in zip(batch, results, strict=True):
@@ -773,6 +824,16 @@ class ShardRunner:
                     self._forward_wakeup.set()
                 if items_done:
                     await self.services.limits.items_done(items_done)
+
+    def _wake_take_waiters(self) -> None:
+        waiting = []
+        for needed, waiter in self._take_waiters:
+            if needed <= self._taken:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                waiting.append((needed, waiter))
+        self._take_waiters = waiting
 
     # ---- 5. forward ---------------------------------------------------------------------
     async def _forward_loop(self) -> None:

@@ -26,7 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from .codec import FIELD
-from .errors import ConfigurationError, LeaseLost
+from .errors import ConfigurationError, Diverged, LeaseLost
 from .keys import GROUP, Keys
 
 log = logging.getLogger("actors.store")
@@ -67,6 +67,16 @@ _StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
 """What XRANGE returns to our clients. redis-py types replies as ``bytes | str`` (and stream
 entries as possibly None) for every client; ours never decode responses (see ``_client``),
 so the casts below state what the replies are."""
+
+
+@dataclass(frozen=True, slots=True)
+class Take:
+    """Inbox entries a runner saw with ``read_after``: the ``count`` after the group's last
+    delivered one, up to ``newest``, to take into the group as ``consumer``'s."""
+
+    consumer: str
+    newest: str
+    count: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,13 +226,16 @@ class Store:
         """Call a script by SHA (redis-py loads it again if the server lost it).
 
         Fenced scripts (their first key is the lease) fail with FENCED when the
-        lease is not held at the expected epoch: that becomes LeaseLost.
+        lease is not held at the expected epoch: that becomes LeaseLost. DIVERGED
+        (commit.lua) becomes Diverged.
         """
         try:
             return await self._scripts[name](keys=list(keys), args=list(args), client=client)
         except ResponseError as exc:
             if str(exc).startswith("FENCED"):
                 raise LeaseLost(f"{name} refused: {keys[0]} is no longer held at {args[0]!r}") from None
+            if str(exc).startswith("DIVERGED"):
+                raise Diverged(f"{name} refused: {exc}") from None
             raise
 
     # ---- cluster metadata ------------------------------------------------
@@ -348,10 +361,13 @@ class Store:
         entries = [(entry_id.decode(), _field(fields)) for entry_id, fields in value]
         return entries, entries[-1][0]
 
-    async def wait_for_new(self, shard: int, after_id: str, block_ms: int) -> bool:
-        """Block until an entry newer than ``after_id`` exists (or the time is up)."""
-        reply = await self.redis.xread({self.keys.inbox(shard): after_id}, count=1, block=block_ms)
-        return bool(reply)
+    async def read_after(self, shard: int, after_id: str, count: int, block_ms: int) -> list[Entry]:
+        """Up to ``count`` entries newer than ``after_id``, blocking until one exists (or the
+        time is up: []). Unfenced and outside the group: it only shows what ``read_new``
+        will take next (see ShardRunner._read_loop)."""
+        reply = await self.redis.xread({self.keys.inbox(shard): after_id}, count=count, block=block_ms)
+        streams = cast("list[tuple[bytes, _StreamRows]]", reply)
+        return _entries(streams[0][1]) if streams else []
 
     async def claim_pending(self, shard: int, consumer: str, count: int) -> list[Entry]:
         """Take over every pending entry of the shard (the lease makes them ours), oldest first."""
@@ -392,10 +408,14 @@ class Store:
         return value if value is None else bytes(value)
 
     # ---- commits ---------------------------------------------------------------
-    async def commit(self, shard: int, lease: str, writes: Sequence[Write], reply_ttl_ms: int) -> list[int]:
-        """Apply writes atomically; returns per write DUPLICATE, DONE or BACKLOG.
+    async def commit(
+        self, shard: int, lease: str, writes: Sequence[Write], reply_ttl_ms: int, take: Take | None = None
+    ) -> list[int]:
+        """Apply writes atomically, after taking ``take``'s entries into the group; returns per
+        write DUPLICATE, DONE or BACKLOG.
 
-        Raises LeaseLost if the lease is not held at ``lease``.
+        Raises LeaseLost if the lease is not held at ``lease``, Diverged if the entries to
+        take are not the next ones in the group (nothing is written then).
         """
         k = self.keys
         keys = [k.lease(shard), k.inbox(shard), k.state(shard), k.outbox(shard)]
@@ -425,7 +445,8 @@ class Store:
         # One argument rather than thousands: packing arguments is the client's main cost.
         # Lua's cmsgpack reads only the old raw type, so bytes go as msgpack "raw" strings.
         packed = msgpack.packb(values, use_bin_type=False)
-        results = await self._run("commit", keys, [lease, reply_ttl_ms, len(writes), packed])
+        taking = [take.consumer, take.newest, take.count] if take else ["", "", 0]
+        results = await self._run("commit", keys, [lease, reply_ttl_ms, len(writes), packed, *taking])
         return [int(r) for r in results]
 
     async def deferred(self, shard: int, actor_id: str, count: int) -> list[bytes]:

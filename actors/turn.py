@@ -119,6 +119,10 @@ class TurnHost(Protocol):
     async def candidates(self, ctx: TurnContext, message_type: str) -> list[Queued]:
         """Messages of ``message_type`` waiting behind the turn, in arrival order."""
 
+    async def confirmed(self) -> None:
+        """Return once the turn's message is surely this host's to handle: effects outside
+        the commit (a step's function, an ask, queueing) wait for it."""
+
 
 @dataclass(slots=True)
 class TurnContext:
@@ -161,6 +165,7 @@ class TurnContext:
             # a re-run after a crash before the reply was journaled re-sends the same id,
             # which the target drops, and reads back the first reply.
             message_id = f"{self.envelope.id}.ask{position}"
+            await self.host.confirmed()
             replies = self.services.replies
             ttl_ms = int(self.services.messages.idempotency_ttl * 1000)
             attributes = {"actor.type": ref.type, "actor.key": ref.key}
@@ -183,6 +188,7 @@ class TurnContext:
             # A deterministic item id: a re-run before the result was journaled queues
             # nothing new, and the dispatcher appends each item id once.
             item_id = f"{self.envelope.id}.q{position}"
+            await self.host.confirmed()
             routed = self._route(ref, msg, message_id=item_id, headers=item.headers(queue))
             try:
                 value = ["ok", await self.services.limits.enqueue(queue, routed, item)]
@@ -210,6 +216,7 @@ class TurnContext:
             self.services.limits.check(options.limiter)
         record = self.journal.replay("step", name)
         if record is None:
+            await self.host.confirmed()
             self.in_step = True
             try:
                 with telemetry.span(f"step {name}", {"step.name": name}):

@@ -1,5 +1,10 @@
 -- Apply a batch of writes of one shard atomically, fenced by the lease.
 --
+-- First, if asked, it takes the inbox entries the runner has seen with a plain XREAD
+-- into the group as the runner's own: XREADGROUP of exactly that many entries, which
+-- must end at the newest one seen (otherwise memory ran ahead of Redis: DIVERGED,
+-- and nothing is written). Being fenced, a paused former owner never takes entries.
+--
 -- Each write first takes its message from where it lives ("origin"): an inbox
 -- entry is acked, an open turn must still be at the write number the writer last
 -- saw, a deferred message must head its actor's list. If it was taken before (a
@@ -16,6 +21,8 @@
 -- KEYS[1] lease   KEYS[2] inbox   KEYS[3] state   KEYS[4] outbox
 -- KEYS[5] turns   KEYS[6] timers  KEYS[7] dlq     KEYS[8..] reply keys, deferred lists
 -- ARGV[1] expected lease value, ARGV[2] reply ttl ms, ARGV[3] number of writes,
+-- ARGV[5] consumer, ARGV[6] id of the newest entry to take ('' = take nothing),
+-- ARGV[7] how many entries that is,
 -- ARGV[4] the writes as one msgpack array (one argument rather than thousands: packing
 -- arguments is the client's main cost), holding per write: op, actor, origin (i inbox, o open, q deferred, n none), origin ref (entry
 -- id, the open turn's write number, raw envelope), deferred list key index (0: none),
@@ -35,6 +42,14 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED lease lost')
 end
 local inbox, state, outbox, turns, timers, dlq = KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+if ARGV[6] ~= '' then
+  local read = redis.call('XREADGROUP', 'GROUP', 'workers', ARGV[5], 'COUNT', ARGV[7],
+    'STREAMS', inbox, '>')
+  local taken = read and read[1][2] or {}
+  if #taken ~= tonumber(ARGV[7]) or taken[#taken][1] ~= ARGV[6] then
+    return redis.error_reply('DIVERGED the inbox entries to take are not the ones seen')
+  end
+end
 local reply_ttl = ARGV[2]
 local ARITY = {L = 1, R = 2, A = 1, U = 1, F = 2, Y = 3, J = 2, D = 4}
 local values = cmsgpack.unpack(ARGV[4])
