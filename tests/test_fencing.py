@@ -6,9 +6,10 @@ import pytest
 
 from actors import LeaseLost
 from actors.codec import Envelope, encode_envelope
+from actors.errors import Diverged
 from actors.journal import OpenTurn, Record
 from actors.keys import GROUP
-from actors.store import DONE, DUPLICATE, Write
+from actors.store import DONE, DUPLICATE, Take, Write
 
 
 async def test_commit_with_a_stale_epoch_is_refused_and_writes_nothing(connect) -> None:
@@ -75,3 +76,53 @@ async def test_a_journal_write_retried_after_it_was_applied_writes_nothing_twice
         assert await store.commit(shard, lease, [closing], 1000) == [DONE]
         assert await store.commit(shard, lease, [closing], 1000) == [DUPLICATE]
         assert await store.redis.hlen(store.keys.turns(shard)) == 0
+
+
+async def test_entries_seen_with_xread_are_taken_by_the_fenced_commit(connect) -> None:
+    """A runner dispatches what a plain XREAD shows; its next commit takes those entries
+    into the group first. With a stale lease nothing is taken or written; if the entries
+    are not the next ones, the commit writes nothing (what it took stays pending)."""
+    async with connect() as client:
+        store = client.store
+        shard = 0
+        first_epoch = await store.acquire_lease(shard, "old", ttl_ms=10_000)
+        raws = [
+            encode_envelope(Envelope(f"m{i}", "Counter", "k", "Add", {"by": 1}), 1 << 20) for i in range(3)
+        ]
+        for raw in raws[:2]:
+            await store.append(shard, raw)
+        seen = await store.read_after(shard, "0-0", 10, block_ms=100)
+        assert [e for _, e in seen] == raws[:2]
+        (first, _), (second, _) = seen
+        commit = Write("c", "Counter/k", "i", first, b"\x81\xa5total\x01")
+
+        # The lease moved on: the former owner can neither take the entries nor write.
+        await store.redis.delete(store.keys.lease(shard))
+        epoch = await store.acquire_lease(shard, "new", ttl_ms=10_000)
+        with pytest.raises(LeaseLost):
+            await store.commit(shard, f"old|{first_epoch}", [commit], 1000, Take("old", second, 2))
+        assert (await store.redis.xpending(store.keys.inbox(shard), GROUP))["pending"] == 0
+
+        # The owner takes both and commits the first in one script; the second stays pending.
+        lease = f"new|{epoch}"
+        assert await store.commit(shard, lease, [commit], 1000, Take("new", second, 2)) == [DONE]
+        assert await _pending(store, shard) == [(second, b"new")]
+        assert await store.load_state(shard, "Counter/k") == b"\x81\xa5total\x01"
+
+        # A retry of that commit (its reply lost) finds nothing left to take: refused whole.
+        other = Write("c", "Counter/k", "i", second, b"\x81\xa5total\x02")
+        with pytest.raises(Diverged):
+            await store.commit(shard, lease, [other], 1000, Take("new", second, 2))
+        # Entries that are not the ones seen: refused, nothing written.
+        await store.append(shard, raws[2])
+        with pytest.raises(Diverged):
+            await store.commit(shard, lease, [other], 1000, Take("new", second, 1))
+        assert await store.load_state(shard, "Counter/k") == b"\x81\xa5total\x01"
+        # What the refused take delivered is pending, so the restarted runner claims it.
+        claimed = await store.claim_pending(shard, "new", 10)
+        assert [e for _, e in claimed] == raws[1:]
+
+
+async def _pending(store, shard: int) -> list[tuple[str, bytes]]:
+    rows = await store.redis.xpending_range(store.keys.inbox(shard), GROUP, "-", "+", 10)
+    return [(row["message_id"].decode(), row["consumer"]) for row in rows]

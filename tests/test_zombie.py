@@ -6,6 +6,7 @@ import asyncio
 import signal
 
 import pytest
+from pydantic import BaseModel
 
 import actors
 from actors.routing import shard_of
@@ -68,3 +69,51 @@ async def _taken_over(owners, shards: set[int], pid: int) -> bool:
 async def _totals(client, keys: list[str], total: int) -> bool:
     states = [await client.state(Counter.ref(k)) for k in keys]
     return all(s is not None and s.total == total for s in states)
+
+
+class Charge(BaseModel):
+    order: str
+
+
+_started: list[str] = []
+_charged: list[str] = []
+
+
+def _charge(order: str) -> str:
+    _charged.append(order)
+    return f"charged {order}"
+
+
+class Payment(actors.Actor):
+    async def on_charge(self, msg: Charge) -> None:
+        _started.append(msg.order)
+        await self.step(_charge, msg.order)
+
+
+async def test_a_former_owner_runs_no_step_for_a_message_it_only_saw(
+    start_worker, connect, fast_settings
+) -> None:
+    """A runner starts a turn as soon as XREAD shows its message, before the fenced commit
+    takes it. A runner whose lease moved on without its noticing (its supervisor has not
+    ticked yet) must then not run the turn's step: it waits for the take, which is refused."""
+    _started.clear()
+    _charged.clear()
+    settings = fast_settings.model_copy(
+        update={"shards": 1, "block_ms": 30_000, "lease": actors.LeaseSettings(ttl=60, renew_interval=30)}
+    )
+    worker = await start_worker(actors.App(Payment), settings)
+    async with connect(app=actors.App(Payment), shards=1) as client:
+        store = client.store
+        await eventually(lambda: worker.runners)
+        await asyncio.sleep(0.2)  # its runner now blocks on XREAD
+        await store.redis.delete(store.keys.lease(0))
+        epoch = await store.acquire_lease(0, "thief", ttl_ms=60_000)
+        assert epoch is not None
+
+        await client.send(Payment.ref("o-1"), Charge(order="o-1"))
+        await eventually(lambda: _started == ["o-1"], timeout=5)  # the turn did start
+        await eventually(lambda: not worker.runners, timeout=5)  # and its runner stopped
+        assert _charged == [], "the step's function never ran on the former owner"
+        # The message is still the group's next entry: the new owner reads it.
+        fresh, _ = await store.read_new(0, f"thief|{epoch}", "thief", 10)
+        assert len(fresh) == 1

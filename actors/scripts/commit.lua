@@ -3,7 +3,8 @@
 -- First, if asked, it takes the inbox entries the runner has seen with a plain XREAD
 -- into the group as the runner's own: XREADGROUP of exactly that many entries, which
 -- must end at the newest one seen (otherwise memory ran ahead of Redis: DIVERGED,
--- and nothing is written). Being fenced, a paused former owner never takes entries.
+-- and no write is applied; what the read took stays pending, claimed by the runner
+-- that restarts). Being fenced, a paused former owner never takes entries.
 --
 -- Each write first takes its message from where it lives ("origin"): an inbox
 -- entry is acked, an open turn must still be at the write number the writer last
