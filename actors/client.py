@@ -238,6 +238,8 @@ class ActorView:
 
 def _sending(verb: str, ref: ActorRef[Any], msg: BaseModel) -> contextlib.AbstractContextManager[Any]:
     """The producer span of a message from outside; its context travels in the envelope."""
+    if not telemetry.tracing():
+        return contextlib.nullcontext()  # spare the name and attributes of a span not made
     attributes = {"actor.type": ref.type, "actor.key": ref.key, "message.type": type(msg).__name__}
     return telemetry.span(f"{verb} {type(msg).__name__}", attributes, kind=SpanKind.PRODUCER)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from opentelemetry import metrics, propagate, trace
@@ -174,17 +174,24 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
     return headers
 
 
-@contextlib.contextmanager
-def span(name: str, attributes: Mapping[str, Any] | None = None, *, kind: SpanKind = SpanKind.INTERNAL,
-         parent: Mapping[str, str] | None = None) -> Iterator[Span | None]:  # fmt: skip
+_OFF: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+"""What ``span`` returns when tracing is off: one shared, stateless context manager, so an
+untraced send or turn builds no generator-based one (a few µs each)."""
+
+
+def span(
+    name: str,
+    attributes: Mapping[str, Any] | None = None,
+    *,
+    kind: SpanKind = SpanKind.INTERNAL,
+    parent: Mapping[str, str] | None = None,
+) -> contextlib.AbstractContextManager[Span | None]:
     """A span, current inside the block (None when tracing is off). ``parent``: the headers
     of a message, whose trace context becomes this span's parent."""
     if _tracer is None:
-        yield None
-        return
+        return _OFF
     context = propagate.extract(parent) if parent is not None else None
-    with _tracer.start_as_current_span(name, context=context, kind=kind, attributes=attributes) as current:
-        yield current
+    return _tracer.start_as_current_span(name, context=context, kind=kind, attributes=attributes)
 
 
 def failed(current: Span | None, exc: BaseException) -> None:
