@@ -214,8 +214,8 @@ class ShardRunner:
         there it blocks on a plain ``XREAD`` after the newest entry it has seen, and
         the turns of what that returns start at once; the next commit takes those
         entries into the group first (``Take``), and effects outside the commit wait
-        for that (``confirmed``). After ``block_ms`` with nothing new and nothing left
-        to take, it reads with ``read_new`` again.
+        for that (``confirmed``). After ``block_ms`` with nothing new, it takes what
+        it has seen and reads with ``read_new`` again.
         """
         s = self.settings
         await self._dispatch(await self.store.claim_pending(self.shard, self.consumer, s.read_count))
@@ -237,9 +237,11 @@ class ShardRunner:
                     after = self._seen_newest = seen[-1][0]
                     self._seen += len(seen)
                     await self._dispatch(seen)
-                elif self._taken >= self._seen:
-                    # Quiet for block_ms: next, a fenced read, which also tells a paused
-                    # former owner at once that its lease is gone.
+                else:
+                    # Quiet for block_ms: take what is seen (long turns may hold it) and
+                    # read with the fenced script next; both tell a paused former owner
+                    # at once that its lease is gone.
+                    await self.confirmed()
                     after = None
             if time.monotonic() >= next_chores:
                 await self._chores()
