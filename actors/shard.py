@@ -149,6 +149,7 @@ class ShardRunner:
         self._taken = 0
         """How many of those a commit took into the group (see Take)."""
         self._take_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._reading: asyncio.Future[list[Entry]] | None = None
         self._timer_wakeup = asyncio.Event()
         self._next_timer_ms = 0
         self._actor_tasks: set[asyncio.Task[None]] = set()
@@ -197,6 +198,8 @@ class ShardRunner:
         """Stop reading; ``run`` returns once every read message is committed."""
         self._stopping.set()
         self._timer_wakeup.set()
+        if self._reading is not None:
+            self._reading.cancel()
 
     async def _sync_clock(self) -> None:
         sent = time.monotonic()
@@ -251,18 +254,19 @@ class ShardRunner:
         """Entries after ``after``, blocking up to ``block_ms`` for one ([] if none came);
         None if draining began meanwhile."""
         s = self.settings
-        waiting = asyncio.ensure_future(self.store.read_after(self.shard, after, s.read_count, s.block_ms))
-        stop = asyncio.ensure_future(self._stopping.wait())
+        # A task of its own, so that drain() can cancel the wait and only the wait.
+        self._reading = asyncio.ensure_future(
+            self.store.read_after(self.shard, after, s.read_count, s.block_ms)
+        )
         try:
-            await asyncio.wait({waiting, stop}, return_when=asyncio.FIRST_COMPLETED)
+            return await self._reading
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._stopping.is_set() and task is not None and not task.cancelling():
+                return None
+            raise
         finally:
-            stop.cancel()
-            if not waiting.done():
-                waiting.cancel()
-                await asyncio.gather(waiting, return_exceptions=True)
-        if waiting.cancelled():
-            return None
-        return waiting.result()  # re-raises a Redis error
+            self._reading = None
 
     async def confirmed(self) -> None:
         """Return once every entry this runner has dispatched is taken into the group as its
