@@ -18,17 +18,20 @@ PostgreSQL server (``dbos-pg``, ``benchmarks.postgres``: started the same way, o
 an unprivileged user when run as root, if Postgres binaries are found; else that line says
 ``DBOS (Postgres): skipped: <why>``). The systems run one after another.
 
-The job: payload ``{"n": i}``, a handler that does nothing but one Redis call, the same for
-all (``benchmarks.peer_jobs.common``): ``INCR`` of a counter of its own (throughput) or
-``RPUSH`` of ``time.time()`` at handler start minus the send time the payload carries
-(latency). The handler is ``async def`` wherever the system has async handlers (celery has
-none: a sync task with a sync client).
+The job (``benchmarks.peer_jobs.common``), the same for all: payload ``{"n": i}``, a no-op
+handler. For throughput it only adds 1 to an in-process counter and makes no Redis call; a
+thread of its own in each worker process writes ``SET`` of that count to a key every 5 ms when
+it changed, which the producer polls. For latency it makes one Redis call, ``RPUSH`` of
+``time.time()`` at handler start minus the send time the payload carries. The handler is
+``async def`` wherever the system has async handlers (celery has none: a sync task, and a sync
+client for the ``RPUSH``).
 
 For each system, after a warm-up of 50 jobs (which also waits out the worker's start-up):
 
 * **jobs/s**: ``--messages`` N payloads are enqueued as fast as the library allows, from one
   producer in this process, and the clock runs from the first enqueue until the counter reads N
-  (polled every 5 ms). The producer uses the library's batch API where it has one (ours:
+  (polled every 5 ms; the worker writes it every 5 ms: the time includes up to ~10 ms of this
+  polling). The producer uses the library's batch API where it has one (ours:
   ``client.send_many`` in chunks of 500; DBOS: ``DBOSClient.enqueue_in_transaction``, 500 per
   database transaction); async libraries without one get 50 enqueue calls in flight at a time
   (arq ``enqueue_job``, taskiq ``kiq``); sync ones are called in a loop in one thread (dramatiq
@@ -744,8 +747,9 @@ async def main(argv: list[str] | None = None) -> None:
     results = {k: max(runs, key=lambda r: r.rate) for k, runs in samples.items()}
     header = [
         run.machine_line(),
-        f"jobs/s: {args.messages} jobs of {{'n': i}}, first enqueue -> all handlers ran (one Redis "
-        f"INCR each), 1 worker process per system; latency: open loop, {args.rate:g} jobs/s for "
+        f"jobs/s: {args.messages} jobs of {{'n': i}}, first enqueue -> all handlers ran (no-op "
+        f"handlers: an in-process count, SET to Redis every 5 ms), 1 worker process per system; "
+        f"latency: open loop, {args.rate:g} jobs/s for "
         f"{args.seconds:g} s, enqueue -> handler start; rounds: {args.rounds}",
         f"versions: {versions()}",
         *([postgres_line] if postgres_line else []),
