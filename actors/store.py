@@ -11,6 +11,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -33,6 +34,11 @@ log = logging.getLogger("actors.store")
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 """Errors after which a call's outcome is unknown and the connection is retried."""
+
+
+STALL_TIMEOUT = 30.0
+"""Seconds a send, or a supervisor tick, waits for a server that does not answer (calls have
+no socket timeout of their own)."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -322,12 +328,15 @@ class Store:
 
     # ---- inbox -------------------------------------------------------------
     async def append(self, shard: int, envelope: bytes) -> str:
-        entry_id = cast(bytes, await self._appender.xadd(self.keys.inbox(shard), {FIELD: envelope}))
+        """XADD; a server that does not answer within STALL_TIMEOUT raises TimeoutError
+        (the outcome is then unknown: the entry may or may not be stored)."""
+        async with asyncio.timeout(STALL_TIMEOUT):
+            entry_id = cast(bytes, await self._appender.xadd(self.keys.inbox(shard), {FIELD: envelope}))
         return str(entry_id.decode())
 
     async def append_many(self, items: Sequence[tuple[int, bytes]]) -> list[str]:
-        """Append many envelopes in one pipelined round trip, in order."""
-        async with self._appender.pipeline(transaction=False) as pipe:
+        """Append many envelopes in one pipelined round trip, in order (bounded as ``append``)."""
+        async with asyncio.timeout(STALL_TIMEOUT), self._appender.pipeline(transaction=False) as pipe:
             for shard, envelope in items:
                 pipe.xadd(self.keys.inbox(shard), {FIELD: envelope})
             ids = await pipe.execute()
@@ -744,11 +753,24 @@ def _client(url: str, retries: int) -> aioredis.Redis:
         timeout=30,  # wait this long for a free connection rather than fail at once
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
         socket_connect_timeout=5,
-        socket_timeout=30,  # above any BLOCK we use; a dead peer surfaces as a TimeoutError
+        # No per-call socket timeout: on Python 3.11 redis-py runs every call with one
+        # under asyncio.wait_for, a Task each (about 40 us of CPU per call here). A dead
+        # peer is found by TCP keepalive instead; the callers that must not wait on a
+        # stuck server bound themselves (the supervisor's tick, appends).
+        socket_timeout=None,
         socket_keepalive=True,
+        socket_keepalive_options=_KEEPALIVE,
         health_check_interval=30,
     )
     return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its sockets
+
+
+_KEEPALIVE = {
+    getattr(socket, option): value
+    for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, option)
+}
+"""A silent peer is declared dead after about 5 + 2 x 3 = 11 s (where the platform allows)."""
 
 
 def _field(flat: list[bytes]) -> bytes | None:

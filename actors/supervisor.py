@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from .settings import LeaseSettings
 from .shard import Lease
-from .store import Store, is_transient
+from .store import STALL_TIMEOUT, Store, is_transient
 
 log = logging.getLogger("actors.supervisor")
 
@@ -74,7 +74,8 @@ class Supervisor:
             # Cleared before the tick, not after: a release heard during the tick wakes the next one.
             self._released.clear()
             try:
-                await self.tick()
+                async with asyncio.timeout(STALL_TIMEOUT):  # a server that stopped answering
+                    await self.tick()
                 last_ok = time.monotonic()
                 delay = self.settings.renew_interval
             except Exception as exc:
