@@ -16,6 +16,11 @@ of one of our envelopes:
 * ``floor 1c`` ``XREADGROUP COUNT 100`` from a full stream, then per message one ``EVALSHA``
   of a script that does ``XACK`` and, if it acked, ``HSET`` of the actor's new total;
 * ``floor 1d`` the same with one ``EVALSHA`` per batch of 100 messages.
+* ``floor 1e`` end to end, the floor of ``e2e awaited``: one awaited ``XADD`` at a time
+  (``--awaited-messages``) while a consumer *process* does 1d's work as the entries come
+  (``XREADGROUP COUNT 100 BLOCK``, one ``EVALSHA`` per batch); timed from the first ``XADD``
+  until the consumer has acked the last entry. Like ours, it shares the cores with its
+  consumer, which 1a does not.
 
 Ours:
 
@@ -25,7 +30,8 @@ Ours:
   inbox has no lag and nothing pending. With 1 and with 2 worker processes.
 * ``e2e pipelined`` workers running, one producer sending ``send_many`` chunks of 500;
   timed from the first send until all are committed.
-* ``e2e awaited`` the same with one awaited ``client.send`` at a time (``--awaited-messages``).
+* ``e2e awaited`` the same with one awaited ``client.send`` at a time (``--awaited-messages``);
+  compared with 1e (the issue's "producer-bound rate" of the floor) and with 1a.
 
 After each run of ours every actor's state is read back and must hold exactly the number of
 increments sent to it (exactly-once); the floor consumers are checked the same way.
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,13 +58,24 @@ from pydantic import BaseModel
 import actors
 from actors.keys import GROUP
 
-from .common import SHARDS, Workers, argument_parser, lease_owners, private_server, worker_argv, write_json
+from .common import (
+    ROOT,
+    SHARDS,
+    Workers,
+    argument_parser,
+    child_env,
+    lease_owners,
+    private_server,
+    worker_argv,
+    write_json,
+)
 
 BODY_BYTES = 58
 """The size of one encoded ``Inc`` envelope to a ``Count`` actor: the floor writes as much."""
 PREFILL_CHUNK = 1_000
 E2E_CHUNK = 500
 FLOOR_BATCH = 100
+FLOOR_CONSUMER_CMD = "_floor_consumer"
 POLL_S = 0.02
 STALL_S = 30.0
 """Give up when nothing commits for this long."""
@@ -143,16 +161,22 @@ async def floor_produce_pipelined(r: aioredis.Redis, key: str, n: int, actor_cou
     return time.perf_counter() - started
 
 
-async def floor_consume(r: aioredis.Redis, stream: str, state: str, n: int, batched: bool) -> float:
-    """Consume ``n`` entries of a full stream; returns the seconds taken."""
-    await r.xgroup_create(stream, GROUP, id="0")
+async def floor_consume(
+    r: aioredis.Redis, stream: str, state: str, n: int, batched: bool, block_ms: int | None = None
+) -> float:
+    """Consume ``n`` entries of a full stream, or with ``block_ms`` of a stream still being
+    written (its group made beforehand); returns the seconds taken."""
+    if block_ms is None:
+        await r.xgroup_create(stream, GROUP, id="0")
     sha = await r.script_load(ACK_MANY if batched else ACK_ONE)
     totals: dict[bytes, int] = {}
     done = 0
     started = time.perf_counter()
     while done < n:
         # RESP2: [[stream, [(entry id, {field: value}), ...]]] (redis-py declares a RESP3 shape)
-        reply: Any = await r.xreadgroup(GROUP, "c", {stream: ">"}, count=FLOOR_BATCH)
+        reply: Any = await r.xreadgroup(GROUP, "c", {stream: ">"}, count=FLOOR_BATCH, block=block_ms)
+        if not reply and block_ms is not None:
+            continue
         if not reply:
             raise RuntimeError(f"floor consumer: stream {stream} ran dry after {done} of {n}")
         args: list[bytes | str | int] = [GROUP]
@@ -174,6 +198,49 @@ async def floor_check(r: aioredis.Redis, stream: str, state: str, n: int) -> Non
     pending = (await r.xpending(stream, GROUP))["pending"]
     if total != n or pending:
         raise RuntimeError(f"floor check failed on {stream}: totals {total} != {n} or {pending} pending")
+
+
+async def floor_consumer_process(url: str, stream: str, state: str, n: int) -> None:
+    """``python -m benchmarks.throughput _floor_consumer URL STREAM STATE N``: 1e's consumer.
+    Prints ``ready`` once its group exists, ``done`` once it acked ``n`` entries."""
+    r = aioredis.Redis.from_url(url)
+    try:
+        await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        print("ready", flush=True)
+        await floor_consume(r, stream, state, n, batched=True, block_ms=1000)
+        print("done", flush=True)
+    finally:
+        await r.aclose()
+
+
+async def floor_awaited_live(url: str, prefix: str, n: int, actor_count: int) -> Result:
+    """Floor 1e: awaited XADDs while a consumer process drains them."""
+    stream, state = f"{prefix}:1e:stream", f"{prefix}:1e:state"
+    r = aioredis.Redis.from_url(url)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.throughput", FLOOR_CONSUMER_CMD, url, stream, state, str(n),
+        cwd=ROOT, env=child_env(), stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        if (await asyncio.wait_for(proc.stdout.readline(), 60)).strip() != b"ready":
+            raise RuntimeError("floor 1e consumer did not start")
+        started = time.perf_counter()
+        for i in range(n):
+            await r.xadd(stream, {"e": floor_body(i, actor_count)})
+        sent = time.perf_counter()
+        if (await asyncio.wait_for(proc.stdout.readline(), STALL_S)).strip() != b"done":
+            raise RuntimeError(f"floor 1e consumer exited with {await proc.wait()}")
+        seconds = time.perf_counter() - started
+        await asyncio.wait_for(proc.wait(), 30)
+        await floor_check(r, stream, state, n)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await r.aclose()
+    label = "floor 1e: awaited XADD, consumer process (e2e)"
+    return Result("floor_1e", label, n, seconds, f"totals ok; sending took {sent - started:.2f}s")
 
 
 async def run_floor(url: str, prefix: str, n: int, actor_count: int) -> list[Result]:
@@ -348,6 +415,7 @@ RATIOS: Sequence[tuple[str, str, str]] = (
     ("drain_1p", "floor_1c", "ours drain (1 proc) / floor 1c (per-message script)"),
     ("drain_1p", "floor_1d", "ours drain (1 proc) / floor 1d (batched script)"),
     ("drain_2p", "floor_1d", "ours drain (2 procs) / floor 1d (batched script)"),
+    ("e2e_awaited", "floor_1e", "ours e2e awaited send / floor 1e (awaited XADD, e2e)"),
     ("e2e_awaited", "floor_1a", "ours e2e awaited send / floor 1a (awaited XADD)"),
     ("e2e_pipelined", "floor_1b", "ours e2e send_many / floor 1b (pipelined XADD)"),
 )
@@ -377,6 +445,7 @@ def print_report(header: Sequence[str], results: dict[str, Result], rel: dict[st
 async def run_round(url: str, tmp: Path, args: argparse.Namespace, round_no: int) -> list[Result]:
     n, actor_count = args.messages, args.actors
     results = await run_floor(url, f"floor{round_no}", n, actor_count)
+    results.append(await floor_awaited_live(url, f"floor{round_no}", args.awaited_messages, actor_count))
     for processes in (1, 2):
         results.append(await run_drain(url, tmp, processes, n, actor_count))
     for awaited, size in ((False, n), (True, args.awaited_messages)):
@@ -431,4 +500,8 @@ async def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if sys.argv[1:2] == [FLOOR_CONSUMER_CMD]:
+        url, stream, state, count = sys.argv[2:6]
+        asyncio.run(floor_consumer_process(url, stream, state, int(count)))
+    else:
+        asyncio.run(main())
