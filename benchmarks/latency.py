@@ -3,7 +3,7 @@ tracing, each next to a raw-Redis floor measured in the same run on the same ser
 
     python -m benchmarks.latency [--rates 500,2000,8000] [--seconds 5] [--asks 2000]
                                  [--drain-messages 20000] [--drain-actors 1000]
-                                 [--trace-rounds 2] [--skip-tracing] [--profile DIR] [--json PATH]
+                                 [--trace-rounds 3] [--skip-tracing] [--profile DIR] [--json PATH]
 
 Everything runs on a private server (AOF on, fsync every second) that this command starts on a
 free loopback port in a temporary directory and stops at the end, with 1 real worker process
@@ -53,8 +53,9 @@ free loopback port in a temporary directory and stops at the end, with 1 real wo
    does unless ``OTEL_METRICS_EXPORTER`` says otherwise); the same with
    ``OTEL_METRICS_EXPORTER=none`` (traces only); ``benchmarks.traced_worker`` (traces only)
    with a ``BatchSpanProcessor`` over an exporter whose ``export()`` only counts; and the same
-   with no span processor at all (the cost of making spans alone). ``--trace-rounds R`` (default 2)
-   repeats the five R times, interleaved, and keeps the fastest of each.
+   with no span processor at all (the cost of making spans alone). ``--trace-rounds R`` (default 3)
+   repeats the five R times, interleaved, and reports the median run of each with every run's
+   figure (the spread).
 
 With each load: the achieved rate, the share of sends that started over 1 ms after their slot,
 the 1-minute load average, and the CPU each process used while sending (the scheduler's own
@@ -102,6 +103,7 @@ from .common import (
     argument_parser,
     child_env,
     lease_owners,
+    median_of,
     private_server,
     worker_argv,
     write_json,
@@ -622,12 +624,12 @@ async def run_tracing(url: str, tmp: Path, n: int, actor_count: int, rounds: int
     for _ in range(rounds):
         for key, name in TRACE_VARIANTS:
             samples.setdefault(key, []).append(await run_drain(url, tmp, key, name, n, actor_count))
-    best: list[DrainResult] = []
+    middles: list[DrainResult] = []
     for runs in samples.values():
-        top = max(runs, key=lambda d: d.rate)
-        top.samples = [d.rate for d in runs]
-        best.append(top)
-    return best
+        middle, _ = median_of(runs, lambda d: d.rate)
+        middle.samples = sorted(d.rate for d in runs)
+        middles.append(middle)
+    return middles
 
 
 # ---- report -------------------------------------------------------------------------------
@@ -746,8 +748,8 @@ def drain_table(drains: Sequence[DrainResult]) -> list[str]:
     lines = [head, "-" * len(head)]
     for d in drains:
         overhead = "" if base is None or d.key == "off" else f"{(d.rate / base - 1) * 100:+.1f}%"
-        runs = "/".join(f"{s:,.0f}" for s in d.samples)
-        runs = f"best of {len(d.samples)} ({runs}); " if len(d.samples) > 1 else ""
+        runs = " / ".join(f"{s:,.0f}" for s in d.samples)
+        runs = f"median of {len(d.samples)} ({runs}); " if len(d.samples) > 1 else ""
         figures = f"{d.messages:>6} {d.seconds:>8.2f} {d.rate:>8,.0f} {overhead:>7}"
         lines.append(f"{d.name:<44} {figures}  {runs}{d.note}")
     return lines
@@ -760,7 +762,7 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--asks", type=int, default=2_000, help="sequential asks (and floor PINGs)")
     parser.add_argument("--drain-messages", type=int, default=20_000, help="backlog for the tracing runs")
     parser.add_argument("--drain-actors", type=int, default=1_000, help="counters the backlog goes to")
-    parser.add_argument("--trace-rounds", type=int, default=2, help="repeat the tracing runs; keep the best")
+    parser.add_argument("--trace-rounds", type=int, default=3, help="repeat the tracing runs; report medians")
     parser.add_argument("--skip-tracing", action="store_true", help="leave out part 4")
     parser.add_argument("--profile", type=Path, help="py-spy the worker during each load into this dir")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")

@@ -66,7 +66,7 @@ Settings, each system's most durable standard one (all on the same server, AOF e
   per round; Postgres's defaults: ``fsync``, ``synchronous_commit`` and ``full_page_writes``
   on; driver psycopg 3, which dbos depends on).
 
-``--rounds R`` repeats everything R times and keeps each system's fastest throughput sample and
+``--rounds R`` repeats everything R times and keeps each system's median throughput sample and
 its latency sample from that round.
 """
 
@@ -94,7 +94,7 @@ from pydantic import BaseModel
 
 import actors
 
-from .common import ROOT, SHARDS, argument_parser, child_env, private_server, write_json
+from .common import ROOT, SHARDS, argument_parser, child_env, median_of, private_server, write_json
 from .common import worker_argv as actors_worker_argv
 from .peer_jobs import common
 from .peer_jobs.common import done_key, latency_key, ready_key
@@ -698,7 +698,7 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of the latency load")
     parser.add_argument("--actors", type=int, default=1_000, help="our actors the jobs are spread over")
     parser.add_argument("--only", default=",".join(c.key for c in SYSTEMS), help="systems to run")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat everything; keep the best")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat everything; report medians")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
     args = parser.parse_args(argv)
@@ -744,7 +744,7 @@ async def main(argv: list[str] | None = None) -> None:
     if run.keep:
         print(f"worker logs kept in {run.tmp}")
 
-    results = {k: max(runs, key=lambda r: r.rate) for k, runs in samples.items()}
+    results = {k: median_of(runs, lambda r: r.rate)[0] for k, runs in samples.items()}
     header = [
         run.machine_line(),
         f"jobs/s: {args.messages} jobs of {{'n': i}}, first enqueue -> all handlers ran (no-op "

@@ -2,7 +2,7 @@
 on the same server.
 
     python -m benchmarks.throughput [--messages 50000] [--actors 1000] [--awaited-messages 5000]
-                                    [--e2e-processes 1] [--rounds 1] [--json PATH]
+                                    [--e2e-processes 1] [--rounds 3] [--json PATH]
 
 Everything runs on a private server (AOF on, fsync every second) that this command starts on a
 free loopback port in a temporary directory and stops at the end. Each measurement of ours uses
@@ -36,8 +36,9 @@ Ours:
 After each run of ours every actor's state is read back and must hold exactly the number of
 increments sent to it (exactly-once); the floor consumers are checked the same way.
 
-``--rounds R`` repeats everything R times and reports the fastest sample of each measurement
-(all samples go to ``--json``); on a shared machine single runs vary by 2x or more.
+``--rounds R`` (default 3) repeats everything R times and reports each measurement's median
+run with every run's figure beside it (the spread; all samples go to ``--json``): on a shared
+machine single runs vary by 2x or more.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from .common import (
     argument_parser,
     child_env,
     lease_owners,
+    median_of,
     private_server,
     worker_argv,
     write_json,
@@ -453,16 +455,13 @@ async def run_round(url: str, tmp: Path, args: argparse.Namespace, round_no: int
     return results
 
 
-def best_of(samples: dict[str, list[Result]]) -> dict[str, Result]:
-    """The fastest sample of each measurement (the least disturbed by other load)."""
-    best: dict[str, Result] = {}
+def medians(samples: dict[str, list[Result]]) -> dict[str, Result]:
+    """The median sample of each measurement, its note giving every sample (the spread)."""
+    out: dict[str, Result] = {}
     for key, runs in samples.items():
-        top = max(runs, key=lambda r: r.rate)
-        if len(runs) > 1:
-            rates = "/".join(f"{r.rate:,.0f}" for r in runs)
-            top = replace(top, note=f"best of {len(runs)} ({rates}); {top.note}".rstrip("; "))
-        best[key] = top
-    return best
+        middle, spread = median_of(runs, lambda r: r.rate)
+        out[key] = replace(middle, note=f"{spread}; {middle.note}".strip("; ")) if spread else middle
+    return out
 
 
 async def main(argv: list[str] | None = None) -> None:
@@ -471,7 +470,7 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--actors", type=int, default=1_000, help="Count actors the messages go to")
     parser.add_argument("--awaited-messages", type=int, default=5_000, help="N for e2e awaited send")
     parser.add_argument("--e2e-processes", type=int, default=1, help="worker processes for e2e runs")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat everything; report the best")
+    parser.add_argument("--rounds", type=int, default=3, help="repeat everything; report medians")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
 
@@ -486,7 +485,7 @@ async def main(argv: list[str] | None = None) -> None:
         f"{args.actors} Count actors, {SHARDS} shards, body {BODY_BYTES} bytes; "
         f"floor: redis-py asyncio + hiredis, one connection; rounds: {args.rounds}",
     ]
-    results = best_of(samples)
+    results = medians(samples)
     rel = ratios(results)
     print_report(header, results, rel)
     if args.json:

@@ -50,7 +50,7 @@ def test_throughput(tmp_path: Path) -> None:
         "throughput", "--messages", "300", "--actors", "20", "--awaited-messages", "50", "--rounds", "1",
         json_path=tmp_path / "throughput.json",
     )  # fmt: skip
-    floors = ["floor_1a", "floor_1b", "floor_1c", "floor_1d"]
+    floors = ["floor_1a", "floor_1b", "floor_1c", "floor_1d", "floor_1e"]
     ours = ["drain_1p", "drain_2p", "e2e_pipelined", "e2e_awaited"]
     assert set(data["results"]) == {*floors, *ours}
     for key in floors + ours:
@@ -160,3 +160,11 @@ def test_suite_command_lists_every_benchmark(tmp_path: Path) -> None:
         timeout=TIMEOUT, check=False,
     )  # fmt: skip
     assert proc.returncode == 2 and "unknown benchmarks ['nosuch']" in proc.stderr
+
+
+def test_repeated_runs_report_the_median_run_and_every_figure() -> None:
+    from benchmarks.common import median_of
+
+    assert median_of([5.0], float) == (5.0, "")
+    assert median_of([3.0, 1.0, 2.0], float) == (2.0, "median of 3 (1 / 2 / 3)")
+    assert median_of([4.0, 1.0, 3.0, 2.0], float)[0] == 2.0, "of an even count, a run that happened"
