@@ -46,6 +46,9 @@ class LeaseSettings(_Frozen):
 
     ttl: float = Field(default=2.0, gt=0)
     renew_interval: float = Field(default=0.5, gt=0)
+    stall_limit: float = Field(default=10.0, gt=0)
+    """Leases are renewed from a thread of their own while the worker's event loop is busy,
+    but not once it has not run for this many seconds: then its shards move."""
 
     @model_validator(mode="after")
     def _renew_before_expiry(self) -> LeaseSettings:

@@ -12,12 +12,15 @@ import functools
 import inspect
 import logging
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar, cast
 
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
@@ -219,7 +222,20 @@ class Store:
 
     @classmethod
     def from_url(cls, url: str, namespace: str) -> Store:
-        return cls(_client(url, retries=3), Keys(namespace), appender=_client(url, retries=0))
+        store = cls(_client(url, retries=3), Keys(namespace), appender=_client(url, retries=0))
+        store.url = url
+        return store
+
+    url: str | None = None
+    """Where the clients connect, when the store was made ``from_url`` (a LeaseKeeper needs it)."""
+
+    def lease_keeper(self, worker_id: str, ttl_ms: int, interval: float, stall_limit: float,
+                     leases: Callable[[], dict[int, str]], alive: Callable[[], float],
+                     lost: Callable[[dict[int, str]], object]) -> LeaseKeeper | None:  # fmt: skip
+        """A LeaseKeeper for this store's server and namespace (None if its URL is unknown)."""
+        if self.url is None:
+            return None
+        return LeaseKeeper(self.url, self.keys, worker_id, ttl_ms, interval, stall_limit, leases, alive, lost)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -744,6 +760,62 @@ class Store:
         return ShardInfo(
             shard, owner, int(epoch or 0), int(length), lag, pending, int(dead), read, int(open_turns)
         )
+
+
+class LeaseKeeper:
+    """Renews a worker's leases and membership from a thread with a client of its own.
+
+    A burst of turns can keep a worker's event loop from running for longer than a
+    lease's TTL (a loop iteration runs every ready turn); its leases would then expire
+    and its shards move for nothing. This thread renews them meanwhile, but only while
+    the loop still shows progress (``alive()``, a monotonic time, within
+    ``stall_limit`` seconds): a loop stuck for longer lets them expire, and its shards
+    move. It never acquires or releases; ``lost`` is called (on this thread) with the
+    leases it found lost.
+    """
+
+    def __init__(self, url: str, keys: Keys, worker_id: str, ttl_ms: int, interval: float, stall_limit: float,
+                 leases: Callable[[], dict[int, str]], alive: Callable[[], float],
+                 lost: Callable[[dict[int, str]], object]) -> None:  # fmt: skip
+        # A blocking client: the thread has no event loop. Its timeout bounds a stuck server.
+        self._redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=ttl_ms / 1000)
+        self._renew = self._redis.register_script(_script_text("renew_lease"))
+        self._keys, self._worker_id, self._ttl_ms = keys, worker_id, ttl_ms
+        self._interval, self._stall_limit = interval, stall_limit
+        self._leases, self._alive, self._lost = leases, alive, lost
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop renewing (blocks until the thread ends: call it off the event loop)."""
+        self._stop.set()
+        self._thread.join()
+        self._redis.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            if time.monotonic() - self._alive() > self._stall_limit:
+                continue  # the loop is stuck: let the leases expire
+            leases = self._leases()
+            try:
+                self._keep(leases)
+            except redis.RedisError as exc:  # the loop's own tick sees and reports Redis trouble
+                log.debug("lease keeper: %r", exc)
+
+    def _keep(self, leases: dict[int, str]) -> None:
+        seconds, micros = self._redis.time()
+        now_ms = seconds * 1000 + micros // 1000
+        with self._redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(self._keys.workers(), {self._worker_id: now_ms + self._ttl_ms})
+            for shard, value in leases.items():
+                self._renew(keys=[self._keys.lease(shard)], args=[value, self._ttl_ms], client=pipe)
+            _, *renewed = pipe.execute()
+        lost = {shard: value for (shard, value), ok in zip(leases.items(), renewed, strict=True) if not ok}
+        if lost:
+            self._lost(lost)
 
 
 def _client(url: str, retries: int) -> aioredis.Redis:

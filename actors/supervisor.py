@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from .settings import LeaseSettings
 from .shard import Lease
-from .store import STALL_TIMEOUT, Store, is_transient
+from .store import STALL_TIMEOUT, LeaseKeeper, Store, is_transient
 
 log = logging.getLogger("actors.supervisor")
 
@@ -55,17 +55,48 @@ class Supervisor:
         self._ttl_ms = int(settings.ttl * 1000)
         self._info = {"host": socket.gethostname(), "pid": str(os.getpid()), "started": str(time.time())}
         self._more_info = info
+        self._alive = time.monotonic()
+        """When this event loop last ran (the LeaseKeeper renews only while it is recent)."""
         """Fields added to the worker's info hash at every heartbeat (e.g. limiter waiters)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep leases until ``stop`` is set; then release them all (after draining)."""
         listener = asyncio.create_task(self._listen_for_releases(), name="lease-events")
+        keeper = self._keeper()
+        if keeper is not None:
+            keeper.start()
+        self._beat()
         try:
-            await self._loop(stop)
+            try:
+                await self._loop(stop)
+            finally:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+            await self.release_all()
         finally:
-            listener.cancel()
-            await asyncio.gather(listener, return_exceptions=True)
-        await self.release_all()
+            self._beat_handle.cancel()
+            if keeper is not None:
+                await asyncio.to_thread(keeper.stop)
+
+    def _beat(self) -> None:
+        """Note every ``renew_interval`` that this event loop runs (for the LeaseKeeper)."""
+        self._alive = time.monotonic()
+        self._beat_handle = asyncio.get_running_loop().call_later(self.settings.renew_interval, self._beat)
+
+    def _keeper(self) -> LeaseKeeper | None:
+        """The thread that renews the leases while this loop is busy (see LeaseKeeper)."""
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        return self.store.lease_keeper(
+            self.worker_id, self._ttl_ms, s.renew_interval, s.stall_limit,
+            leases=lambda: {shard: lease.value for shard, lease in dict(self.held).items()},
+            alive=lambda: self._alive,
+            lost=lambda lost: loop.call_soon_threadsafe(self._lost_elsewhere, lost),
+        )  # fmt: skip
+
+    def _lost_elsewhere(self, lost: dict[int, str]) -> None:
+        """Leases the keeper could not renew, unless they changed meanwhile (released)."""
+        self._lose([s for s, value in lost.items() if s in self.held and self.held[s].value == value])
 
     async def _loop(self, stop: asyncio.Event) -> None:
         last_ok = time.monotonic()
