@@ -4,7 +4,8 @@ Every ``renew_interval`` the supervisor heartbeats, renews the leases it
 holds, and moves toward an even share of the shards over the live workers:
 it gives up its extras (after draining them) and takes free shards while it
 holds fewer than its share. A lease it cannot renew is lost at once; if Redis
-cannot be reached for a whole lease TTL, every lease is treated as lost.
+cannot be reached for a whole lease TTL, every lease is treated as lost. A
+LeaseKeeper thread renews the leases too, while the event loop is busy.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ class Supervisor:
         self._ttl_ms = int(settings.ttl * 1000)
         self._info = {"host": socket.gethostname(), "pid": str(os.getpid()), "started": str(time.time())}
         self._more_info = info
+        """Fields added to the worker's info hash at every heartbeat (e.g. limiter waiters)."""
         self._alive = time.monotonic()
         """When this event loop last ran (the LeaseKeeper renews only while it is recent)."""
-        """Fields added to the worker's info hash at every heartbeat (e.g. limiter waiters)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep leases until ``stop`` is set; then release them all (after draining)."""
