@@ -439,8 +439,9 @@ class Store:
         """Apply writes atomically, after taking ``take``'s entries into the group; returns per
         write DUPLICATE, DONE or BACKLOG.
 
-        Raises LeaseLost if the lease is not held at ``lease``, Diverged if the entries to
-        take are not the next ones in the group (nothing is written then).
+        Raises LeaseLost if the lease is not held at ``lease`` (nothing is taken or written),
+        Diverged if the entries to take are not the next ones in the group (no write is
+        applied; what the script's read took stays pending, for the restarted runner).
         """
         k = self.keys
         keys = [k.lease(shard), k.inbox(shard), k.state(shard), k.outbox(shard)]
@@ -804,6 +805,8 @@ class LeaseKeeper:
                 self._keep(leases)
             except redis.RedisError as exc:  # the loop's own tick sees and reports Redis trouble
                 log.debug("lease keeper: %r", exc)
+            except Exception:  # the thread must outlive any surprise; the loop's tick renews too
+                log.exception("lease keeper")
 
     def _keep(self, leases: dict[int, str]) -> None:
         seconds, micros = self._redis.time()
