@@ -186,7 +186,7 @@ def counting_client(url: str, retries: int = 3) -> aioredis.Redis:
         timeout=30,
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
         socket_connect_timeout=5,
-        socket_timeout=30,
+        socket_timeout=None,
         socket_keepalive=True,
         health_check_interval=30,
     )
