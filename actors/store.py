@@ -191,12 +191,20 @@ def _honours_cancel(cls: type[T]) -> type[T]:
 class Store:
     """Typed access to the runtime's Redis keys for one namespace."""
 
-    def __init__(self, client: aioredis.Redis, keys: Keys, appender: aioredis.Redis | None = None) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        appender: aioredis.Redis | None = None,
+        url: str | None = None,
+    ) -> None:
         self.redis = client
         """For calls that are safe to repeat: it retries after a connection error."""
         self._appender = appender or client
         """For plain XADDs, which it never retries: a lost reply must not append twice."""
         self.keys = keys
+        self.url = url
+        """Where the clients connect, if known (a LeaseKeeper needs it)."""
         self._scripts = {
             name: client.register_script(_script_text(name))
             for name in (
@@ -222,12 +230,7 @@ class Store:
 
     @classmethod
     def from_url(cls, url: str, namespace: str) -> Store:
-        store = cls(_client(url, retries=3), Keys(namespace), appender=_client(url, retries=0))
-        store.url = url
-        return store
-
-    url: str | None = None
-    """Where the clients connect, when the store was made ``from_url`` (a LeaseKeeper needs it)."""
+        return cls(_client(url, retries=3), Keys(namespace), appender=_client(url, retries=0), url=url)
 
     def lease_keeper(self, worker_id: str, ttl_ms: int, interval: float, stall_limit: float,
                      leases: Callable[[], dict[int, str]], alive: Callable[[], float],

@@ -5,7 +5,8 @@ holds, and moves toward an even share of the shards over the live workers:
 it gives up its extras (after draining them) and takes free shards while it
 holds fewer than its share. A lease it cannot renew is lost at once; if Redis
 cannot be reached for a whole lease TTL, every lease is treated as lost. A
-LeaseKeeper thread renews the leases too, while the event loop is busy.
+LeaseKeeper thread does the renewing while ``run`` runs, so a busy event loop
+does not lose them.
 """
 
 from __future__ import annotations
@@ -59,13 +60,15 @@ class Supervisor:
         """Fields added to the worker's info hash at every heartbeat (e.g. limiter waiters)."""
         self._alive = time.monotonic()
         """When this event loop last ran (the LeaseKeeper renews only while it is recent)."""
+        self._keeper: LeaseKeeper | None = None
+        """While ``run`` runs: the thread that renews the leases (the tick then does not)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep leases until ``stop`` is set; then release them all (after draining)."""
         listener = asyncio.create_task(self._listen_for_releases(), name="lease-events")
-        keeper = self._keeper()
-        if keeper is not None:
-            keeper.start()
+        self._keeper = self._new_keeper()
+        if self._keeper is not None:
+            self._keeper.start()
         self._beat()
         try:
             try:
@@ -76,15 +79,16 @@ class Supervisor:
             await self.release_all()
         finally:
             self._beat_handle.cancel()
-            if keeper is not None:
-                await asyncio.to_thread(keeper.stop)
+            if self._keeper is not None:
+                await asyncio.to_thread(self._keeper.stop)
+                self._keeper = None
 
     def _beat(self) -> None:
         """Note every ``renew_interval`` that this event loop runs (for the LeaseKeeper)."""
         self._alive = time.monotonic()
         self._beat_handle = asyncio.get_running_loop().call_later(self.settings.renew_interval, self._beat)
 
-    def _keeper(self) -> LeaseKeeper | None:
+    def _new_keeper(self) -> LeaseKeeper | None:
         """The thread that renews the leases while this loop is busy (see LeaseKeeper)."""
         loop = asyncio.get_running_loop()
         s = self.settings
@@ -146,8 +150,9 @@ class Supervisor:
             await self._acquire(-extra)
 
     async def _renew(self) -> None:
-        """Renew every held lease, draining ones included (a drain may outlast a TTL)."""
-        if self.held:
+        """Renew every held lease, draining ones included (a drain may outlast a TTL), unless
+        the LeaseKeeper thread does it."""
+        if self.held and self._keeper is None:
             renewed = await self.store.renew_leases(
                 {shard: lease.value for shard, lease in self.held.items()}, self._ttl_ms
             )

@@ -166,10 +166,8 @@ async def floor_produce_pipelined(r: aioredis.Redis, key: str, n: int, actor_cou
 async def floor_consume(
     r: aioredis.Redis, stream: str, state: str, n: int, batched: bool, block_ms: int | None = None
 ) -> float:
-    """Consume ``n`` entries of a full stream, or with ``block_ms`` of a stream still being
-    written (its group made beforehand); returns the seconds taken."""
-    if block_ms is None:
-        await r.xgroup_create(stream, GROUP, id="0")
+    """Consume ``n`` entries (group ``GROUP``, made by the caller) of a full stream, or with
+    ``block_ms`` of a stream still being written; returns the seconds taken."""
     sha = await r.script_load(ACK_MANY if batched else ACK_ONE)
     totals: dict[bytes, int] = {}
     done = 0
@@ -260,6 +258,7 @@ async def run_floor(url: str, prefix: str, n: int, actor_count: int) -> list[Res
         ):
             stream, state = f"{prefix}:{key}:stream", f"{prefix}:{key}:state"
             await floor_produce_pipelined(r, stream, n, actor_count)
+            await r.xgroup_create(stream, GROUP, id="0")
             seconds = await floor_consume(r, stream, state, n, batched)
             await floor_check(r, stream, state, n)
             results.append(Result(key, label, n, seconds, "totals ok"))
