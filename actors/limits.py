@@ -10,7 +10,9 @@ the script says how long to wait, so a token costs one Redis call however many
 wait. ``burst`` tokens may go at once; the long-run rate is ``rate`` per ``per``.
 
 Concurrency: a slot is a member of a zset scored by its lease expiry, renewed
-while held, released when the work ends (completes, fails or is cancelled). A
+while held (by the worker's LeaseKeeper thread, so a stalled event loop does not lose
+it), released when the work ends (completes, fails or is cancelled; a step function
+running in a thread holds its slot until the thread ends, even past its timeout). A
 holder that dies (SIGKILL) loses its slots when their leases expire. A process
 asks for one slot at a time per limiter (its local waiters queue in order) and
 asks again when any process releases a slot (pub/sub) or the earliest lease
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
@@ -156,13 +159,19 @@ class Limits:
     """The limiters of one process (a worker's, shared by all its turns)."""
 
     def __init__(
-        self, store: Store, limiters: dict[str, Limiter], lease_ms: int, idempotency_ttl_ms: int = 0
-    ) -> None:
+        self, store: Store, limiters: dict[str, Limiter], lease_ms: int, idempotency_ttl_ms: int = 0,
+        *, renew: bool = True,
+    ) -> None:  # fmt: skip
         self.store = store
         self.lease_ms = lease_ms
         self.idempotency_ttl_ms = idempotency_ttl_ms or 24 * 3600 * 1000
         self._queues = {name: _Queue(limiter) for name, limiter in limiters.items()}
         self._held: set[tuple[str, str]] = set()
+        """Slots held now, (limiter, holder); the worker's LeaseKeeper thread renews them."""
+        self._held_lock = threading.Lock()
+        self._renew = renew
+        """Renew held slots from this event loop; a worker renews them from its LeaseKeeper
+        thread instead (``held_slots``), so that a stalled loop does not lose them."""
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -180,8 +189,9 @@ class Limits:
         events = self.store.keys.limiter_events()
         self._tasks = [
             asyncio.create_task(self.store.listen(events, self._on_event, subscribed)),
-            asyncio.create_task(self._renew_loop()),
         ]
+        if self._renew:
+            self._tasks.append(asyncio.create_task(self._renew_loop()))
         await subscribed.wait()
         self._tasks += [asyncio.create_task(self._dispatch_loop(q)) for q in self._queues.values()]
 
@@ -239,7 +249,7 @@ class Limits:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(queue.released.wait(), timeout=max(wait_ms, 1) / 1000)
             if limiter.concurrency is not None:
-                self._held.add((limiter.name, holder))
+                self._hold_slot(limiter.name, holder)
         finally:
             queue.waiters.remove(turn)
             if queue.waiters and not queue.waiters[0].done():
@@ -254,7 +264,8 @@ class Limits:
         return holder
 
     async def _release(self, name: str, holder: str) -> None:
-        self._held.discard((name, holder))
+        with self._held_lock:
+            self._held.discard((name, holder))
         try:
             await asyncio.shield(self.store.limiter_release(name, holder))
         except Exception as exc:  # its lease expires on its own
@@ -307,7 +318,18 @@ class Limits:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(queue.released.wait(), timeout=max(wait_ms, 1) / 1000)
-        self._held.add((queue.limiter.name, item_id))
+        self._hold_slot(queue.limiter.name, item_id)
+
+    def _hold_slot(self, name: str, holder: str) -> None:
+        with self._held_lock:
+            self._held.add((name, holder))
+
+    def held_slots(self) -> list[tuple[str, str]]:
+        """The slots held now, (limiter, holder); safe to call from any thread. Whoever holds
+        a slot gives it back when its code ends; until then the worker renews it (from its
+        LeaseKeeper thread, whatever the event loop does)."""
+        with self._held_lock:
+            return list(self._held)
 
     async def _dispatch_loop(self, queue: _Queue) -> None:
         """Move the queue's items to their actors' inboxes as fast as the limiter allows."""
@@ -346,9 +368,10 @@ class Limits:
     async def _renew_loop(self) -> None:
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
-            if not self._held:
+            held = self.held_slots()
+            if not held:
                 continue
             try:
-                await self.store.limiter_renew(list(self._held), self.lease_ms)
+                await self.store.limiter_renew(held, self.lease_ms)
             except Exception as exc:
                 log.warning("could not renew limiter slots: %s", exc)

@@ -48,8 +48,9 @@ from .codec import (
     encode_reply,
     encode_state,
 )
-from .errors import ActorsError, DecodeError, UnknownActorType, UnknownMessageType
+from .errors import ActorsError, DecodeError, Diverged, LeaseLost, UnknownActorType, UnknownMessageType
 from .journal import FOREVER_MS, Journal, JournalMismatch, OpenTurn, Record, RedisClock, Suspend
+from .lease import Lease
 from .limits import queued_item
 from .messages import CANCEL, TICK, Tick
 from .routing import shard_of, tick_envelope
@@ -65,14 +66,6 @@ TIMER_POLL_MAX = 5.0
 """Seconds between two looks at the timer index when no known timer is due sooner."""
 DEFERRED_SCAN = 1000
 """At most this many deferred messages are offered to a ``wait_for``."""
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    shard: int
-    epoch: int
-    value: str
-    """``<worker id>|<epoch>``, what the commit script compares."""
 
 
 class ShardReset(ActorsError):
@@ -126,6 +119,9 @@ class ShardRunner:
     def __init__(self, lease: Lease, consumer: str, services: TurnServices, settings: WorkerSettings) -> None:
         self.lease = lease
         self.shard = lease.shard
+        self.steps = lease.steps
+        self._margin = settings.lease.renew_interval
+        """An effect starts only if the lease surely lasts this much longer (see ``fenced``)."""
         self.consumer = consumer
         self.services = services
         self.store = services.store
@@ -191,8 +187,8 @@ class ShardRunner:
         self._actor_tasks.discard(task)
         self._waking.discard(task)
         self._task_room.set()
-        if not task.cancelled() and task.exception() is not None and not self._actor_failure.done():
-            self._actor_failure.set_exception(task.exception())  # type: ignore[arg-type]
+        if not task.cancelled() and task.exception() is not None:
+            self._fail(task.exception())  # type: ignore[arg-type]
 
     def drain(self) -> None:
         """Stop reading; ``run`` returns once every read message is committed."""
@@ -279,6 +275,26 @@ class ShardRunner:
         self._take_waiters.append((self._seen, waiter))
         self._commit_wakeup.set()
         await waiter
+
+    async def fenced(self) -> None:
+        """Return once this runner may start an effect outside its commit: every entry it
+        has dispatched is taken into the group as its own (``confirmed``) and its lease
+        surely lasts at least a renew interval longer (``Lease.deadline``). Otherwise the
+        runner fails with LeaseLost, even if a handler catches the error."""
+        await self.confirmed()
+        remaining = self.lease.remaining()
+        if remaining < self._margin:
+            exc = LeaseLost(
+                f"shard {self.shard}: the lease at epoch {self.lease.epoch} is not surely held "
+                f"long enough to start an effect ({remaining:.3f}s left)"
+            )
+            self._fail(exc)
+            raise exc
+
+    def _fail(self, exc: BaseException) -> None:
+        """End the runner with ``exc`` (its owner decides what follows)."""
+        if not self._actor_failure.done():
+            self._actor_failure.set_exception(exc)
 
     async def _chores(self) -> None:
         await self.store.trim_inbox(self.shard)
@@ -613,7 +629,11 @@ class ShardRunner:
                 actor.state = _load_state(type(actor), act.snapshot)
                 await self._park(ctx, str(exc))
                 return
-            except Exception as exc:
+            except RUNNER_ERRORS:
+                raise  # the runner's own trouble (a lost lease, a memory that ran ahead of Redis)
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError) and _cancelling():
+                    raise  # this turn is being stopped; a CancelledError the handler raised is a failure
                 if ctx.journal.mismatch is not None:
                     actor.state = _load_state(type(actor), act.snapshot)
                     await self._park(ctx, str(ctx.journal.mismatch))
@@ -665,7 +685,7 @@ class ShardRunner:
                 # A turn fed by its type's own limiter's queue holds the slot it was dispatched with.
                 type_limiter = None if queue == type(actor).limiter else type(actor).limiter
                 if type_limiter is not None or queue is not None:
-                    await self.confirmed()  # only the owner may spend the limiter's capacity
+                    await self.fenced()  # only the owner may spend the limiter's capacity
                 async with limits.hold(type_limiter), limits.hold_item(queue, env.id):
                     return await handler.fn(actor, queued.message)
             except Suspend:
@@ -858,6 +878,7 @@ class ShardRunner:
             rows = await self.store.read_outbox(self.shard, 512)
             if not rows:
                 return
+            await self.fenced()
             by_target: dict[int, list[tuple[str, bytes]]] = {}
             for entry_id, target, envelope in rows:
                 by_target.setdefault(target, []).append((entry_id, envelope))
@@ -878,6 +899,15 @@ class ShardRunner:
             self._room.set()
         if self.inflight == 0:
             self._idle.set()
+
+
+RUNNER_ERRORS = (LeaseLost, Diverged, ShardReset)
+"""Errors that end a turn's runner rather than fail the turn: they are not the handler's."""
+
+
+def _cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _write_number(raw: bytes) -> int:

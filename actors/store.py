@@ -32,6 +32,7 @@ from redis.typing import EncodableT, FieldT
 from .codec import FIELD
 from .errors import ConfigurationError, Diverged, LeaseLost
 from .keys import GROUP, Keys
+from .lease import Lease
 
 log = logging.getLogger("actors.store")
 
@@ -201,7 +202,8 @@ class Store:
         self.redis = client
         """For calls that are safe to repeat: it retries after a connection error."""
         self._appender = appender or client
-        """For plain XADDs, which it never retries: a lost reply must not append twice."""
+        """For calls whose retry after a lost reply would not be a no-op (plain XADDs, the fenced
+        read and the timer script): it never retries them."""
         self.keys = keys
         self.url = url
         """Where the clients connect, if known (a LeaseKeeper needs it)."""
@@ -233,12 +235,15 @@ class Store:
         return cls(_client(url, retries=3), Keys(namespace), appender=_client(url, retries=0), url=url)
 
     def lease_keeper(self, worker_id: str, ttl_ms: int, interval: float, stall_limit: float,
-                     leases: Callable[[], dict[int, str]], alive: Callable[[], float],
-                     lost: Callable[[dict[int, str]], object]) -> LeaseKeeper | None:  # fmt: skip
+                     leases: Callable[[], dict[int, Lease]], alive: Callable[[], float],
+                     lost: Callable[[dict[int, Lease]], object],
+                     slots: Callable[[], list[tuple[str, str]]] = list) -> LeaseKeeper | None:  # fmt: skip
         """A LeaseKeeper for this store's server and namespace (None if its URL is unknown)."""
         if self.url is None:
             return None
-        return LeaseKeeper(self.url, self.keys, worker_id, ttl_ms, interval, stall_limit, leases, alive, lost)
+        return LeaseKeeper(
+            self.url, self.keys, worker_id, ttl_ms, interval, stall_limit, leases, alive, lost, slots
+        )
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -515,10 +520,15 @@ class Store:
             yield found
 
     async def due_timers(self, shard: int, lease: str, limit: int) -> tuple[int, int | None, list[str]]:
-        """Take due timers (setting them to 0); returns (Redis now ms, next due ms, actor ids)."""
+        """Take due timers (setting them to 0); returns (Redis now ms, next due ms, actor ids).
+
+        Never retried: a retry after a lost reply would find nothing due, and the timers the
+        first call took would sit at 0 unseen; the caller's runner restarts instead, and
+        finds them with ``timers_at_zero``."""
         now, later, *due = await self._run(
-            "due_timers", [self.keys.lease(shard), self.keys.timers(shard)], [lease, limit]
-        )
+            "due_timers", [self.keys.lease(shard), self.keys.timers(shard)], [lease, limit],
+            client=self._appender,
+        )  # fmt: skip
         return int(now), None if int(later) < 0 else int(later), [a.decode() for a in due]
 
     # ---- schedules -------------------------------------------------------------------
@@ -706,7 +716,7 @@ class Store:
                 delay = min(delay * 2, 2.0)
             finally:
                 # PubSub.aclose is unannotated in redis-py (it returns None).
-                await asyncio.gather(pubsub.aclose(), return_exceptions=True)  # type: ignore[no-untyped-call]
+                await asyncio.gather(pubsub.aclose(), return_exceptions=True)
 
     async def get_reply(self, shard: int, message_id: str) -> bytes | None:
         value = cast("bytes | None", await self.redis.get(self.keys.reply(shard, message_id)))
@@ -767,26 +777,31 @@ class Store:
 
 
 class LeaseKeeper:
-    """Renews a worker's leases and membership from a thread with a client of its own.
+    """Renews a worker's leases, membership and limiter slots from a thread with a client of
+    its own.
 
     A burst of turns can keep a worker's event loop from running for longer than a
     lease's TTL (a loop iteration runs every ready turn); its leases would then expire
     and its shards move for nothing. This thread renews them meanwhile, but only while
     the loop still shows progress (``alive()``, a monotonic time, within
     ``stall_limit`` seconds): a loop stuck for longer lets them expire, and its shards
-    move. It never acquires or releases; ``lost`` is called (on this thread) with the
-    leases it found lost.
+    move, except a shard whose step function is still executing (a new owner would run
+    it again alongside). Limiter slots are renewed for as long as they are held, whatever
+    the loop does: a slot lasts exactly as long as the code that holds it. Each renewed
+    lease's deadline moves on (``Lease.renewed``). It never acquires or releases; ``lost``
+    is called (on this thread) with the leases it found lost.
     """
 
     def __init__(self, url: str, keys: Keys, worker_id: str, ttl_ms: int, interval: float, stall_limit: float,
-                 leases: Callable[[], dict[int, str]], alive: Callable[[], float],
-                 lost: Callable[[dict[int, str]], object]) -> None:  # fmt: skip
+                 leases: Callable[[], dict[int, Lease]], alive: Callable[[], float],
+                 lost: Callable[[dict[int, Lease]], object],
+                 slots: Callable[[], list[tuple[str, str]]] = list) -> None:  # fmt: skip
         # A blocking client: the thread has no event loop. Its timeout bounds a stuck server.
         self._redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=ttl_ms / 1000)
         self._renew = self._redis.register_script(_script_text("renew_lease"))
         self._keys, self._worker_id, self._ttl_ms = keys, worker_id, ttl_ms
         self._interval, self._stall_limit = interval, stall_limit
-        self._leases, self._alive, self._lost = leases, alive, lost
+        self._leases, self._alive, self._lost, self._slots = leases, alive, lost, slots
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
 
@@ -801,25 +816,36 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
-            if time.monotonic() - self._alive() > self._stall_limit:
-                continue  # the loop is stuck: let the leases expire
+            stalled = time.monotonic() - self._alive() > self._stall_limit
             leases = self._leases()
+            if stalled:  # the loop is stuck: let its leases expire, unless a step still runs
+                leases = {shard: lease for shard, lease in leases.items() if lease.steps.running}
             try:
-                self._keep(leases)
+                self._keep(leases, self._slots(), membership=not stalled)
             except redis.RedisError as exc:  # the loop's own tick sees and reports Redis trouble
                 log.debug("lease keeper: %r", exc)
             except Exception:  # the thread must outlive any surprise; the loop's tick renews too
                 log.exception("lease keeper")
 
-    def _keep(self, leases: dict[int, str]) -> None:
+    def _keep(self, leases: dict[int, Lease], slots: list[tuple[str, str]], membership: bool) -> None:
         seconds, micros = self._redis.time()
         now_ms = seconds * 1000 + micros // 1000
+        sent = time.monotonic()
         with self._redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self._keys.workers(), {self._worker_id: now_ms + self._ttl_ms})
-            for shard, value in leases.items():
-                self._renew(keys=[self._keys.lease(shard)], args=[value, self._ttl_ms], client=pipe)
-            _, *renewed = pipe.execute()
-        lost = {shard: value for (shard, value), ok in zip(leases.items(), renewed, strict=True) if not ok}
+            if membership:
+                pipe.zadd(self._keys.workers(), {self._worker_id: now_ms + self._ttl_ms})
+            for shard, lease in leases.items():
+                self._renew(keys=[self._keys.lease(shard)], args=[lease.value, self._ttl_ms], client=pipe)
+            for name, holder in slots:
+                pipe.zadd(self._keys.limiter_slots(name), {holder: now_ms + self._ttl_ms}, xx=True)
+            replies = pipe.execute()
+        renewed = replies[int(membership) : int(membership) + len(leases)]
+        lost = {}
+        for (shard, lease), ok in zip(leases.items(), renewed, strict=True):
+            if ok:
+                lease.renewed(sent)
+            else:
+                lost[shard] = lease
         if lost:
             self._lost(lost)
 

@@ -20,8 +20,8 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
+from .lease import Lease
 from .settings import LeaseSettings
-from .shard import Lease
 from .store import STALL_TIMEOUT, LeaseKeeper, Store, is_transient
 
 log = logging.getLogger("actors.supervisor")
@@ -42,6 +42,8 @@ class Supervisor:
         on_lost: OnLost,
         on_release: OnRelease,
         info: Callable[[], dict[str, str]] | None = None,
+        slots: Callable[[], list[tuple[str, str]]] = list,
+        load: Callable[[int], int] = lambda shard: 0,
     ) -> None:
         self.store = store
         self.worker_id = worker_id
@@ -57,6 +59,10 @@ class Supervisor:
         self._ttl_ms = int(settings.ttl * 1000)
         self._info = {"host": socket.gethostname(), "pid": str(os.getpid()), "started": str(time.time())}
         self._more_info = info
+        self._slots = slots
+        """Limiter slots (limiter, holder) this process holds: renewed with the leases."""
+        self._load = load
+        """Work in flight on a shard: a worker gives up its idlest shards first."""
         """Fields added to the worker's info hash at every heartbeat (e.g. limiter waiters)."""
         self._alive = time.monotonic()
         """When this event loop last ran (the LeaseKeeper renews only while it is recent)."""
@@ -94,14 +100,15 @@ class Supervisor:
         s = self.settings
         return self.store.lease_keeper(
             self.worker_id, self._ttl_ms, s.renew_interval, s.stall_limit,
-            leases=lambda: {shard: lease.value for shard, lease in dict(self.held).items()},
+            leases=lambda: dict(self.held),
             alive=lambda: self._alive,
             lost=lambda lost: loop.call_soon_threadsafe(self._lost_elsewhere, lost),
+            slots=self._slots,
         )  # fmt: skip
 
-    def _lost_elsewhere(self, lost: dict[int, str]) -> None:
+    def _lost_elsewhere(self, lost: dict[int, Lease]) -> None:
         """Leases the keeper could not renew, unless they changed meanwhile (released)."""
-        self._lose([s for s, value in lost.items() if s in self.held and self.held[s].value == value])
+        self._lose([s for s, lease in lost.items() if self.held.get(s) is lease])
 
     async def _loop(self, stop: asyncio.Event) -> None:
         last_ok = time.monotonic()
@@ -144,7 +151,8 @@ class Supervisor:
         keeping = [s for s in self.held if s not in self._releasing]
         extra = len(keeping) - share
         if extra > 0:
-            for shard in sorted(keeping, reverse=True)[:extra]:
+            # The idlest first: a shard with work in flight is the last one given up.
+            for shard in sorted(keeping, key=lambda s: (self._load(s), -s))[:extra]:
                 self._start_release(shard)
         elif extra < 0 and not self._releasing:
             await self._acquire(-extra)
@@ -152,11 +160,20 @@ class Supervisor:
     async def _renew(self) -> None:
         """Renew every held lease, draining ones included (a drain may outlast a TTL), unless
         the LeaseKeeper thread does it."""
-        if self.held and self._keeper is None:
-            renewed = await self.store.renew_leases(
-                {shard: lease.value for shard, lease in self.held.items()}, self._ttl_ms
-            )
-            self._lose([shard for shard, ok in renewed.items() if not ok])
+        if self._keeper is not None:
+            return
+        held = dict(self.held)
+        if held:
+            sent = time.monotonic()
+            values = {shard: lease.value for shard, lease in held.items()}
+            renewed = await self.store.renew_leases(values, self._ttl_ms)
+            for shard, ok in renewed.items():
+                if ok:
+                    held[shard].renewed(sent)
+            self._lose([s for s, ok in renewed.items() if not ok and self.held.get(s) is held[s]])
+        slots = self._slots()
+        if slots:
+            await self.store.limiter_renew(slots, self._ttl_ms)
 
     def _start_release(self, shard: int) -> None:
         """Drain and release in the background, so renewals go on meanwhile."""
@@ -171,10 +188,11 @@ class Supervisor:
         for shard in free:
             if wanted <= 0:
                 return
+            sent = time.monotonic()
             epoch = await self.store.acquire_lease(shard, self.worker_id, self._ttl_ms)
             if epoch is None:
                 continue
-            lease = Lease(shard, epoch, f"{self.worker_id}|{epoch}")
+            lease = Lease.taken(shard, self.worker_id, epoch, self.settings.ttl, sent)
             self.held[shard] = lease
             wanted -= 1
             log.info("acquired shard %s at epoch %s", shard, epoch)
@@ -192,6 +210,13 @@ class Supervisor:
                 log.exception("releasing shard %s failed", shard)
         finally:
             self._releasing.discard(shard)
+
+    def lose(self, lease: Lease) -> None:
+        """A runner found ``lease`` gone (a fenced script refused it, or its deadline passed):
+        stop renewing it, unless it was replaced meanwhile. If Redis still holds it, the next
+        acquisition takes it afresh, at a new epoch."""
+        if self.held.get(lease.shard) is lease:
+            self._lose([lease.shard])
 
     def _lose(self, shards: list[int]) -> None:
         for shard in shards:

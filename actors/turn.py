@@ -11,7 +11,9 @@ the turn returns what was recorded.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
+import logging
 import random
 import time
 import typing
@@ -35,7 +37,10 @@ from .routing import Routed, route
 from .settings import MessageSettings
 
 if TYPE_CHECKING:
+    from .lease import StepsInFlight
     from .store import Store
+
+log = logging.getLogger("actors.turn")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +73,7 @@ class TurnStats:
             return {"turns": str(self.turns)}
         p50 = ordered[len(ordered) // 2]
         p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-        return {"turns": str(self.turns), "turn_p50_ms": f"{p50:.2f}", "turn_p99_ms": f"{p99:.2f}"}
+        return {"turns": str(self.turns), "turn_p50_ms": f"{p50:.3f}", "turn_p99_ms": f"{p99:.3f}"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +124,13 @@ class TurnHost(Protocol):
     async def candidates(self, ctx: TurnContext, message_type: str) -> list[Queued]:
         """Messages of ``message_type`` waiting behind the turn, in arrival order."""
 
-    async def confirmed(self) -> None:
-        """Return once the turn's message is surely this host's to handle: effects outside
-        the commit (a step's function, an ask, queueing) wait for it."""
+    steps: StepsInFlight
+    """The step functions of the host's shard that are running now."""
+
+    async def fenced(self) -> None:
+        """Return once the turn's message is surely this host's to handle and its lease is
+        surely held for a while yet; raise LeaseLost otherwise. Every effect outside the
+        commit (a step function's attempt, an ask, an enqueue, a limiter hold) waits for it."""
 
 
 @dataclass(slots=True)
@@ -165,7 +174,7 @@ class TurnContext:
             # a re-run after a crash before the reply was journaled re-sends the same id,
             # which the target drops, and reads back the first reply.
             message_id = f"{self.envelope.id}.ask{position}"
-            await self.host.confirmed()
+            await self.host.fenced()
             replies = self.services.replies
             ttl_ms = int(self.services.messages.idempotency_ttl * 1000)
             attributes = {"actor.type": ref.type, "actor.key": ref.key}
@@ -188,7 +197,7 @@ class TurnContext:
             # A deterministic item id: a re-run before the result was journaled queues
             # nothing new, and the dispatcher appends each item id once.
             item_id = f"{self.envelope.id}.q{position}"
-            await self.host.confirmed()
+            await self.host.fenced()
             routed = self._route(ref, msg, message_id=item_id, headers=item.headers(queue))
             try:
                 value = ["ok", await self.services.limits.enqueue(queue, routed, item)]
@@ -216,11 +225,10 @@ class TurnContext:
             self.services.limits.check(options.limiter)
         record = self.journal.replay("step", name)
         if record is None:
-            await self.host.confirmed()
             self.in_step = True
             try:
                 with telemetry.span(f"step {name}", {"step.name": name}):
-                    outcome = await _run_step(fn, args, kwargs, options, self.services.limits)
+                    outcome = await _run_step(fn, args, kwargs, options, self.services.limits, self.host)
             finally:
                 self.in_step = False
             record = self.journal.record("step", name, outcome)
@@ -277,7 +285,7 @@ def _callable_name(fn: Callable[..., Any]) -> str:
 
 
 async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                    options: StepOptions, limits: Limits) -> list[Any]:  # fmt: skip
+                    options: StepOptions, limits: Limits, host: TurnHost) -> list[Any]:  # fmt: skip
     """Call ``fn`` with retries; returns the journal value ``["ok", result]`` or ``["error", type, text]``."""
     attempts = options.retries + 1
     for attempt in range(1, attempts + 1):
@@ -285,11 +293,14 @@ async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
         # Outside the try: a Redis error while waiting for the limiter is not the step's
         # failure (the function never ran), so it is not journaled; it fails this attempt
         # of the whole turn, which is retried (then dead-lettered) like any handler error.
+        # So is a lost lease, which ends the turn's runner.
+        await host.fenced()  # no limiter capacity is spent by a fenced owner
         async with limits.hold(options.limiter):
             if options.limiter is not None:
                 telemetry.waited(options.limiter, (time.perf_counter() - waiting) * 1000)
+            await host.fenced()  # the limiter's wait may have been long
             try:
-                result = await _call_once(fn, args, kwargs, options.timeout)
+                result = await _call_once(fn, args, kwargs, options.timeout, host.steps)
             except Exception as exc:
                 failure: Exception | None = exc
             else:
@@ -312,12 +323,55 @@ async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
 
 
 async def _call_once(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                     timeout: float | None) -> Any:  # fmt: skip
-    async with asyncio.timeout(timeout):
-        if asyncio.iscoroutinefunction(fn) or asyncio.iscoroutinefunction(getattr(fn, "func", None)):
-            return await fn(*args, **kwargs)
-        result = await asyncio.to_thread(fn, *args, **kwargs)
-        return await result if asyncio.iscoroutine(result) else result
+                     timeout: float | None, steps: StepsInFlight) -> Any:  # fmt: skip
+    """One attempt of a step function, counted in ``steps`` for as long as it executes."""
+    if asyncio.iscoroutinefunction(fn) or asyncio.iscoroutinefunction(getattr(fn, "func", None)):
+        steps.enter()
+        try:
+            async with asyncio.timeout(timeout):
+                return await fn(*args, **kwargs)
+        finally:
+            steps.leave()
+    result = await _in_thread(fn, args, kwargs, timeout, steps)
+    return await result if asyncio.iscoroutine(result) else result
+
+
+async def _in_thread(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                     timeout: float | None, steps: StepsInFlight) -> Any:  # fmt: skip
+    """Run a sync step function in a thread. A thread cannot be stopped: when the attempt
+    times out, or its turn is cancelled, this still waits for the thread to end, so that
+    its limiter slot, its shard's lease and the step's next attempt never overlap it."""
+    steps.enter()
+
+    def run() -> Any:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            steps.leave()  # from the thread itself: a stalled event loop cannot delay it
+
+    thread = asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, run)
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.shield(thread)
+    except (TimeoutError, asyncio.CancelledError):
+        await _outlive(thread, _callable_name(fn))
+        raise
+
+
+async def _outlive(thread: asyncio.Future[Any], name: str) -> None:
+    """Wait for ``thread`` to end, through cancellations (one that arrives meanwhile is
+    raised once the thread has ended)."""
+    cancelled = False
+    while not thread.done():
+        log.warning("step %s: its attempt is over, but its thread still runs; waiting for it", name)
+        try:
+            await asyncio.wait({thread}, timeout=30)
+        except asyncio.CancelledError:
+            cancelled = True
+    if not thread.cancelled():
+        thread.exception()  # retrieved: the attempt's outcome is its timeout or cancellation
+    if cancelled:
+        raise asyncio.CancelledError()
 
 
 def _step_result(record: Record, name: str, fn: Callable[..., Any]) -> Any:

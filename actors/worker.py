@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from . import telemetry
 from .actor import App
 from .errors import LeaseLost
+from .lease import Lease
 from .limits import Limits
 from .replies import ReplyListener
 from .server import resolve_url
 from .settings import DEFAULT_SHARDS, RedisSettings, WorkerSettings
-from .shard import Lease, ShardRunner
+from .shard import ShardRunner
 from .store import Store, is_transient
 from .supervisor import Supervisor
 from .turn import TurnServices
@@ -51,6 +52,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._slots: dict[int, _Slot] = {}
         self._services: TurnServices | None = None
+        self._supervisor: Supervisor | None = None
 
     def stop(self) -> None:
         """Begin a graceful stop: drain in-flight turns, release every lease."""
@@ -69,7 +71,7 @@ class Worker:
         replies = ReplyListener(store)
         limits = Limits(
             store, self.app.limiters, int(self.settings.lease.ttl * 1000),
-            int(self.settings.messages.idempotency_ttl * 1000),
+            int(self.settings.messages.idempotency_ttl * 1000), renew=False,
         )  # fmt: skip
         try:
             shards = await store.shard_count(self.settings.shards, DEFAULT_SHARDS)
@@ -79,8 +81,9 @@ class Worker:
             supervisor = Supervisor(
                 store, self.id, shards, self.settings.lease,
                 on_acquired=self._start_shard, on_lost=self._stop_shard, on_release=self._drain_shard,
-                info=self._info,
+                info=self._info, slots=limits.held_slots, load=self._load,
             )  # fmt: skip
+            self._supervisor = supervisor
             telemetry.observe_worker(
                 lambda: len(self._slots),
                 lambda: {r.shard: r.inflight for r in self.runners},
@@ -101,6 +104,13 @@ class Worker:
         assert self._services is not None
         waiting = {f"waiting:{name}": str(n) for name, n in self._services.limits.waiting().items()}
         return {**waiting, **self._services.stats.summary(), "shards": str(len(self._slots))}
+
+    def _load(self, shard: int) -> int:
+        """Work in flight on a shard: messages read and not finished, and steps running."""
+        slot = self._slots.get(shard)
+        if slot is None:
+            return 0
+        return slot.lease.steps.running + (slot.runner.inflight if slot.runner is not None else 0)
 
     # ---- shard runners ---------------------------------------------------------
     def _start_shard(self, lease: Lease) -> None:
@@ -123,9 +133,12 @@ class Worker:
         try:
             await asyncio.wait_for(asyncio.shield(slot.task), timeout=self.shutdown_grace)
         except TimeoutError:
+            running = slot.lease.steps.running
             log.warning(
-                "shard %s: in-flight turns did not finish in %ss; abandoning them", shard, self.shutdown_grace
-            )
+                "shard %s: in-flight turns did not finish in %ss; abandoning them%s",
+                shard, self.shutdown_grace,
+                f" once the {running} step functions still running have ended" if running else "",
+            )  # fmt: skip
         except Exception:  # already logged by _run_shard
             pass
         self._stop_shard(shard)
@@ -150,6 +163,8 @@ class Worker:
                     log.warning(
                         "shard %s: lease lost at epoch %s; stopping its turns", lease.shard, lease.epoch
                     )
+                    if self._supervisor is not None:
+                        self._supervisor.lose(lease)
                     return
                 if all(is_transient(e) for e in errors):
                     log.warning(

@@ -1,5 +1,6 @@
--- Take a shard's lease if it is free (or already ours), growing the fencing epoch
--- whenever the lease is taken afresh, and make sure the inbox's consumer group exists.
+-- Take a shard's lease if it is free, or still ours from an acquisition this worker has
+-- since dropped, always at a new fencing epoch: leftovers of the runner that held it
+-- before are then fenced from the new one. Also make sure the inbox's consumer group exists.
 -- KEYS[1] lease      string "<worker>|<epoch>" with PX TTL
 -- KEYS[2] epoch      string integer, never decreases
 -- KEYS[3] inbox      stream; consumer group "workers" is created at id 0
@@ -8,12 +9,10 @@
 -- Returns the epoch now held, or -1 if another worker holds the lease.
 local current = redis.call('GET', KEYS[1])
 if current then
-  local owner, epoch = string.match(current, '^(.*)|(%d+)$')
-  if owner == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return tonumber(epoch)
+  local owner = string.match(current, '^(.*)|%d+$')
+  if owner ~= ARGV[1] then
+    return -1
   end
-  return -1
 end
 local epoch = redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. '|' .. epoch, 'PX', ARGV[2])

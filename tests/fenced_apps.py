@@ -1,0 +1,103 @@
+"""Actors whose steps leave a trace in ``$ACTORS_TEST_DIR/effects.log``: which process ran
+which step function, and when it started and ended, so tests can see a step run by a
+fenced owner or two runs of one step overlapping."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+import actors
+
+
+def trace(text: str) -> None:
+    path = Path(os.environ.get("ACTORS_TEST_DIR", ".")) / "effects.log"
+    with open(path, "a") as out:
+        out.write(f"{text} {os.getpid()} {time.time():.6f}\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def effect(key: str, name: str, seconds: float) -> str:
+    """A step function with an outside effect that takes ``seconds``."""
+    trace(f"start {key} {name}")
+    time.sleep(seconds)
+    trace(f"end {key} {name}")
+    return name
+
+
+class Steps(BaseModel):
+    gap: float = 0.0
+    """Seconds the handler waits (in plain code, not durably) between the two steps."""
+    first: float = 0.0
+    second: float = 0.0
+
+
+class Ran(BaseModel):
+    done: int = 0
+
+
+class TwoSteps(actors.Actor):
+    State = Ran
+
+    async def on_steps(self, msg: Steps) -> None:
+        await self.step(effect, self.key, "one", msg.first)
+        trace(f"between {self.key} -")
+        await asyncio.sleep(msg.gap)
+        await self.step(effect, self.key, "two", msg.second)
+        self.state.done += 1
+
+
+class Exit(BaseModel):
+    code: int = 3
+
+
+class Quitter(actors.Actor):
+    """Its handler calls ``sys.exit``: a handler failure, not the end of the worker."""
+
+    State = Ran
+
+    async def on_exit(self, msg: Exit) -> None:
+        raise SystemExit(msg.code)
+
+    async def on_steps(self, msg: Steps) -> None:
+        self.state.done += 1
+
+
+class Hold(BaseModel):
+    seconds: float
+    timeout: float | None = None
+
+
+class Capped(actors.Actor):
+    """One sync step under limiter ``one`` (a concurrency cap of 1)."""
+
+    State = Ran
+
+    async def on_hold(self, msg: Hold) -> None:
+        try:
+            await self.step(
+                effect, self.key, "slot", msg.seconds, limiter="one", timeout=msg.timeout, retries=0
+            )
+        except actors.StepFailed:
+            pass
+        self.state.done += 1
+
+
+class Block(BaseModel):
+    seconds: float
+
+
+class Blocker(actors.Actor):
+    """Blocks its worker's event loop (a bug in a handler, on purpose)."""
+
+    async def on_block(self, msg: Block) -> None:
+        trace(f"blocking {self.key} -")
+        time.sleep(msg.seconds)  # noqa: ASYNC251  # the bug this actor stands for
+
+
+app = actors.App(TwoSteps, Quitter, Capped, Blocker, limiters=[actors.Limiter("one", concurrency=1)])

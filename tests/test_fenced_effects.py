@@ -1,0 +1,220 @@
+"""Effects outside the commit stay fenced: a paused former owner runs no step, a lease is
+never taken over while a step of its shard runs, a fresh acquisition fences leftovers.
+Real worker processes and real signals."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import actors
+
+from .conftest import eventually
+from .fenced_apps import Block, Blocker, Capped, Exit, Hold, Quitter, Steps, TwoSteps, app
+
+APP = "tests.fenced_apps:app"
+pytestmark = pytest.mark.chaos
+
+
+def effects(path: Path) -> list[list[str]]:
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def _owner(client: actors.Client) -> str | None:
+    return (await client.store.shard_info(0)).owner
+
+
+async def test_a_paused_former_owner_runs_no_step_after_it_wakes(spawn_worker, connect, tmp_path) -> None:
+    """SIGSTOP between two steps past the lease TTL: the survivor recovers the turn and runs
+    step two; on SIGCONT the former owner must not run step two's function again."""
+    log = tmp_path / "effects.log"
+    old = spawn_worker(APP, "--shards", "1")
+    async with connect(app=app, shards=1) as client:
+        await eventually(lambda: _owner(client))
+        new = spawn_worker(APP, "--shards", "1")
+        await client.send(TwoSteps.ref("t"), Steps(gap=1.5))
+        await eventually(lambda: any(w[:2] == ["between", "t"] for w in effects(log)))
+        old.signal(signal.SIGSTOP)
+        await eventually(lambda: _finished(client, "t"), timeout=20)  # the survivor ran it
+        survivor = [w for w in effects(log) if w[:3] == ["start", "t", "two"]]
+        assert [int(w[3]) for w in survivor] == [new.pid]
+        old.signal(signal.SIGCONT)
+        await eventually(lambda: "lease" in old.log.read_text(), timeout=10)  # it noticed
+        await asyncio.sleep(1.0)  # the thread of a step it wrongly started would have logged by now
+        runs = [int(w[3]) for w in effects(log) if w[:3] == ["start", "t", "two"]]
+        assert runs == [new.pid], f"step two ran on the fenced owner: {effects(log)}"
+
+
+async def _finished(client: actors.Client, key: str) -> bool:
+    state = await client.state(TwoSteps.ref(key))
+    return state is not None and state.done == 1
+
+
+async def test_a_fresh_acquisition_always_takes_a_new_epoch(connect) -> None:
+    """A supervisor that dropped a lease locally (its keeper may still renew it) and then
+    acquires it again must not get the same epoch back: leftovers of the old runner would
+    not be fenced from the new one."""
+    async with connect() as client:
+        store = client.store
+        first = await store.acquire_lease(0, "w", ttl_ms=10_000)
+        second = await store.acquire_lease(0, "w", ttl_ms=10_000)
+        assert first is not None and second is not None and second > first
+        assert not await store.renew_leases({0: f"w|{first}"}, 10_000) == {0: True}
+        assert await store.acquire_lease(0, "other", ttl_ms=10_000) is None
+
+
+async def test_a_handler_that_calls_sys_exit_fails_its_turn_not_its_worker(spawn_worker, connect) -> None:
+    worker = spawn_worker(APP, "--shards", "1")
+    async with connect(app=app, shards=1) as client:
+        await client.send(Quitter.ref("q"), Exit(code=3))
+        await client.send(Quitter.ref("q"), Steps())
+        state = await eventually(lambda: client.state(Quitter.ref("q")), timeout=20)
+        assert state.done == 1
+        [letter] = await client.store.dead_letters(0, 10)
+        assert "SystemExit" in letter.reason
+    assert worker.proc is not None and worker.proc.poll() is None, "the worker still runs"
+
+
+def _runs(log: Path, key: str, name: str) -> list[tuple[int, float, float]]:
+    """(pid, start, end) of every run of step ``name`` of actor ``key`` that ended."""
+    started: dict[int, float] = {}
+    runs = []
+    for w in effects(log):
+        if w[1:3] == [key, name]:
+            pid, at = int(w[3]), float(w[4])
+            if w[0] == "start":
+                started[pid] = at
+            elif w[0] == "end":
+                runs.append((pid, started.pop(pid), at))
+    return runs
+
+
+def _overlaps(runs: list[tuple[int, float, float]]) -> list[tuple[tuple[int, float, float], ...]]:
+    ordered = sorted(runs, key=lambda r: r[1])
+    return [(a, b) for a, b in itertools.pairwise(ordered) if b[1] < a[2]]
+
+
+async def test_a_graceful_hand_over_waits_for_a_running_step(spawn_worker, connect, tmp_path) -> None:
+    """A step outlasts the drain grace: the leaving worker abandons the turn, but keeps the
+    lease until the step's thread has ended, so the next owner never runs it alongside."""
+    log = tmp_path / "effects.log"
+    old = spawn_worker(APP, "--shards", "1", "--grace", "0.5")
+    async with connect(app=app, shards=1) as client:
+        await eventually(lambda: _owner(client))
+        new = spawn_worker(APP, "--shards", "1")
+        await client.send(TwoSteps.ref("h"), Steps(first=3.0))
+        await eventually(lambda: any(w[:3] == ["start", "h", "one"] for w in effects(log)))
+        old.signal(signal.SIGTERM)  # drains, abandons the turn after 0.5 s, releases the lease
+        await eventually(lambda: _finished(client, "h"), timeout=30)
+        runs = _runs(log, "h", "one")
+        assert {pid for pid, _, _ in runs} == {old.pid, new.pid}, runs
+        assert not _overlaps(runs), f"two runs of one step overlapped: {runs}"
+    assert old.stop() == 0
+
+
+async def test_a_worker_gives_up_its_idle_shards_before_a_busy_one(spawn_worker, connect, tmp_path) -> None:
+    log = tmp_path / "effects.log"
+    first = spawn_worker(APP, "--shards", "2")
+    async with connect(app=app, shards=2) as client:
+        await eventually(lambda: _owners(client, 1))
+        key = next(f"busy-{n}" for n in range(100) if actors.routing.shard_of(f"TwoSteps/busy-{n}", 2) == 1)
+        busy = 1  # the one a worker that gives up its highest-numbered shards first would move
+        await client.send(TwoSteps.ref(key), Steps(first=2.5))
+        await eventually(lambda: any(w[:3] == ["start", key, "one"] for w in effects(log)))
+        second = spawn_worker(APP, "--shards", "2")
+        await eventually(lambda: _owners(client, 2))  # rebalanced: one shard each
+        owner = (await client.store.shard_info(busy)).owner
+        assert owner is not None and f"-{first.pid}-" in owner, "the busy shard stayed"
+        await eventually(lambda: _finished(client, key), timeout=20)
+        assert [pid for pid, _, _ in _runs(log, key, "one")] == [first.pid], "its step ran once"
+        assert second.pid
+
+
+async def _owners(client: actors.Client, n: int) -> bool:
+    owners = [(await client.store.shard_info(s)).owner for s in range(client.shards)]
+    return all(owners) and len({o.split("-")[-2] for o in owners if o}) == n
+
+
+async def test_a_limiter_slot_outlives_a_stalled_event_loop(spawn_worker, connect, tmp_path) -> None:
+    """Slots are renewed from the lease keeper's thread: a step holding the only slot of
+    ``one`` keeps it while another handler blocks the event loop for several lease TTLs."""
+    from actors.limits import Limits
+
+    log = tmp_path / "effects.log"
+    spawn_worker(APP, "--shards", "1")
+    async with connect(app=app, shards=1) as client:
+        await eventually(lambda: _owner(client))
+        await client.send(Capped.ref("c"), Hold(seconds=4.0))
+        await eventually(lambda: any(w[:3] == ["start", "c", "slot"] for w in effects(log)))
+        await client.send(Blocker.ref("b"), Block(seconds=3.0))
+        await eventually(lambda: any(w[:2] == ["blocking", "b"] for w in effects(log)))
+        limits = Limits(client.store, app.limiters, lease_ms=1000)
+        await limits.start()
+        try:
+            async with limits.hold("one"):
+                taken = time.time()
+        finally:
+            await limits.stop()
+        [(_, _, ended)] = await eventually(lambda: _runs(log, "c", "slot"))
+        assert taken >= ended, f"the slot was taken {ended - taken:.2f}s before its holder ended"
+
+
+async def test_a_timed_out_sync_step_keeps_its_slot_until_its_thread_ends(
+    spawn_worker, connect, tmp_path
+) -> None:
+    log = tmp_path / "effects.log"
+    spawn_worker(APP, "--shards", "1")
+    async with connect(app=app, shards=1) as client:
+        for key in ("t1", "t2", "t3"):
+            await client.send(Capped.ref(key), Hold(seconds=1.0, timeout=0.2))
+        for key in ("t1", "t2", "t3"):
+            await eventually(lambda k=key: _done(client, k), timeout=20)
+        runs = await eventually(lambda: _ended(log, ("t1", "t2", "t3"), 3))
+        assert not _overlaps(runs), f"a cap of one had two steps running at once: {runs}"
+
+
+def _ended(log: Path, keys: tuple[str, ...], n: int) -> list[tuple[int, float, float]] | None:
+    runs = [run for key in keys for run in _runs(log, key, "slot")]
+    return runs if len(runs) == n else None
+
+
+async def _done(client: actors.Client, key: str) -> bool:
+    state = await client.state(Capped.ref(key))
+    return state is not None and state.done == 1
+
+
+async def test_a_lost_reply_of_the_timer_script_does_not_strand_a_sleep(
+    redis_server, start_worker, namespace
+) -> None:
+    """The timer script takes a due timer (setting it to 0) and its reply is lost: a retry
+    would find nothing due, and the woken turn would sit at 0 until the runner restarted.
+    The script runs without automatic retry; the runner restarts and recovers it."""
+    from .proxy import reply_dropper
+    from .workflow_apps import Nap, Sleeper
+    from .workflow_apps import app as workflow_app
+
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    async with reply_dropper(port) as proxy:
+        await start_worker(workflow_app, url=proxy.url)
+        async with actors.connect(proxy.url, namespace=namespace, app=workflow_app) as client:
+            ref = Sleeper.ref("strand")
+            await client.send(ref, Nap(seconds=1.0))
+            await eventually(lambda: _suspended(client, ref))
+            proxy.marker = b"Sleeper/strand"
+            await asyncio.wait_for(proxy.dropped.wait(), timeout=10)
+            state = await eventually(lambda: _woke(client, ref), timeout=15)
+            assert state.woke_at_ms >= state.slept_from_ms + 1000
+
+
+async def _suspended(client: actors.Client, ref: actors.ActorRef) -> bool:
+    return (await client.inspect(ref)).turn is not None
+
+
+async def _woke(client: actors.Client, ref: actors.ActorRef):  # type: ignore[no-untyped-def]
+    state = await client.state(ref)
+    return state if state is not None and state.woke_at_ms else None
