@@ -8,6 +8,8 @@ import pytest
 
 import actors
 from actors import ConfigurationError, WorkerSettings
+from actors.codec import actor_id
+from actors.routing import shard_of
 
 from .apps import Add, Back, Counter, Front, Get, Lookup, Mirror, Tally, Total, app
 from .conftest import eventually
@@ -50,6 +52,76 @@ async def test_ask_with_repeated_idempotency_key_gets_the_first_reply(start_work
         await client.send(Counter.ref("q"), Add(by=5))
         again = await client.ask(Counter.ref("q"), Get(), idempotency_key="k", timeout=5)
         assert first == again == Total(total=0)
+
+
+def same_shard(pairs: list[tuple[str, str]], shards: int) -> tuple[str, str]:
+    """The first pair of Counter keys whose actors share a shard."""
+    for a, b in pairs:
+        if shard_of(actor_id("Counter", a), shards) == shard_of(actor_id("Counter", b), shards):
+            return a, b
+    raise AssertionError("no pair of keys on one shard")
+
+
+async def test_one_idempotency_key_for_two_actors_of_one_shard_reaches_both(start_worker, connect) -> None:
+    """Keys are scoped by target actor, not by shard: both messages are delivered."""
+    await start_worker(app)
+    async with connect(app=app) as client:
+        a, b = same_shard([(f"twin-{i}", f"twin-{i + 1}") for i in range(50)], client.shards)
+        first = await client.send(Counter.ref(a), Add(by=1), idempotency_key="order-1")
+        second = await client.send(Counter.ref(b), Add(by=2), idempotency_key="order-1")
+        assert first != second
+        assert await client.ask(Counter.ref(a), Get(), idempotency_key="read-1") == Total(total=1)
+        assert await client.ask(Counter.ref(b), Get(), idempotency_key="read-1") == Total(total=2)
+        # Still deduplicated per actor: a retry to each returns its own first id.
+        assert await client.send(Counter.ref(a), Add(by=1), idempotency_key="order-1") == first
+        assert await client.send(Counter.ref(b), Add(by=2), idempotency_key="order-1") == second
+        assert await client.ask(Counter.ref(b), Get()) == Total(total=2)
+
+
+async def test_actor_key_and_idempotency_key_do_not_run_together(start_worker, connect) -> None:
+    """Counter/<k>:q with key "z" and Counter/<k> with key "q:z" are two scopes, though
+    joining actor id and key with ':' would spell the same text for both."""
+    await start_worker(app)
+    async with connect(app=app) as client:
+        a, b = same_shard([(f"p{i}:q", f"p{i}") for i in range(50)], client.shards)
+        first = await client.send(Counter.ref(a), Add(by=1), idempotency_key="z")
+        second = await client.send(Counter.ref(b), Add(by=1), idempotency_key="q:z")
+        assert first != second
+        assert await client.ask(Counter.ref(b), Get()) == Total(total=1)
+
+
+async def test_reused_idempotency_key_with_a_different_message_is_refused(start_worker, connect) -> None:
+    await start_worker(app)
+    async with connect(app=app) as client:
+        ref = Counter.ref("pay")
+        first = await client.send(ref, Add(by=1), idempotency_key="charge-1")
+        attempts = (
+            lambda: client.send(ref, Add(by=2), idempotency_key="charge-1"),  # another payload
+            lambda: client.send(ref, Get(), idempotency_key="charge-1"),  # another type
+            lambda: client.ask(ref, Add(by=2), idempotency_key="charge-1", timeout=5),
+        )
+        for attempt in attempts:
+            with pytest.raises(actors.IdempotencyConflict, match="charge-1") as refused:
+                await attempt()
+            assert refused.value.key == "charge-1"
+            assert refused.value.actor == "Counter/pay"
+            assert refused.value.message_id == first
+        # The same message again is a retry, not a conflict.
+        assert await client.send(ref, Add(by=1), idempotency_key="charge-1") == first
+        assert await client.ask(ref, Get()) == Total(total=1)
+
+
+async def test_reused_ask_key_with_a_different_message_is_refused(start_worker, connect) -> None:
+    await start_worker(app)
+    async with connect(app=app) as client:
+        ref = Counter.ref("asked")
+        assert await client.ask(ref, Get(), idempotency_key="read-1") == Total(total=0)
+        with pytest.raises(actors.IdempotencyConflict):
+            await client.ask(ref, Add(by=3), idempotency_key="read-1", timeout=5)
+        with pytest.raises(actors.IdempotencyConflict):
+            await client.send(ref, Add(by=3), idempotency_key="read-1")
+        assert await client.ask(ref, Get(), idempotency_key="read-1", timeout=5) == Total(total=0)
+        assert await client.ask(ref, Get()) == Total(total=0), "neither refused message was stored"
 
 
 async def test_per_sender_order_holds_with_concurrent_senders(start_worker, connect) -> None:
