@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
 import actors
 from actors import ConfigurationError, WorkerSettings
-from actors.codec import actor_id
+from actors.codec import Envelope, actor_id, encode_envelope, message_digest
 from actors.routing import shard_of
 
 from .apps import Add, Back, Counter, Front, Get, Lookup, Mirror, Tally, Total, app
@@ -122,6 +123,33 @@ async def test_reused_ask_key_with_a_different_message_is_refused(start_worker, 
             await client.send(ref, Add(by=3), idempotency_key="read-1")
         assert await client.ask(ref, Get(), idempotency_key="read-1", timeout=5) == Total(total=0)
         assert await client.ask(ref, Get()) == Total(total=0), "neither refused message was stored"
+
+
+def test_message_digest_covers_type_and_payload_only() -> None:
+    """A retry has a new id, new trace headers and maybe another reply channel; a payload
+    dict may be filled in another order. None of that makes it another message."""
+    first = Envelope("id-1", "Counter", "k", "Add", {"by": 1, "tags": {"a": 1, "b": 2}})
+    retry = Envelope("id-2", "Counter", "k", "Add", {"tags": {"b": 2, "a": 1}, "by": 1}, {"t": "x"}, "ch")
+    assert message_digest(first) == message_digest(retry)
+    assert message_digest(first) != message_digest(replace(first, type="Sub"))
+    assert message_digest(first) != message_digest(replace(first, payload={"by": 2, "tags": {}}))
+
+
+async def test_a_key_without_digest_keeps_the_first_message(start_worker, connect) -> None:
+    """The runtime's own keys (a turn's ask ids, queued item ids) pass no digest: a re-run
+    turn may build its ask anew (a fresh uuid in it), and the first message still wins."""
+    await start_worker(app)
+    async with connect(app=app) as client:
+        ref = Counter.ref("rerun")
+        aid, shard = actor_id(ref.type, ref.key), shard_of(actor_id(ref.type, ref.key), client.shards)
+
+        async def append(message_id: str, by: int) -> tuple[bool, str]:
+            data = encode_envelope(Envelope(message_id, ref.type, ref.key, "Add", {"by": by}), 1000)
+            return await client.store.append_once(shard, aid, "m.ask0", message_id, data, 60_000, digest="")
+
+        assert (await append("m.ask1", 1))[0]
+        assert await append("m.ask2", 2) == (False, "m.ask1")
+        assert await client.ask(ref, Get()) == Total(total=1)
 
 
 async def test_per_sender_order_holds_with_concurrent_senders(start_worker, connect) -> None:
