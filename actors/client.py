@@ -16,13 +16,13 @@ from pydantic import BaseModel
 
 from . import telemetry
 from .actor import ActorRef, App
-from .codec import actor_id, decode_envelope, decode_state
+from .codec import actor_id, decode_envelope, decode_state, message_digest
 from .errors import ConfigurationError
 from .journal import FOREVER_MS, OpenTurn
 from .limits import QueueItem, enqueue
 from .messages import CANCEL, Approval
 from .replies import ReplyListener, reply_value
-from .routing import Routed, route, route_control, shard_of
+from .routing import Routed, check_idempotency_key, route, route_control, shard_of
 from .server import resolve_url
 from .settings import DEFAULT_SHARDS, MessageSettings, RedisSettings
 from .store import Store
@@ -41,22 +41,23 @@ class Client:
     async def send(self, ref: ActorRef[Any], msg: BaseModel, *, idempotency_key: str | None = None) -> str:
         """Send ``msg`` to ``ref``; returns its message id once it is stored in Redis.
 
-        With ``idempotency_key``, a second send with the same key (within
-        ``idempotency_ttl``) is accepted but has no effect, and returns the first id.
+        With ``idempotency_key`` (a str of 1 to 256 characters, else InvalidIdempotencyKey),
+        a second send of the same message (type and payload) to the same actor with the
+        same key, within ``idempotency_ttl``, is accepted but has no effect, and returns the
+        first id; another message to that actor with the key raises IdempotencyConflict.
         """
+        key = None if idempotency_key is None else check_idempotency_key(idempotency_key)
         with _sending("send", ref, msg):
             routed = self._route(ref, msg)
-            if idempotency_key is None:
+            if key is None:
                 await self.store.append(routed.shard, routed.data)
                 return routed.envelope.id
+            env = routed.envelope
             appended, first_id = await self.store.append_once(
-                routed.shard,
-                idempotency_key,
-                routed.envelope.id,
-                routed.data,
-                _ms(self.messages.idempotency_ttl),
-            )
-            return routed.envelope.id if appended else first_id
+                routed.shard, env.actor_id, key, env.id, routed.data, _ms(self.messages.idempotency_ttl),
+                digest=message_digest(env),
+            )  # fmt: skip
+            return env.id if appended else first_id
 
     async def send_many(self, items: Iterable[tuple[ActorRef[Any], BaseModel]]) -> list[str]:
         """Send many messages in one pipelined round trip; order is kept per target."""
@@ -78,13 +79,15 @@ class Client:
 
         Raises HandlerError if the message was dead-lettered (the handler kept
         failing, or the message was refused), AskTimeout after ``timeout``.
+        ``idempotency_key`` works as for ``send``; a repeated ask gets the first one's reply.
         """
+        key = None if idempotency_key is None else check_idempotency_key(idempotency_key)
         replies = await self._listener()
         with _sending("ask", ref, msg):
             routed = self._route(ref, msg, reply_to=replies.channel)
             reply = await replies.request(
-                routed.shard, routed.envelope.id, routed.data, idempotency_key,
-                _ms(self.messages.idempotency_ttl), timeout,
+                routed.shard, routed.envelope.id, routed.data, key,
+                _ms(self.messages.idempotency_ttl), timeout, digest=message_digest(routed.envelope),
             )  # fmt: skip
         return reply_value(reply, self.app.resolve(ref) if self.app else ref.cls, routed.envelope.type)
 

@@ -7,6 +7,8 @@ UUIDs and enums survive) and packed with msgpack.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +48,15 @@ class Envelope:
 def actor_id(actor_type: str, key: str) -> str:
     """The id of an actor inside its shard's state hash."""
     return f"{actor_type}/{key}"
+
+
+def message_digest(env: Envelope) -> str:
+    """sha256 (hex) of a message's type and payload: what a retry under one idempotency key
+    must repeat. Not of the encoded envelope, whose id, headers (trace context) and reply
+    channel differ between retries. The payload is a JSON-mode dump; JSON with sorted keys
+    makes two equal payloads whose dicts were filled in another order agree."""
+    text = json.dumps([env.type, env.payload], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def dump_model(model: BaseModel) -> Any:

@@ -68,3 +68,22 @@ class DuplicateItem(ActorsError):
         super().__init__(f"dedup id {dedup_id!r} is already queued or running (item {item_id})")
         self.dedup_id = dedup_id
         self.item_id = item_id
+
+
+class InvalidIdempotencyKey(ActorsError, ValueError):
+    """``send`` or ``ask`` was given an idempotency key that is not a non-empty ``str`` of at
+    most 256 characters. Raised at the call, before anything is written."""
+
+
+class IdempotencyConflict(ActorsError):
+    """``send`` or ``ask`` reused an idempotency key, within ``idempotency_ttl``, for a message
+    to the same actor that differs from the first (another type or payload). Nothing is
+    written; ``message_id`` is the first message's."""
+
+    def __init__(self, key: str, actor: str, message_id: str) -> None:
+        super().__init__(
+            f"idempotency key {key!r} was used for a different message to {actor} (message {message_id})"
+        )
+        self.key = key
+        self.actor = actor
+        self.message_id = message_id

@@ -93,9 +93,14 @@ class Keys:
         """hash: source shard -> last outbox entry id forwarded into this shard."""
         return f"{self._tag(shard)}:forwarded"
 
-    def idempotency(self, shard: int, key: str) -> str:
-        """string with TTL: an idempotency key already accepted by this shard."""
-        return f"{self._tag(shard)}:idem:{key}"
+    def idempotency(self, shard: int, actor_id: str, key: str) -> str:
+        """string with TTL: ``<digest>:<first message id>`` of an idempotency key accepted
+        for one actor of this shard.
+
+        The actor id's length comes first: actor keys and idempotency keys may hold ':' and
+        '/', and without it ``A/x:y`` with key ``z`` and ``A/x`` with key ``y:z`` would meet.
+        """
+        return f"{self._tag(shard)}:idem:{len(actor_id)}:{actor_id}:{key}"
 
     def reply(self, shard: int, message_id: str) -> str:
         """string with TTL: the encoded reply to an ``ask`` (kept for late readers)."""

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .codec import decode_envelope
 from .errors import ConfigurationError, DefinitionError, DuplicateItem
 from .store import RELEASED, Store
 
@@ -346,7 +347,11 @@ class Limits:
                     await asyncio.sleep(wait_ms / 1000)
                     item_id, shard, envelope = item
                     # Idempotent by item id: a dispatch retried after a crash appends nothing twice.
-                    await self.store.append_once(shard, item_id, item_id, envelope, self.idempotency_ttl_ms)
+                    # No digest: an item's envelope never changes (queue_enqueue keeps the first).
+                    target = decode_envelope(envelope).actor_id
+                    await self.store.append_once(
+                        shard, target, item_id, item_id, envelope, self.idempotency_ttl_ms, digest=""
+                    )
                     await self.store.queue_dispatched(limiter.name, item_id)
                     continue
             except asyncio.CancelledError:

@@ -14,7 +14,7 @@ import logging
 import uuid
 from typing import Any
 
-from .codec import Reply, decode_reply
+from .codec import Reply, decode_envelope, decode_reply
 from .errors import AskTimeout, DecodeError, HandlerError
 from .store import Store, is_transient
 
@@ -50,11 +50,16 @@ class ReplyListener:
         idempotency_key: str | None,
         ttl_ms: int,
         timeout: float,
+        *,
+        digest: str = "",
     ) -> Reply:
         """Append an ask to ``shard``'s inbox and wait for its reply.
 
-        With an idempotency key already accepted, nothing is appended and the
-        reply awaited is the first message's.
+        With an idempotency key already accepted for the target actor, nothing is
+        appended and the reply awaited is the first message's; with a ``digest``
+        (``codec.message_digest``) that differs from the first message's, IdempotencyConflict.
+        No digest (a turn's asks, keyed by their deterministic message id): the first
+        message wins, as a re-run turn may build its ask's payload anew (a fresh uuid, a time).
         """
         fut = self.expect(message_id)
         wait_id = message_id
@@ -62,8 +67,11 @@ class ReplyListener:
             if idempotency_key is None:
                 await self.store.append(shard, data)
             else:
+                # The envelope names the target, the key's scope (the caller may be a turn,
+                # which passes only the encoded envelope).
+                target = decode_envelope(data).actor_id
                 appended, first_id = await self.store.append_once(
-                    shard, idempotency_key, message_id, data, ttl_ms
+                    shard, target, idempotency_key, message_id, data, ttl_ms, digest=digest
                 )
                 if not appended:
                     self.forget(message_id)

@@ -16,8 +16,24 @@ from pydantic import BaseModel
 from . import telemetry
 from .actor import ActorRef, App
 from .codec import Envelope, dump_model, encode_envelope, new_message_id
-from .errors import UnknownActorType
+from .errors import InvalidIdempotencyKey, UnknownActorType
 from .messages import TICK
+
+MAX_IDEMPOTENCY_KEY = 256
+"""Characters; a key is part of a Redis key name, kept for ``idempotency_ttl``."""
+
+
+def check_idempotency_key(key: object) -> str:
+    """``key`` as a plain ``str``, or InvalidIdempotencyKey if it is not text of 1 to
+    ``MAX_IDEMPOTENCY_KEY`` characters (an int 5 would meet the text "5" in Redis)."""
+    if not isinstance(key, str):
+        raise InvalidIdempotencyKey(f"an idempotency key must be a str, not {type(key).__name__}")
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise InvalidIdempotencyKey(
+            f"an idempotency key must have 1 to {MAX_IDEMPOTENCY_KEY} characters, not {len(key)}"
+        )
+    # A str subclass (a str enum member) may format as other text ("K.A") inside the key name.
+    return str.__str__(key)
 
 
 def shard_of(actor_id: str, shards: int) -> int:

@@ -30,7 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from .codec import FIELD
-from .errors import ConfigurationError, Diverged, LeaseLost
+from .errors import ConfigurationError, Diverged, IdempotencyConflict, LeaseLost
 from .keys import GROUP, Keys
 from .lease import Lease
 
@@ -43,6 +43,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, Redis
 STALL_TIMEOUT = 30.0
 """Seconds a send, or a supervisor tick, waits for a server that does not answer (calls have
 no socket timeout of their own)."""
+
+_CONFLICT = 2
+"""``enqueue_once.lua``'s status for a key accepted for a message with another digest."""
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -367,15 +370,25 @@ class Store:
         return [i.decode() for i in ids]
 
     async def append_once(
-        self, shard: int, idempotency_key: str, message_id: str, envelope: bytes, ttl_ms: int
-    ) -> tuple[bool, str]:
-        """Append unless the key was seen; returns (True, entry id) or (False, first message id)."""
-        appended, value = await self._run(
+        self, shard: int, actor_id: str, idempotency_key: str, message_id: str, envelope: bytes, ttl_ms: int,
+        *, digest: str,
+    ) -> tuple[bool, str]:  # fmt: skip
+        """Append unless the key was seen for ``actor_id``; returns (True, entry id) or
+        (False, first message id).
+
+        ``digest`` (``codec.message_digest``) is kept with the key; a later message under
+        the key with another digest raises IdempotencyConflict, and nothing is appended.
+        An empty digest accepts whatever the first message held (the runtime's own keys,
+        which are message or item ids).
+        """
+        status, value = await self._run(
             "enqueue_once",
-            [self.keys.inbox(shard), self.keys.idempotency(shard, idempotency_key)],
-            [envelope, message_id, ttl_ms],
+            [self.keys.inbox(shard), self.keys.idempotency(shard, actor_id, idempotency_key)],
+            [envelope, message_id, ttl_ms, digest],
         )
-        return bool(appended), value.decode()
+        if status == _CONFLICT:
+            raise IdempotencyConflict(idempotency_key, actor_id, value.decode())
+        return bool(status), value.decode()
 
     async def read_new(self, shard: int, lease: str, consumer: str, count: int) -> tuple[list[Entry], str]:
         """Take up to ``count`` new entries, fenced by ``lease``; returns (entries, newest id).

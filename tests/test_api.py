@@ -10,7 +10,7 @@ def test_exported_names_are_pinned() -> None:
         "ActorsError", "AskTimeout", "ConfigurationError", "DecodeError", "DefinitionError",
         "HandlerError", "LeaseLost", "MessageTooLarge", "ServerError", "UnknownActorType",
         "UnknownMessageType", "Approval", "schedule", "Tick", "JournalMismatch", "StepFailed",
-        "Limiter", "DuplicateItem",
+        "Limiter", "DuplicateItem", "IdempotencyConflict", "InvalidIdempotencyKey",
     ])  # fmt: skip
     for name in actors.__all__:
         assert getattr(actors, name) is not None

@@ -226,6 +226,37 @@ async def test_message_over_the_size_limit_is_refused_at_send(start_worker, conn
         assert await client.ask(Counter.ref("big"), Get(), timeout=10) == Total(total=1)
 
 
+@pytest.mark.parametrize("key", [5, b"k-1", "", "k" * 257], ids=["int", "bytes", "empty", "257-chars"])
+async def test_bad_idempotency_key_is_refused_at_the_call(start_worker, connect, key: Any) -> None:
+    await start_worker(app)
+    async with connect(app=app) as client:
+        shard = shard_of("Counter/keyed", client.shards)
+        attempts = (
+            lambda: client.send(Counter.ref("keyed"), Add(by=1), idempotency_key=key),
+            lambda: client.ask(Counter.ref("keyed"), Get(), idempotency_key=key, timeout=5),
+        )
+        for attempt in attempts:
+            with pytest.raises(actors.InvalidIdempotencyKey, match="idempotency key") as refused:
+                await attempt()
+            assert isinstance(refused.value, ValueError)
+        assert (await client.store.shard_info(shard)).length == 0, "nothing was written"
+        await counter_still_counts(client, "keyed", 1)
+
+
+async def test_idempotency_keys_are_text_up_to_256_characters(start_worker, connect) -> None:
+    await start_worker(app)
+    async with connect(app=app) as client:
+        with pytest.raises(actors.InvalidIdempotencyKey):
+            await client.send(Counter.ref("text"), Add(by=1), idempotency_key=5)  # type: ignore[arg-type]
+        # "5" was not taken by the refused int 5: it is a key of its own.
+        five = await client.send(Counter.ref("text"), Add(by=1), idempotency_key="5")
+        assert await client.send(Counter.ref("text"), Add(by=1), idempotency_key="5") == five
+        longest = "k" * 256
+        first = await client.send(Counter.ref("text"), Add(by=1), idempotency_key=longest)
+        assert await client.send(Counter.ref("text"), Add(by=1), idempotency_key=longest) == first
+        assert await client.ask(Counter.ref("text"), Get(), timeout=10) == Total(total=2)
+
+
 # ---- 2. reaching a worker ------------------------------------------------------------------------
 
 WORKER_LIMIT = 400
