@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .codec import decode_envelope
-from .errors import ConfigurationError, DefinitionError, DuplicateItem
+from .errors import ConfigurationError, DecodeError, DefinitionError, DuplicateItem
 from .store import RELEASED, Store
 
 if TYPE_CHECKING:
@@ -348,7 +348,7 @@ class Limits:
                     item_id, shard, envelope = item
                     # Idempotent by item id: a dispatch retried after a crash appends nothing twice.
                     # No digest: an item's envelope never changes (queue_enqueue keeps the first).
-                    target = decode_envelope(envelope).actor_id
+                    target = _target(envelope)
                     await self.store.append_once(
                         shard, target, item_id, item_id, envelope, self.idempotency_ttl_ms, digest=""
                     )
@@ -380,3 +380,13 @@ class Limits:
                 await self.store.limiter_renew(held, self.lease_ms)
             except Exception as exc:
                 log.warning("could not renew limiter slots: %s", exc)
+
+
+def _target(envelope: bytes) -> str:
+    """The actor a queued envelope goes to: the scope of its item id as an idempotency key.
+    One that cannot be decoded (only a raw write can queue it) still goes on to its inbox,
+    where the worker dead-letters it with the reason, rather than stalling the queue."""
+    try:
+        return decode_envelope(envelope).actor_id
+    except DecodeError:
+        return ""
