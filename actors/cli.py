@@ -25,15 +25,13 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
-import time
 from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from . import telemetry, top
+from . import processes, telemetry, top
 from .actor import ActorRef, App
 from .client import Client, TurnView, connect
 from .codec import decode_envelope
@@ -59,7 +57,7 @@ def load_app(spec: str) -> App:
 # ---- worker ---------------------------------------------------------------------
 def cmd_worker(args: argparse.Namespace) -> int:
     if args.processes > 1:
-        return _run_parent(args)
+        return processes.run_parent(_child_argv(args), args.processes, args.redis)
     app = load_app(args.app)
     telemetry.configure(args.otel)
     # A worker allocates many short-lived objects; with the default thresholds, full
@@ -76,6 +74,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
+        if args.parent_pid:  # a child of --processes N ends with its parent
+            processes.watch_parent(args.parent_pid, lambda: loop.call_soon_threadsafe(worker.stop))
         await worker.run()
 
     logging.getLogger("actors").info("worker %s starting", worker.id)
@@ -86,40 +86,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_parent(args: argparse.Namespace) -> int:
-    """Start N single-process workers and restart any that dies, until SIGTERM/SIGINT."""
-    child_args = [sys.executable, "-m", "actors.cli", *_child_argv(args)]
-    children: list[subprocess.Popen[bytes]] = [subprocess.Popen(child_args) for _ in range(args.processes)]
-    stopping = False
-
-    def stop(signum: int, _frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while not stopping:
-        for n, child in enumerate(children):
-            if child.poll() is not None and not stopping:
-                logging.getLogger("actors").warning(
-                    "worker process %s exited with %s; restarting", child.pid, child.returncode
-                )
-                children[n] = subprocess.Popen(child_args)
-        time.sleep(0.1)
-    for child in children:
-        child.wait()
-    return 0
-
-
 def _child_argv(args: argparse.Namespace) -> list[str]:
+    """A child's arguments: this command's, for one process (the URL goes in its environment)."""
     argv = ["--log-level", args.log_level, "worker", args.app, "--processes", "1",
             "--lease-ttl", str(args.lease_ttl), "--renew-interval", str(args.renew_interval),
             "--grace", str(args.grace)]  # fmt: skip
-    if args.redis:
-        argv += ["--redis", args.redis]
     if args.namespace:
         argv += ["--namespace", args.namespace]
     if args.shards:
@@ -420,6 +391,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--lease-ttl", type=float, default=LeaseSettings().ttl)
     w.add_argument("--renew-interval", type=float, default=LeaseSettings().renew_interval)
     w.add_argument("--grace", type=float, default=10.0, help="seconds in-flight turns get on shutdown")
+    w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--otel", choices=["console", "otlp", "none"], default=None,
                    help="export traces (default: as OTEL_TRACES_EXPORTER says; off if unset)")  # fmt: skip
     common(w)

@@ -106,6 +106,12 @@ class Keys:
         """string with TTL: the encoded reply to an ``ask`` (kept for late readers)."""
         return f"{self._tag(shard)}:reply:{message_id}"
 
+    def deliveries(self, shard: int) -> str:
+        """hash: actor id -> ``<delivery>#<n>``: a recovered turn was started ``n`` times
+        without ending (its worker died, exited or lost the lease mid-turn); deleted when
+        the turn commits or is dead-lettered (see ``count_delivery.lua``)."""
+        return f"{self._tag(shard)}:deliveries"
+
     def turns(self, shard: int) -> str:
         """hash: actor id -> its open turn (message, journal, what it waits for), while one is open.
 

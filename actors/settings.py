@@ -86,3 +86,11 @@ class WorkerSettings(_Frozen):
     commit_batch: int = Field(default=256, ge=1)
     block_ms: int = Field(default=1_000, ge=1)
     trim_interval: float = Field(default=5.0, gt=0)
+    max_redeliveries: int = Field(default=3, ge=1)
+    """A turn that was started and then interrupted by the end of its runner (its process
+    was killed or exited, or its event loop blocked until the lease moved) is recovered
+    and run again this many times; the next time, it is dead-lettered instead (a message
+    that kills its worker). Progress (a journal write) starts the count afresh. Such a
+    handler runs at most ``max_redeliveries + 2`` times: a message an idle runner read
+    with XREAD and that ended its worker before the next commit took it into the group
+    is read afresh, uncounted, once more."""

@@ -79,10 +79,12 @@ class Activation:
         "actor",
         "backlog",
         "broken",
+        "counted",
         "id",
         "last_used",
         "open",
         "queue",
+        "recovering",
         "snapshot",
         "task",
         "woken",
@@ -102,6 +104,11 @@ class Activation:
         """Its open turn's timer fired (or it was running when its owner died): resume it."""
         self.backlog = False
         """Messages may be deferred in Redis behind a turn that has since closed."""
+        self.recovering = False
+        """Loaded at timer 0: its open turn or deferred head may have been running when its
+        previous runner ended; the next start of it is counted (``count_delivery``)."""
+        self.counted = False
+        """A start of its current turn was counted: the write that ends the turn forgets it."""
 
 
 @dataclass(slots=True)
@@ -113,6 +120,8 @@ class Source:
     """``i`` inbox, ``o`` open turn, ``q`` head of the deferred list."""
     ref: str | bytes
     raw: bytes
+    recovered: bool = False
+    """A previous runner may have started this turn and died with it: count this start."""
 
 
 class ShardRunner:
@@ -153,6 +162,10 @@ class ShardRunner:
         self._waking: set[asyncio.Task[None]] = set()
         self._actor_failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._reply_ttl_ms = int(settings.messages.reply_ttl * 1000)
+        self._claimed: set[str] = set()
+        """Entries claimed from a previous runner's pending list, not yet started."""
+        self._quarantine = asyncio.Lock()
+        """Held by a recovered turn that was interrupted before (see ``_turn``)."""
 
     async def run(self) -> None:
         """Run until cancelled, drained, or an error (which propagates)."""
@@ -217,7 +230,9 @@ class ShardRunner:
         it has seen and reads with ``read_new`` again.
         """
         s = self.settings
-        await self._dispatch(await self.store.claim_pending(self.shard, self.consumer, s.read_count))
+        claimed = await self.store.claim_pending(self.shard, self.consumer, s.read_count)
+        self._claimed = {entry_id for entry_id, _ in claimed}
+        await self._dispatch(claimed)
         next_chores = time.monotonic() + s.trim_interval
         after: str | None = None
         while not self._stopping.is_set():
@@ -317,18 +332,20 @@ class ShardRunner:
         async for actor_ids in self.store.timers_at_zero(self.shard, TIMER_BATCH):
             if self._stopping.is_set():
                 return  # draining: the next owner finds them at 0
-            await self._wake(actor_ids)
+            await self._wake(actor_ids, recovering=True)
         while not self._stopping.is_set():
             sent = time.monotonic()
             now, later, due = await self.store.due_timers(self.shard, self.lease.value, TIMER_BATCH)
             self.clock.observe(now, sent, time.monotonic())
             if due:
-                await self._wake(due)
+                await self._wake(due, recovering=False)
             if len(due) == TIMER_BATCH:
                 continue
             pause = TIMER_POLL_MAX if later is None else min(TIMER_POLL_MAX, max(0.0, (later - now) / 1000))
             self._next_timer_ms = now + int(pause * 1000)
             self._timer_wakeup.clear()
+            if self._stopping.is_set():
+                return  # drain() may have set the wake-up just before it was cleared
             try:
                 await asyncio.wait_for(self._timer_wakeup.wait(), timeout=pause)
             except TimeoutError:
@@ -376,7 +393,9 @@ class ShardRunner:
         if due_ms < self._next_timer_ms:
             self._timer_wakeup.set()
 
-    async def _wake(self, actor_ids: list[str]) -> None:
+    async def _wake(self, actor_ids: list[str], recovering: bool) -> None:
+        """Resume the open turns (or deferred messages) of ``actor_ids``: ones a previous
+        runner left at 0 (``recovering``: it may have been running them), or timers due."""
         # Bounded like reading: a takeover or a burst of timers must not start every turn at
         # once. Only turns woken here count: ones waiting for a limiter must not stop timers.
         while len(self._waking) >= self.settings.max_inflight:
@@ -386,6 +405,7 @@ class ShardRunner:
         telemetry.record("timers_fired", len(actor_ids))
         for aid in actor_ids:
             act = self.activations[aid]
+            act.recovering = recovering
             if act.open is not None:
                 act.woken = True
             else:
@@ -465,6 +485,7 @@ class ShardRunner:
             act.woken = found.timer == 0
         else:
             act.backlog = found.timer is not None
+        act.recovering = found.timer == 0
         return act
 
     def _start(self, act: Activation) -> asyncio.Task[None]:
@@ -496,7 +517,10 @@ class ShardRunner:
                 log.info("shard %s: %s has no open turn to cancel", self.shard, act.id)
                 await self._write(Write("c", act.id, "i", queued.entry_id or ""))
             else:
-                await self._turn(act, queued, Source(act, "i", queued.entry_id or "", queued.raw))
+                entry_id = queued.entry_id or ""
+                recovered = entry_id in self._claimed
+                self._claimed.discard(entry_id)
+                await self._turn(act, queued, Source(act, "i", entry_id, queued.raw, recovered))
         finally:
             self._finished()
         return True
@@ -548,7 +572,7 @@ class ShardRunner:
         raw = raws[0]
         checked = self._check(None, raw)
         if isinstance(checked, Queued):
-            await self._turn(act, checked, Source(act, "q", raw, raw))
+            await self._turn(act, checked, Source(act, "q", raw, raw, self._recovering(act)))
             return
         reason, detail, env = checked
         act.backlog = (
@@ -560,13 +584,20 @@ class ShardRunner:
         assert act.open is not None
         checked = self._check(None, act.open.envelope)
         if isinstance(checked, Queued):
-            await self._turn(act, checked, Source(act, "o", str(act.open.write), act.open.envelope))
+            source = Source(act, "o", str(act.open.write), act.open.envelope, self._recovering(act))
+            await self._turn(act, checked, source)
             return
         reason, detail, env = checked
         write = self._dead_letter_write(
             act.id, "o", str(act.open.write), act.open.envelope, reason, detail, env
         )
         self._closed(act, await self._write(write))
+
+    @staticmethod
+    def _recovering(act: Activation) -> bool:
+        """Whether this start of the actor's open turn or deferred head is a recovery (once)."""
+        recovering, act.recovering = act.recovering, False
+        return recovering
 
     async def _cancel(self, act: Activation, control: Queued) -> None:
         assert act.open is not None
@@ -603,6 +634,32 @@ class ShardRunner:
         if source.origin == "i" and isinstance(source.ref, str):  # the entry id is its append time
             waited = self.clock.lower() - int(source.ref.partition("-")[0])
             telemetry.record("queue_wait", max(0, waited), {"actor.type": env.actor})
+        if not source.recovered:
+            await self._attempts(act, actor, handler, queued, source)
+        elif await self._count_start(act, env, source, look=True) == 0:
+            await self._counted_attempts(act, actor, handler, queued, source)
+        else:
+            # Interrupted before as a recovered turn: it may be the one that ends its worker.
+            # Such turns run one at a time in the process, and are counted only once they
+            # run, so that the culprit does not take the turns waiting with it down with
+            # it, run after run, until they too would count as poison.
+            async with self.services.quarantine:
+                await self._counted_attempts(act, actor, handler, queued, source)
+
+    async def _counted_attempts(self, act: Activation, actor: Actor, handler: Handler, queued: Queued,
+                                source: Source) -> None:  # fmt: skip
+        """Count this start of a recovered turn; run it, or past ``max_redeliveries``
+        dead-letter its message instead (a message that kills its worker)."""
+        starts = await self._count_start(act, queued.envelope, source)
+        if starts > self.settings.max_redeliveries:
+            await self._poisoned(act, queued.envelope, source, starts)
+        else:
+            await self._attempts(act, actor, handler, queued, source)
+
+    async def _attempts(self, act: Activation, actor: Actor, handler: Handler, queued: Queued,
+                        source: Source) -> None:  # fmt: skip
+        """Run the handler, retried by the retry policy, and write the turn's outcome."""
+        env = queued.envelope
         retry = self.settings.retry
         attempt = 0
         while True:
@@ -667,6 +724,27 @@ class ShardRunner:
         self._settled(act, ctx.consumed)
         if where.origin != "i":
             self._closed(act, result)
+
+    async def _count_start(self, act: Activation, env: Envelope, source: Source, look: bool = False) -> int:
+        """Count this start of a recovered turn in Redis; returns the starts counted (with
+        ``look``: the starts counted before, counting nothing)."""
+        # An open turn counts afresh after each journal write: a crash-prone workflow that
+        # still makes progress is not a poison message.
+        delivery = env.id if source.origin != "o" or act.open is None else f"{env.id}@{act.open.write}"
+        starts = await self.store.count_delivery(self.shard, self.lease.value, act.id, delivery, look)
+        act.counted = act.counted or not look
+        return starts
+
+    async def _poisoned(self, act: Activation, env: Envelope, source: Source, starts: int) -> None:
+        """Dead-letter a message whose turn ended its runner too often (a message that kills
+        its worker), instead of running it again."""
+        reason = (
+            f"its turn was started {starts} times and interrupted {starts - 1} times by the end of its "
+            f"runner (the worker was killed or exited, or its event loop blocked until the lease moved); "
+            f"max_redeliveries is {self.settings.max_redeliveries}"
+        )
+        write = self._dead_letter_write(act.id, source.origin, source.ref, source.raw, reason, "", env)
+        self._closed(act, await self._write(write))
 
     async def _call(self, ctx: TurnContext, actor: Actor, handler: Handler, queued: Queued) -> Any:
         """One attempt of the handler: within its limiters, in a span that is the child of
@@ -810,6 +888,10 @@ class ShardRunner:
     # ---- 4. commit ---------------------------------------------------------------------
     async def _write(self, write: Write) -> int:
         """Apply ``write`` with the next batch; DONE or BACKLOG. A duplicate resets the shard."""
+        act = self.activations.get(write.actor_id)
+        if act is not None and act.counted and write.op in ("c", "d"):
+            write = dataclasses.replace(write, forget_delivery=True)
+            act.counted = False
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._writes.append((write, fut))
         self._commit_wakeup.set()

@@ -126,6 +126,8 @@ class Write:
     """Inbox (entry id, envelope) pairs moved behind the actor's open turn."""
     item: tuple[str, str, str] | None = None
     """(limiter, item id, dedup id) of the queued item whose turn this write ends."""
+    forget_delivery: bool = False
+    """The actor's recovered turn was counted (``count_delivery``): this write ends it."""
 
     @property
     def uses_deferred(self) -> bool:
@@ -217,6 +219,7 @@ class Store:
                 "renew_lease",
                 "release_lease",
                 "commit",
+                "count_delivery",
                 "due_timers",
                 "fire_schedule",
                 "limiter_acquire",
@@ -466,7 +469,7 @@ class Store:
         """
         k = self.keys
         keys = [k.lease(shard), k.inbox(shard), k.state(shard), k.outbox(shard)]
-        keys += [k.turns(shard), k.timers(shard), k.dead_letters(shard)]
+        keys += [k.turns(shard), k.timers(shard), k.dead_letters(shard), k.deliveries(shard)]
         values: list[Any] = []
         for w in writes:
             deferred_index = 0
@@ -485,6 +488,8 @@ class Store:
                 effects.append(["J", w.open_turn, w.score])
             if w.op == "d":
                 effects.append(["D", w.envelope, w.ref if w.origin == "i" else "", w.reason, w.detail])
+            if w.forget_delivery:
+                effects.append(["X"])
             snapshot = w.snapshot if w.snapshot is not None else b""
             values += [w.op, w.actor_id, w.origin, w.ref, deferred_index, snapshot, len(effects)]
             for effect in effects:
@@ -495,6 +500,16 @@ class Store:
         taking = [take.consumer, take.newest, take.count] if take else ["", "", 0]
         results = await self._run("commit", keys, [lease, reply_ttl_ms, len(writes), packed, *taking])
         return [int(r) for r in results]
+
+    async def count_delivery(
+        self, shard: int, lease: str, actor_id: str, delivery: str, look: bool = False
+    ) -> int:
+        """Count a start of a recovered turn (see ``count_delivery.lua``); returns how many
+        starts of ``delivery`` are counted (with ``look``, counts nothing and returns the
+        count so far). Never retried: a lost reply restarts the runner."""
+        keys = [self.keys.lease(shard), self.keys.deliveries(shard)]
+        args = [lease, actor_id, delivery, "1" if look else ""]
+        return int(await self._run("count_delivery", keys, args, client=self._appender))
 
     async def deferred(self, shard: int, actor_id: str, count: int) -> list[bytes]:
         """The first ``count`` messages deferred behind an actor's open turn, in order."""

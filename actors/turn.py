@@ -54,6 +54,9 @@ class TurnServices:
     replies: ReplyListener
     limits: Limits
     stats: TurnStats = field(default_factory=lambda: TurnStats())
+    quarantine: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """Held by a recovered turn that was interrupted before: such turns run one at a time
+    in a worker process (see ``ShardRunner._turn``)."""
 
 
 class TurnStats:

@@ -56,6 +56,10 @@ class Exit(BaseModel):
     code: int = 3
 
 
+class CancelMe(BaseModel):
+    pass
+
+
 class Quitter(actors.Actor):
     """Its handler calls ``sys.exit``: a handler failure, not the end of the worker."""
 
@@ -63,6 +67,9 @@ class Quitter(actors.Actor):
 
     async def on_exit(self, msg: Exit) -> None:
         raise SystemExit(msg.code)
+
+    async def on_cancel_me(self, msg: CancelMe) -> None:
+        raise asyncio.CancelledError()  # not a cancellation of the turn: a failure like any other
 
     async def on_steps(self, msg: Steps) -> None:
         self.state.done += 1
@@ -101,3 +108,18 @@ class Blocker(actors.Actor):
 
 
 app = actors.App(TwoSteps, Quitter, Capped, Blocker, limiters=[actors.Limiter("one", concurrency=1)])
+
+
+class Crash(BaseModel):
+    pass
+
+
+class Crasher(actors.Actor):
+    """Its handler ends its process, as a segfault or the OOM killer would."""
+
+    async def on_crash(self, msg: Crash) -> None:
+        trace(f"crashing {self.key} -")
+        os._exit(17)
+
+
+app.register(Crasher)

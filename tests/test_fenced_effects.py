@@ -68,6 +68,22 @@ async def test_a_fresh_acquisition_always_takes_a_new_epoch(connect) -> None:
         assert await store.acquire_lease(0, "other", ttl_ms=10_000) is None
 
 
+async def test_a_handler_that_raises_cancelled_error_fails_its_turn(start_worker, connect) -> None:
+    """A CancelledError the handler raises (not a cancellation of its turn) is a failure
+    like any other: retried, dead-lettered, and the actor goes on with its next message."""
+    from .fenced_apps import CancelMe
+
+    await start_worker(app)
+    async with connect(app=app) as client:
+        await client.send(Quitter.ref("c"), CancelMe())
+        await client.send(Quitter.ref("c"), Steps())
+        state = await eventually(lambda: client.state(Quitter.ref("c")), timeout=20)
+        assert state.done == 1
+        shard = actors.routing.shard_of("Quitter/c", client.shards)
+        [letter] = await client.store.dead_letters(shard, 10)
+        assert "CancelledError" in letter.reason
+
+
 async def test_a_handler_that_calls_sys_exit_fails_its_turn_not_its_worker(spawn_worker, connect) -> None:
     worker = spawn_worker(APP, "--shards", "1")
     async with connect(app=app, shards=1) as client:
@@ -218,3 +234,51 @@ async def _suspended(client: actors.Client, ref: actors.ActorRef) -> bool:
 async def _woke(client: actors.Client, ref: actors.ActorRef):  # type: ignore[no-untyped-def]
     state = await client.state(ref)
     return state if state is not None and state.woke_at_ms else None
+
+
+async def test_a_message_that_kills_its_worker_is_dead_lettered(spawn_worker, connect, tmp_path) -> None:
+    """A handler that ends its process (os._exit; a segfault or an OOM kill look the same):
+    the runner that recovers its turn counts the start in Redis, and past max_redeliveries
+    dead-letters the message. Meanwhile the other actors are handled, and the parent of
+    ``--processes`` restarts its children with growing delays."""
+    from .fenced_apps import Crash, Crasher
+
+    log = tmp_path / "effects.log"
+    parent = spawn_worker(APP, "--shards", "1", "--processes", "2")
+    async with connect(app=app, shards=1) as client:
+        await eventually(lambda: _owner(client), timeout=20)
+        await client.send(Crasher.ref("p"), Crash())
+        await client.send(TwoSteps.ref("bystander"), Steps())
+        letters = await eventually(lambda: client.store.dead_letters(0, 10), timeout=60)
+        assert len(letters) == 1 and "interrupted 3 times" in letters[0].reason, letters
+        runs = [w for w in effects(log) if w[:2] == ["crashing", "p"]]
+        # Run fresh once (twice if the idle runner's XREAD showed it and the worker died
+        # before the commit took it into the group), then recovered 3 times (max_redeliveries).
+        assert len(runs) in (4, 5), runs
+        await eventually(lambda: _finished(client, "bystander"), timeout=20)
+        await client.send(TwoSteps.ref("after"), Steps())
+        await eventually(lambda: _finished(client, "after"), timeout=20)
+    delays = [float(line.split("restarting it in ")[1].rstrip("s\n"))
+              for line in parent.log.read_text().splitlines() if "restarting it in" in line]  # fmt: skip
+    assert len(delays) >= 4 and delays == sorted(delays) and delays[-1] > delays[0], delays
+
+
+async def test_the_children_of_processes_end_with_their_parent(spawn_worker, connect) -> None:
+    from .test_chaos import children_of
+
+    parent = spawn_worker(APP, "--shards", "2", "--processes", "2")
+    children = await eventually(lambda: len(children_of(parent.pid)) == 2 and children_of(parent.pid))
+    async with connect(app=app, shards=2) as client:
+        await eventually(lambda: _owners(client, 2), timeout=20)
+        parent.signal(signal.SIGKILL)
+        await eventually(lambda: not any(_alive(pid) for pid in children), timeout=20)
+        infos = [await client.store.shard_info(s) for s in range(2)]
+        assert not any(i.owner for i in infos), "they released their shards on the way out"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status

@@ -20,7 +20,8 @@
 -- After a turn closes, its actor keeps timer 0 while deferred messages remain.
 --
 -- KEYS[1] lease   KEYS[2] inbox   KEYS[3] state   KEYS[4] outbox
--- KEYS[5] turns   KEYS[6] timers  KEYS[7] dlq     KEYS[8..] reply keys, deferred lists
+-- KEYS[5] turns   KEYS[6] timers  KEYS[7] dlq     KEYS[8] deliveries
+-- KEYS[9..] reply keys, deferred lists
 -- ARGV[1] expected lease value, ARGV[2] reply ttl ms, ARGV[3] number of writes,
 -- ARGV[5] consumer, ARGV[6] id of the newest entry to take ('' = take nothing),
 -- ARGV[7] how many entries that is,
@@ -37,12 +38,14 @@
 --   Y key-index channel reply  store (and publish) the reply to an ask
 --   J open-turn score          store the open turn and its timer
 --   D envelope entry reason detail   append to the dead-letter stream
+--   X                          forget the actor's count of recovered starts
 -- Returns per write: 0 duplicate, 1 done, 2 done and the actor has deferred messages left.
 -- Errors with FENCED if the lease is not held at the expected epoch.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED lease lost')
 end
 local inbox, state, outbox, turns, timers, dlq = KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local deliveries = KEYS[8]
 if ARGV[6] ~= '' then
   local read = redis.call('XREADGROUP', 'GROUP', 'workers', ARGV[5], 'COUNT', ARGV[7],
     'STREAMS', inbox, '>')
@@ -52,7 +55,7 @@ if ARGV[6] ~= '' then
   end
 end
 local reply_ttl = ARGV[2]
-local ARITY = {L = 1, R = 2, A = 1, U = 1, F = 2, Y = 3, J = 2, D = 4}
+local ARITY = {L = 1, R = 2, A = 1, U = 1, F = 2, Y = 3, J = 2, D = 4, X = 0}
 local values = cmsgpack.unpack(ARGV[4])
 local i = 0
 local function arg()
@@ -128,6 +131,8 @@ local function apply(tag, actor, deferred)
     local now = redis.call('TIME')
     redis.call('XADD', dlq, '*', 'e', envelope, 'entry', entry, 'reason', reason, 'detail', detail,
       'at', now[1] * 1000 + math.floor(now[2] / 1000))
+  elseif tag == 'X' then
+    redis.call('HDEL', deliveries, actor)
   end
 end
 
