@@ -12,6 +12,7 @@ from pydantic import BaseModel
 import actors
 from actors import Actor, App, Tick, schedule
 from actors.errors import DefinitionError
+from actors.routing import shard_of
 from actors.schedules import Schedule
 
 from .conftest import eventually
@@ -73,6 +74,50 @@ def test_cron_slots_follow_the_expression_in_its_timezone() -> None:
     friday_noon = int(datetime(2026, 11, 20, 12, 0, tzinfo=UTC).timestamp() * 1000)
     monday = datetime.fromtimestamp(cron.next_after(friday_noon) / 1000, UTC)
     assert monday == datetime(2026, 11, 23, 8, 30, tzinfo=UTC), "09:30 in Paris is 08:30 UTC in November"
+
+
+def _utc_ms(*when: int) -> int:
+    return int(datetime(*when, tzinfo=UTC).timestamp() * 1000)  # type: ignore[misc]
+
+
+# Berlin, 2026: on 29 March clocks jump from 02:00 CET to 03:00 CEST (01:00 UTC), so 02:xx does
+# not exist; on 25 October they go back from 03:00 CEST to 02:00 CET (01:00 UTC), so 02:xx
+# happens twice, first at 00:xx UTC, then at 01:xx UTC.
+
+
+def test_a_time_of_day_cron_slot_runs_once_on_fall_back_night() -> None:
+    daily = Schedule("s", ("k",), cron="30 2 * * *", timezone="Europe/Berlin", catch_up="all")
+    assert daily.next_after(_utc_ms(2026, 10, 24, 12)) == _utc_ms(2026, 10, 25, 0, 30), "02:30 CEST"
+    assert daily.next_after(_utc_ms(2026, 10, 25, 0, 30)) == _utc_ms(2026, 10, 26, 1, 30), "not 02:30 CET"
+    inside_the_repeat = _utc_ms(2026, 10, 25, 1, 10)  # 02:10 CET, after the slot ran at 02:30 CEST
+    assert daily.next_after(inside_the_repeat) == _utc_ms(2026, 10, 26, 1, 30)
+    assert daily.due(_utc_ms(2026, 10, 24, 12), _utc_ms(2026, 10, 26, 12)) == (
+        [_utc_ms(2026, 10, 25, 0, 30), _utc_ms(2026, 10, 26, 1, 30)],
+        _utc_ms(2026, 10, 26, 1, 30),
+    ), "one slot a night"
+
+
+def test_a_time_of_day_cron_slot_in_the_spring_gap_runs_when_the_gap_ends() -> None:
+    daily = Schedule("s", ("k",), cron="30 2 * * *", timezone="Europe/Berlin", catch_up="all")
+    gap_end = _utc_ms(2026, 3, 29, 1)  # 03:00 CEST
+    assert daily.next_after(_utc_ms(2026, 3, 28, 12)) == gap_end, "02:30 does not exist: 03:00 CEST"
+    assert daily.next_after(gap_end) == _utc_ms(2026, 3, 30, 0, 30), "then 02:30 CEST as usual"
+    thrice = Schedule("s", ("k",), cron="0,20,40 2 * * *", timezone="Europe/Berlin", catch_up="all")
+    assert thrice.due(_utc_ms(2026, 3, 28, 12), _utc_ms(2026, 3, 29, 12)) == ([gap_end], gap_end), (
+        "02:00, 02:20 and 02:40 all fall in the gap: one slot, at its end"
+    )
+
+
+def test_an_every_hour_cron_follows_elapsed_time_across_dst() -> None:
+    hourly = Schedule("s", ("k",), cron="15 * * * *", timezone="Europe/Berlin", catch_up="all")
+    fall = hourly.due(_utc_ms(2026, 10, 24, 23), _utc_ms(2026, 10, 25, 3))[0]
+    assert fall == [_utc_ms(2026, 10, 24, 23, 15)] + [_utc_ms(2026, 10, 25, h, 15) for h in range(3)], (
+        "02:15 CEST and 02:15 CET both run: one slot an hour"
+    )
+    spring = hourly.due(_utc_ms(2026, 3, 28, 23), _utc_ms(2026, 3, 29, 3))[0]
+    assert spring == [_utc_ms(2026, 3, 28, 23, 15)] + [_utc_ms(2026, 3, 29, h, 15) for h in range(3)], (
+        "01:15 CET, then 03:15 CEST: nothing for the hour that does not exist"
+    )
 
 
 def test_bad_schedules_are_refused_at_definition() -> None:
@@ -139,6 +184,29 @@ async def test_missed_slots_are_caught_up_by_policy(connect, start_worker, monke
         assert len(after[aid]) > len(before[aid]), f"{aid} carried on after the restart"
 
 
+class Nightly(Actor):
+    State = Slots
+
+    @schedule(cron="30 2 25,26 10 *", timezone="Europe/Berlin", keys=["n"], catch_up="all")
+    async def nightly(self, tick: Tick) -> None:
+        _record(self.state, tick)
+
+
+async def test_a_worker_fires_the_repeated_wall_clock_slot_once(connect, start_worker, fast_settings) -> None:
+    app = App(Nightly)
+    ref = Nightly.ref("n")
+    sunday, monday = _utc_ms(2026, 10, 25, 0, 30), _utc_ms(2026, 10, 26, 1, 30)
+    async with connect(app=app, shards=fast_settings.shards) as client:
+        # As if a worker had last run on the Saturday: the new one catches up both nights.
+        schedules = client.store.keys.schedules(shard_of(ref.id, client.shards))
+        await client.store.redis.hset(schedules, f"{ref.id}#nightly", _utc_ms(2026, 10, 24))
+        await start_worker(app)
+        # Both nights are fired by one script call, in order: once Monday's tick has run,
+        # any second Sunday tick would have run before it.
+        state = await eventually(lambda: _ran(client, ref, monday))
+    assert [s for s in state.slots if s <= monday] == [sunday, monday]
+
+
 def _refs() -> list[actors.ActorRef]:  # type: ignore[type-arg]
     return [EveryAll.ref("a"), EveryLatest.ref("x"), EveryNone.ref("n")]
 
@@ -146,3 +214,8 @@ def _refs() -> list[actors.ActorRef]:  # type: ignore[type-arg]
 async def _slots(client: actors.Client, ref: actors.ActorRef, n: int) -> bool:  # type: ignore[type-arg]
     state = await client.state(ref)
     return state is not None and len(state.slots) >= n
+
+
+async def _ran(client: actors.Client, ref: actors.ActorRef, slot: int) -> Slots | None:  # type: ignore[type-arg]
+    state = await client.state(ref)
+    return state if state is not None and slot in state.slots else None
