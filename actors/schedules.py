@@ -13,8 +13,8 @@ default) fires the most recent one, ``all`` fires each in order (at most
 the first one after a worker first saw it.
 
 Cron slots are wall-clock times in ``timezone``, and daylight saving time makes
-some of them happen twice or not at all. As Vixie cron does, an expression that
-names its hours (``30 2 * * *``) is a time of day and runs once per matching
+some of them happen twice or not at all. Much as Vixie cron does, an expression
+that names its hours (``30 2 * * *``) is a time of day and runs once per matching
 day: a repeated time (02:30 on fall-back night) runs at its first occurrence
 only, and a skipped time (02:30 on spring-forward night) runs when the gap ends
 (03:00 in Europe), once however many of its times the gap held. An expression
@@ -142,7 +142,8 @@ def schedule(
 
 _EPOCH = datetime(1970, 1, 1)
 _PROBE_MS = 6 * 3_600_000
-"""Offset changes are looked for this far apart: no zone changes its offset twice in 6 hours."""
+"""Offset changes are looked for this far apart (assumed: no zone changes its offset twice
+within 6 hours)."""
 
 
 @cache
@@ -155,7 +156,7 @@ def _next_time_of_day(cron: str, zone: ZoneInfo, ms: int) -> int:
     """The first instant after ``ms`` of the expression's next wall-clock time, each time once."""
     wall = datetime.fromtimestamp(ms / 1000, zone).replace(tzinfo=None)
     times = croniter(cron, wall)
-    while True:  # a few rounds at most: times whose one instant was at or before ms
+    while True:  # skips the times already run (those of a repeated hour, seen from its second pass)
         slot = _first_instant(times.get_next(datetime), zone)
         if slot > ms:
             return slot
