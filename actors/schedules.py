@@ -12,6 +12,16 @@ default) fires the most recent one, ``all`` fires each in order (at most
 ``max_catch_up``), ``none`` skips them. The first slot of a new schedule is
 the first one after a worker first saw it.
 
+Cron slots are wall-clock times in ``timezone``, and daylight saving time makes
+some of them happen twice or not at all. Much as Vixie cron does, an expression
+that names its hours (``30 2 * * *``) is a time of day and runs once per matching
+day: a repeated time (02:30 on fall-back night) runs at its first occurrence
+only, and a skipped time (02:30 on spring-forward night) runs when the gap ends
+(03:00 in Europe), once however many of its times the gap held. An expression
+whose hour field is ``*`` (``15 * * * *``, ``*/20 * * * *``) follows elapsed
+time instead: it runs at each instant whose local time matches, so both 02:15s
+of fall-back night run and spring-forward night's nonexistent 02:15 does not.
+
 For recurring work per actor instance (keys not known in advance), loop in a
 handler with ``await self.sleep(...)`` instead.
 """
@@ -21,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
@@ -36,7 +47,13 @@ GRACE_MS = 10_000
 
 @dataclass(frozen=True, slots=True)
 class Schedule:
-    """When a scheduled method runs, and for which actor keys."""
+    """When a scheduled method runs, and for which actor keys.
+
+    ``every`` slots are multiples of the interval since the Unix epoch. ``cron`` slots
+    are wall-clock times in ``timezone``; across a daylight-saving change, one that names
+    its hours runs once a day (a repeated time at its first occurrence, a skipped time at
+    the gap's end) and one whose hour field is ``*`` runs by elapsed time (see the module
+    docstring)."""
 
     name: str
     keys: tuple[str, ...]
@@ -52,9 +69,10 @@ class Schedule:
             period = int(self.every.total_seconds() * 1000)
             return (ms // period + 1) * period
         assert self.cron is not None
-        start = datetime.fromtimestamp(ms / 1000, ZoneInfo(self.timezone))
-        nxt = croniter(self.cron, start).get_next(datetime)
-        return int(nxt.timestamp() * 1000)
+        zone = ZoneInfo(self.timezone)
+        if _every_hour(self.cron):
+            return _next_elapsed(self.cron, zone, ms)
+        return _next_time_of_day(self.cron, zone, ms)
 
     def due(self, last_ms: int, now_ms: int) -> tuple[list[int], int]:
         """Slots after ``last_ms`` up to ``now_ms`` to fire, by the catch-up policy (oldest
@@ -120,6 +138,86 @@ def schedule(
         return fn
 
     return mark
+
+
+_EPOCH = datetime(1970, 1, 1)
+_PROBE_MS = 6 * 3_600_000
+"""Offset changes are looked for this far apart (assumed: no zone changes its offset twice
+within 6 hours)."""
+
+
+@cache
+def _every_hour(cron: str) -> bool:
+    """Whether the expression matches every hour (its hour field is ``*``, however spelled)."""
+    return bool(croniter(cron).expanded[1] == ["*"])
+
+
+def _next_time_of_day(cron: str, zone: ZoneInfo, ms: int) -> int:
+    """The first instant after ``ms`` of the expression's next wall-clock time, each time once."""
+    wall = datetime.fromtimestamp(ms / 1000, zone).replace(tzinfo=None)
+    times = croniter(cron, wall)
+    while True:  # skips the times already run (those of a repeated hour, seen from its second pass)
+        slot = _first_instant(times.get_next(datetime), zone)
+        if slot > ms:
+            return slot
+
+
+def _first_instant(wall: datetime, zone: ZoneInfo) -> int:
+    """When the wall-clock time ``wall`` first happens in ``zone``; the end of the gap for a
+    time the clocks skip."""
+    first = wall.replace(tzinfo=zone, fold=0)  # fold=0: the earlier of a repeated time
+    if first.astimezone(UTC).astimezone(zone).replace(tzinfo=None) == wall:
+        return _ms(first)
+    # Skipped: fold=0 reads it with the offset before the gap (an instant after the gap's
+    # end), fold=1 with the one after (an instant before it); the change lies between.
+    before = _ms(wall.replace(tzinfo=zone, fold=1))
+    end = _offset_change(before, _ms(first), _offset(before, zone), zone)
+    assert end is not None, f"{wall} is skipped in {zone}, so its offset changes"
+    return end
+
+
+def _next_elapsed(cron: str, zone: ZoneInfo, ms: int) -> int:
+    """The first instant after ``ms`` whose wall-clock time in ``zone`` matches ``cron``.
+
+    Between offset changes the wall clock runs with UTC, so the next match is the next
+    matching wall time shifted by the offset; if the offset changes before that, look again
+    from the change with the new offset."""
+    start = ms + 1  # the first instant that may be the slot
+    offset = _offset(start, zone)
+    while True:
+        wall = _EPOCH + timedelta(milliseconds=start - 1) + offset  # croniter: strictly after
+        slot = _ms(croniter(cron, wall).get_next(datetime) - offset)
+        change = _offset_change(start, slot, offset, zone)
+        if change is None:
+            return slot
+        start, offset = change, _offset(change, zone)
+
+
+def _offset_change(after: int, until: int, offset: timedelta, zone: ZoneInfo) -> int | None:
+    """The first instant in (``after``, ``until``] at which ``zone``'s UTC offset is not
+    ``offset`` (which it is at ``after``), or None."""
+    probe = after
+    while probe < until:
+        lo, probe = probe, min(probe + _PROBE_MS, until)
+        if _offset(probe, zone) != offset:
+            while probe - lo > 1:  # lo still has the offset, probe does not
+                mid = (lo + probe) // 2
+                lo, probe = (mid, probe) if _offset(mid, zone) == offset else (lo, mid)
+            return probe
+    return None
+
+
+def _offset(ms: int, zone: ZoneInfo) -> timedelta:
+    offset = datetime.fromtimestamp(ms / 1000, zone).utcoffset()
+    assert offset is not None
+    return offset
+
+
+def _ms(when: datetime) -> int:
+    """Epoch milliseconds of an aware datetime, or of a naive one read as UTC."""
+    if when.tzinfo is None:
+        return (when - _EPOCH) // timedelta(milliseconds=1)
+    return int(when.timestamp() * 1000)
 
 
 def slot_datetime(ms: int) -> datetime:
