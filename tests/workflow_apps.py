@@ -212,7 +212,7 @@ class Changing(actors.Actor):
     variant = "a"
 
     async def on_go(self, msg: Go) -> None:
-        await self.step(work, self.key, 0, 0.0, msg.gate, name=f"first-{type(self).variant}")
+        _ = await self.step(work, self.key, 0, 0.0, msg.gate, name=f"first-{type(self).variant}")
         await self.sleep(0.3)
 
 
@@ -226,7 +226,7 @@ class Stubborn(actors.Actor):
 
     async def on_go(self, msg: Go) -> None:
         try:
-            await self.step(work, self.key, 0, 0.0, msg.gate, name=f"first-{type(self).variant}")
+            _ = await self.step(work, self.key, 0, 0.0, msg.gate, name=f"first-{type(self).variant}")
         except Exception as exc:
             self.state.errors.append(type(exc).__name__)
         await self.sleep(0.3)
