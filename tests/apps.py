@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -135,4 +136,35 @@ class Flaky(actors.Actor):
         return Total(total=self.state.ok)
 
 
-app = actors.App(Counter, Mirror, Tally, Front, Back, Flaky)
+class Hold(BaseModel):
+    pass
+
+
+def held_dir() -> Path:
+    return Path(os.environ.get("ACTORS_TEST_DIR", "."))
+
+
+def held_log(text: str) -> None:
+    with open(held_dir() / "held.log", "a") as out:
+        out.write(text + "\n")
+
+
+class Held(actors.Actor):
+    """Its turn logs ``start <pid> <message id>`` to ``$ACTORS_TEST_DIR/held.log``, then runs
+    until the file ``$ACTORS_TEST_DIR/release`` exists (logging ``end <pid> <message id>``): a
+    test that saw the start kills the worker inside the turn, not on either side of it."""
+
+    class State(BaseModel):
+        total: int = 0
+
+    async def on_hold(self, msg: Hold) -> None:
+        held_log(f"start {os.getpid()} {self.turn.message_id}")
+        while True:
+            if (held_dir() / "release").exists():
+                break
+            await asyncio.sleep(0.02)
+        held_log(f"end {os.getpid()} {self.turn.message_id}")
+        self.state.total += 1
+
+
+app = actors.App(Counter, Mirror, Tally, Front, Back, Flaky, Held)

@@ -13,6 +13,7 @@ import random
 import signal
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -87,28 +88,35 @@ async def test_chaos(private_server: EmbeddedServer, namespace: str, tmp_path: P
                     if seq % 50 == 0:
                         await asyncio.sleep(0.005)  # spread the load over the chaos window
 
-            async def chaos() -> dict[str, int]:
-                done = {"kills": 0, "stops": 0, "redis_restarts": 0}
+            async def chaos() -> dict[str, list[int]]:
+                """Each step picks a worker that owns shards; after a SIGKILL or during a SIGSTOP
+                it waits until other workers hold every shard the victim held (the stopped
+                one is then a zombie past its TTL). Returns how many shards each step moved."""
+                done: dict[str, list[int]] = {"kills": [], "stops": [], "redis_restarts": []}
                 step = 0
                 while not sending_done.is_set() or step < 6:
                     await asyncio.sleep(rng.uniform(1.0, 2.0))
-                    workers = children_of(parent.pid)
-                    if not workers:
-                        continue
-                    victim = rng.choice(workers)
-                    if step == 2:
-                        os.kill(victim, signal.SIGSTOP)  # a zombie: alive, silent, past its TTL
-                        await asyncio.sleep(2.5)
-                        os.kill(victim, signal.SIGCONT)
-                        done["stops"] += 1
-                    elif step == 4:
+                    if step == 4:
                         private_server.stop()
                         await asyncio.sleep(0.3)
                         private_server.start()
-                        done["redis_restarts"] += 1
+                        done["redis_restarts"].append(0)
+                        step += 1
+                        continue
+                    owning = await eventually(lambda: _owning(client, children_of(parent.pid)), timeout=30)
+                    victim = rng.choice(sorted(owning))
+                    worker_id, shards = owning[victim]
+                    if step == 2:
+                        os.kill(victim, signal.SIGSTOP)  # a zombie: alive, silent, past its TTL
+                        try:
+                            await eventually(partial(_moved, client, worker_id, shards), timeout=30)
+                        finally:
+                            os.kill(victim, signal.SIGCONT)
+                        done["stops"].append(len(shards))
                     else:
                         os.kill(victim, signal.SIGKILL)
-                        done["kills"] += 1
+                        await eventually(partial(_moved, client, worker_id, shards), timeout=30)
+                        done["kills"].append(len(shards))
                     step += 1
                 return done
 
@@ -116,7 +124,9 @@ async def test_chaos(private_server: EmbeddedServer, namespace: str, tmp_path: P
             await asyncio.gather(*(sender(s) for s in range(SENDERS)))
             sending_done.set()
             done = await chaos_task
-            assert done["kills"] >= 3 and done["stops"] == 1 and done["redis_restarts"] == 1
+            assert len(done["kills"]) >= 3 and all(done["kills"]), f"each kill moved shards: {done}"
+            assert len(done["stops"]) == 1 and all(done["stops"]), f"the stop moved shards: {done}"
+            assert len(done["redis_restarts"]) == 1
 
             async def states() -> list:
                 return await asyncio.gather(*(client.state(Counter.ref(f"a-{k}")) for k in range(ACTORS)))
@@ -178,3 +188,29 @@ async def _all_owned(client: actors.Client) -> bool:
 async def _nothing_pending(client: actors.Client) -> bool:
     infos = [await client.store.shard_info(s) for s in range(client.shards)]
     return all(i.pending == 0 and i.dead_letters == 0 and (i.lag or 0) == 0 for i in infos)
+
+
+async def _owning(client: actors.Client, pids: list[int]) -> dict[int, tuple[str, list[int]]] | None:
+    """Of the live worker processes ``pids``, those owning shards: pid -> (worker id, shards)."""
+    try:
+        live = await client.store.live_workers()
+        infos = await client.store.worker_infos(live)
+        owners = [(await client.store.shard_info(s)).owner for s in range(client.shards)]
+    except Exception:
+        return None
+    pid_of = {wid: int(info.get("pid", 0)) for wid, info in zip(live, infos, strict=True)}
+    owning: dict[int, tuple[str, list[int]]] = {}
+    for shard, owner in enumerate(owners):
+        pid = pid_of.get(owner or "")
+        if pid in pids and owner is not None:
+            owning.setdefault(pid, (owner, []))[1].append(shard)
+    return owning or None
+
+
+async def _moved(client: actors.Client, worker_id: str, shards: list[int]) -> bool:
+    """Every one of ``shards`` is leased by a worker other than ``worker_id``."""
+    try:
+        owners = [(await client.store.shard_info(s)).owner for s in shards]
+    except Exception:
+        return False
+    return all(owner is not None and owner != worker_id for owner in owners)

@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from actors.codec import decode_envelope
 
 from .conftest import eventually
 from .test_cli import actors_cli, failed, ok
-from .workflow_apps import Approver, Changing, Go, Nap, Note, Refund, Sleeper, app
+from .workflow_apps import Approver, Changing, Go, Nap, Note, Refund, Sleeper, app, release
 
 WORKFLOWS = "tests.workflow_apps:app"
 
@@ -190,16 +191,20 @@ async def test_inspect_shows_the_open_turn_then_the_committed_state(spawn_worker
     assert (never["state"], never["turn"], never["deferred"]) == (None, None, 0)
 
 
-async def test_a_parked_turn_shows_its_reason_and_can_be_cancelled(start_worker, cli, connect) -> None:
-    """In-process worker: the test "changes the code" of Changing while its turn sleeps."""
+async def test_a_parked_turn_shows_its_reason_and_can_be_cancelled(
+    start_worker, cli, connect, tmp_path, monkeypatch
+) -> None:
+    """In-process worker: the test "changes the code" of Changing while its turn is open."""
+    monkeypatch.setenv("ACTORS_TEST_DIR", str(tmp_path))
     await start_worker(app)
     async with connect(app=app) as client:
         ref = Changing.ref("c")
         Changing.variant = "a"
         try:
-            await client.send(ref, Go())
-            await eventually(lambda: _turn_status(client, ref, "sleeping"))
-            Changing.variant = "b"
+            await client.send(ref, Go(gate=True))
+            token = await eventually(lambda: _first_step_started(tmp_path / "steps.log", "c"))
+            Changing.variant = "b"  # after the first step took its name, before the re-run
+            release(tmp_path, token)
             await eventually(lambda: _turn_status(client, ref, "parked"), timeout=10)
         finally:
             Changing.variant = "a"
@@ -310,3 +315,9 @@ async def _inbox(client: actors.Client, actor: str) -> list[Any]:
 
 def _timestamp(iso: str) -> float:
     return datetime.fromisoformat(iso).timestamp()
+
+
+def _first_step_started(log: Path, key: str) -> str | None:
+    """The token of the first step of ``key`` that started (workflow_apps' steps.log), if any."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    return next((w[3] for w in map(str.split, lines) if w[:3] == ["start", key, "0"]), None)

@@ -15,7 +15,7 @@ import actors
 from actors import EmbeddedServer
 
 from .conftest import WorkerProcess, eventually
-from .workflow_apps import Go, Nap, Pipeline, Sleeper, app
+from .workflow_apps import Go, Nap, Pipeline, Sleeper, app, release
 
 WORKFLOW_APP = "tests.workflow_apps:app"
 
@@ -36,27 +36,68 @@ async def wait_for_line(
     return int(await eventually(lambda: found() is not None and found() + 1, timeout=timeout)) - 1
 
 
+class Gates:
+    """Follows steps.log (workflow_apps' gated steps): hands the test the token of the next
+    start of the step it waits for, and releases every other step that starts meanwhile."""
+
+    def __init__(self, log: Path, key: str) -> None:
+        self.log, self.key, self.seen = log, key, 0
+
+    def _scan(self, step: int | None) -> str | None:
+        lines = read_log(self.log)
+        while self.seen < len(lines):
+            words = lines[self.seen]
+            self.seen += 1
+            if words[0] == "start" and words[1] == self.key:
+                if step is not None and words[2] == str(step):
+                    return words[3]
+                release(self.log.parent, words[3])
+        return None
+
+    async def next_start(self, step: int) -> str:
+        return str(await eventually(lambda: self._scan(step), timeout=30))
+
+    def release_all(self) -> None:
+        self._scan(None)
+
+
 @pytest.mark.chaos
 async def test_a_workflow_killed_inside_and_between_every_step_runs_each_completed_step_once(
     spawn_worker, connect, tmp_path
 ) -> None:
+    """Each step waits, once started, until the test releases it: the first kill lands inside
+    step i for certain, the second just after step i ended (before or after its journal write)."""
     steps_log = tmp_path / "steps.log"
     key = "wf"
+    gates = Gates(steps_log, key)
     worker = spawn_worker(WORKFLOW_APP)
-    async with connect(app=app) as client:
-        await client.send(Pipeline.ref(key), Go(steps=5, pause=0.5))
-        position = 0
-        for i in range(5):
-            for event in ("start", "end"):  # inside step i, then at its boundary
-                position = await wait_for_line(
-                    steps_log, position, lambda w, e=event, i=i: w[:3] == [e, key, str(i)]
-                )
-                worker.signal(signal.SIGKILL)
-                worker.proc.wait()  # type: ignore[union-attr]
-                position += 1
-                worker = spawn_worker(WORKFLOW_APP)
 
-        state = await eventually(lambda: _finished(client, key), timeout=60)
+    journaled_at_kill: list[tuple[int, int]] = []  # (lines logged, steps journaled) per kill
+
+    async def restart() -> WorkerProcess:
+        worker.signal(signal.SIGKILL)
+        worker.proc.wait()  # type: ignore[union-attr]
+        view = await client.inspect(Pipeline.ref(key))  # nothing runs now: what Redis holds
+        journal = view.turn.journal if view.turn is not None else []
+        journaled_at_kill.append((len(read_log(steps_log)), len(journal)))
+        return spawn_worker(WORKFLOW_APP)  # type: ignore[no-any-return]
+
+    async with connect(app=app) as client:
+        await client.send(Pipeline.ref(key), Go(steps=5, gate=True))
+        for i in range(5):
+            await gates.next_start(i)  # held: step i is running
+            worker = await restart()
+            assert journaled_at_kill[-1][1] == i, f"steps before step {i} were journaled before it began"
+            token = await gates.next_start(i)  # its re-run by the new worker
+            release(tmp_path, token)
+            await wait_for_line(steps_log, 0, lambda w, i=i, t=token: w == ["end", key, str(i), t])
+            worker = await restart()
+
+        async def finished():  # type: ignore[no-untyped-def]
+            gates.release_all()  # a step whose end was not journaled runs again
+            return await _finished(client, key)
+
+        state = await eventually(finished, timeout=60)
         assert state.finished == 1, "the turn committed exactly once"
         lines = read_log(steps_log)
         for i in range(5):
@@ -68,6 +109,9 @@ async def test_a_workflow_killed_inside_and_between_every_step_runs_each_complet
             assert all(n < ends[journaled] for n in starts), (
                 f"step {i} never ran again after the run whose result was journaled"
             )
+        for logged, journaled in journaled_at_kill:
+            again = [w for w in lines[logged:] if w[:2] == ["start", key] and int(w[2]) < journaled]
+            assert again == [], f"steps journaled before a kill ran again after it: {again}"
         view = await client.inspect(Pipeline.ref(key))
         assert view.turn is None and view.deferred == 0
     worker.stop()

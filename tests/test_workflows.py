@@ -28,6 +28,7 @@ from tests.workflow_apps import (
     Sleeper,
     Stubborn,
     app,
+    release,
 )
 
 
@@ -148,15 +149,18 @@ async def test_cancel_ends_an_open_turn_and_lets_later_messages_run(connect, sta
         assert (await client.inspect(ref)).turn is None
 
 
-async def test_a_journal_mismatch_parks_the_turn_with_a_readable_error(connect, start_worker) -> None:
+async def test_a_journal_mismatch_parks_the_turn_with_a_readable_error(
+    connect, start_worker, step_log
+) -> None:
     worker = await start_worker(app)
     async with connect(app=app) as client:
         ref = Changing.ref("c")
         Changing.variant = "a"
         try:
-            await client.send(ref, Go())
-            await eventually(lambda: _turn_status(client, ref, "sleeping"))
-            Changing.variant = "b"  # the code changes while the turn sleeps
+            await client.send(ref, Go(gate=True))
+            token = await eventually(lambda: _started(step_log, "c"))  # its first step runs
+            Changing.variant = "b"  # the code changes while the turn is open
+            release(step_log.parent, token)  # then it sleeps, and its re-run calls "first-b"
             view = await eventually(lambda: _turn_status(client, ref, "parked"), timeout=10)
         finally:
             Changing.variant = "a"
@@ -170,15 +174,18 @@ async def test_a_journal_mismatch_parks_the_turn_with_a_readable_error(connect, 
         assert worker.runners
 
 
-async def test_a_handler_that_swallows_the_mismatch_is_parked_all_the_same(connect, start_worker) -> None:
+async def test_a_handler_that_swallows_the_mismatch_is_parked_all_the_same(
+    connect, start_worker, step_log
+) -> None:
     await start_worker(app)
     async with connect(app=app) as client:
         ref = Stubborn.ref("s")
         Stubborn.variant = "a"
         try:
-            await client.send(ref, Go())
-            await eventually(lambda: _turn_status(client, ref, "sleeping"))
+            await client.send(ref, Go(gate=True))
+            token = await eventually(lambda: _started(step_log, "s"))
             Stubborn.variant = "b"
+            release(step_log.parent, token)
             view = await eventually(lambda: _turn_status(client, ref, "parked"), timeout=10)
         finally:
             Stubborn.variant = "a"
@@ -225,6 +232,11 @@ async def test_waits_lists_every_open_turn(connect, start_worker) -> None:
 
 
 # ---- helpers -----------------------------------------------------------------------------
+def _started(log: Path, key: str) -> str | None:
+    """The token of the first step of ``key`` that started, once one has."""
+    return next((words[3] for words in lines(log) if words[:3] == ["start", key, "0"]), None)
+
+
 async def _turn_status(client: actors.Client, ref: actors.ActorRef, status: str):  # type: ignore[no-untyped-def]
     view = await client.inspect(ref)
     return view if view.turn is not None and view.turn.status == status else None

@@ -2,7 +2,9 @@
 
 Step functions log every start and end to ``$ACTORS_TEST_DIR/steps.log`` (one
 line each, flushed and fsynced) so a test can see exactly which ran, and how often,
-across crashes of the process that ran them.
+across crashes of the process that ran them. A gated step, after logging its start
+``start <key> <i> <token>``, waits until the test calls ``release(directory, token)``: the
+test then acts (kills the worker, changes the code) while the step is certainly running.
 """
 
 from __future__ import annotations
@@ -19,19 +21,37 @@ from pydantic import BaseModel
 import actors
 from actors import Approval, StepFailed
 
+GATE_TIMEOUT = 60.0
+"""A gated step goes on by itself after this long, so a broken test fails instead of hanging."""
+
+
+def gate_dir() -> Path:
+    return Path(os.environ.get("ACTORS_TEST_DIR", "."))
+
 
 def log_line(text: str) -> None:
-    path = Path(os.environ.get("ACTORS_TEST_DIR", ".")) / "steps.log"
+    path = gate_dir() / "steps.log"
     with open(path, "a") as out:
         out.write(text + "\n")
         out.flush()
         os.fsync(out.fileno())
 
 
+def release(directory: Path, token: str) -> None:
+    """Let the gated step that logged ``token`` at its start go on."""
+    (directory / f"release-{token}").touch()
+
+
+def _released(token: str) -> bool:
+    return (gate_dir() / f"release-{token}").exists()
+
+
 class Go(BaseModel):
     steps: int = 5
     pause: float = 0.0
-    """Seconds each step takes (time for a test to kill the worker inside it)."""
+    """Seconds each step takes."""
+    gate: bool = False
+    """Each step, once started, waits for ``release`` (for a test to act inside it)."""
 
 
 class Done(BaseModel):
@@ -43,19 +63,29 @@ class Progress(BaseModel):
     finished: int = 0
 
 
-async def work(key: str, i: int, pause: float) -> str:
+async def work(key: str, i: int, pause: float, gate: bool = False) -> str:
     """A step with a visible side effect: returns a token unique to this execution."""
     token = uuid.uuid4().hex[:8]
     log_line(f"start {key} {i} {token}")
     await asyncio.sleep(pause)
+    deadline = time.monotonic() + GATE_TIMEOUT
+    while gate and time.monotonic() < deadline:
+        if _released(token):
+            break
+        await asyncio.sleep(0.01)
     log_line(f"end {key} {i} {token}")
     return token
 
 
-def sync_work(key: str, i: int, pause: float) -> str:
+def sync_work(key: str, i: int, pause: float, gate: bool = False) -> str:
     token = uuid.uuid4().hex[:8]
     log_line(f"start {key} {i} {token}")
     time.sleep(pause)
+    deadline = time.monotonic() + GATE_TIMEOUT
+    while gate and time.monotonic() < deadline:
+        if _released(token):
+            break
+        time.sleep(0.01)
     log_line(f"end {key} {i} {token}")
     return token
 
@@ -69,7 +99,7 @@ class Pipeline(actors.Actor):
         tokens = []
         for i in range(msg.steps):
             fn = work if i % 2 == 0 else sync_work
-            tokens.append(await self.step(fn, self.key, i, msg.pause, name=f"step-{i}"))
+            tokens.append(await self.step(fn, self.key, i, msg.pause, msg.gate, name=f"step-{i}"))
         self.state.tokens = tokens
         self.state.finished += 1
         log_line(f"finished {self.key}")
@@ -176,12 +206,13 @@ class Approver(actors.Actor):
 
 
 class Changing(actors.Actor):
-    """Its code "changes" between runs of an open turn: ``variant`` decides the steps."""
+    """Its code "changes" between runs of an open turn: ``variant`` decides the steps. With
+    ``Go(gate=True)`` a test changes ``variant`` while the first step runs, its name taken."""
 
     variant = "a"
 
     async def on_go(self, msg: Go) -> None:
-        await self.step(now_ms, name=f"first-{type(self).variant}")
+        _ = await self.step(work, self.key, 0, 0.0, msg.gate, name=f"first-{type(self).variant}")
         await self.sleep(0.3)
 
 
@@ -195,7 +226,7 @@ class Stubborn(actors.Actor):
 
     async def on_go(self, msg: Go) -> None:
         try:
-            await self.step(now_ms, name=f"first-{type(self).variant}")
+            _ = await self.step(work, self.key, 0, 0.0, msg.gate, name=f"first-{type(self).variant}")
         except Exception as exc:
             self.state.errors.append(type(exc).__name__)
         await self.sleep(0.3)
