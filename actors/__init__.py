@@ -22,6 +22,7 @@ from .errors import (
     LeaseLost,
     MessageTooLarge,
     ServerError,
+    TurnTimeout,
     UnknownActorType,
     UnknownMessageType,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "MessageTooLarge",
     "ServerError",
     "StepFailed",
+    "TurnTimeout",
     "UnknownActorType",
     "UnknownMessageType",
 ]

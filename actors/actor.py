@@ -95,6 +95,8 @@ class Actor:
     ``waits_for=[Decision]`` declares message types the actor receives only through
     ``wait_for`` (it needs no handler for them); ``Approval`` is always accepted.
     ``limiter="crawl"`` makes every turn wait for a token and slot of that limiter.
+    ``turn_timeout=timedelta(hours=2)`` bounds each attempt of its handlers (default: the
+    worker's ``turn_timeout``); an attempt that runs longer fails with TurnTimeout.
     """
 
     State: ClassVar[type[BaseModel]] = _NoState
@@ -104,6 +106,9 @@ class Actor:
     schedules: ClassVar[dict[str, tuple[Schedule, Handler]]] = {}
     """Scheduled methods by schedule name (see ``actors.schedule``)."""
     limiter: ClassVar[str | None] = None
+    turn_timeout: ClassVar[float | None] = None
+    """Seconds an attempt of this type's handlers may run (``class X(Actor, turn_timeout=...)``);
+    None: the worker's ``WorkerSettings.turn_timeout``."""
     """The limiter every turn of this type holds (``class X(Actor, limiter="name")``)."""
 
     key: str
@@ -115,12 +120,18 @@ class Actor:
         name: str | None = None,
         waits_for: Sequence[type[BaseModel]] = (),
         limiter: str | None = None,
+        turn_timeout: timedelta | float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
         cls.type_name = name or cls.__name__
         if limiter is not None:
             cls.limiter = limiter
+        if turn_timeout is not None:
+            seconds = _seconds(turn_timeout)
+            if seconds is None or not seconds > 0:
+                raise DefinitionError(f"{cls.__name__}: turn_timeout must be positive, not {turn_timeout!r}")
+            cls.turn_timeout = seconds
         cls.waitable = {**cls.waitable, **_waitable(cls, waits_for)}
         if "/" in cls.type_name:
             raise DefinitionError(f"actor type name {cls.type_name!r} must not contain '/'")

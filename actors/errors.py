@@ -52,6 +52,17 @@ class LeaseLost(ActorsError):
     at the epoch the turn started with (fencing)."""
 
 
+class TurnTimeout(ActorsError):
+    """An attempt of a handler ran longer than its turn timeout (``WorkerSettings.turn_timeout``,
+    or the actor type's ``turn_timeout``). It fails like any other error: it is retried by the
+    retry policy, then dead-lettered."""
+
+
+class TurnCancelled(ActorsError):
+    """``actors cancel`` (``Client.cancel``) ended a turn while it ran: its message is
+    dead-lettered with reason ``cancelled``, and an asker gets a HandlerError."""
+
+
 class Diverged(ActorsError):
     """A shard runner's memory disagrees with its inbox in Redis (the entries it meant to
     take were not the next ones); the runner starts afresh from Redis."""

@@ -86,6 +86,10 @@ class WorkerSettings(_Frozen):
     commit_batch: int = Field(default=256, ge=1)
     block_ms: int = Field(default=1_000, ge=1)
     trim_interval: float = Field(default=5.0, gt=0)
+    turn_timeout: float | None = Field(default=3600.0, gt=0)
+    """Seconds an attempt of a handler may run, steps and asks included (an actor type may
+    set its own); past it the attempt fails with TurnTimeout, is retried by the retry policy,
+    then dead-lettered. None: no bound. Each resumption of a suspended turn is an attempt."""
     max_redeliveries: int = Field(default=3, ge=1)
     """A turn that was started and then interrupted by the end of its runner (its process
     was killed or exited, or its event loop blocked until the lease moved) is recovered

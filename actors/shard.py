@@ -48,7 +48,16 @@ from .codec import (
     encode_reply,
     encode_state,
 )
-from .errors import ActorsError, DecodeError, Diverged, LeaseLost, UnknownActorType, UnknownMessageType
+from .errors import (
+    ActorsError,
+    DecodeError,
+    Diverged,
+    LeaseLost,
+    TurnCancelled,
+    TurnTimeout,
+    UnknownActorType,
+    UnknownMessageType,
+)
 from .journal import FOREVER_MS, Journal, JournalMismatch, OpenTurn, Record, RedisClock, Suspend
 from .lease import Lease
 from .limits import queued_item
@@ -64,6 +73,8 @@ log = logging.getLogger("actors.shard")
 TIMER_BATCH = 500
 TIMER_POLL_MAX = 5.0
 """Seconds between two looks at the timer index when no known timer is due sooner."""
+TURN_CHECK = 1.0
+"""Seconds between two looks for turns past their timeout."""
 DEFERRED_SCAN = 1000
 """At most this many deferred messages are offered to a ``wait_for``."""
 
@@ -85,6 +96,7 @@ class Activation:
         "open",
         "queue",
         "recovering",
+        "running",
         "snapshot",
         "task",
         "woken",
@@ -109,6 +121,8 @@ class Activation:
         previous runner ended; the next start of it is counted (``count_delivery``)."""
         self.counted = False
         """A start of its current turn was counted: the write that ends the turn forgets it."""
+        self.running: TurnContext | None = None
+        """The attempt of its handler running now (for timeouts and ``actors cancel``)."""
 
 
 @dataclass(slots=True)
@@ -164,8 +178,8 @@ class ShardRunner:
         self._reply_ttl_ms = int(settings.messages.reply_ttl * 1000)
         self._claimed: set[str] = set()
         """Entries claimed from a previous runner's pending list, not yet started."""
-        self._quarantine = asyncio.Lock()
-        """Held by a recovered turn that was interrupted before (see ``_turn``)."""
+        self._running: set[Activation] = set()
+        """Activations whose handler is running an attempt now."""
 
     async def run(self) -> None:
         """Run until cancelled, drained, or an error (which propagates)."""
@@ -176,6 +190,7 @@ class ShardRunner:
                     tg.create_task(self._commit_loop(), name=f"commit-{self.shard}"),
                     tg.create_task(self._forward_loop(), name=f"forward-{self.shard}"),
                     tg.create_task(self._watch_actors(), name=f"actors-{self.shard}"),
+                    tg.create_task(self._watch_turns(), name=f"turns-{self.shard}"),
                 ]
                 timers = tg.create_task(self._timer_loop(), name=f"timers-{self.shard}")
                 schedules = tg.create_task(self._schedule_loop(), name=f"schedules-{self.shard}")
@@ -195,6 +210,31 @@ class ShardRunner:
     async def _watch_actors(self) -> None:
         """Turn a failed actor task (lost lease, Redis error) into the runner's failure."""
         await self._actor_failure
+
+    async def _watch_turns(self) -> None:
+        """Every second, end the attempts that have run past their turn timeout."""
+        while True:
+            await asyncio.sleep(TURN_CHECK)
+            now = time.monotonic()
+            for act in list(self._running):
+                ctx = act.running
+                if ctx is None or act.actor is None or ctx.interrupted is not None:
+                    continue
+                limit = type(act.actor).turn_timeout or self.settings.turn_timeout
+                if limit is not None and now - ctx.started > limit:
+                    why = f"{act.id}: the handler ran past its turn timeout of {limit}s"
+                    log.warning("shard %s: %s", self.shard, why)
+                    self._interrupt(act, TurnTimeout(why))
+
+    def _interrupt(self, act: Activation, why: BaseException) -> None:
+        """End the running attempt of ``act``: cancel its handler now, unless a journal write
+        of it is in flight (``flush`` raises once that write is done)."""
+        ctx = act.running
+        if ctx is None or ctx.interrupted is not None:
+            return
+        ctx.interrupted = why
+        if not ctx.writing and act.task is not None:
+            act.task.cancel()
 
     def _actor_done(self, task: asyncio.Task[None]) -> None:
         self._actor_tasks.discard(task)
@@ -428,6 +468,8 @@ class ShardRunner:
         for queued in accepted:
             act = self.activations[queued.envelope.actor_id]
             act.queue.append(queued)
+            if queued.message is None and act.running is not None:  # a cancel ends a running turn too
+                self._interrupt(act, TurnCancelled(f"{act.id}: its running turn was cancelled"))
             self._start(act)
 
     def _check(self, entry_id: str | None, raw: bytes | None) -> Queued | tuple[str, str, Envelope | None]:
@@ -636,7 +678,7 @@ class ShardRunner:
             telemetry.record("queue_wait", max(0, waited), {"actor.type": env.actor})
         if not source.recovered:
             await self._attempts(act, actor, handler, queued, source)
-        elif await self._count_start(act, env, source, look=True) == 0:
+        elif await self._count_start(act, env, "look") == 0:
             await self._counted_attempts(act, actor, handler, queued, source)
         else:
             # Interrupted before as a recovered turn: it may be the one that ends its worker.
@@ -650,7 +692,7 @@ class ShardRunner:
                                 source: Source) -> None:  # fmt: skip
         """Count this start of a recovered turn; run it, or past ``max_redeliveries``
         dead-letter its message instead (a message that kills its worker)."""
-        starts = await self._count_start(act, queued.envelope, source)
+        starts = await self._count_start(act, queued.envelope)
         if starts > self.settings.max_redeliveries:
             await self._poisoned(act, queued.envelope, source, starts)
         else:
@@ -662,53 +704,58 @@ class ShardRunner:
         env = queued.envelope
         retry = self.settings.retry
         attempt = 0
-        while True:
-            attempt += 1
-            info = TurnInfo(env.id, env.type, self.shard, self.lease.epoch, self.consumer, attempt)
-            records = [] if act.open is None else _copy_records(act.open.records)
-            ctx = TurnContext(self.services, self, self.shard, env, info, Journal(records), source=source)
-            actor._turn = ctx
-            try:
-                result = await self._call(ctx, actor, handler, queued)
-                if ctx.journal.mismatch is not None:
-                    raise ctx.journal.mismatch  # the handler caught it: park all the same
-                snapshot = encode_state(actor.state)
-                reply = self._reply(env, result)
-                break
-            except Suspend as suspend:
-                actor.state = _load_state(type(actor), act.snapshot)
-                if ctx.journal.mismatch is not None:
-                    await self._park(ctx, str(ctx.journal.mismatch))
-                else:
-                    await self._suspend(ctx, suspend)
-                return
-            except JournalMismatch as exc:
-                actor.state = _load_state(type(actor), act.snapshot)
-                await self._park(ctx, str(exc))
-                return
-            except RUNNER_ERRORS:
-                raise  # the runner's own trouble (a lost lease, a memory that ran ahead of Redis)
-            except BaseException as exc:
-                if isinstance(exc, asyncio.CancelledError) and _cancelling():
-                    raise  # this turn is being stopped; a CancelledError the handler raised is a failure
-                if ctx.journal.mismatch is not None:
+        self._running.add(act)
+        try:
+            while True:
+                attempt += 1
+                info = TurnInfo(env.id, env.type, self.shard, self.lease.epoch, self.consumer, attempt)
+                records = [] if act.open is None else _copy_records(act.open.records)
+                ctx = TurnContext(self.services, self, self.shard, env, info, Journal(records), source=source)
+                actor._turn = act.running = ctx
+                try:
+                    result = await self._call(ctx, actor, handler, queued)
+                    _take_back_interruption(ctx)  # a handler that swallowed it finished anyway
+                    if ctx.journal.mismatch is not None:
+                        raise ctx.journal.mismatch  # the handler caught it: park all the same
+                    snapshot = encode_state(actor.state)
+                    reply = self._reply(env, result)
+                    break
+                except Suspend as suspend:
                     actor.state = _load_state(type(actor), act.snapshot)
-                    await self._park(ctx, str(ctx.journal.mismatch))
+                    if ctx.journal.mismatch is not None:
+                        await self._park(ctx, str(ctx.journal.mismatch))
+                    else:
+                        await self._suspend(ctx, suspend)
                     return
-                # A failed attempt must leave no trace: back to the committed snapshot
-                # (it loaded when the actor was activated, so it loads again).
-                actor.state = _load_state(type(actor), act.snapshot)
-                if attempt >= retry.max_attempts:
-                    detail = "".join(traceback.format_exception(exc))
-                    reason = f"handler {type(actor).__name__}.{handler.name} failed {attempt} times: {exc!r}"
-                    write = self._dead_letter_write(
-                        act.id, ctx.source.origin, ctx.source.ref, source.raw, reason, detail, env
-                    )
-                    self._closed(act, await self._write(write))
+                except JournalMismatch as exc:
+                    actor.state = _load_state(type(actor), act.snapshot)
+                    await self._park(ctx, str(exc))
                     return
-                await asyncio.sleep(retry.delay(attempt))
-            finally:
-                actor._turn = None
+                except RUNNER_ERRORS:
+                    raise  # the runner's own trouble (a lost lease, a memory that ran ahead of Redis)
+                except BaseException as caught:
+                    failure = _take_back_interruption(ctx) or caught
+                    if isinstance(failure, asyncio.CancelledError) and _cancelling():
+                        raise  # this turn is being stopped; a CancelledError the handler raised is a failure
+                    actor.state = _load_state(type(actor), act.snapshot)  # a failed attempt leaves no trace
+                    if ctx.journal.mismatch is not None:
+                        await self._park(ctx, str(ctx.journal.mismatch))
+                        return
+                    if isinstance(failure, TurnCancelled) or attempt >= retry.max_attempts:
+                        await self._give_up(act, ctx, handler, failure, attempt)
+                        return
+                    try:
+                        await asyncio.sleep(retry.delay(attempt))
+                    except asyncio.CancelledError:
+                        why = _take_back_interruption(ctx)  # cancelled while waiting to retry
+                        if why is None or _cancelling():
+                            raise
+                        await self._give_up(act, ctx, handler, why, attempt)
+                        return
+                finally:
+                    actor._turn = act.running = None
+        finally:
+            self._running.discard(act)
         where = ctx.source
         write = Write(
             "c", act.id, where.origin, where.ref,
@@ -725,15 +772,42 @@ class ShardRunner:
         if where.origin != "i":
             self._closed(act, result)
 
-    async def _count_start(self, act: Activation, env: Envelope, source: Source, look: bool = False) -> int:
+    async def _give_up(self, act: Activation, ctx: TurnContext, handler: Handler, exc: BaseException,
+                       attempt: int) -> None:  # fmt: skip
+        """Dead-letter the turn's message: its handler failed for good, or it was cancelled."""
+        source, env = ctx.source, ctx.envelope
+        detail = "".join(traceback.format_exception(exc))
+        acks: list[Queued] = []
+        if isinstance(exc, TurnCancelled):
+            reason, detail = "cancelled", str(exc)
+            acks = [q for q in act.queue if q.message is None][:1]  # the cancel, taken with it
+        else:
+            assert act.actor is not None
+            reason = f"handler {type(act.actor).__name__}.{handler.name} failed {attempt} times: {exc!r}"
+        write = self._dead_letter_write(
+            act.id, source.origin, source.ref, source.raw, reason, detail, env, acks
+        )
+        self._closed(act, await self._write(write))
+        self._settled(act, acks)
+
+    async def _count_start(self, act: Activation, env: Envelope, mode: str = "count") -> int:
         """Count this start of a recovered turn in Redis; returns the starts counted (with
         ``look``: the starts counted before, counting nothing)."""
-        # An open turn counts afresh after each journal write: a crash-prone workflow that
-        # still makes progress is not a poison message.
-        delivery = env.id if source.origin != "o" or act.open is None else f"{env.id}@{act.open.write}"
-        starts = await self.store.count_delivery(self.shard, self.lease.value, act.id, delivery, look)
-        act.counted = act.counted or not look
+        delivery = _delivery(act, env)
+        starts = await self.store.count_delivery(self.shard, self.lease.value, act.id, delivery, mode)
+        act.counted = act.counted or mode == "count"
         return starts
+
+    async def forgive_running(self) -> None:
+        """A graceful hand-over gives up the turns still running: their next start, by the
+        next owner, is not counted as an interruption (see ``max_redeliveries``)."""
+        running = [act for act in self._running if act.running is not None]
+        for act in running:
+            assert act.running is not None
+            try:
+                await self._count_start(act, act.running.envelope, "forgive")
+            except Exception as exc:  # best effort: at worst the next start counts
+                log.warning("shard %s: could not forgive the turn of %s: %r", self.shard, act.id, exc)
 
     async def _poisoned(self, act: Activation, env: Envelope, source: Source, starts: int) -> None:
         """Dead-letter a message whose turn ended its runner too often (a message that kills
@@ -792,10 +866,17 @@ class ShardRunner:
 
     # ---- 3c. journal writes (the runner is the turn's TurnHost) ---------------------------
     async def flush(self, ctx: TurnContext) -> None:
-        """Write the journal so far, with the sends buffered so far; the turn is open after."""
+        """Write the journal so far, with the sends buffered so far; the turn is open after.
+        An interruption that came meanwhile ends the attempt once the write is done."""
         source: Source = ctx.source
         open_turn = OpenTurn(source.raw, ctx.journal.records)
-        await self._write_open(ctx, open_turn)
+        ctx.writing = True
+        try:
+            await self._write_open(ctx, open_turn)
+        finally:
+            ctx.writing = False
+        if ctx.interrupted is not None:
+            raise asyncio.CancelledError()
 
     async def _suspend(self, ctx: TurnContext, suspend: Suspend) -> None:
         """Store the suspended turn and its timer; messages queued behind it are deferred."""
@@ -985,6 +1066,22 @@ class ShardRunner:
 
 RUNNER_ERRORS = (LeaseLost, Diverged, ShardReset)
 """Errors that end a turn's runner rather than fail the turn: they are not the handler's."""
+
+
+def _delivery(act: Activation, env: Envelope) -> str:
+    """What ``count_delivery`` counts starts of: the message, and for an open turn its
+    write number, so that a crash-prone workflow that still makes progress is not poison."""
+    return env.id if act.open is None else f"{env.id}@{act.open.write}"
+
+
+def _take_back_interruption(ctx: TurnContext) -> BaseException | None:
+    """The reason the host interrupted this attempt, if it did; the cancellation that
+    delivered it is taken back, so that it does not count as the task's own."""
+    why = ctx.interrupted
+    task = asyncio.current_task()
+    if why is not None and task is not None and task.cancelling():
+        task.uncancel()
+    return why
 
 
 def _cancelling() -> bool:

@@ -501,14 +501,12 @@ class Store:
         results = await self._run("commit", keys, [lease, reply_ttl_ms, len(writes), packed, *taking])
         return [int(r) for r in results]
 
-    async def count_delivery(
-        self, shard: int, lease: str, actor_id: str, delivery: str, look: bool = False
-    ) -> int:
-        """Count a start of a recovered turn (see ``count_delivery.lua``); returns how many
-        starts of ``delivery`` are counted (with ``look``, counts nothing and returns the
-        count so far). Never retried: a lost reply restarts the runner."""
+    async def count_delivery(self, shard: int, lease: str, actor_id: str, delivery: str, mode: str) -> int:
+        """Count a start of a recovered turn, ``look`` at the count, or ``forgive`` the next
+        start (see ``count_delivery.lua``); returns the starts of ``delivery`` counted.
+        Never retried: a lost reply restarts the runner."""
         keys = [self.keys.lease(shard), self.keys.deliveries(shard)]
-        args = [lease, actor_id, delivery, "1" if look else ""]
+        args = [lease, actor_id, delivery, mode]
         return int(await self._run("count_delivery", keys, args, client=self._appender))
 
     async def deferred(self, shard: int, actor_id: str, count: int) -> list[bytes]:

@@ -11,6 +11,7 @@ the turn returns what was recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -18,7 +19,7 @@ import random
 import time
 import typing
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -150,11 +151,18 @@ class TurnContext:
     remote: list[tuple[int, bytes]] = field(default_factory=list)
     consumed: list[Queued] = field(default_factory=list)
     """Messages ``wait_for`` received, removed from the mailbox by the next write."""
-    in_step: bool = False
+    active: tuple[str, asyncio.Task[Any] | None] | None = None
+    """The durable primitive in progress, and the task that called it."""
+    interrupted: BaseException | None = None
+    """Why the host ended this running attempt from outside (its turn timeout, or ``actors
+    cancel``); the host cancels the handler, or, during a journal write, raises after it."""
+    writing: bool = False
+    """A journal write of this turn is in flight: an interruption waits for it."""
+    started: float = field(default_factory=time.monotonic)
 
     # ---- sends -------------------------------------------------------------------
     def send(self, ref: ActorRef[Any], msg: BaseModel) -> None:
-        self._outside_step("send")
+        self._check_idle("send")
         name = _target(ref, msg)
         if self.journal.replay("send", name) is not None:
             return  # written by an earlier journal write of this turn
@@ -166,7 +174,10 @@ class TurnContext:
         self.journal.record("send", name, None)
 
     async def ask(self, ref: ActorRef[Any], msg: BaseModel, timeout: float) -> Any:
-        self._outside_step("ask")
+        with self._primitive("ask"):
+            return await self._ask(ref, msg, timeout)
+
+    async def _ask(self, ref: ActorRef[Any], msg: BaseModel, timeout: float) -> Any:
         if ref.type == self.envelope.actor and ref.key == self.envelope.key:
             raise ActorsError("an actor cannot ask itself: its turn would wait for itself")
         name = _target(ref, msg)
@@ -191,7 +202,10 @@ class TurnContext:
         return reply_value(decode_reply(record.value), self.services.app.resolve(ref), type(msg).__name__)
 
     async def enqueue(self, queue: str, ref: ActorRef[Any], msg: BaseModel, item: QueueItem) -> str:
-        self._outside_step("enqueue")
+        with self._primitive("enqueue"):
+            return await self._enqueue(queue, ref, msg, item)
+
+    async def _enqueue(self, queue: str, ref: ActorRef[Any], msg: BaseModel, item: QueueItem) -> str:
         self.services.limits.check(queue)
         name = f"{queue}:{_target(ref, msg)}"
         position = self.journal.position
@@ -222,24 +236,24 @@ class TurnContext:
     # ---- durable primitives ------------------------------------------------------
     async def step(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                    options: StepOptions) -> Any:  # fmt: skip
-        self._outside_step("step")
+        with self._primitive("step"):
+            return await self._step(fn, args, kwargs, options)
+
+    async def _step(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                    options: StepOptions) -> Any:  # fmt: skip
         name = options.name or _callable_name(fn)
         if options.limiter is not None:
             self.services.limits.check(options.limiter)
         record = self.journal.replay("step", name)
         if record is None:
-            self.in_step = True
-            try:
-                with telemetry.span(f"step {name}", {"step.name": name}):
-                    outcome = await _run_step(fn, args, kwargs, options, self.services.limits, self.host)
-            finally:
-                self.in_step = False
+            with telemetry.span(f"step {name}", {"step.name": name}):
+                outcome = await _run_step(fn, args, kwargs, options, self.services.limits, self.host)
             record = self.journal.record("step", name, outcome)
             await self.host.flush(self)
         return _step_result(record, name, fn)
 
     async def sleep(self, delay_ms: int | None, until_ms: int | None) -> None:
-        self._outside_step("sleep")
+        self._check_idle("sleep")
         record = self.journal.replay("sleep", "")
         if record is None:
             due = until_ms if until_ms is not None else self.host.clock.upper() + (delay_ms or 0)
@@ -249,7 +263,11 @@ class TurnContext:
 
     async def wait_for(self, model: type[BaseModel], timeout_ms: int | None,
                        where: Callable[[Any], bool] | None) -> Any:  # fmt: skip
-        self._outside_step("wait_for")
+        with self._primitive("wait_for"):
+            return await self._wait_for(model, timeout_ms, where)
+
+    async def _wait_for(self, model: type[BaseModel], timeout_ms: int | None,
+                        where: Callable[[Any], bool] | None) -> Any:  # fmt: skip
         name = model.__name__
         record = self.journal.replay("wait", name)
         if record is None:
@@ -273,9 +291,31 @@ class TurnContext:
         self.journal.update(record, [record.value[0], True, queued.envelope.payload])
         return model.model_validate(queued.envelope.payload)
 
-    def _outside_step(self, what: str) -> None:
-        if self.in_step:
+    @contextlib.contextmanager
+    def _primitive(self, what: str) -> Iterator[None]:
+        """Mark ``what`` in progress until it returns (see ``_check_idle``)."""
+        self._check_idle(what)
+        self.active = (what, asyncio.current_task())
+        try:
+            yield
+        finally:
+            self.active = None
+
+    def _check_idle(self, what: str) -> None:
+        """Refuse a primitive while another one of this turn is in progress: from the step's
+        own function, or concurrently (``asyncio.gather``, ``create_task``), where the
+        journal's order would depend on timing and a replay could swap results."""
+        if self.active is None:
+            return
+        running, task = self.active
+        if running == "step" and task is asyncio.current_task():
             raise ActorsError(f"{what} cannot be called inside a step's function; call it from the handler")
+        raise ActorsError(
+            f"{what} was called while {running} of the same turn was still in progress: a turn's "
+            "durable primitives (step, ask, enqueue, wait_for, sleep, send) must run one at a time, "
+            "in order (not under asyncio.gather or create_task), so that a replay returns each "
+            "its own result"
+        )
 
 
 def _target(ref: ActorRef[Any], msg: BaseModel) -> str:

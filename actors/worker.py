@@ -133,6 +133,8 @@ class Worker:
         try:
             await asyncio.wait_for(asyncio.shield(slot.task), timeout=self.shutdown_grace)
         except TimeoutError:
+            if slot.runner is not None:
+                await slot.runner.forgive_running()
             running = slot.lease.steps.running
             log.warning(
                 "shard %s: in-flight turns did not finish in %ss; abandoning them%s",

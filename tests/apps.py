@@ -151,8 +151,9 @@ def held_log(text: str) -> None:
 
 class Held(actors.Actor):
     """Its turn logs ``start <pid> <message id>`` to ``$ACTORS_TEST_DIR/held.log``, then runs
-    until the file ``$ACTORS_TEST_DIR/release`` exists (logging ``end <pid> <message id>``): a
-    test that saw the start kills the worker inside the turn, not on either side of it."""
+    until the file ``$ACTORS_TEST_DIR/release`` or ``release-<key>`` exists (logging ``end <pid>
+    <message id>``): a test that saw the start kills the worker inside the turn, not on
+    either side of it."""
 
     class State(BaseModel):
         total: int = 0
@@ -160,7 +161,7 @@ class Held(actors.Actor):
     async def on_hold(self, msg: Hold) -> None:
         held_log(f"start {os.getpid()} {self.turn.message_id}")
         while True:
-            if (held_dir() / "release").exists():
+            if (held_dir() / "release").exists() or (held_dir() / f"release-{self.key}").exists():
                 break
             await asyncio.sleep(0.02)
         held_log(f"end {os.getpid()} {self.turn.message_id}")

@@ -123,3 +123,36 @@ class Crasher(actors.Actor):
 
 
 app.register(Crasher)
+
+
+class Hang(BaseModel):
+    pass
+
+
+class Hanger(actors.Actor):
+    """A handler that never returns."""
+
+    State = Ran
+
+    async def on_hang(self, msg: Hang) -> None:
+        trace(f"hanging {self.key} -")
+        await asyncio.Event().wait()
+
+    async def on_steps(self, msg: Steps) -> None:
+        self.state.done += 1
+
+
+class Racy(actors.Actor):
+    """Runs two steps at once: the journal's order would depend on timing."""
+
+    async def on_steps(self, msg: Steps) -> None:
+        await asyncio.gather(self.step(effect, self.key, "a", 0.01), self.step(effect, self.key, "b", 0.01))
+
+
+class ShortHanger(Hanger, turn_timeout=0.5):
+    """A Hanger whose turns may run half a second."""
+
+
+app.register(Hanger)
+app.register(ShortHanger)
+app.register(Racy)

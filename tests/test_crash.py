@@ -39,6 +39,9 @@ async def test_exactly_once_increments_across_sigkills(spawn_worker, connect, tm
                 await asyncio.sleep(rng.uniform(0.0, 0.3))  # increments go on meanwhile
                 worker.signal(signal.SIGKILL)
                 worker.proc.wait()
+                # Interrupted once is the point; a turn the kills interrupted again and again
+                # would count as a message that kills its worker (max_redeliveries).
+                (tmp_path / f"release-h-{len(killed)}").touch()
                 killed.append(pid)
                 worker = spawn_worker()
 

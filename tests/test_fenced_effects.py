@@ -282,3 +282,54 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return "\nState:\tZ" not in status
+
+
+async def test_a_turn_that_never_returns_times_out_and_is_dead_lettered(
+    start_worker, connect, fast_settings, monkeypatch, tmp_path
+) -> None:
+    from .fenced_apps import Hang, ShortHanger
+
+    monkeypatch.setenv("ACTORS_TEST_DIR", str(tmp_path))
+    await start_worker(app, fast_settings.model_copy(update={"retry": actors.RetrySettings(max_attempts=2)}))
+    async with connect(app=app) as client:
+        ref = ShortHanger.ref("h")
+        await client.send(ref, Hang())
+        await client.send(ref, Steps())
+        state = await eventually(lambda: client.state(ref), timeout=20)
+        assert state.done == 1, "the next message ran once the hung turn was given up"
+        [letter] = await client.store.dead_letters(actors.routing.shard_of(ref.id, client.shards), 10)
+        assert "failed 2 times" in letter.reason and "TurnTimeout" in letter.reason, letter.reason
+
+
+async def test_cancel_ends_a_running_turn(start_worker, connect, tmp_path, monkeypatch) -> None:
+    """``actors cancel`` ends a turn that is running (here: one that would never return),
+    not only a suspended one; the actor's next message runs."""
+    from .fenced_apps import Hang, Hanger
+
+    monkeypatch.setenv("ACTORS_TEST_DIR", str(tmp_path))
+    await start_worker(app)
+    async with connect(app=app) as client:
+        ref = Hanger.ref("c")
+        await client.send(ref, Hang())
+        await eventually(lambda: any(w[:2] == ["hanging", "c"] for w in effects(tmp_path / "effects.log")))
+        await client.cancel(ref)
+        await client.send(ref, Steps())
+        state = await eventually(lambda: client.state(ref), timeout=20)
+        assert state.done == 1
+        [letter] = await client.store.dead_letters(actors.routing.shard_of(ref.id, client.shards), 10)
+        assert letter.reason == "cancelled"
+
+
+async def test_steps_run_at_once_are_refused_with_a_clear_error(
+    start_worker, connect, monkeypatch, tmp_path
+) -> None:
+    from .fenced_apps import Racy
+
+    monkeypatch.setenv("ACTORS_TEST_DIR", str(tmp_path))
+    await start_worker(app)
+    async with connect(app=app) as client:
+        ref = Racy.ref("r")
+        await client.send(ref, Steps())
+        shard = actors.routing.shard_of(ref.id, client.shards)
+        [letter] = await eventually(lambda: client.store.dead_letters(shard, 10), timeout=20)
+        assert "one at a time" in letter.reason, letter.reason
