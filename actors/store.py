@@ -350,7 +350,11 @@ class Store:
     async def release_lease(self, shard: int, lease: str) -> bool:
         released = bool(await self._run("release_lease", [self.keys.lease(shard)], [lease]))
         if released:
-            await self.redis.publish(self.keys.lease_events(), str(shard))
+            try:
+                await self.redis.publish(self.keys.lease_events(), str(shard))
+            except ResponseError as exc:  # e.g. an ACL without the channel: the lease is released
+                # all the same; the other supervisors see the free shard at their next tick.
+                log.warning("could not announce the release of shard %s: %s", shard, exc)
         return released
 
     # ---- inbox -------------------------------------------------------------
