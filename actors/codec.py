@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,31 @@ from .errors import DecodeError, MessageTooLarge
 ENVELOPE_VERSION = 1
 FIELD = b"e"
 """The one field of an inbox or outbox entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A stream entry without exactly one ``e`` field. Refused (dead-lettered as undecodable)
+    rather than read one way by one read path and another way by another."""
+
+    fields: int
+    """How many ``e`` fields it has."""
+    first: bytes
+    """The first of them (b"" if none): what its dead letter keeps."""
+
+    @property
+    def detail(self) -> str:
+        if self.fields == 0:
+            return f"the entry has no {FIELD.decode()!r} field"
+        return f"the entry has {self.fields} {FIELD.decode()!r} fields"
+
+
+def entry_envelope(flat: Sequence[bytes]) -> bytes | Malformed:
+    """The envelope of a stream entry given as the server sends it, [field, value, ...]."""
+    values = [flat[i + 1] for i in range(0, len(flat) - 1, 2) if flat[i] == FIELD]
+    if len(values) == 1:
+        return values[0]
+    return Malformed(len(values), values[0] if values else b"")
 
 
 def new_message_id() -> str:

@@ -40,6 +40,7 @@ from . import telemetry
 from .actor import Actor, Handler
 from .codec import (
     Envelope,
+    Malformed,
     Reply,
     decode_envelope,
     decode_state,
@@ -402,7 +403,7 @@ class ShardRunner:
                 accepted.append(checked)
             else:
                 reason, detail, env = checked
-                write = self._dead_letter_write("", "i", entry_id, raw or b"", reason, detail, env)
+                write = self._dead_letter_write("", "i", entry_id, _kept(raw), reason, detail, env)
                 await self._write(write)
         await self._activate({q.envelope.actor_id: q.envelope.actor for q in accepted})
         for queued in accepted:
@@ -410,10 +411,12 @@ class ShardRunner:
             act.queue.append(queued)
             self._start(act)
 
-    def _check(self, entry_id: str | None, raw: bytes | None) -> Queued | tuple[str, str, Envelope | None]:
+    def _check(
+        self, entry_id: str | None, raw: bytes | Malformed
+    ) -> Queued | tuple[str, str, Envelope | None]:
         """The entry as a queued message, or (reason, detail, envelope if decodable) to dead-letter."""
-        if raw is None:
-            return "undecodable", "the entry has no 'e' field", None
+        if isinstance(raw, Malformed):
+            return "undecodable", raw.detail, None
         try:
             env = decode_envelope(raw)
         except DecodeError as exc:
@@ -946,3 +949,8 @@ def _copy_records(records: list[Record]) -> list[Record]:
 def _load_state(cls: type[Actor], snapshot: bytes | None) -> Any:
     """An actor's state from its committed snapshot (a fresh State if it has none)."""
     return cls.State() if snapshot is None else cls.State.model_validate(decode_state(snapshot))
+
+
+def _kept(raw: bytes | Malformed) -> bytes:
+    """What the dead letter of an inbox entry keeps: its envelope, or the first of several."""
+    return raw.first if isinstance(raw, Malformed) else raw
