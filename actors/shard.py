@@ -49,12 +49,20 @@ from .codec import (
     encode_reply,
     encode_state,
 )
-from .errors import ActorsError, DecodeError, Diverged, LeaseLost, UnknownActorType, UnknownMessageType
+from .errors import (
+    ActorsError,
+    DecodeError,
+    Diverged,
+    InvalidEnvelope,
+    LeaseLost,
+    UnknownActorType,
+    UnknownMessageType,
+)
 from .journal import FOREVER_MS, Journal, JournalMismatch, OpenTurn, Record, RedisClock, Suspend
 from .lease import Lease
 from .limits import queued_item
 from .messages import CANCEL, TICK, Tick
-from .routing import shard_of, tick_envelope
+from .routing import foreign_reply_to, shard_of, tick_envelope
 from .schedules import Schedule, slot_datetime
 from .settings import WorkerSettings
 from .store import BACKLOG, DUPLICATE, Entry, LoadedActor, Take, Write
@@ -419,11 +427,16 @@ class ShardRunner:
             return "undecodable", raw.detail, None
         try:
             env = decode_envelope(raw)
+        except InvalidEnvelope as exc:  # an id, headers or reply channel not to act on
+            return exc.reason, str(exc), exc.envelope
         except DecodeError as exc:
             return "undecodable", str(exc), None
         limit = self.settings.messages.max_message_bytes
         if len(raw) > limit:
             return "too large", f"{len(raw)} bytes; the limit (max_message_bytes) is {limit}", env
+        foreign = foreign_reply_to(env.reply_to, self.store.keys.reply_channel(""))
+        if foreign is not None:
+            return "invalid reply_to", foreign, dataclasses.replace(env, reply_to=None)
         try:
             cls = self.services.app.actor_type(env.actor)
             if env.type == CANCEL:
