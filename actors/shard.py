@@ -62,7 +62,7 @@ from .journal import FOREVER_MS, Journal, JournalMismatch, OpenTurn, Record, Red
 from .lease import Lease
 from .limits import queued_item
 from .messages import CANCEL, TICK, Tick
-from .routing import foreign_reply_to, shard_of, tick_envelope
+from .routing import foreign_reply_to, misplaced, shard_of, tick_envelope
 from .schedules import Schedule, slot_datetime
 from .settings import WorkerSettings
 from .store import BACKLOG, DUPLICATE, Entry, LoadedActor, Take, Write
@@ -439,6 +439,9 @@ class ShardRunner:
             return "invalid reply_to", foreign, dataclasses.replace(env, reply_to=None)
         try:
             cls = self.services.app.actor_type(env.actor)
+            misplaced_in = misplaced(env.actor_id, self.shard, self.services.shards)
+            if misplaced_in is not None:  # its own shard holds the actor: no second copy here
+                return "wrong shard", misplaced_in, env
             if env.type == CANCEL:
                 return Queued(entry_id, raw, env, None)
             model = Tick if env.type == TICK else cls.message_model(env.type)
