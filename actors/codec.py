@@ -10,17 +10,43 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
 from pydantic import BaseModel
 
-from .errors import DecodeError, MessageTooLarge
+from .errors import DecodeError, InvalidEnvelope, MessageTooLarge
 
 ENVELOPE_VERSION = 1
 FIELD = b"e"
 """The one field of an inbox or outbox entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A stream entry without exactly one ``e`` field. Refused (dead-lettered as undecodable)
+    rather than read one way by one read path and another way by another."""
+
+    fields: int
+    """How many ``e`` fields it has."""
+    first: bytes
+    """The first of them (b"" if none): what its dead letter keeps."""
+
+    @property
+    def detail(self) -> str:
+        if self.fields == 0:
+            return f"the entry has no {FIELD.decode()!r} field"
+        return f"the entry has {self.fields} {FIELD.decode()!r} fields"
+
+
+def entry_envelope(flat: Sequence[bytes]) -> bytes | Malformed:
+    """The envelope of a stream entry given as the server sends it, [field, value, ...]."""
+    values = [flat[i + 1] for i in range(0, len(flat) - 1, 2) if flat[i] == FIELD]
+    if len(values) == 1:
+        return values[0]
+    return Malformed(len(values), values[0] if values else b"")
 
 
 def new_message_id() -> str:
@@ -86,11 +112,56 @@ def decode_envelope(data: bytes) -> Envelope:
     if not isinstance(items, list) or len(items) != 8 or items[0] != ENVELOPE_VERSION:
         raise DecodeError("entry is not a version-1 envelope")
     _, mid, actor, key, mtype, payload, headers, reply_to = items
-    if not all(isinstance(x, str) for x in (mid, actor, key, mtype)):
-        raise DecodeError("envelope id, actor, key and type must be strings")
-    if not isinstance(headers, dict) or not (reply_to is None or isinstance(reply_to, str)):
-        raise DecodeError("envelope headers must be a map and reply_to a string")
+    for name, value in (("actor", actor), ("key", key), ("type", mtype)):
+        if not isinstance(value, str):  # the message has no address: nothing to say about it
+            raise DecodeError(f"the envelope's {name} is {_kind(value)}, not a string")
+    problems = {
+        "invalid id": _id_problem(mid),
+        "invalid headers": _header_problem(headers),
+        "invalid reply_to": _reply_to_problem(reply_to),
+    }
+    if any(problems.values()):
+        # Keep only what can be trusted: the headers drive a queued item's slot and the trace
+        # parent, the id names the reply key, reply_to the channel published on.
+        sound = Envelope(
+            "" if problems["invalid id"] else mid, actor, key, mtype, payload,
+            {} if problems["invalid headers"] else headers,
+            None if problems["invalid id"] or problems["invalid reply_to"] else reply_to,
+        )  # fmt: skip
+        reason, detail = next((r, d) for r, d in problems.items() if d)
+        raise InvalidEnvelope(reason, detail, sound)
     return Envelope(mid, actor, key, mtype, payload, headers, reply_to)
+
+
+def _kind(value: Any) -> str:
+    return "nil" if value is None else type(value).__name__
+
+
+def _id_problem(mid: Any) -> str | None:
+    """Why a message id cannot be used (it names the reply key and a queued item), or None."""
+    if not isinstance(mid, str):
+        return f"the id is {_kind(mid)}, not a string"
+    return None if mid else "the id is empty"
+
+
+def _reply_to_problem(reply_to: Any) -> str | None:
+    """Why reply_to is not a channel name or nil, or None. (Whose channel it is, the worker
+    checks: ``routing.foreign_reply_to``.)"""
+    if reply_to is None or isinstance(reply_to, str):
+        return None
+    return f"reply_to is {_kind(reply_to)}, not a string or nil"
+
+
+def _header_problem(headers: Any) -> str | None:
+    """Why headers are not the map of strings to strings they must be, or None."""
+    if not isinstance(headers, dict):
+        return f"the headers are {_kind(headers)}, not a map of strings to strings"
+    for name, value in headers.items():
+        if not isinstance(name, str):
+            return f"header name {name!r} is {_kind(name)}, not a string"
+        if not isinstance(value, str):
+            return f"header {name!r} is {_kind(value)}, not a string"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .codec import Envelope
+
 
 class ActorsError(Exception):
     """Root of every error raised by the runtime."""
@@ -31,6 +36,19 @@ class MessageTooLarge(ActorsError):
 
 class DecodeError(ActorsError):
     """A stream entry or payload could not be decoded."""
+
+
+class InvalidEnvelope(DecodeError):
+    """An envelope that decodes, but with an id, headers or reply channel the runtime must not
+    act on. ``reason`` names the field (``invalid id``, ``invalid headers``, ``invalid
+    reply_to``); ``envelope`` is the message without what cannot be trusted (no headers
+    unless they are sound, no reply channel unless the id and the channel are), so that its
+    dead letter can still answer a sound asker."""
+
+    def __init__(self, reason: str, detail: str, envelope: Envelope) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.envelope = envelope
 
 
 class AskTimeout(ActorsError, TimeoutError):

@@ -41,6 +41,23 @@ def shard_of(actor_id: str, shards: int) -> int:
     return zlib.crc32(actor_id.encode()) % shards
 
 
+def misplaced(actor_id: str, shard: int, shards: int) -> str | None:
+    """Why an envelope for ``actor_id`` must not run in ``shard`` (it belongs to another), or
+    None. Run there, it would make a second live copy of the actor beside the one in its own
+    shard. Every envelope the runtime writes goes to ``shard_of`` its actor."""
+    home = shard_of(actor_id, shards)
+    return None if home == shard else f"{actor_id} belongs to shard {home}, not shard {shard}"
+
+
+def foreign_reply_to(reply_to: str | None, reply_prefix: str) -> str | None:
+    """Why a worker must not answer on ``reply_to``, or None. Askers (clients and workers)
+    listen on reply channels of their namespace, ``reply_prefix<id>`` (``Keys.reply_channel``);
+    any other channel could be anyone's."""
+    if reply_to is None or (reply_to.startswith(reply_prefix) and len(reply_to) > len(reply_prefix)):
+        return None
+    return f"reply_to {reply_to!r} is not a reply channel of this namespace ({reply_prefix}<id>)"
+
+
 def build_envelope(
     app: App | None,
     ref: ActorRef[Any],

@@ -40,6 +40,7 @@ from . import telemetry
 from .actor import Actor, Handler
 from .codec import (
     Envelope,
+    Malformed,
     Reply,
     decode_envelope,
     decode_state,
@@ -52,6 +53,7 @@ from .errors import (
     ActorsError,
     DecodeError,
     Diverged,
+    InvalidEnvelope,
     LeaseLost,
     TurnCancelled,
     TurnTimeout,
@@ -62,7 +64,7 @@ from .journal import FOREVER_MS, Journal, JournalMismatch, OpenTurn, Record, Red
 from .lease import Lease
 from .limits import queued_item
 from .messages import CANCEL, TICK, Tick
-from .routing import shard_of, tick_envelope
+from .routing import foreign_reply_to, misplaced, shard_of, tick_envelope
 from .schedules import Schedule, slot_datetime
 from .settings import WorkerSettings
 from .store import BACKLOG, DUPLICATE, Entry, LoadedActor, Take, Write
@@ -462,7 +464,7 @@ class ShardRunner:
                 accepted.append(checked)
             else:
                 reason, detail, env = checked
-                write = self._dead_letter_write("", "i", entry_id, raw or b"", reason, detail, env)
+                write = self._dead_letter_write("", "i", entry_id, _kept(raw), reason, detail, env)
                 await self._write(write)
         await self._activate({q.envelope.actor_id: q.envelope.actor for q in accepted})
         for queued in accepted:
@@ -472,19 +474,29 @@ class ShardRunner:
                 self._interrupt(act, TurnCancelled(f"{act.id}: its running turn was cancelled"))
             self._start(act)
 
-    def _check(self, entry_id: str | None, raw: bytes | None) -> Queued | tuple[str, str, Envelope | None]:
+    def _check(
+        self, entry_id: str | None, raw: bytes | Malformed
+    ) -> Queued | tuple[str, str, Envelope | None]:
         """The entry as a queued message, or (reason, detail, envelope if decodable) to dead-letter."""
-        if raw is None:
-            return "undecodable", "the entry has no 'e' field", None
+        if isinstance(raw, Malformed):
+            return "undecodable", raw.detail, None
         try:
             env = decode_envelope(raw)
+        except InvalidEnvelope as exc:  # an id, headers or reply channel not to act on
+            return exc.reason, str(exc), exc.envelope
         except DecodeError as exc:
             return "undecodable", str(exc), None
         limit = self.settings.messages.max_message_bytes
         if len(raw) > limit:
             return "too large", f"{len(raw)} bytes; the limit (max_message_bytes) is {limit}", env
+        foreign = foreign_reply_to(env.reply_to, self.store.keys.reply_channel(""))
+        if foreign is not None:
+            return "invalid reply_to", foreign, dataclasses.replace(env, reply_to=None)
         try:
             cls = self.services.app.actor_type(env.actor)
+            misplaced_in = misplaced(env.actor_id, self.shard, self.services.shards)
+            if misplaced_in is not None:  # its own shard holds the actor: no second copy here
+                return "wrong shard", misplaced_in, env
             if env.type == CANCEL:
                 return Queued(entry_id, raw, env, None)
             model = Tick if env.type == TICK else cls.message_model(env.type)
@@ -1125,3 +1137,8 @@ def _copy_records(records: list[Record]) -> list[Record]:
 def _load_state(cls: type[Actor], snapshot: bytes | None) -> Any:
     """An actor's state from its committed snapshot (a fresh State if it has none)."""
     return cls.State() if snapshot is None else cls.State.model_validate(decode_state(snapshot))
+
+
+def _kept(raw: bytes | Malformed) -> bytes:
+    """What the dead letter of an inbox entry keeps: its envelope, or the first of several."""
+    return raw.first if isinstance(raw, Malformed) else raw

@@ -29,7 +29,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
-from .codec import FIELD
+from .codec import FIELD, Malformed, entry_envelope
 from .errors import ConfigurationError, Diverged, IdempotencyConflict, LeaseLost
 from .keys import GROUP, Keys
 from .lease import Lease
@@ -73,8 +73,15 @@ def _script_text(name: str) -> str:
 
 T = TypeVar("T")
 
-Entry = tuple[str, bytes | None]
-"""An inbox entry: its stream id and its envelope bytes (None if the field is missing)."""
+Entry = tuple[str, bytes | Malformed]
+"""An inbox entry: its stream id and its envelope bytes (Malformed unless it has exactly one
+``e`` field). Every read path builds it from the fields as the server sent them
+(``_stream_entries``), so none can take another of two ``e`` fields than the others."""
+
+_RAW_REPLY = "actors_raw_reply"
+"""An option of the XREAD and XAUTOCLAIM calls of ``Store``: keep the reply as the server sent
+it. redis-py's own parsing turns an entry's fields into a dict, which keeps only the last of
+two fields with one name."""
 
 _StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
 """What XRANGE returns to our clients. redis-py types replies as ``bytes | str`` (and stream
@@ -206,6 +213,7 @@ class Store:
     ) -> None:
         self.redis = client
         """For calls that are safe to repeat: it retries after a connection error."""
+        _allow_raw_replies(client)
         self._appender = appender or client
         """For calls whose retry after a lost reply would not be a no-op (plain XADDs, the fenced
         read and the timer script): it never retries them."""
@@ -353,7 +361,11 @@ class Store:
     async def release_lease(self, shard: int, lease: str) -> bool:
         released = bool(await self._run("release_lease", [self.keys.lease(shard)], [lease]))
         if released:
-            await self.redis.publish(self.keys.lease_events(), str(shard))
+            try:
+                await self.redis.publish(self.keys.lease_events(), str(shard))
+            except ResponseError as exc:  # e.g. an ACL without the channel: the lease is released
+                # all the same; the other supervisors see the free shard at their next tick.
+                log.warning("could not announce the release of shard %s: %s", shard, exc)
         return released
 
     # ---- inbox -------------------------------------------------------------
@@ -407,26 +419,28 @@ class Store:
         )
         if empty:
             return [], value.decode()
-        entries = [(entry_id.decode(), _field(fields)) for entry_id, fields in value]
+        entries = _stream_entries(value)
         return entries, entries[-1][0]
 
     async def read_after(self, shard: int, after_id: str, count: int, block_ms: int) -> list[Entry]:
         """Up to ``count`` entries newer than ``after_id``, blocking until one exists (or the
         time is up: []). Unfenced and outside the group: it only shows what ``read_new``
         will take next (see ShardRunner._read_loop)."""
-        reply = await self.redis.xread({self.keys.inbox(shard): after_id}, count=count, block=block_ms)
-        streams = cast("list[tuple[bytes, _StreamRows]]", reply)
-        return _entries(streams[0][1]) if streams else []
+        inbox = self.keys.inbox(shard)
+        reply = await _raw_reply(
+            self.redis, "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", inbox, after_id
+        )
+        return _stream_entries(_xread_rows(reply))
 
     async def claim_pending(self, shard: int, consumer: str, count: int) -> list[Entry]:
         """Take over every pending entry of the shard (the lease makes them ours), oldest first."""
         claimed: list[Entry] = []
         cursor = "0-0"
         while True:
-            cursor_b, entries, deleted = await self.redis.xautoclaim(
-                self.keys.inbox(shard), GROUP, consumer, 0, start_id=cursor, count=count
+            cursor_b, entries, deleted = await _raw_reply(
+                self.redis, "XAUTOCLAIM", self.keys.inbox(shard), GROUP, consumer, 0, cursor, "COUNT", count
             )
-            claimed.extend(_entries(entries))
+            claimed.extend(_stream_entries(entries))
             if deleted:  # trimmed while pending: nothing left to handle, just ack
                 await self.redis.xack(self.keys.inbox(shard), GROUP, *deleted)
             cursor = cursor_b.decode() if isinstance(cursor_b, bytes) else str(cursor_b)
@@ -903,16 +917,42 @@ _KEEPALIVE = {
 """A silent peer is declared dead after about 5 + 2 x 3 = 11 s (where the platform allows)."""
 
 
-def _field(flat: list[bytes]) -> bytes | None:
-    """The envelope field of an entry given as a flat [field, value, ...] list."""
-    for i in range(0, len(flat) - 1, 2):
-        if flat[i] == FIELD:
-            return flat[i + 1]
-    return None
+def _allow_raw_replies(client: aioredis.Redis) -> None:
+    """Let XREAD and XAUTOCLAIM calls given the ``_RAW_REPLY`` option skip redis-py's parsing
+    (other calls are parsed as before)."""
+    for command in ("XREAD", "XAUTOCLAIM"):
+        parse = client.response_callbacks.get(command)
+        if parse is not None and getattr(parse, "func", None) is not _raw_or_parsed:
+            client.set_response_callback(command, functools.partial(_raw_or_parsed, parse))
 
 
-def _entries(rows: Any) -> list[Entry]:
-    return [(entry_id.decode(), fields.get(FIELD) if fields else None) for entry_id, fields in rows]
+async def _raw_reply(client: aioredis.Redis, *args: EncodableT) -> Any:
+    """Run a command whose reply redis-py leaves as the server sent it (see ``_RAW_REPLY``)."""
+    # execute_command is unannotated in redis-py's asyncio client.
+    return await client.execute_command(*args, **{_RAW_REPLY: True})  # type: ignore[no-untyped-call]
+
+
+def _raw_or_parsed(parse: Callable[..., Any], response: Any, **options: Any) -> Any:
+    if options.pop(_RAW_REPLY, False):
+        return response
+    return parse(response, **options)
+
+
+def _xread_rows(reply: Any) -> Any:
+    """The entries of a raw XREAD reply for one stream: a map stream -> entries (RESP3), or a
+    list of [stream, entries] (RESP2); nothing when the block timed out."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return next(iter(reply.values()))
+    return reply[0][1]
+
+
+def _stream_entries(rows: Any) -> list[Entry]:
+    """Entries given as the server sends them, [[id, [field, value, ...]], ...], by one rule
+    (``codec.entry_envelope``) whichever read returned them. A nil row (an entry deleted
+    while pending, as some servers report it) has nothing to handle."""
+    return [(row[0].decode(), entry_envelope(row[1] or [])) for row in rows if row is not None]
 
 
 def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +26,8 @@ from actors import (
     WorkerSettings,
 )
 from actors.codec import Envelope, decode_envelope, encode_envelope, new_message_id
-from actors.routing import shard_of
+from actors.keys import GROUP
+from actors.routing import route, shard_of
 from actors.store import DeadLetter, Store
 
 from .apps import Add, Boom, Counter, Flaky, Get, Lookup, Total, app
@@ -91,6 +93,23 @@ def raw_envelope(actor: str, key: str, mtype: str, payload: Any, reply_to: str |
     """An encoded envelope that skips every client-side check."""
     env = Envelope(new_message_id(), actor, key, mtype, payload, reply_to=reply_to)
     return encode_envelope(env, 1 << 20)
+
+
+def raw_items(
+    mid: Any = None,
+    actor: Any = "Counter",
+    key: Any = "target",
+    mtype: Any = "Add",
+    payload: Any = None,
+    headers: Any = None,
+    reply_to: Any = None,
+) -> bytes:
+    """A version-1 envelope array holding whatever each field is given, as a raw write could."""
+    mid = new_message_id() if mid is None else mid
+    payload = {"by": 1} if payload is None else payload
+    fields = [1, mid, actor, key, mtype, payload, {} if headers is None else headers, reply_to]
+    data: bytes = msgpack.packb(fields, use_bin_type=True)
+    return data
 
 
 async def dead_letters_of(client: actors.Client, shard: int, count: int) -> list[DeadLetter]:
@@ -286,6 +305,25 @@ BAD_ENTRIES: dict[str, tuple[str, bytes, str]] = {
         raw_envelope("Counter", KEY, "Add", {"by": 1, "sender": "x" * (2 * WORKER_LIMIT)}),
         "max_message_bytes",
     ),
+    # Fields of the envelope the runtime would otherwise trust (found by raw writes).
+    "queue-header-not-a-string": ("invalid headers", raw_items(headers={"queue": 5}), "'queue'"),
+    "header-value-not-a-string": (
+        "invalid headers",
+        raw_items(headers={"traceparent": None}),
+        "'traceparent'",
+    ),
+    "header-name-not-a-string": ("invalid headers", raw_items(headers={b"queue": "q"}), "b'queue'"),
+    "headers-not-a-map": ("invalid headers", raw_items(headers=["queue", "q"]), "list"),
+    "empty-id": ("invalid id", raw_items(mid=""), "empty"),
+    "id-not-a-string": ("invalid id", raw_items(mid=5), "int"),
+    "reply-to-not-a-string": ("invalid reply_to", raw_items(reply_to=5), "int"),
+    "reply-to-another-namespace": (
+        "invalid reply_to",
+        raw_items(reply_to="elsewhere:replies:x"),
+        "'elsewhere:replies:x'",
+    ),
+    "actor-type-not-a-string": ("undecodable", raw_items(actor=5), "actor"),
+    "key-not-a-string": ("undecodable", raw_items(key=b"target"), "key"),
 }
 
 
@@ -505,3 +543,190 @@ async def test_a_cancelled_store_call_raises_cancelled_error(redis_url, namespac
         await store.close()
     assert landed, "no cancel reached a call in flight"
     assert lost == [], f"the call returned normally although its task was cancelled: {lost}"
+
+
+# ---- 6. found by raw writes to the documented streams ------------------------------------------------
+
+
+async def test_an_envelope_in_the_wrong_shard_is_dead_lettered_there(start_worker, connect) -> None:
+    """An envelope appended to a shard that is not its actor's must not run there: that would
+    be a second live copy of the actor, beside the one its own shard holds."""
+    await start_worker(app)
+    async with connect(app=app) as client:
+        aid = f"Counter/{KEY}"
+        home = shard_of(aid, client.shards)
+        wrong = (home + 1) % client.shards
+        await counter_still_counts(client, KEY, 1)  # the actor is active in its own shard
+        raw = raw_envelope("Counter", KEY, "Add", {"by": 100})
+        entry_id = await client.store.append(wrong, raw)
+        [dl] = await dead_letters_of(client, wrong, 1)
+        assert (dl.reason, dl.entry_id, dl.envelope) == ("wrong shard", entry_id, raw)
+        assert f"shard {home}" in dl.detail and aid in dl.detail
+        assert await client.store.load_state(wrong, aid) is None, "no second copy of the actor"
+
+        # An ask put in the wrong shard is answered with the reason.
+        replies = await client._listener()
+        routed = route(app, Counter.ref(KEY), Get(), client.shards, 1 << 20, reply_to=replies.channel)
+        reply = await replies.request(wrong, routed.envelope.id, routed.data, None, 60_000, 10)
+        assert (reply.ok, reply.error) == (False, "wrong shard")
+        await dead_letters_of(client, wrong, 2)
+
+        await counter_still_counts(client, KEY, 2)  # the handler never ran for either
+        await nothing_pending(client, wrong)
+        await nothing_pending(client, home)
+        assert await client.store.dead_letters(home, 100) == []
+
+
+async def append_with_two_envelope_fields(
+    client: actors.Client, shard: int, first: bytes, second: bytes
+) -> str:
+    """An entry with the field ``e`` twice: XADD accepts it, redis-py's xadd (a dict) cannot."""
+    entry_id = await client.store.redis.execute_command(
+        "XADD", client.store.keys.inbox(shard), "*", "e", first, "e", second
+    )
+    return str(entry_id.decode())
+
+
+TWO_FIELDS = "the entry has 2 'e' fields"
+
+
+async def assert_two_fields_refused(client: actors.Client, shard: int, entry_id: str, first: bytes) -> None:
+    [dl] = await dead_letters_of(client, shard, 1)
+    assert (dl.reason, dl.entry_id) == ("undecodable", entry_id)
+    assert TWO_FIELDS in dl.detail
+    assert dl.envelope == first, "the dead letter keeps the first of the two"
+    await nothing_pending(client, shard)
+
+
+async def test_an_entry_with_two_envelope_fields_is_refused_by_the_fenced_read(
+    start_worker, connect, fast_settings
+) -> None:
+    """A fresh runner reads with read_inbox.lua (``read_new``)."""
+    async with connect(app=app, shards=fast_settings.shards) as client:
+        shard = shard_of(f"Counter/{KEY}", client.shards)
+        first = raw_envelope("Counter", KEY, "Add", {"by": 100})
+        entry_id = await append_with_two_envelope_fields(
+            client, shard, first, raw_envelope("Counter", KEY, "Add", {"by": 1000})
+        )
+        await start_worker(app)
+        await assert_two_fields_refused(client, shard, entry_id, first)
+        await counter_still_counts(client, KEY, 1)  # neither of the two was handled
+
+
+async def test_an_entry_with_two_envelope_fields_is_refused_by_the_blocking_read(
+    start_worker, connect, fast_settings
+) -> None:
+    """An idle runner waits with a plain XREAD (``read_after``); a long block keeps it there."""
+    await start_worker(app, fast_settings.model_copy(update={"block_ms": 10_000}))
+    async with connect(app=app) as client:
+        shard = shard_of(f"Counter/{KEY}", client.shards)
+        await counter_still_counts(client, KEY, 1)
+        await asyncio.sleep(0.2)  # the runner is blocked on XREAD after what it has seen
+        first = raw_envelope("Counter", KEY, "Add", {"by": 100})
+        entry_id = await append_with_two_envelope_fields(
+            client, shard, first, raw_envelope("Counter", KEY, "Add", {"by": 1000})
+        )
+        await assert_two_fields_refused(client, shard, entry_id, first)
+        await counter_still_counts(client, KEY, 2)
+
+
+async def test_an_entry_with_two_envelope_fields_is_refused_when_claimed(
+    start_worker, connect, fast_settings
+) -> None:
+    """A runner that starts claims the entries pending in the group (``claim_pending``)."""
+    async with connect(app=app, shards=fast_settings.shards) as client:
+        shard = shard_of(f"Counter/{KEY}", client.shards)
+        inbox = client.store.keys.inbox(shard)
+        await client.store.redis.xgroup_create(inbox, GROUP, id="0", mkstream=True)
+        first = raw_envelope("Counter", KEY, "Add", {"by": 100})
+        entry_id = await append_with_two_envelope_fields(
+            client, shard, first, raw_envelope("Counter", KEY, "Add", {"by": 1000})
+        )
+        # A runner that died after reading it left it pending.
+        await client.store.redis.xreadgroup(GROUP, "gone", {inbox: ">"}, count=10)
+        assert (await client.store.shard_info(shard)).pending == 1
+        await start_worker(app)
+        await assert_two_fields_refused(client, shard, entry_id, first)
+        await counter_still_counts(client, KEY, 1)
+
+
+async def test_invalid_headers_are_refused_before_a_turn_without_retries(start_worker, connect) -> None:
+    """A ``queue`` header that is not a string used to fail every attempt outside the handler,
+    and the dead letter blamed the handler. It is bad input: refused before any turn, and an
+    asker gets the reason."""
+    await start_worker(app)
+    async with connect(app=app) as client:
+        shard = shard_of(f"Counter/{KEY}", client.shards)
+        replies = await client._listener()
+        mid = new_message_id()
+        raw = raw_items(mid=mid, mtype="Get", payload={}, headers={"queue": 5}, reply_to=replies.channel)
+        reply = await replies.request(shard, mid, raw, None, 60_000, 10)
+        assert (reply.ok, reply.error) == (False, "invalid headers")
+        assert "'queue'" in reply.detail and "int" in reply.detail
+        [dl] = await dead_letters_of(client, shard, 1)
+        assert dl.reason == "invalid headers" and "failed" not in dl.reason
+        await counter_still_counts(client, KEY, 1)
+        await nothing_pending(client, shard)
+
+
+async def test_a_reply_to_outside_the_namespace_gets_no_reply(start_worker, connect) -> None:
+    """The worker never publishes on (or stores a reply for) a channel that is not a reply
+    channel of its namespace: it could be anyone's."""
+    await start_worker(app)
+    async with connect(app=app) as client:
+        shard = shard_of(f"Counter/{KEY}", client.shards)
+        mid = new_message_id()
+        await client.store.append(shard, raw_items(mid=mid, mtype="Get", payload={}, reply_to="elsewhere:x"))
+        [dl] = await dead_letters_of(client, shard, 1)
+        assert dl.reason == "invalid reply_to"
+        assert await client.store.get_reply(shard, mid) is None
+        await counter_still_counts(client, KEY, 1)
+
+
+async def test_a_refused_reply_publish_loses_no_message(
+    redis_server, namespace, fast_settings, connect
+) -> None:
+    """A worker whose Redis user may not publish on the reply channels (an ACL without channel
+    rights) still commits and dead-letters: a reply's PUBLISH is a notification, and the
+    asker reads the stored reply when none is published."""
+    user, password = f"nochannels-{uuid.uuid4().hex[:12]}", uuid.uuid4().hex
+    async with connect(app=app, shards=fast_settings.shards) as client:
+        admin = client.store.redis
+        # Every command and key; channels too at first, so that the worker can start (its
+        # reply listener subscribes before it is ready).
+        await admin.execute_command(
+            "ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all", "allchannels"
+        )
+        try:
+            url = f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/0"
+            async with bounded_worker(app, url, namespace, fast_settings):
+                await admin.execute_command("ACL", "SETUSER", user, "resetchannels")
+                with pytest.raises(Exception, match=r"NOPERM|No permissions"):  # the server refuses it
+                    await _publish_as(url, f"{namespace}:replies:probe")
+
+                assert await client.ask(Counter.ref(KEY), Add(by=5), timeout=10) is None
+                assert await client.ask(Counter.ref(KEY), Get(), timeout=10) == Total(total=5)
+
+                class Add2(BaseModel):  # refused by the worker: an ask that is dead-lettered
+                    by: str
+
+                Add2.__name__ = "Add"
+                async with connect() as bare:
+                    with pytest.raises(HandlerError) as refused:
+                        await bare.ask(ActorRef("Counter", KEY), Add2(by="many"), timeout=10)
+                assert refused.value.reason == "invalid payload"
+                shard = shard_of(f"Counter/{KEY}", client.shards)
+                [dl] = await dead_letters_of(client, shard, 1)
+                assert dl.reason == "invalid payload"
+                await nothing_pending(client, shard)
+                assert await client.ask(Counter.ref(KEY), Get(), timeout=10) == Total(total=5)
+        finally:
+            await admin.execute_command("ACL", "DELUSER", user)
+
+
+async def _publish_as(url: str, channel: str) -> None:
+    store = Store.from_url(url, "probe")
+    try:
+        await store.redis.publish(channel, b"x")
+    finally:
+        await store.close()

@@ -35,7 +35,7 @@
 --   A entry                    ack a consumed inbox entry
 --   U envelope                 remove a consumed message from the deferred list
 --   F entry envelope           ack an inbox entry and defer it (if it was pending)
---   Y key-index channel reply  store (and publish) the reply to an ask
+--   Y key-index channel reply  store (and publish, ignoring a refusal) the reply to an ask
 --   J open-turn score          store the open turn and its timer
 --   D envelope entry reason detail   append to the dead-letter stream
 --   X                          forget the actor's count of recovered starts
@@ -116,7 +116,10 @@ local function apply(tag, actor, deferred)
     local reply = arg()
     redis.call('SET', key, reply, 'PX', reply_ttl)
     if channel ~= '' then
-      redis.call('PUBLISH', channel, reply)
+      -- pcall: the stored reply is what counts (askers read it when nothing is published);
+      -- a refused PUBLISH (an ACL without rights on the channel) must not abort the script
+      -- after the XACK, losing the message and, for a dead letter, its dlq entry.
+      redis.pcall('PUBLISH', channel, reply)
     end
   elseif tag == 'J' then
     local turn = arg()

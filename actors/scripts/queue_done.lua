@@ -6,5 +6,7 @@ if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) == ARGV[1] then
   redis.call('DEL', KEYS[2])
 end
 redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+-- pcall: a notification that the server refuses (an ACL without the channel) must not
+-- abort the script after its writes.
+redis.pcall('PUBLISH', ARGV[3], ARGV[4])
 return 1

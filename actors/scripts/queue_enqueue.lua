@@ -34,5 +34,7 @@ redis.call('ZADD', KEYS[2], score, ARGV[1])
 if ARGV[4] ~= '' then
   redis.call('SET', KEYS[6], ARGV[1], 'PX', ARGV[7])
 end
-redis.call('PUBLISH', ARGV[8], ARGV[9])
+-- pcall: a notification that the server refuses (an ACL without the channel) must not
+-- abort the script after its writes.
+redis.pcall('PUBLISH', ARGV[8], ARGV[9])
 return {1, ARGV[1]}
