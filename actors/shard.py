@@ -746,6 +746,10 @@ class ShardRunner:
                 except RUNNER_ERRORS:
                     raise  # the runner's own trouble (a lost lease, a memory that ran ahead of Redis)
                 except BaseException as caught:
+                    if ctx.misuse is not None:  # primitives ran at once: a retry would do the same
+                        await _outlive_primitive(ctx)
+                        await self._give_up(act, ctx, handler, ctx.misuse, attempt)
+                        return
                     failure = _take_back_interruption(ctx) or caught
                     if isinstance(failure, asyncio.CancelledError) and _cancelling():
                         raise  # this turn is being stopped; a CancelledError the handler raised is a failure
@@ -1084,6 +1088,14 @@ def _delivery(act: Activation, env: Envelope) -> str:
     """What ``count_delivery`` counts starts of: the message, and for an open turn its
     write number, so that a crash-prone workflow that still makes progress is not poison."""
     return env.id if act.open is None else f"{env.id}@{act.open.write}"
+
+
+async def _outlive_primitive(ctx: TurnContext) -> None:
+    """Wait for a primitive still running in another task of the handler (cancelled when a
+    second one was refused) to end: the turn's next work must not overlap it."""
+    active = ctx.active
+    if active is not None and active[1] is not None and active[1] is not asyncio.current_task():
+        await asyncio.gather(active[1], return_exceptions=True)
 
 
 def _take_back_interruption(ctx: TurnContext) -> BaseException | None:

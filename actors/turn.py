@@ -158,6 +158,8 @@ class TurnContext:
     cancel``); the host cancels the handler, or, during a journal write, raises after it."""
     writing: bool = False
     """A journal write of this turn is in flight: an interruption waits for it."""
+    misuse: ActorsError | None = None
+    """Primitives ran at once: the turn fails for good (a retry would do the same)."""
     started: float = field(default_factory=time.monotonic)
 
     # ---- sends -------------------------------------------------------------------
@@ -197,6 +199,7 @@ class TurnContext:
                 reply = await replies.request(
                     routed.shard, message_id, routed.data, message_id, ttl_ms, timeout
                 )
+            self._check_sole()
             record = self.journal.record("ask", name, encode_reply(reply))
             await self.host.flush(self)
         return reply_value(decode_reply(record.value), self.services.app.resolve(ref), type(msg).__name__)
@@ -220,6 +223,7 @@ class TurnContext:
                 value = ["ok", await self.services.limits.enqueue(queue, routed, item)]
             except DuplicateItem as exc:
                 value = ["duplicate", exc.dedup_id, exc.item_id]
+            self._check_sole()
             record = self.journal.record("enqueue", name, value)
             await self.host.flush(self)
         if record.value[0] == "duplicate":
@@ -248,6 +252,7 @@ class TurnContext:
         if record is None:
             with telemetry.span(f"step {name}", {"step.name": name}):
                 outcome = await _run_step(fn, args, kwargs, options, self.services.limits, self.host)
+            self._check_sole()
             record = self.journal.record("step", name, outcome)
             await self.host.flush(self)
         return _step_result(record, name, fn)
@@ -308,14 +313,23 @@ class TurnContext:
         if self.active is None:
             return
         running, task = self.active
-        if running == "step" and task is asyncio.current_task():
+        current = asyncio.current_task()
+        if running == "step" and task is current:
             raise ActorsError(f"{what} cannot be called inside a step's function; call it from the handler")
-        raise ActorsError(
+        self.misuse = ActorsError(
             f"{what} was called while {running} of the same turn was still in progress: a turn's "
             "durable primitives (step, ask, enqueue, wait_for, sleep, send) must run one at a time, "
             "in order (not under asyncio.gather or create_task), so that a replay returns each "
             "its own result"
         )
+        if task is not None and task is not current:
+            task.cancel()  # the first one must not journal a result either
+        raise self.misuse
+
+    def _check_sole(self) -> None:
+        """Before journaling a primitive's result: refuse it if primitives ran at once."""
+        if self.misuse is not None:
+            raise self.misuse
 
 
 def _target(ref: ActorRef[Any], msg: BaseModel) -> str:
