@@ -154,6 +154,8 @@ class ShardRunner:
         self.clock = RedisClock()
         self.activations: dict[str, Activation] = {}
         self.inflight = 0
+        self.parked = 0
+        """Of ``inflight``, turns waiting for the reply to an ask (see ``park``)."""
         self.lag = 0
         """Inbox entries not yet read, as of the last chores (only kept when metrics are on)."""
         self._room = asyncio.Event()
@@ -229,14 +231,19 @@ class ShardRunner:
                     self._interrupt(act, TurnTimeout(why))
 
     def _interrupt(self, act: Activation, why: BaseException) -> None:
-        """End the running attempt of ``act``: cancel its handler now, unless a journal write
-        of it is in flight (``flush`` raises once that write is done)."""
+        """End the running attempt of ``act``: cancel its handler now, or once the journal
+        write of it in flight is done (``flush`` raises then, if it is the handler's own)."""
         ctx = act.running
         if ctx is None or ctx.interrupted is not None:
             return
         ctx.interrupted = why
-        if not ctx.writing and act.task is not None:
-            act.task.cancel()
+        task = act.task
+        if task is None:
+            return
+        if ctx.writing is None:
+            task.cancel()
+        elif not ctx.flushing:
+            ctx.writing.add_done_callback(lambda _: task.cancel() if ctx.in_handler else None)
 
     def _actor_done(self, task: asyncio.Task[None]) -> None:
         self._actor_tasks.discard(task)
@@ -278,8 +285,14 @@ class ShardRunner:
         next_chores = time.monotonic() + s.trim_interval
         after: str | None = None
         while not self._stopping.is_set():
-            await self._room.wait()
-            if after is None:
+            if not self._room.is_set():
+                await self._relieve()
+                await self._wait_for_room(s.trim_interval)
+            if self._stopping.is_set():
+                break
+            if not self._room.is_set():
+                pass  # still full: only the chores below, then look again
+            elif after is None:
                 entries, newest = await self.store.read_new(
                     self.shard, self.lease.value, self.consumer, s.read_count
                 )
@@ -302,6 +315,15 @@ class ShardRunner:
             if time.monotonic() >= next_chores:
                 await self._chores()
                 next_chores = time.monotonic() + s.trim_interval
+
+    async def _wait_for_room(self, timeout: float) -> None:
+        """Until reading may go on, draining begins, or ``timeout`` seconds have passed."""
+        waits = {asyncio.ensure_future(self._room.wait()), asyncio.ensure_future(self._stopping.wait())}
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def _read_after(self, after: str) -> list[Entry] | None:
         """Entries after ``after``, blocking up to ``block_ms`` for one ([] if none came);
@@ -354,6 +376,7 @@ class ShardRunner:
             self._actor_failure.set_exception(exc)
 
     async def _chores(self) -> None:
+        await self._open_long_turns(older_than=self.settings.trim_interval)
         await self.store.trim_inbox(self.shard)
         self._evict_idle()
         if telemetry.metering():
@@ -855,7 +878,12 @@ class ShardRunner:
                 if type_limiter is not None or queue is not None:
                     await self.fenced()  # only the owner may spend the limiter's capacity
                 async with limits.hold(type_limiter), limits.hold_item(queue, env.id):
-                    return await handler.fn(actor, queued.message)
+                    ctx.in_handler = True
+                    try:
+                        return await handler.fn(actor, queued.message)
+                    finally:
+                        ctx.in_handler = False
+                        await _write_done(ctx)
             except Suspend:
                 outcome = "suspended"
                 raise
@@ -885,12 +913,11 @@ class ShardRunner:
         """Write the journal so far, with the sends buffered so far; the turn is open after.
         An interruption that came meanwhile ends the attempt once the write is done."""
         source: Source = ctx.source
-        open_turn = OpenTurn(source.raw, ctx.journal.records)
-        ctx.writing = True
+        ctx.flushing = True
         try:
-            await self._write_open(ctx, open_turn)
+            await self._write_open(ctx, OpenTurn(source.raw, ctx.journal.records))
         finally:
-            ctx.writing = False
+            ctx.flushing = False
         if ctx.interrupted is not None:
             raise asyncio.CancelledError()
 
@@ -917,22 +944,38 @@ class ShardRunner:
         await self._write_open(ctx, parked)
 
     async def _write_open(self, ctx: TurnContext, open_turn: OpenTurn, behind: Sequence[Queued] = ()) -> None:
+        """Journal the turn: open it (its message leaves the inbox or the deferred list), or
+        record its progress. One at a time per turn: the handler (``flush``) and the runner
+        (``_open_running``) may both write."""
+        while ctx.writing is not None:
+            await asyncio.shield(ctx.writing)
+        ctx.writing = done = asyncio.get_running_loop().create_future()
+        try:
+            await self._journal(ctx, open_turn, behind)
+        finally:
+            ctx.writing = None
+            done.set_result(None)
+
+    async def _journal(self, ctx: TurnContext, open_turn: OpenTurn, behind: Sequence[Queued]) -> None:
         source: Source = ctx.source
         act = source.act
         open_turn.write = act.open.write + 1 if source.origin == "o" and act.open is not None else 1
+        # What this write carries: the handler may go on meanwhile, if the runner writes.
+        records, local, remote = list(open_turn.records), list(ctx.local), list(ctx.remote)
+        consumed = list(ctx.consumed)
+        open_turn.records = records
         write = Write(
             "j", act.id, source.origin, source.ref,
-            local=list(ctx.local), remote=list(ctx.remote),
+            local=local, remote=remote,
             open_turn=open_turn.encode(), score=open_turn.due_ms,
             defers=[(q.entry_id or "", q.raw) for q in behind],
-            **_consumed(ctx),
+            acks=[q.entry_id for q in consumed if q.entry_id is not None],
+            unlists=[q.raw for q in consumed if q.entry_id is None],
         )  # fmt: skip
         await self._write(write)
-        ctx.local.clear()
-        ctx.remote.clear()
-        self._settled(act, [*ctx.consumed, *behind])
-        ctx.consumed.clear()
-        act.open = dataclasses.replace(open_turn, records=_copy_records(open_turn.records))
+        del ctx.local[: len(local)], ctx.remote[: len(remote)], ctx.consumed[: len(consumed)]
+        self._settled(act, [*consumed, *behind])
+        act.open = dataclasses.replace(open_turn, records=_copy_records(records))
         source.origin, source.ref = "o", str(open_turn.write)
 
     async def candidates(self, ctx: TurnContext, message_type: str) -> list[Queued]:
@@ -1069,15 +1112,56 @@ class ShardRunner:
     def _took(self) -> None:
         self.inflight += 1
         self._idle.clear()
-        if self.inflight >= self.settings.max_inflight:
-            self._room.clear()
+        self._update_room()
 
     def _finished(self) -> None:
         self.inflight -= 1
-        if self.inflight < self.settings.max_inflight:
-            self._room.set()
+        self._update_room()
         if self.inflight == 0:
             self._idle.set()
+
+    def park(self, parked: bool) -> None:
+        """A turn starts (or stops) waiting for the reply to an ask: meanwhile it does not
+        count toward ``max_inflight``, so that a shard full of such turns still reads the
+        messages they wait for (asks to actors of the same shard)."""
+        self.parked += 1 if parked else -1
+        self._update_room()
+
+    def _update_room(self) -> None:
+        if self.inflight - self.parked < self.settings.max_inflight:
+            self._room.set()
+        else:
+            self._room.clear()
+
+    async def _relieve(self) -> None:
+        """Reading is paused (``max_inflight``): open the running turns that have messages
+        queued behind them, which then wait in Redis (deferred), not in memory."""
+        crowded = sorted(self._running, key=lambda a: len(a.queue), reverse=True)
+        for act in crowded:
+            if self._room.is_set():
+                return
+            await self._open_running(act)
+
+    async def _open_running(self, act: Activation) -> None:
+        """Journal a running turn from outside its handler: its message moves out of the
+        inbox into an open turn (so that trimming goes on past it), and the messages queued
+        behind it are deferred in Redis (so that they do not hold reading up). A long or
+        hung turn then holds only its actor."""
+        ctx = act.running
+        if ctx is None or not ctx.in_handler or ctx.writing is not None or ctx.interrupted is not None:
+            return
+        behind = [q for q in act.queue if q.message is not None and q not in ctx.consumed]
+        if ctx.source.origin == "o" and not behind:
+            return
+        await self._write_open(ctx, OpenTurn(ctx.source.raw, ctx.journal.records), behind)
+
+    async def _open_long_turns(self, older_than: float) -> None:
+        """Open the turns that have run for ``older_than`` seconds (see ``_open_running``)."""
+        now = time.monotonic()
+        for act in list(self._running):
+            ctx = act.running
+            if ctx is not None and now - ctx.started >= older_than:
+                await self._open_running(act)
 
 
 RUNNER_ERRORS = (LeaseLost, Diverged, ShardReset)
@@ -1096,6 +1180,20 @@ async def _outlive_primitive(ctx: TurnContext) -> None:
     active = ctx.active
     if active is not None and active[1] is not None and active[1] is not asyncio.current_task():
         await asyncio.gather(active[1], return_exceptions=True)
+
+
+async def _write_done(ctx: TurnContext) -> None:
+    """Wait for a journal write the runner began while the handler ran (``_open_running``):
+    what follows the handler must see where the turn's message lives now. A cancellation
+    that arrives meanwhile is raised after the write."""
+    cancelled = False
+    while ctx.writing is not None:
+        try:
+            await asyncio.shield(ctx.writing)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError()
 
 
 def _take_back_interruption(ctx: TurnContext) -> BaseException | None:

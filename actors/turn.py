@@ -131,6 +131,9 @@ class TurnHost(Protocol):
     steps: StepsInFlight
     """The step functions of the host's shard that are running now."""
 
+    def park(self, parked: bool) -> None:
+        """The turn starts (True) or stops (False) waiting for something outside its shard."""
+
     async def fenced(self) -> None:
         """Return once the turn's message is surely this host's to handle and its lease is
         surely held for a while yet; raise LeaseLost otherwise. Every effect outside the
@@ -156,8 +159,13 @@ class TurnContext:
     interrupted: BaseException | None = None
     """Why the host ended this running attempt from outside (its turn timeout, or ``actors
     cancel``); the host cancels the handler, or, during a journal write, raises after it."""
-    writing: bool = False
-    """A journal write of this turn is in flight: an interruption waits for it."""
+    writing: asyncio.Future[None] | None = None
+    """Done when the journal write of this turn in flight is (None: none is): writes of one
+    turn never overlap, and an interruption waits for the write."""
+    flushing: bool = False
+    """The handler itself awaits that write (``flush``), and raises an interruption after it."""
+    in_handler: bool = False
+    """The handler is running (not yet returned or raised): the host may open the turn."""
     misuse: ActorsError | None = None
     """Primitives ran at once: the turn fails for good (a retry would do the same)."""
     started: float = field(default_factory=time.monotonic)
@@ -196,9 +204,13 @@ class TurnContext:
             attributes = {"actor.type": ref.type, "actor.key": ref.key}
             with telemetry.span(f"ask {type(msg).__name__}", attributes, kind=SpanKind.CLIENT):
                 routed = self._route(ref, msg, message_id=message_id, reply_to=replies.channel)
-                reply = await replies.request(
-                    routed.shard, message_id, routed.data, message_id, ttl_ms, timeout
-                )
+                self.host.park(True)
+                try:
+                    reply = await replies.request(
+                        routed.shard, message_id, routed.data, message_id, ttl_ms, timeout
+                    )
+                finally:
+                    self.host.park(False)
             self._check_sole()
             record = self.journal.record("ask", name, encode_reply(reply))
             await self.host.flush(self)

@@ -156,3 +156,30 @@ class ShortHanger(Hanger, turn_timeout=0.5):
 app.register(Hanger)
 app.register(ShortHanger)
 app.register(Racy)
+
+
+class Ping(BaseModel):
+    pass
+
+
+class Pong(BaseModel):
+    n: int = 1
+
+
+class Target(actors.Actor):
+    async def on_ping(self, msg: Ping) -> Pong:
+        return Pong()
+
+
+class Orchestrator(actors.Actor):
+    """Asks a Target of the same key (often of its own shard), then records it."""
+
+    State = Ran
+
+    async def on_steps(self, msg: Steps) -> None:
+        await self.ask(Target.ref(self.key), Ping(), timeout=30)
+        self.state.done += 1
+
+
+app.register(Target)
+app.register(Orchestrator)

@@ -333,3 +333,52 @@ async def test_steps_run_at_once_are_refused_with_a_clear_error(
         shard = actors.routing.shard_of(ref.id, client.shards)
         [letter] = await eventually(lambda: client.store.dead_letters(shard, 10), timeout=20)
         assert "one at a time" in letter.reason, letter.reason
+
+
+async def test_a_hung_turn_holds_only_its_actor(
+    start_worker, connect, fast_settings, monkeypatch, tmp_path
+) -> None:
+    """Messages queued behind a turn that never returns must not fill the shard's budget of
+    messages in memory (max_inflight), nor pin the inbox's trimming to the hung turn's entry:
+    the other actors of the shard go on, and the inbox stays trimmed."""
+    from .fenced_apps import Hang, Hanger
+
+    monkeypatch.setenv("ACTORS_TEST_DIR", str(tmp_path))
+    settings = fast_settings.model_copy(update={"shards": 1, "max_inflight": 50, "trim_interval": 0.5})
+    await start_worker(app, settings)
+    async with connect(app=app, shards=1) as client:
+        hung = Hanger.ref("stuck")
+        await client.send(hung, Hang())
+        log = tmp_path / "effects.log"
+        await eventually(lambda: any(w[:2] == ["hanging", "stuck"] for w in effects(log)))
+        await client.send_many([(hung, Steps()) for _ in range(200)])
+        others = [TwoSteps.ref(f"o-{n}") for n in range(100)]
+        await client.send_many([(ref, Steps()) for ref in others])
+        await eventually(lambda: _all_finished(client, others), timeout=30)
+        inbox = client.store.keys.inbox(0)
+        await eventually(lambda: _shorter(client, inbox, 50), timeout=20)  # trimmed past the hung turn
+        view = await client.inspect(hung)
+        assert view.turn is not None and view.deferred == 200, "it waits in Redis, in order"
+
+
+async def _all_finished(client: actors.Client, refs: list[actors.ActorRef]) -> bool:
+    states = await asyncio.gather(*(client.state(ref) for ref in refs))
+    return all(s is not None and s.done == 1 for s in states)
+
+
+async def _shorter(client: actors.Client, stream: str, n: int) -> bool:
+    return int(await client.store.redis.xlen(stream)) < n
+
+
+async def test_turns_waiting_for_asks_do_not_block_their_shard(start_worker, connect, fast_settings) -> None:
+    """More orchestrators than max_inflight ask actors of their own shard: a turn waiting for
+    a reply does not count toward the budget, so the asked actors' messages are read."""
+    from .fenced_apps import Orchestrator
+
+    settings = fast_settings.model_copy(update={"shards": 1, "max_inflight": 20})
+    await start_worker(app, settings)
+    async with connect(app=app, shards=1) as client:
+        refs = [Orchestrator.ref(f"o-{n}") for n in range(60)]
+        await client.send_many([(ref, Steps()) for ref in refs])
+        await eventually(lambda: _all_finished(client, refs), timeout=30)
+        assert not await client.store.dead_letters(0, 10)
