@@ -66,7 +66,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     gc.set_threshold(50_000, 20, 100)
     settings = WorkerSettings(
         shards=args.shards,
-        lease=LeaseSettings(ttl=args.lease_ttl, renew_interval=args.renew_interval),
+        max_redeliveries=args.max_redeliveries,
+        lease=LeaseSettings(
+            ttl=args.lease_ttl, renew_interval=args.renew_interval, stall_limit=args.stall_limit
+        ),
     )
     worker = Worker(app, _redis(args), settings, shutdown_grace=args.grace)
 
@@ -90,6 +93,7 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     """A child's arguments: this command's, for one process (the URL goes in its environment)."""
     argv = ["--log-level", args.log_level, "worker", args.app, "--processes", "1",
             "--lease-ttl", str(args.lease_ttl), "--renew-interval", str(args.renew_interval),
+            "--stall-limit", str(args.stall_limit), "--max-redeliveries", str(args.max_redeliveries),
             "--grace", str(args.grace)]  # fmt: skip
     if args.namespace:
         argv += ["--namespace", args.namespace]
@@ -390,7 +394,11 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--shards", type=int, default=None, help="shard count (default: as recorded in Redis)")
     w.add_argument("--lease-ttl", type=float, default=LeaseSettings().ttl)
     w.add_argument("--renew-interval", type=float, default=LeaseSettings().renew_interval)
+    w.add_argument("--stall-limit", type=float, default=LeaseSettings().stall_limit,
+                   help="seconds the event loop may be blocked before this worker's shards move")  # fmt: skip
     w.add_argument("--grace", type=float, default=10.0, help="seconds in-flight turns get on shutdown")
+    w.add_argument("--max-redeliveries", type=int, default=WorkerSettings().max_redeliveries,
+                   help="runs of a turn interrupted by the end of its worker before it is dead-lettered")
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--otel", choices=["console", "otlp", "none"], default=None,
                    help="export traces (default: as OTEL_TRACES_EXPORTER says; off if unset)")  # fmt: skip

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -134,6 +135,19 @@ async def enqueue(store: Store, name: str, routed: Routed, item: QueueItem, seen
     return holder
 
 
+_HOLDING: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("holding", default=frozenset())
+"""The limiters the current task holds (its turn's, its queued item's, its step's)."""
+
+
+@contextlib.contextmanager
+def _holding(name: str) -> Iterator[None]:
+    token = _HOLDING.set(_HOLDING.get() | {name})
+    try:
+        yield
+    finally:
+        _HOLDING.reset(token)
+
+
 def queued_item(headers: dict[str, str], message_id: str) -> tuple[str, str, str] | None:
     """(limiter, item id, dedup id) if the message came through a queue."""
     name = headers.get(QUEUE_HEADER)
@@ -213,8 +227,10 @@ class Limits:
     @contextlib.asynccontextmanager
     async def hold(self, name: str | None) -> AsyncIterator[None]:
         """Wait for a token and a slot of limiter ``name`` (None: no limit); the slot is
-        given back on exit."""
-        if name is None:
+        given back on exit. A hold of a limiter the same task already holds (a step with
+        ``limiter="L"`` in a turn of a type limited by ``L``, or fed by ``L``'s queue) is
+        already held: it takes nothing more, rather than wait for itself at the cap."""
+        if name is None or name in _HOLDING.get():
             yield
             return
         self.check(name)
@@ -223,7 +239,8 @@ class Limits:
             holder = await self._acquire(queue) if queue.limiter.global_ else None
             queue.holding += 1
             try:
-                yield
+                with _holding(name):
+                    yield
             finally:
                 queue.holding -= 1
                 if holder is not None and queue.limiter.concurrency is not None:
@@ -300,11 +317,13 @@ class Limits:
             return
         async with queue.local or contextlib.nullcontext():
             if queue.limiter.concurrency is None:
-                yield
+                with _holding(queue.limiter.name):
+                    yield
                 return
             await self._take_item_slot(queue, item_id)
             try:
-                yield
+                with _holding(queue.limiter.name):
+                    yield
             finally:
                 await self._release(queue.limiter.name, item_id)
 

@@ -879,9 +879,13 @@ class ShardRunner:
                     await self.fenced()  # only the owner may spend the limiter's capacity
                 async with limits.hold(type_limiter), limits.hold_item(queue, env.id):
                     ctx.in_handler = True
+                    task = asyncio.current_task()
+                    assert task is not None
+                    self.services.running[task] = f"the turn of {env.actor_id} ({name[5:]})"
                     try:
                         return await handler.fn(actor, queued.message)
                     finally:
+                        del self.services.running[task]
                         ctx.in_handler = False
                         await _write_done(ctx)
             except Suspend:

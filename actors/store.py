@@ -40,6 +40,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, Redis
 """Errors after which a call's outcome is unknown and the connection is retried."""
 
 
+LOOP_LAG_WARNING = 1.0
+"""Seconds beyond a renew interval that the event loop may not run before it is reported."""
+
 STALL_TIMEOUT = 30.0
 """Seconds a send, or a supervisor tick, waits for a server that does not answer (calls have
 no socket timeout of their own)."""
@@ -251,13 +254,13 @@ class Store:
     def lease_keeper(self, worker_id: str, ttl_ms: int, interval: float, stall_limit: float,
                      leases: Callable[[], dict[int, Lease]], alive: Callable[[], float],
                      lost: Callable[[dict[int, Lease]], object],
-                     slots: Callable[[], list[tuple[str, str]]] = list) -> LeaseKeeper | None:  # fmt: skip
+                     slots: Callable[[], list[tuple[str, str]]] = list,
+                     describe: Callable[[], str] = str) -> LeaseKeeper | None:  # fmt: skip
         """A LeaseKeeper for this store's server and namespace (None if its URL is unknown)."""
         if self.url is None:
             return None
-        return LeaseKeeper(
-            self.url, self.keys, worker_id, ttl_ms, interval, stall_limit, leases, alive, lost, slots
-        )
+        return LeaseKeeper(self.url, self.keys, worker_id, ttl_ms, interval, stall_limit,
+                           leases, alive, lost, slots, describe)  # fmt: skip
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -835,13 +838,16 @@ class LeaseKeeper:
     def __init__(self, url: str, keys: Keys, worker_id: str, ttl_ms: int, interval: float, stall_limit: float,
                  leases: Callable[[], dict[int, Lease]], alive: Callable[[], float],
                  lost: Callable[[dict[int, Lease]], object],
-                 slots: Callable[[], list[tuple[str, str]]] = list) -> None:  # fmt: skip
+                 slots: Callable[[], list[tuple[str, str]]] = list,
+                 describe: Callable[[], str] = str) -> None:  # fmt: skip
         # A blocking client: the thread has no event loop. Its timeout bounds a stuck server.
         self._redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=ttl_ms / 1000)
         self._renew = self._redis.register_script(_script_text("renew_lease"))
         self._keys, self._worker_id, self._ttl_ms = keys, worker_id, ttl_ms
         self._interval, self._stall_limit = interval, stall_limit
         self._leases, self._alive, self._lost, self._slots = leases, alive, lost, slots
+        self._describe = describe
+        self._warned = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
 
@@ -856,6 +862,7 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
+            self._watch_loop()
             stalled = time.monotonic() - self._alive() > self._stall_limit
             leases = self._leases()
             if stalled:  # the loop is stuck: let its leases expire, unless a step still runs
@@ -866,6 +873,22 @@ class LeaseKeeper:
                 log.debug("lease keeper: %r", exc)
             except Exception:  # the thread must outlive any surprise; the loop's tick renews too
                 log.exception("lease keeper")
+
+    def _watch_loop(self) -> None:
+        """Say, once per stall, that the event loop has not run for a while, and in which
+        turn: a handler that blocks it (``time.sleep``, CPU-bound work) stalls every turn
+        of the process, and past ``stall_limit`` its shards move (and its turn, recovered
+        elsewhere, counts toward ``max_redeliveries``)."""
+        lag = time.monotonic() - self._alive()
+        if lag <= self._interval + LOOP_LAG_WARNING:
+            self._warned = False
+        elif not self._warned:
+            self._warned = True
+            where = self._describe() or "no turn (the runtime itself, or a step's callback)"
+            log.warning(
+                "the event loop has not run for %.1fs; it is blocked in %s (past %ss its shards move)",
+                lag, where, self._stall_limit,
+            )  # fmt: skip
 
     def _keep(self, leases: dict[int, Lease], slots: list[tuple[str, str]], membership: bool) -> None:
         seconds, micros = self._redis.time()

@@ -44,6 +44,7 @@ class Supervisor:
         info: Callable[[], dict[str, str]] | None = None,
         slots: Callable[[], list[tuple[str, str]]] = list,
         load: Callable[[int], int] = lambda shard: 0,
+        describe: Callable[[], str] = str,
     ) -> None:
         self.store = store
         self.worker_id = worker_id
@@ -62,6 +63,8 @@ class Supervisor:
         self._slots = slots
         """Limiter slots (limiter, holder) this process holds: renewed with the leases."""
         self._load = load
+        self._describe = describe
+        """What this event loop runs now (called from the LeaseKeeper's thread)."""
         """Work in flight on a shard: a worker gives up its idlest shards first."""
         """Fields added to the worker's info hash at every heartbeat (e.g. limiter waiters)."""
         self._alive = time.monotonic()
@@ -103,7 +106,7 @@ class Supervisor:
             leases=lambda: dict(self.held),
             alive=lambda: self._alive,
             lost=lambda lost: loop.call_soon_threadsafe(self._lost_elsewhere, lost),
-            slots=self._slots,
+            slots=self._slots, describe=self._describe,
         )  # fmt: skip
 
     def _lost_elsewhere(self, lost: dict[int, Lease]) -> None:

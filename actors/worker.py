@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import telemetry
@@ -82,6 +83,7 @@ class Worker:
                 store, self.id, shards, self.settings.lease,
                 on_acquired=self._start_shard, on_lost=self._stop_shard, on_release=self._drain_shard,
                 info=self._info, slots=limits.held_slots, load=self._load,
+                describe=self._describe(asyncio.get_running_loop()),
             )  # fmt: skip
             self._supervisor = supervisor
             telemetry.observe_worker(
@@ -104,6 +106,17 @@ class Worker:
         assert self._services is not None
         waiting = {f"waiting:{name}": str(n) for name, n in self._services.limits.waiting().items()}
         return {**waiting, **self._services.stats.summary(), "shards": str(len(self._slots))}
+
+    def _describe(self, loop: asyncio.AbstractEventLoop) -> Callable[[], str]:
+        """What ``loop`` runs now, named for a person: the turn whose handler it is in."""
+        services = self._services
+        assert services is not None
+
+        def describe() -> str:
+            task = asyncio.current_task(loop)  # read from the keeper's thread: a dict lookup
+            return "" if task is None else services.running.get(task, "")
+
+        return describe
 
     def _load(self, shard: int) -> int:
         """Work in flight on a shard: messages read and not finished, and steps running."""
@@ -161,10 +174,12 @@ class Worker:
                     # TaskGroup prefers its children's errors to our cancellation: honour it.
                     raise asyncio.CancelledError() from exc
                 errors = _flatten(exc)
-                if any(isinstance(e, LeaseLost) for e in errors):
+                lost = next((e for e in errors if isinstance(e, LeaseLost)), None)
+                if lost is not None:
                     log.warning(
-                        "shard %s: lease lost at epoch %s; stopping its turns", lease.shard, lease.epoch
-                    )
+                        "shard %s: lease lost at epoch %s (%s); stopping its turns",
+                        lease.shard, lease.epoch, lost,
+                    )  # fmt: skip
                     if self._supervisor is not None:
                         self._supervisor.lose(lease)
                     return

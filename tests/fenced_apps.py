@@ -183,3 +183,16 @@ class Orchestrator(actors.Actor):
 
 app.register(Target)
 app.register(Orchestrator)
+
+
+class Nested(actors.Actor, limiter="one"):
+    """Every turn holds limiter ``one`` (cap 1), and its step asks for ``one`` again."""
+
+    State = Ran
+
+    async def on_steps(self, msg: Steps) -> None:
+        await self.step(effect, self.key, "nested", 0.0, limiter="one")
+        self.state.done += 1
+
+
+app.register(Nested)

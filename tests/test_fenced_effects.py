@@ -382,3 +382,39 @@ async def test_turns_waiting_for_asks_do_not_block_their_shard(start_worker, con
         await client.send_many([(ref, Steps()) for ref in refs])
         await eventually(lambda: _all_finished(client, refs), timeout=30)
         assert not await client.store.dead_letters(0, 10)
+
+
+async def test_a_handler_that_blocks_the_event_loop_is_named_and_dead_lettered(
+    spawn_worker, connect, tmp_path
+) -> None:
+    """``time.sleep`` in a handler blocks its whole worker: the lease keeper's thread names
+    the turn in the log, the worker's shards move past --stall-limit, and each recovered run
+    of that turn counts toward max_redeliveries, until the message is dead-lettered."""
+    first = spawn_worker(APP, "--shards", "1", "--stall-limit", "1.0")
+    async with connect(app=app, shards=1) as client:
+        await eventually(lambda: _owner(client))
+        second = spawn_worker(APP, "--shards", "1", "--stall-limit", "1.0")
+        await client.send(Blocker.ref("b"), Block(seconds=4.0))
+        await client.send(TwoSteps.ref("bystander"), Steps())
+        [letter] = await eventually(lambda: client.store.dead_letters(0, 10), timeout=90)
+        assert "interrupted 3 times" in letter.reason, letter.reason
+        await eventually(lambda: _finished(client, "bystander"), timeout=30)
+    logs = first.log.read_text() + second.log.read_text()
+    assert "blocked in the turn of Blocker/b (Blocker.on_block)" in logs, logs[-3000:]
+
+
+async def test_a_nested_hold_of_one_limiter_is_already_held(
+    start_worker, connect, monkeypatch, tmp_path
+) -> None:
+    """A turn of a type limited by ``one`` (a cap of 1) whose step uses ``limiter="one"``:
+    the step's hold is the turn's own, instead of waiting for itself for ever."""
+    from .fenced_apps import Nested
+
+    monkeypatch.setenv("ACTORS_TEST_DIR", str(tmp_path))
+    await start_worker(app)
+    async with connect(app=app) as client:
+        refs = [Nested.ref(f"n-{n}") for n in range(3)]
+        await client.send_many([(ref, Steps()) for ref in refs])
+        await eventually(lambda: _all_finished(client, refs), timeout=20)
+        runs = [run for n in range(3) for run in _runs(tmp_path / "effects.log", f"n-{n}", "nested")]
+        assert len(runs) == 3 and not _overlaps(runs), "one at a time: the cap still holds"
