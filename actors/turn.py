@@ -133,8 +133,8 @@ class TurnHost(Protocol):
     steps: StepsInFlight
     """The step functions of the host's shard that are running now."""
 
-    def park(self, parked: bool) -> None:
-        """The turn starts (True) or stops (False) waiting for something outside its shard."""
+    def awaiting_reply(self, waiting: bool) -> None:
+        """The turn starts (True) or stops (False) waiting for the reply to an ask."""
 
     async def fenced(self) -> None:
         """Return once the turn's message is surely this host's to handle and its lease is
@@ -206,13 +206,13 @@ class TurnContext:
             attributes = {"actor.type": ref.type, "actor.key": ref.key}
             with telemetry.span(f"ask {type(msg).__name__}", attributes, kind=SpanKind.CLIENT):
                 routed = self._route(ref, msg, message_id=message_id, reply_to=replies.channel)
-                self.host.park(True)
+                self.host.awaiting_reply(True)
                 try:
                     reply = await replies.request(
                         routed.shard, message_id, routed.data, message_id, ttl_ms, timeout
                     )
                 finally:
-                    self.host.park(False)
+                    self.host.awaiting_reply(False)
             self._check_sole()
             record = self.journal.record("ask", name, encode_reply(reply))
             await self.host.flush(self)

@@ -297,9 +297,9 @@ async def _waits(client: actors.Client, n: int):  # type: ignore[no-untyped-def]
 async def test_a_new_owner_wakes_every_actor_left_at_zero_not_just_one_batch(
     connect, start_worker, monkeypatch
 ) -> None:
-    import actors.shard
+    import actors.shard.timers
 
-    monkeypatch.setattr(actors.shard, "TIMER_BATCH", 20)
+    monkeypatch.setattr(actors.shard.timers, "TIMER_BATCH", 20)
     worker = await start_worker(app)
     async with connect(app=app) as client:
         refs = [Sleeper.ref(f"z{n}") for n in range(200)]

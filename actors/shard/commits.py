@@ -1,0 +1,156 @@
+"""Step 4 and 5 of the data path: every write of a shard's turns, applied in batches by one
+fenced script at a time, and the committed cross-shard messages forwarded to their shards.
+
+It also keeps the account of the inbox entries the runner has seen with a plain XREAD
+and not yet taken into the consumer group: the next commit takes them first (``Take``),
+and effects outside the commit wait for that (``confirmed``, ``fenced``)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+from ..errors import LeaseLost
+from ..store import DUPLICATE, Entry, Take, Write
+from .state import ShardReset
+
+if TYPE_CHECKING:
+    from .runner import ShardRunner
+
+log = logging.getLogger("actors.shard")
+
+FORWARD_POLL = 5.0
+"""Seconds between looks at the outbox for entries a previous owner committed and never forwarded."""
+
+
+class Commits:
+    def __init__(self, runner: ShardRunner) -> None:
+        self.runner = runner
+        self._writes: list[tuple[Write, asyncio.Future[int]]] = []
+        self._wakeup = asyncio.Event()
+        self._forward_wakeup = asyncio.Event()
+        self._seen_newest = ""
+        self._seen = 0
+        """Inbox entries ``read_after`` showed the runner, and the newest one's id."""
+        self._taken = 0
+        """How many of those a commit took into the group (see Take)."""
+        self._take_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._margin = runner.settings.lease.renew_interval
+        """An effect starts only if the lease surely lasts this much longer (see ``fenced``)."""
+        self._reply_ttl_ms = int(runner.settings.messages.reply_ttl * 1000)
+
+    def saw(self, entries: list[Entry]) -> None:
+        """The runner dispatched ``entries`` from a plain XREAD: the next commit takes them."""
+        self._seen_newest = entries[-1][0]
+        self._seen += len(entries)
+
+    async def confirmed(self) -> None:
+        """Return once every entry the runner has dispatched is taken into the group as its
+        own (raises LeaseLost if the lease is gone)."""
+        if self._taken >= self._seen:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._take_waiters.append((self._seen, waiter))
+        self._wakeup.set()
+        await waiter
+
+    async def fenced(self) -> None:
+        """Return once the runner may start an effect outside its commit (a step's function,
+        an ask, an enqueue, a limiter hold, a forward): every entry it has dispatched is taken
+        into the group as its own (``confirmed``) and its lease surely lasts at least a renew
+        interval longer (``Lease.deadline``). Otherwise the runner fails with LeaseLost, even
+        if a handler catches the error."""
+        await self.confirmed()
+        lease = self.runner.lease
+        remaining = lease.remaining()
+        if remaining < self._margin:
+            exc = LeaseLost(
+                f"shard {lease.shard}: the lease at epoch {lease.epoch} is not surely held "
+                f"long enough to start an effect ({remaining:.3f}s left)"
+            )
+            self.runner.fail(exc)
+            raise exc
+
+    async def write(self, write: Write) -> int:
+        """Apply ``write`` with the next batch; DONE or BACKLOG. A duplicate resets the shard."""
+        act = self.runner.activations.get(write.actor_id)
+        if act is not None and act.counted and write.op in ("c", "d"):
+            write = dataclasses.replace(write, forget_delivery=True)
+            act.counted = False
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._writes.append((write, fut))
+        self._wakeup.set()
+        result = await fut
+        if result == DUPLICATE:
+            raise ShardReset(
+                f"shard {self.runner.shard}: a write for {write.actor_id or write.ref!r} was already applied"
+            )
+        return result
+
+    async def commit_loop(self) -> None:
+        """One script in flight at a time; writes that come meanwhile form the next batch,
+        so a busy shard commits in batches and an idle one commits each turn at once."""
+        runner = self.runner
+        limit = runner.settings.commit_batch
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._writes or self._take_waiters:
+                batch, self._writes = self._writes[:limit], self._writes[limit:]
+                seen = self._seen
+                fresh = seen - self._taken
+                take = Take(runner.consumer, self._seen_newest, fresh) if fresh else None
+                results = await runner.store.commit(
+                    runner.shard, runner.lease.value, [w for w, _ in batch], self._reply_ttl_ms, take
+                )
+                self._taken = seen
+                self._wake_take_waiters()
+                forwarded = False
+                items_done = []
+                for (write, fut), result in zip(batch, results, strict=True):
+                    forwarded = forwarded or bool(write.remote)
+                    if write.item is not None:  # a duplicate too: its first run's reply may be lost
+                        items_done.append(write.item)
+                    if not fut.done():
+                        fut.set_result(result)
+                if forwarded:
+                    self._forward_wakeup.set()
+                if items_done:
+                    await runner.services.limits.items_done(items_done)
+
+    def _wake_take_waiters(self) -> None:
+        waiting = []
+        for needed, waiter in self._take_waiters:
+            if needed <= self._taken:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                waiting.append((needed, waiter))
+        self._take_waiters = waiting
+
+    async def forward_loop(self) -> None:
+        while True:
+            await self._forward_pending()
+            try:
+                # The wake-up comes from our own commits; the timeout catches entries
+                # a previous owner committed but never forwarded.
+                await asyncio.wait_for(self._forward_wakeup.wait(), timeout=FORWARD_POLL)
+            except TimeoutError:
+                pass
+            self._forward_wakeup.clear()
+
+    async def _forward_pending(self) -> None:
+        store, shard = self.runner.store, self.runner.shard
+        while True:
+            rows = await store.read_outbox(shard, 512)
+            if not rows:
+                return
+            await self.fenced()
+            by_target: dict[int, list[tuple[str, bytes]]] = {}
+            for entry_id, target, envelope in rows:
+                by_target.setdefault(target, []).append((entry_id, envelope))
+            for target, items in by_target.items():
+                await store.forward(shard, target, items)
+            await store.delete_outbox(shard, [entry_id for entry_id, _, _ in rows])

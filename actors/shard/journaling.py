@@ -1,0 +1,195 @@
+"""What a turn writes before it ends, and what its runner does for it: the ``TurnHost``.
+
+A turn's first journal write *opens* it (its message leaves the inbox or the deferred
+list for the shard's ``turns`` hash); later writes record its progress; a suspended or
+parked turn is written the same way. The handler writes through ``flush`` (after each
+durable primitive), the runner through ``open_running`` (a long or hung turn, or one with
+messages queued behind it while reading is paused); the writes of one turn never overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .. import telemetry
+from ..codec import Envelope, Reply, encode_reply
+from ..journal import FOREVER_MS, OpenTurn, RedisClock, Suspend
+from ..lease import StepsInFlight
+from ..limits import queued_item
+from ..store import Write
+from ..turn import Queued, TurnContext
+from .state import Activation, Source, copy_records
+
+if TYPE_CHECKING:
+    from .runner import ShardRunner
+
+log = logging.getLogger("actors.shard")
+
+DEFERRED_SCAN = 1000
+"""At most this many deferred messages are offered to a ``wait_for``."""
+
+
+class Journaling:
+    """The TurnHost of a runner's turns (see ``turn.TurnHost``)."""
+
+    def __init__(self, runner: ShardRunner) -> None:
+        self.runner = runner
+        self.clock: RedisClock = runner.clock
+        self.steps: StepsInFlight = runner.lease.steps
+
+    async def fenced(self) -> None:
+        await self.runner.commits.fenced()
+
+    def awaiting_reply(self, waiting: bool) -> None:
+        self.runner.flow.park(waiting)
+
+    async def flush(self, ctx: TurnContext) -> None:
+        """Write the journal so far, with the sends buffered so far; the turn is open after.
+        An interruption that came meanwhile ends the attempt once the write is done."""
+        source: Source = ctx.source
+        ctx.flushing = True
+        try:
+            await self._write_open(ctx, OpenTurn(source.raw, ctx.journal.records))
+        finally:
+            ctx.flushing = False
+        if ctx.interrupted is not None:
+            raise asyncio.CancelledError()
+
+    async def suspend(self, ctx: TurnContext, suspend: Suspend) -> None:
+        """Store the suspended turn and its timer; messages queued behind it are deferred."""
+        source: Source = ctx.source
+        act = source.act
+        behind = [q for q in act.queue if q.message is not None and q not in ctx.consumed]
+        open_turn = OpenTurn(source.raw, ctx.journal.records, suspend.waiting, suspend.due_ms,
+                             since_ms=self.clock.upper())  # fmt: skip
+        await self._write_open(ctx, open_turn, behind)
+        act.woken = False
+        self.runner.timers.timer_set(suspend.due_ms)
+
+    async def park(self, ctx: TurnContext, reason: str) -> None:
+        """Park the turn (a journal mismatch): it waits, visible, until cancelled."""
+        source: Source = ctx.source
+        act = source.act
+        log.error("shard %s: parked the open turn of %s: %s", self.runner.shard, act.id, reason)
+        records = [] if act.open is None else act.open.records
+        parked = OpenTurn(source.raw, records, None, FOREVER_MS, reason, since_ms=self.clock.upper())
+        ctx.local.clear()
+        ctx.remote.clear()
+        ctx.consumed.clear()
+        await self._write_open(ctx, parked)
+
+    async def _write_open(self, ctx: TurnContext, open_turn: OpenTurn, behind: Sequence[Queued] = ()) -> None:
+        """Journal the turn: open it, or record its progress. One write at a time per turn."""
+        while ctx.writing is not None:
+            await asyncio.shield(ctx.writing)
+        ctx.writing = done = asyncio.get_running_loop().create_future()
+        try:
+            await self._journal(ctx, open_turn, behind)
+        finally:
+            ctx.writing = None
+            done.set_result(None)
+
+    async def _journal(self, ctx: TurnContext, open_turn: OpenTurn, behind: Sequence[Queued]) -> None:
+        source: Source = ctx.source
+        act = source.act
+        open_turn.write = act.open.write + 1 if source.origin == "o" and act.open is not None else 1
+        # What this write carries: the handler may go on meanwhile, if the runner writes.
+        records, local, remote = list(open_turn.records), list(ctx.local), list(ctx.remote)
+        consumed = list(ctx.consumed)
+        open_turn.records = records
+        write = Write(
+            "j", act.id, source.origin, source.ref,
+            local=local, remote=remote,
+            open_turn=open_turn.encode(), score=open_turn.due_ms,
+            defers=[(q.entry_id or "", q.raw) for q in behind],
+            acks=[q.entry_id for q in consumed if q.entry_id is not None],
+            unlists=[q.raw for q in consumed if q.entry_id is None],
+        )  # fmt: skip
+        await self.runner.commits.write(write)
+        del ctx.local[: len(local)], ctx.remote[: len(remote)], ctx.consumed[: len(consumed)]
+        self.settled(act, [*consumed, *behind])
+        act.open = dataclasses.replace(open_turn, records=copy_records(records))
+        source.origin, source.ref = "o", str(open_turn.write)
+
+    async def candidates(self, ctx: TurnContext, message_type: str) -> list[Queued]:
+        """Messages of ``message_type`` behind this turn: deferred ones, then queued ones."""
+        r = self.runner
+        source: Source = ctx.source
+        act = source.act
+        found: list[Queued] = []
+        if act.open is not None or act.backlog or source.origin != "i":
+            raws = await r.store.deferred(r.shard, act.id, DEFERRED_SCAN)
+            if source.origin == "q":
+                raws = raws[1:]  # the head is this turn's own message
+            for raw in raws:
+                checked = r.mailbox.check(None, raw)
+                if isinstance(checked, Queued) and checked.envelope.type == message_type:
+                    found.append(checked)
+        found += [q for q in act.queue if q.message is not None and q.envelope.type == message_type]
+        return [q for q in found if q not in ctx.consumed]
+
+    def settled(self, act: Activation, items: Iterable[Queued]) -> None:
+        """Inbox messages whose fate a write just decided leave the actor's queue."""
+        for queued in items:
+            if queued.entry_id is not None:
+                act.queue.remove(queued)
+                self.runner.flow.finished()
+
+    def dead_letter_write(
+        self,
+        aid: str,
+        origin: str,
+        ref: str | bytes,
+        raw: bytes,
+        reason: str,
+        detail: str,
+        env: Envelope | None,
+        acks: Sequence[Queued] = (),
+    ) -> Write:
+        r = self.runner
+        log.warning("shard %s: dead-lettered a message%s: %s", r.shard, f" to {aid}" if aid else "", reason)
+        telemetry.record("dead_letters", 1, {"actor.type": env.actor if env is not None else ""})
+        reply: dict[str, Any] = {}
+        if env is not None and env.reply_to:
+            error = encode_reply(Reply(env.id, False, None, None, reason, detail))
+            reply = {"reply_key": r.store.keys.reply(r.shard, env.id), "reply_channel": env.reply_to,
+                     "reply": error}  # fmt: skip
+        item = None if env is None else queued_item(env.headers, env.id)
+        return Write("d", aid, origin, ref, envelope=raw, reason=reason, detail=detail,
+                     acks=[q.entry_id for q in acks if q.entry_id], item=item, **reply)  # fmt: skip
+
+    async def relieve(self) -> None:
+        """Reading is paused (``max_inflight``): open the running turns that have messages
+        queued behind them, which then wait in Redis (deferred), not in memory."""
+        r = self.runner
+        crowded = sorted(r.turns.running, key=lambda a: len(a.queue), reverse=True)
+        for act in crowded:
+            if r.flow.room.is_set():
+                return
+            await self.open_running(act)
+
+    async def open_running(self, act: Activation) -> None:
+        """Journal a running turn from outside its handler: its message moves out of the
+        inbox into an open turn (so that trimming goes on past it), and the messages queued
+        behind it are deferred in Redis (so that they do not hold reading up). A long or
+        hung turn then holds only its actor."""
+        ctx = act.running
+        if ctx is None or not ctx.in_handler or ctx.writing is not None or ctx.interrupted is not None:
+            return
+        behind = [q for q in act.queue if q.message is not None and q not in ctx.consumed]
+        if ctx.source.origin == "o" and not behind:
+            return
+        await self._write_open(ctx, OpenTurn(ctx.source.raw, ctx.journal.records), behind)
+
+    async def open_long_turns(self, older_than: float) -> None:
+        """Open the turns that have run for ``older_than`` seconds (see ``open_running``)."""
+        now = time.monotonic()
+        for act in list(self.runner.turns.running):
+            ctx = act.running
+            if ctx is not None and now - ctx.started >= older_than:
+                await self.open_running(act)

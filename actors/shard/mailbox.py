@@ -1,0 +1,177 @@
+"""Steps 1 and 2 of the data path: read the shard's inbox in order, check each entry (bad
+input goes to the dead-letter stream with its reason), and queue it on its actor.
+
+Entries enter the consumer group (and so a pending list) only through fenced scripts, so
+a paused former owner can never take any. At start the runner claims its pending entries
+and reads with the fenced ``read_new`` until a batch is not full: the group has then
+delivered everything up to its newest entry. From there it blocks on a plain ``XREAD``
+after the newest entry it has seen, and the turns of what that returns start at once; the
+next commit takes those entries into the group first, and effects outside the commit wait
+for that (``Commits.confirmed``). After ``block_ms`` with nothing new, it takes what it has
+seen and reads with ``read_new`` again: one round trip per wake-up."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import TYPE_CHECKING
+
+from .. import telemetry
+from ..codec import Envelope, Malformed, decode_envelope
+from ..errors import DecodeError, InvalidEnvelope, TurnCancelled, UnknownActorType, UnknownMessageType
+from ..messages import CANCEL, TICK, Tick
+from ..routing import foreign_reply_to, misplaced
+from ..store import Entry
+from ..turn import Queued
+from .state import kept
+
+if TYPE_CHECKING:
+    from .runner import ShardRunner
+
+Checked = Queued | tuple[str, str, Envelope | None]
+"""An entry as a queued message, or (reason, detail, envelope if decodable) to dead-letter."""
+
+
+class Mailbox:
+    def __init__(self, runner: ShardRunner) -> None:
+        self.runner = runner
+        self.claimed: set[str] = set()
+        """Entries claimed from a previous runner's pending list, not yet started."""
+        self.lag = 0
+        """Inbox entries not yet read, as of the last chores (only kept when metrics are on)."""
+        self._reading: asyncio.Future[list[Entry]] | None = None
+
+    def stop_reading(self) -> None:
+        """Cancel the blocking read in progress, if any (draining)."""
+        if self._reading is not None:
+            self._reading.cancel()
+
+    async def read_loop(self) -> None:
+        """Read until draining, one round trip per wake-up (see the module docstring)."""
+        r, s = self.runner, self.runner.settings
+        claimed = await r.store.claim_pending(r.shard, r.consumer, s.read_count)
+        self.claimed = {entry_id for entry_id, _ in claimed}
+        await self.dispatch(claimed)
+        next_chores = time.monotonic() + s.trim_interval
+        after: str | None = None
+        while not r.stopping.is_set():
+            if not r.flow.room.is_set():
+                await r.journaling.relieve()
+                await self._wait_for_room(s.trim_interval)
+            if r.stopping.is_set():
+                break
+            if not r.flow.room.is_set():
+                pass  # still full: only the chores below, then look again
+            elif after is None:
+                entries, newest = await r.store.read_new(r.shard, r.lease.value, r.consumer, s.read_count)
+                await self.dispatch(entries)
+                after = None if len(entries) == s.read_count else newest
+            else:
+                seen = await self._read_after(after)
+                if seen is None:
+                    return
+                if seen:
+                    after = seen[-1][0]
+                    r.commits.saw(seen)
+                    await self.dispatch(seen)
+                else:
+                    # Quiet for block_ms: take what is seen (long turns may hold it) and
+                    # read with the fenced script next; both tell a paused former owner
+                    # at once that its lease is gone.
+                    await r.commits.confirmed()
+                    after = None
+            if time.monotonic() >= next_chores:
+                await self._chores()
+                next_chores = time.monotonic() + s.trim_interval
+
+    async def _wait_for_room(self, timeout: float) -> None:
+        """Until reading may go on, draining begins, or ``timeout`` seconds have passed."""
+        r = self.runner
+        waits = {asyncio.ensure_future(r.flow.room.wait()), asyncio.ensure_future(r.stopping.wait())}
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+
+    async def _read_after(self, after: str) -> list[Entry] | None:
+        """Entries after ``after``, blocking up to ``block_ms`` for one ([] if none came);
+        None if draining began meanwhile."""
+        r, s = self.runner, self.runner.settings
+        # A task of its own, so that draining can cancel the wait and only the wait.
+        self._reading = asyncio.ensure_future(r.store.read_after(r.shard, after, s.read_count, s.block_ms))
+        try:
+            return await self._reading
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if r.stopping.is_set() and task is not None and not task.cancelling():
+                return None
+            raise
+        finally:
+            self._reading = None
+
+    async def _chores(self) -> None:
+        r = self.runner
+        await r.journaling.open_long_turns(older_than=r.settings.trim_interval)
+        await r.store.trim_inbox(r.shard)
+        r.work.evict_idle()
+        if telemetry.metering():
+            self.lag = (await r.store.shard_info(r.shard)).lag or 0
+
+    async def dispatch(self, entries: list[Entry]) -> None:
+        r = self.runner
+        accepted: list[Queued] = []
+        for entry_id, raw in entries:
+            checked = self.check(entry_id, raw)
+            if isinstance(checked, Queued):
+                r.flow.took()
+                accepted.append(checked)
+            else:
+                reason, detail, env = checked
+                write = r.journaling.dead_letter_write("", "i", entry_id, kept(raw), reason, detail, env)
+                await r.commits.write(write)
+        await r.work.activate({q.envelope.actor_id: q.envelope.actor for q in accepted})
+        for queued in accepted:
+            act = r.activations[queued.envelope.actor_id]
+            act.queue.append(queued)
+            if queued.message is None and act.running is not None:  # a cancel ends a running turn too
+                r.turns.interrupt(act, TurnCancelled(f"{act.id}: its running turn was cancelled"))
+            r.work.start(act)
+
+    def check(self, entry_id: str | None, raw: bytes | Malformed) -> Checked:
+        """The entry as a queued message, or (reason, detail, envelope if decodable) to dead-letter."""
+        r = self.runner
+        if isinstance(raw, Malformed):
+            return "undecodable", raw.detail, None
+        try:
+            env = decode_envelope(raw)
+        except InvalidEnvelope as exc:  # an id, headers or reply channel not to act on
+            return exc.reason, str(exc), exc.envelope
+        except DecodeError as exc:
+            return "undecodable", str(exc), None
+        limit = r.settings.messages.max_message_bytes
+        if len(raw) > limit:
+            return "too large", f"{len(raw)} bytes; the limit (max_message_bytes) is {limit}", env
+        foreign = foreign_reply_to(env.reply_to, r.store.keys.reply_channel(""))
+        if foreign is not None:
+            return "invalid reply_to", foreign, dataclasses.replace(env, reply_to=None)
+        try:
+            cls = r.services.app.actor_type(env.actor)
+            misplaced_in = misplaced(env.actor_id, r.shard, r.services.shards)
+            if misplaced_in is not None:  # its own shard holds the actor: no second copy here
+                return "wrong shard", misplaced_in, env
+            if env.type == CANCEL:
+                return Queued(entry_id, raw, env, None)
+            model = Tick if env.type == TICK else cls.message_model(env.type)
+        except UnknownActorType as exc:
+            return "unknown actor type", str(exc), env
+        except UnknownMessageType as exc:
+            return "unknown message type", str(exc), env
+        try:
+            message = model.model_validate(env.payload)
+        except Exception as exc:  # a user validator may raise anything, not only ValidationError
+            return "invalid payload", f"{type(exc).__name__}: {exc}", env
+        if isinstance(message, Tick) and message.schedule not in cls.schedules:
+            return "unknown schedule", f"{cls.__name__} has no schedule named {message.schedule!r}", env
+        return Queued(entry_id, raw, env, message)

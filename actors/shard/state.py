@@ -1,0 +1,135 @@
+"""What a shard runner keeps per actor, and small helpers its parts share."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from ..actor import Actor, Handler
+from ..codec import Envelope, Malformed, decode_state
+from ..errors import ActorsError, Diverged, LeaseLost
+from ..journal import OpenTurn, Record
+from ..limits import queued_item
+from ..messages import Tick
+from ..turn import Queued, TurnContext
+
+
+class ShardReset(ActorsError):
+    """Memory may disagree with Redis (a turn was already committed): start afresh."""
+
+
+RUNNER_ERRORS = (LeaseLost, Diverged, ShardReset)
+"""Errors that end a turn's runner rather than fail the turn: they are not the handler's."""
+
+
+class Activation:
+    """An actor in memory: its instance, last committed snapshot, open turn and queued messages."""
+
+    __slots__ = (
+        "actor",
+        "backlog",
+        "broken",
+        "counted",
+        "id",
+        "last_used",
+        "open",
+        "queue",
+        "recovering",
+        "running",
+        "snapshot",
+        "task",
+        "woken",
+    )
+
+    def __init__(self, aid: str, actor: Actor | None, snapshot: bytes | None, broken: str = "") -> None:
+        self.id = aid
+        self.actor = actor
+        self.snapshot = snapshot
+        self.queue: deque[Queued] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.last_used = time.monotonic()
+        self.broken = broken
+        self.open: OpenTurn | None = None
+        """Its open turn as Redis holds it (running, suspended or parked)."""
+        self.woken = False
+        """Its open turn's timer fired (or it was running when its owner died): resume it."""
+        self.backlog = False
+        """Messages may be deferred in Redis behind a turn that has since closed."""
+        self.recovering = False
+        """Loaded at timer 0: its open turn or deferred head may have been running when its
+        previous runner ended; the next start of it is counted (``count_delivery``)."""
+        self.counted = False
+        """A start of its current turn was counted: the write that ends the turn forgets it."""
+        self.running: TurnContext | None = None
+        """The attempt of its handler running now (for timeouts and ``actors cancel``)."""
+
+
+@dataclass(slots=True)
+class Source:
+    """Where the message of a running turn lives, as the next write must take it from."""
+
+    act: Activation
+    origin: str
+    """``i`` inbox, ``o`` open turn, ``q`` head of the deferred list."""
+    ref: str | bytes
+    raw: bytes
+    recovered: bool = False
+    """A previous runner may have started this turn and died with it: count this start."""
+
+
+def delivery(act: Activation, env: Envelope) -> str:
+    """What ``count_delivery`` counts starts of: the message, and for an open turn its
+    write number, so that a crash-prone workflow that still makes progress is not poison."""
+    return env.id if act.open is None else f"{env.id}@{act.open.write}"
+
+
+def cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def write_number(raw: bytes) -> int:
+    """The write number of an open turn whose body cannot be read (so it can be cancelled)."""
+    try:
+        return int(raw.partition(b":")[0])
+    except ValueError:
+        return 0
+
+
+def queue_of(env: Envelope) -> str | None:
+    item = queued_item(env.headers, env.id)
+    return None if item is None else item[0]
+
+
+def handler_for(cls: type[Actor], queued: Queued) -> Handler | None:
+    """The method a message goes to: by type, or a tick by its schedule."""
+    if isinstance(queued.message, Tick):
+        return cls.schedules[queued.message.schedule][1]
+    return cls.handlers.get(queued.envelope.type)
+
+
+def consumed(ctx: TurnContext) -> dict[str, Any]:
+    """The write fields that take the messages ``wait_for`` received out of the mailbox."""
+    return {
+        "acks": [q.entry_id for q in ctx.consumed if q.entry_id is not None],
+        "unlists": [q.raw for q in ctx.consumed if q.entry_id is None],
+    }
+
+
+def copy_records(records: list[Record]) -> list[Record]:
+    """Records for a new attempt: a failed one may have changed its own (a wait it received)."""
+    return [Record(r.kind, r.name, copy.deepcopy(r.value)) for r in records]
+
+
+def load_state(cls: type[Actor], snapshot: bytes | None) -> Any:
+    """An actor's state from its committed snapshot (a fresh State if it has none)."""
+    return cls.State() if snapshot is None else cls.State.model_validate(decode_state(snapshot))
+
+
+def kept(raw: bytes | Malformed) -> bytes:
+    """What the dead letter of an inbox entry keeps: its envelope, or the first of several."""
+    return raw.first if isinstance(raw, Malformed) else raw

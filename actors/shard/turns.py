@@ -1,0 +1,344 @@
+"""One turn: the handler's attempts (retried by the retry policy), within its limiters and
+turn timeout, and the write of its outcome: commit, suspend, park or dead-letter. A turn
+that a previous runner may have started and died with is counted in Redis first, and past
+``max_redeliveries`` dead-lettered instead of run (a message that kills its worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.trace import SpanKind
+from pydantic import BaseModel
+
+from .. import telemetry
+from ..actor import Actor, Handler
+from ..codec import Envelope, Reply, dump_model, encode_reply, encode_state
+from ..errors import TurnCancelled, TurnTimeout
+from ..journal import Journal, JournalMismatch, Suspend
+from ..limits import queued_item
+from ..store import Write
+from ..turn import Queued, TurnContext, TurnInfo
+from .state import (
+    RUNNER_ERRORS,
+    Activation,
+    Source,
+    cancelling,
+    consumed,
+    copy_records,
+    delivery,
+    handler_for,
+    load_state,
+    queue_of,
+)
+from .work import closed
+
+if TYPE_CHECKING:
+    from .runner import ShardRunner
+
+log = logging.getLogger("actors.shard")
+
+TURN_CHECK = 1.0
+"""Seconds between two looks for turns past their timeout."""
+
+
+class Turns:
+    def __init__(self, runner: ShardRunner) -> None:
+        self.runner = runner
+        self.running: set[Activation] = set()
+        """Activations whose handler is running an attempt now."""
+
+    async def turn(self, act: Activation, queued: Queued, source: Source) -> None:
+        r = self.runner
+        env = queued.envelope
+        actor = act.actor
+        handler = None if actor is None else handler_for(type(actor), queued)
+        if actor is None or handler is None:
+            reason = act.broken or (
+                f"{env.actor} has no handler for {env.type} and no open wait_for received it"
+            )
+            write = r.journaling.dead_letter_write(
+                act.id, source.origin, source.ref, source.raw, reason, "", env
+            )
+            closed(act, await r.commits.write(write))
+            return
+        if source.origin == "i" and isinstance(source.ref, str):  # the entry id is its append time
+            waited = r.clock.lower() - int(source.ref.partition("-")[0])
+            telemetry.record("queue_wait", max(0, waited), {"actor.type": env.actor})
+        if not source.recovered:
+            await self._attempts(act, actor, handler, queued, source)
+        elif await self._count_start(act, env, "look") == 0:
+            await self._counted_attempts(act, actor, handler, queued, source)
+        else:
+            # Interrupted before as a recovered turn: it may be the one that ends its worker.
+            # Such turns run one at a time in the process, and are counted only once they
+            # run, so that the culprit does not take the turns waiting with it down with
+            # it, run after run, until they too would count as poison.
+            async with r.services.quarantine:
+                await self._counted_attempts(act, actor, handler, queued, source)
+
+    async def _counted_attempts(self, act: Activation, actor: Actor, handler: Handler, queued: Queued,
+                                source: Source) -> None:  # fmt: skip
+        """Count this start of a recovered turn; run it, or past ``max_redeliveries``
+        dead-letter its message instead (a message that kills its worker)."""
+        starts = await self._count_start(act, queued.envelope)
+        if starts > self.runner.settings.max_redeliveries:
+            await self._poisoned(act, queued.envelope, source, starts)
+        else:
+            await self._attempts(act, actor, handler, queued, source)
+
+    async def _attempts(self, act: Activation, actor: Actor, handler: Handler, queued: Queued,
+                        source: Source) -> None:  # fmt: skip
+        """Run the handler, retried by the retry policy, and write the turn's outcome."""
+        r = self.runner
+        env = queued.envelope
+        retry = r.settings.retry
+        attempt = 0
+        self.running.add(act)
+        try:
+            while True:
+                attempt += 1
+                info = TurnInfo(env.id, env.type, r.shard, r.lease.epoch, r.consumer, attempt)
+                records = [] if act.open is None else copy_records(act.open.records)
+                journal = Journal(records)
+                ctx = TurnContext(r.services, r.journaling, r.shard, env, info, journal, source=source)
+                actor._turn = act.running = ctx
+                try:
+                    result = await self._call(ctx, actor, handler, queued)
+                    _take_back_interruption(ctx)  # a handler that swallowed it finished anyway
+                    if ctx.journal.mismatch is not None:
+                        raise ctx.journal.mismatch  # the handler caught it: park all the same
+                    snapshot = encode_state(actor.state)
+                    reply = _reply(env, result)
+                    break
+                except Suspend as suspend:
+                    actor.state = load_state(type(actor), act.snapshot)
+                    if ctx.journal.mismatch is not None:
+                        await r.journaling.park(ctx, str(ctx.journal.mismatch))
+                    else:
+                        await r.journaling.suspend(ctx, suspend)
+                    return
+                except JournalMismatch as exc:
+                    actor.state = load_state(type(actor), act.snapshot)
+                    await r.journaling.park(ctx, str(exc))
+                    return
+                except RUNNER_ERRORS:
+                    raise  # the runner's own trouble (a lost lease, a memory that ran ahead of Redis)
+                except BaseException as caught:
+                    if ctx.misuse is not None:  # primitives ran at once: a retry would do the same
+                        await _outlive_primitive(ctx)
+                        await self._give_up(act, ctx, handler, ctx.misuse, attempt)
+                        return
+                    failure = _take_back_interruption(ctx) or caught
+                    if isinstance(failure, asyncio.CancelledError) and cancelling():
+                        raise  # this turn is being stopped; a CancelledError the handler raised is a failure
+                    actor.state = load_state(type(actor), act.snapshot)  # a failed attempt leaves no trace
+                    if ctx.journal.mismatch is not None:
+                        await r.journaling.park(ctx, str(ctx.journal.mismatch))
+                        return
+                    if isinstance(failure, TurnCancelled) or attempt >= retry.max_attempts:
+                        await self._give_up(act, ctx, handler, failure, attempt)
+                        return
+                    try:
+                        await asyncio.sleep(retry.delay(attempt))
+                    except asyncio.CancelledError:
+                        why = _take_back_interruption(ctx)  # cancelled while waiting to retry
+                        if why is None or cancelling():
+                            raise
+                        await self._give_up(act, ctx, handler, why, attempt)
+                        return
+                finally:
+                    actor._turn = act.running = None
+        finally:
+            self.running.discard(act)
+        where = ctx.source
+        write = Write(
+            "c", act.id, where.origin, where.ref,
+            snapshot=None if snapshot == act.snapshot else snapshot,
+            local=ctx.local, remote=ctx.remote,
+            reply_key=r.store.keys.reply(r.shard, env.id) if env.reply_to else None,
+            reply_channel=env.reply_to, reply=reply,
+            item=queued_item(env.headers, env.id),
+            **consumed(ctx),
+        )  # fmt: skip
+        result = await r.commits.write(write)
+        act.snapshot = snapshot
+        r.journaling.settled(act, ctx.consumed)
+        if where.origin != "i":
+            closed(act, result)
+
+    async def _give_up(self, act: Activation, ctx: TurnContext, handler: Handler, exc: BaseException,
+                       attempt: int) -> None:  # fmt: skip
+        """Dead-letter the turn's message: its handler failed for good, or it was cancelled."""
+        r = self.runner
+        source, env = ctx.source, ctx.envelope
+        detail = "".join(traceback.format_exception(exc))
+        acks: list[Queued] = []
+        if isinstance(exc, TurnCancelled):
+            reason, detail = "cancelled", str(exc)
+            acks = [q for q in act.queue if q.message is None][:1]  # the cancel, taken with it
+        else:
+            assert act.actor is not None
+            reason = f"handler {type(act.actor).__name__}.{handler.name} failed {attempt} times: {exc!r}"
+        write = r.journaling.dead_letter_write(
+            act.id, source.origin, source.ref, source.raw, reason, detail, env, acks
+        )
+        closed(act, await r.commits.write(write))
+        r.journaling.settled(act, acks)
+
+    async def _count_start(self, act: Activation, env: Envelope, mode: str = "count") -> int:
+        """Count this start of a recovered turn in Redis; returns the starts counted (with
+        ``look``: the starts counted before, counting nothing)."""
+        r = self.runner
+        starts = await r.store.count_delivery(r.shard, r.lease.value, act.id, delivery(act, env), mode)
+        act.counted = act.counted or mode == "count"
+        return starts
+
+    async def forgive_running(self) -> None:
+        """A graceful hand-over gives up the turns still running: their next start, by the
+        next owner, is not counted as an interruption (see ``max_redeliveries``)."""
+        for act in [act for act in self.running if act.running is not None]:
+            assert act.running is not None
+            try:
+                await self._count_start(act, act.running.envelope, "forgive")
+            except Exception as exc:  # best effort: at worst the next start counts
+                log.warning("shard %s: could not forgive the turn of %s: %r", self.runner.shard, act.id, exc)
+
+    async def _poisoned(self, act: Activation, env: Envelope, source: Source, starts: int) -> None:
+        """Dead-letter a message whose turn ended its runner too often (a message that kills
+        its worker), instead of running it again."""
+        r = self.runner
+        reason = (
+            f"its turn was started {starts} times and interrupted {starts - 1} times by the end of its "
+            f"runner (the worker was killed or exited, or its event loop blocked until the lease moved); "
+            f"max_redeliveries is {r.settings.max_redeliveries}"
+        )
+        write = r.journaling.dead_letter_write(act.id, source.origin, source.ref, source.raw, reason, "", env)
+        closed(act, await r.commits.write(write))
+
+    async def _call(self, ctx: TurnContext, actor: Actor, handler: Handler, queued: Queued) -> Any:
+        """One attempt of the handler: within its limiters, in a span that is the child of
+        the span that sent the message (whichever attempt, whichever worker)."""
+        r = self.runner
+        env, info = queued.envelope, ctx.info
+        name = f"{type(actor).__name__}.{handler.name}"
+        attributes = {"actor.type": env.actor, "actor.key": env.key, "message.type": env.type,
+                      "message.id": env.id, "shard": r.shard, "attempt": info.attempt,
+                      "epoch": info.epoch, "resumed": ctx.source.origin == "o"}  # fmt: skip
+        limits = r.services.limits
+        started = time.perf_counter()
+        outcome = "done"
+        span = telemetry.span(f"turn {name}", attributes, kind=SpanKind.CONSUMER, parent=env.headers)
+        with span as current:
+            try:
+                queue = queue_of(env)
+                # A turn fed by its type's own limiter's queue holds the slot it was dispatched with.
+                type_limiter = None if queue == type(actor).limiter else type(actor).limiter
+                if type_limiter is not None or queue is not None:
+                    await r.commits.fenced()  # only the owner may spend the limiter's capacity
+                async with limits.hold(type_limiter), limits.hold_item(queue, env.id):
+                    return await self._handle(ctx, actor, handler, queued, name)
+            except Suspend:
+                outcome = "suspended"
+                raise
+            except BaseException as exc:
+                outcome = "failed"
+                telemetry.failed(current, exc)
+                raise
+            finally:
+                if current is not None:
+                    current.set_attribute("turn.outcome", outcome)
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                r.services.stats.record(elapsed_ms)
+                telemetry.count_turn(env.actor, outcome, elapsed_ms)
+
+    async def _handle(self, ctx: TurnContext, actor: Actor, handler: Handler, queued: Queued,
+                      name: str) -> Any:  # fmt: skip
+        """The handler itself, known to the loop watchdog while it runs (``services.running``)."""
+        running = self.runner.services.running
+        task = asyncio.current_task()
+        assert task is not None
+        running[task] = f"the turn of {queued.envelope.actor_id} ({name})"
+        ctx.in_handler = True
+        try:
+            return await handler.fn(actor, queued.message)
+        finally:
+            del running[task]
+            ctx.in_handler = False
+            await _write_done(ctx)
+
+    async def watch(self) -> None:
+        """Every second, end the attempts that have run past their turn timeout."""
+        r = self.runner
+        while True:
+            await asyncio.sleep(TURN_CHECK)
+            now = time.monotonic()
+            for act in list(self.running):
+                ctx = act.running
+                if ctx is None or act.actor is None or ctx.interrupted is not None:
+                    continue
+                limit = type(act.actor).turn_timeout or r.settings.turn_timeout
+                if limit is not None and now - ctx.started > limit:
+                    why = f"{act.id}: the handler ran past its turn timeout of {limit}s"
+                    log.warning("shard %s: %s", r.shard, why)
+                    self.interrupt(act, TurnTimeout(why))
+
+    def interrupt(self, act: Activation, why: BaseException) -> None:
+        """End the running attempt of ``act``: cancel its handler now, or once the journal
+        write of it in flight is done (``flush`` raises then, if it is the handler's own)."""
+        ctx = act.running
+        if ctx is None or ctx.interrupted is not None:
+            return
+        ctx.interrupted = why
+        task = act.task
+        if task is None:
+            return
+        if ctx.writing is None:
+            task.cancel()
+        elif not ctx.flushing:
+            ctx.writing.add_done_callback(lambda _: task.cancel() if ctx.in_handler else None)
+
+
+def _reply(env: Envelope, result: Any) -> bytes:
+    if not env.reply_to:
+        return b""
+    if result is not None and not isinstance(result, BaseModel):
+        raise TypeError(f"a handler must return a pydantic model or None, not {type(result).__name__}")
+    payload = None if result is None else dump_model(result)
+    rtype = None if result is None else type(result).__name__
+    return encode_reply(Reply(env.id, True, rtype, payload))
+
+
+async def _outlive_primitive(ctx: TurnContext) -> None:
+    """Wait for a primitive still running in another task of the handler (cancelled when a
+    second one was refused) to end: the turn's next work must not overlap it."""
+    active = ctx.active
+    if active is not None and active[1] is not None and active[1] is not asyncio.current_task():
+        await asyncio.gather(active[1], return_exceptions=True)
+
+
+async def _write_done(ctx: TurnContext) -> None:
+    """Wait for a journal write the runner began while the handler ran (``open_running``):
+    what follows the handler must see where the turn's message lives now. A cancellation
+    that arrives meanwhile is raised after the write."""
+    was_cancelled = False
+    while ctx.writing is not None:
+        try:
+            await asyncio.shield(ctx.writing)
+        except asyncio.CancelledError:
+            was_cancelled = True
+    if was_cancelled:
+        raise asyncio.CancelledError()
+
+
+def _take_back_interruption(ctx: TurnContext) -> BaseException | None:
+    """The reason the host interrupted this attempt, if it did; the cancellation that
+    delivered it is taken back, so that it does not count as the task's own."""
+    why = ctx.interrupted
+    task = asyncio.current_task()
+    if why is not None and task is not None and task.cancelling():
+        task.uncancel()
+    return why
