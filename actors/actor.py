@@ -13,17 +13,14 @@ import typing
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel
 
 from .errors import DefinitionError, UnknownActorType, UnknownMessageType
-from .limits import Limiter, check_limiters
+from .limits import Limiter, QueueItem, check_limiters
 from .messages import Approval, Tick
 from .schedules import SCHEDULE_ATTR, Schedule
-
-if TYPE_CHECKING:
-    from .turn import TurnContext, TurnInfo
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
@@ -70,6 +67,50 @@ class ActorRef(Generic[A]):
         return ActorRef(actor_type, key)
 
 
+@dataclass(frozen=True, slots=True)
+class TurnInfo:
+    """What a handler may know about the turn it runs in (``self.turn``)."""
+
+    message_id: str
+    message_type: str
+    shard: int
+    epoch: int
+    """The shard's lease epoch this turn will commit under."""
+    worker_id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepOptions:
+    name: str | None = None
+    retries: int = 3
+    backoff: float = 1.0
+    max_backoff: float = 60.0
+    timeout: float | None = None
+    limiter: str | None = None
+
+
+class TurnCalls(Protocol):
+    """What an actor asks of the turn it runs in (``turn.TurnContext`` provides it)."""
+
+    @property
+    def info(self) -> TurnInfo: ...
+
+    def send(self, ref: ActorRef[Any], msg: BaseModel) -> None: ...
+
+    async def ask(self, ref: ActorRef[Any], msg: BaseModel, timeout: float) -> Any: ...
+
+    async def enqueue(self, queue: str, ref: ActorRef[Any], msg: BaseModel, item: QueueItem) -> str: ...
+
+    async def step(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                   options: StepOptions) -> Any: ...  # fmt: skip
+
+    async def sleep(self, delay_ms: int | None, until_ms: int | None) -> None: ...
+
+    async def wait_for(self, model: type[BaseModel], timeout_ms: int | None,
+                       where: Callable[[Any], bool] | None) -> Any: ...  # fmt: skip
+
+
 class _NoState(BaseModel):
     """The state of an actor that declares none."""
 
@@ -113,7 +154,7 @@ class Actor:
 
     key: str
     state: Any
-    _turn: TurnContext | None
+    _turn: TurnCalls | None
 
     def __init_subclass__(
         cls,
@@ -183,7 +224,7 @@ class Actor:
         """The current turn: message id and type, shard, lease epoch, worker id, attempt."""
         return self._context().info
 
-    def _context(self) -> TurnContext:
+    def _context(self) -> TurnCalls:
         if self._turn is None:
             raise RuntimeError("send/ask can only be used inside a handler, during a turn")
         return self._turn
@@ -213,8 +254,6 @@ class Actor:
     ) -> str:
         """Put ``msg`` for ``ref`` on the queue of limiter ``queue`` (see ``Client.enqueue``);
         journaled. Raises DuplicateItem if ``dedup_id`` is queued or running."""
-        from .limits import QueueItem
-
         item = QueueItem(priority, dedup_id or "", partition)
         return await self._context().enqueue(queue, ref, msg, item)
 
@@ -243,8 +282,6 @@ class Actor:
         while turns are open. With ``limiter``, each attempt first waits for a token
         (and a slot) of that limiter of the app.
         """
-        from .turn import StepOptions
-
         options = StepOptions(name, retries, backoff, max_backoff, _seconds(timeout), limiter)
         return typing.cast(T, await self._context().step(fn, args, kwargs, options))
 

@@ -16,13 +16,13 @@ from pydantic import BaseModel
 
 from . import telemetry
 from .actor import ActorRef, App
-from .codec import actor_id, decode_envelope, decode_state, message_digest
+from .codec import Routed, actor_id, decode_envelope, decode_state, message_digest
 from .errors import ConfigurationError
 from .journal import FOREVER_MS, OpenTurn
 from .limits import QueueItem, enqueue
 from .messages import CANCEL, Approval
 from .replies import ReplyListener, reply_value
-from .routing import Routed, check_idempotency_key, route, route_control, shard_of
+from .routing import check_idempotency_key, route, route_control, shard_of
 from .server import resolve_url
 from .settings import DEFAULT_SHARDS, MessageSettings, RedisSettings
 from .store import Store

@@ -165,6 +165,15 @@ def _header_problem(headers: Any) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Routed:
+    """A checked message, encoded, with the shard whose inbox it goes to (see ``routing``)."""
+
+    envelope: Envelope
+    data: bytes
+    shard: int
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     """The outcome of an ``ask``: a value (model dump or None) or an error."""
 

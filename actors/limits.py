@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import threading
 import uuid
@@ -33,16 +32,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .codec import decode_envelope
+from .codec import Routed, decode_envelope
 from .errors import ConfigurationError, DecodeError, DefinitionError, DuplicateItem
 from .store import RELEASED, Store
-
-if TYPE_CHECKING:
-    from .routing import Routed
 
 log = logging.getLogger("actors.limits")
 
@@ -135,19 +131,6 @@ async def enqueue(store: Store, name: str, routed: Routed, item: QueueItem, seen
     return holder
 
 
-_HOLDING: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("holding", default=frozenset())
-"""The limiters the current task holds (its turn's, its queued item's, its step's)."""
-
-
-@contextlib.contextmanager
-def _holding(name: str) -> Iterator[None]:
-    token = _HOLDING.set(_HOLDING.get() | {name})
-    try:
-        yield
-    finally:
-        _HOLDING.reset(token)
-
-
 def queued_item(headers: dict[str, str], message_id: str) -> tuple[str, str, str] | None:
     """(limiter, item id, dedup id) if the message came through a queue."""
     name = headers.get(QUEUE_HEADER)
@@ -184,6 +167,8 @@ class Limits:
         self._held: set[tuple[str, str]] = set()
         """Slots held now, (limiter, holder); the worker's LeaseKeeper thread renews them."""
         self._held_lock = threading.Lock()
+        self._holding: dict[asyncio.Task[Any] | None, set[str]] = {}
+        """The limiters each task holds now (a turn's, its queued item's, its step's)."""
         self._renew = renew
         """Renew held slots from this event loop; a worker renews them from its LeaseKeeper
         thread instead (``held_slots``), so that a stalled loop does not lose them."""
@@ -230,7 +215,7 @@ class Limits:
         given back on exit. A hold of a limiter the same task already holds (a step with
         ``limiter="L"`` in a turn of a type limited by ``L``, or fed by ``L``'s queue) is
         already held: it takes nothing more, rather than wait for itself at the cap."""
-        if name is None or name in _HOLDING.get():
+        if name is None or name in self._holding.get(asyncio.current_task(), ()):
             yield
             return
         self.check(name)
@@ -239,7 +224,7 @@ class Limits:
             holder = await self._acquire(queue) if queue.limiter.global_ else None
             queue.holding += 1
             try:
-                with _holding(name):
+                with self._held_by_task(name):
                     yield
             finally:
                 queue.holding -= 1
@@ -317,12 +302,12 @@ class Limits:
             return
         async with queue.local or contextlib.nullcontext():
             if queue.limiter.concurrency is None:
-                with _holding(queue.limiter.name):
+                with self._held_by_task(queue.limiter.name):
                     yield
                 return
             await self._take_item_slot(queue, item_id)
             try:
-                with _holding(queue.limiter.name):
+                with self._held_by_task(queue.limiter.name):
                     yield
             finally:
                 await self._release(queue.limiter.name, item_id)
@@ -339,6 +324,21 @@ class Limits:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(queue.released.wait(), timeout=max(wait_ms, 1) / 1000)
         self._hold_slot(queue.limiter.name, item_id)
+
+    @contextlib.contextmanager
+    def _held_by_task(self, name: str) -> Iterator[None]:
+        """Note that the current task holds limiter ``name`` (not the tasks it starts: they
+        wait for their own slots)."""
+        task = asyncio.current_task()
+        assert task is not None
+        names = self._holding.setdefault(task, set())
+        names.add(name)
+        try:
+            yield
+        finally:
+            names.discard(name)
+            if not names:
+                del self._holding[task]
 
     def _hold_slot(self, name: str, holder: str) -> None:
         with self._held_lock:

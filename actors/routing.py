@@ -7,7 +7,6 @@ so both refuse bad input the same way, at the edge, before anything is written.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -15,7 +14,7 @@ from pydantic import BaseModel
 
 from . import telemetry
 from .actor import ActorRef, App
-from .codec import Envelope, dump_model, encode_envelope, new_message_id
+from .codec import Envelope, Routed, dump_model, encode_envelope, new_message_id
 from .errors import InvalidIdempotencyKey, UnknownActorType
 from .messages import TICK
 
@@ -95,15 +94,6 @@ def build_envelope(
         headers=headers or {},
         reply_to=reply_to,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Routed:
-    """A checked message, encoded, with the shard whose inbox it goes to."""
-
-    envelope: Envelope
-    data: bytes
-    shard: int
 
 
 def route(

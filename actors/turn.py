@@ -28,13 +28,13 @@ from opentelemetry.trace import SpanKind
 from pydantic import BaseModel, TypeAdapter
 
 from . import telemetry
-from .actor import ActorRef, App
-from .codec import Envelope, decode_reply, encode_reply
+from .actor import ActorRef, App, StepOptions, TurnInfo
+from .codec import Envelope, Routed, decode_reply, encode_reply
 from .errors import ActorsError, DuplicateItem
 from .journal import FOREVER_MS, Journal, Record, RedisClock, StepFailed, Suspend
 from .limits import Limits, QueueItem
 from .replies import ReplyListener, reply_value
-from .routing import Routed, route
+from .routing import route
 from .settings import MessageSettings
 
 if TYPE_CHECKING:
@@ -83,19 +83,6 @@ class TurnStats:
 
 
 @dataclass(frozen=True, slots=True)
-class TurnInfo:
-    """What a handler may know about the turn it runs in (``self.turn``)."""
-
-    message_id: str
-    message_type: str
-    shard: int
-    epoch: int
-    """The shard's lease epoch this turn will commit under."""
-    worker_id: str
-    attempt: int
-
-
-@dataclass(frozen=True, slots=True)
 class Queued:
     """A checked message on its way into a turn.
 
@@ -107,16 +94,6 @@ class Queued:
     envelope: Envelope
     message: BaseModel | None
     """The validated message; None for a control message (cancel)."""
-
-
-@dataclass(frozen=True, slots=True)
-class StepOptions:
-    name: str | None = None
-    retries: int = 3
-    backoff: float = 1.0
-    max_backoff: float = 60.0
-    timeout: float | None = None
-    limiter: str | None = None
 
 
 class TurnHost(Protocol):

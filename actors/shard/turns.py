@@ -15,13 +15,13 @@ from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 
 from .. import telemetry
-from ..actor import Actor, Handler
+from ..actor import Actor, Handler, TurnInfo
 from ..codec import Envelope, Reply, dump_model, encode_reply, encode_state
 from ..errors import TurnCancelled, TurnTimeout
 from ..journal import Journal, JournalMismatch, Suspend
 from ..limits import queued_item
 from ..store import Write
-from ..turn import Queued, TurnContext, TurnInfo
+from ..turn import Queued, TurnContext
 from .state import (
     RUNNER_ERRORS,
     Activation,

@@ -1,0 +1,46 @@
+"""Every Redis call the runtime makes, and nothing else. No other module imports redis.
+
+The store speaks bytes and small typed records (``records``); encoding stays in
+``codec``. ``Store`` is one object made of parts by what they serve: ``connection``
+(clients, scripts, errors), ``inbox`` (a shard's streams), ``commits`` (a shard's actors:
+state, the commit script, open turns, timers), ``leases`` (membership, leases and the
+LeaseKeeper thread), ``limits`` (limiters and queues).
+"""
+
+from __future__ import annotations
+
+from ..keys import Keys
+from .commits import CommitStore
+from .connection import STALL_TIMEOUT, TRANSIENT_ERRORS, honour_cancel, is_transient, make_client
+from .inbox import InboxStore
+from .leases import LOOP_LAG_WARNING, LeaseKeeper, LeaseStore
+from .limits import LimitStore
+from .records import (
+    BACKLOG,
+    DONE,
+    DUPLICATE,
+    QUEUED,
+    RELEASED,
+    DeadLetter,
+    Entry,
+    LoadedActor,
+    ShardInfo,
+    Take,
+    Write,
+)
+
+__all__ = [
+    "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "STALL_TIMEOUT",
+    "TRANSIENT_ERRORS", "DeadLetter", "Entry", "LeaseKeeper", "LoadedActor", "ShardInfo", "Store",
+    "Take", "Write", "honour_cancel", "is_transient",
+]  # fmt: skip
+
+
+class Store(InboxStore, CommitStore, LeaseStore, LimitStore):
+    """Typed access to the runtime's Redis keys for one namespace."""
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str) -> Store:
+        return cls(
+            make_client(url, retries=3), Keys(namespace), appender=make_client(url, retries=0), url=url
+        )

@@ -1,0 +1,157 @@
+"""A shard's actors: their state, the commit script, open turns, timers and schedules."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
+
+import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
+
+from .connection import StoreBase, honours_cancel
+from .records import LoadedActor, Take, Write
+
+
+@honours_cancel
+class CommitStore(StoreBase):
+    async def load_actors(self, shard: int, actor_ids: Sequence[str]) -> list[LoadedActor]:
+        """Snapshots, timers and open turns of actors, in one round trip."""
+        if not actor_ids:
+            return []
+        ids = list(actor_ids)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(self.keys.state(shard), ids)
+            pipe.zmscore(self.keys.timers(shard), ids)
+            pipe.hmget(self.keys.turns(shard), ids)
+            snapshots, timers, turns = await pipe.execute()
+        return [
+            LoadedActor(snapshot, None if timer is None else int(timer), turn)
+            for snapshot, timer, turn in zip(snapshots, timers, turns, strict=True)
+        ]
+
+    async def load_state(self, shard: int, actor_id: str) -> bytes | None:
+        value = cast("bytes | None", await self.redis.hget(self.keys.state(shard), actor_id))
+        return value if value is None else bytes(value)
+
+    async def commit(
+        self, shard: int, lease: str, writes: Sequence[Write], reply_ttl_ms: int, take: Take | None = None
+    ) -> list[int]:
+        """Apply writes atomically, after taking ``take``'s entries into the group; returns per
+        write DUPLICATE, DONE or BACKLOG.
+
+        Raises LeaseLost if the lease is not held at ``lease`` (nothing is taken or written),
+        Diverged if the entries to take are not the next ones in the group (no write is
+        applied; what the script's read took stays pending, for the restarted runner).
+        """
+        k = self.keys
+        keys = [k.lease(shard), k.inbox(shard), k.state(shard), k.outbox(shard)]
+        keys += [k.turns(shard), k.timers(shard), k.dead_letters(shard), k.deliveries(shard)]
+        values: list[Any] = []
+        for w in writes:
+            deferred_index = 0
+            if w.uses_deferred:
+                keys.append(k.deferred(shard, w.actor_id))
+                deferred_index = len(keys)
+            effects: list[list[Any]] = [["L", e] for e in w.local]
+            effects += [["R", target, e] for target, e in w.remote]
+            effects += [["A", entry_id] for entry_id in w.acks]
+            effects += [["U", e] for e in w.unlists]
+            effects += [["F", entry_id, e] for entry_id, e in w.defers]
+            if w.reply_key is not None:
+                keys.append(w.reply_key)
+                effects.append(["Y", len(keys), w.reply_channel or "", w.reply])
+            if w.op == "j":
+                effects.append(["J", w.open_turn, w.score])
+            if w.op == "d":
+                effects.append(["D", w.envelope, w.ref if w.origin == "i" else "", w.reason, w.detail])
+            if w.forget_delivery:
+                effects.append(["X"])
+            snapshot = w.snapshot if w.snapshot is not None else b""
+            values += [w.op, w.actor_id, w.origin, w.ref, deferred_index, snapshot, len(effects)]
+            for effect in effects:
+                values += effect
+        # One argument rather than thousands: packing arguments is the client's main cost.
+        # Lua's cmsgpack reads only the old raw type, so bytes go as msgpack "raw" strings.
+        packed = msgpack.packb(values, use_bin_type=False)
+        taking = [take.consumer, take.newest, take.count] if take else ["", "", 0]
+        results = await self._run("commit", keys, [lease, reply_ttl_ms, len(writes), packed, *taking])
+        return [int(r) for r in results]
+
+    async def count_delivery(self, shard: int, lease: str, actor_id: str, delivery: str, mode: str) -> int:
+        """Count a start of a recovered turn, ``look`` at the count, or ``forgive`` the next
+        start (see ``count_delivery.lua``); returns the starts of ``delivery`` counted.
+        Never retried: a lost reply restarts the runner."""
+        keys = [self.keys.lease(shard), self.keys.deliveries(shard)]
+        args = [lease, actor_id, delivery, mode]
+        return int(await self._run("count_delivery", keys, args, client=self._appender))
+
+    async def deferred(self, shard: int, actor_id: str, count: int) -> list[bytes]:
+        """The first ``count`` messages deferred behind an actor's open turn, in order."""
+        envelopes = await self.redis.lrange(self.keys.deferred(shard, actor_id), 0, count - 1)
+        return list(cast("list[bytes]", envelopes))
+
+    async def open_turn(self, shard: int, actor_id: str) -> tuple[bytes | None, int]:
+        """An actor's open turn (None if it has none) and how many messages wait behind it."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.turns(shard), actor_id)
+            pipe.llen(self.keys.deferred(shard, actor_id))
+            turn, deferred = await pipe.execute()
+        return turn, int(deferred)
+
+    async def open_turns(self, shard: int, limit: int) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` open turns of the shard: (actor id, open turn), in no set order."""
+        found: list[tuple[str, bytes]] = []
+        async for actor, turn in self.redis.hscan_iter(self.keys.turns(shard), count=500):
+            found.append((actor.decode(), turn))
+            if len(found) >= limit:
+                break
+        return found
+
+    async def timers_at_zero(self, shard: int, batch: int) -> AsyncIterator[list[str]]:
+        """Batches of the actors whose timer is 0 (needing attention now), as a new owner
+        must wake them all. ZSCAN returns every member present throughout at least once,
+        however many there are and whatever changes meanwhile."""
+        found: list[str] = []
+        async for member, score in self.redis.zscan_iter(self.keys.timers(shard), count=batch):
+            if score == 0:
+                found.append(member.decode())
+                if len(found) >= batch:
+                    yield found
+                    found = []
+        if found:
+            yield found
+
+    async def due_timers(self, shard: int, lease: str, limit: int) -> tuple[int, int | None, list[str]]:
+        """Take due timers (setting them to 0); returns (Redis now ms, next due ms, actor ids).
+
+        Never retried: a retry after a lost reply would find nothing due, and the timers the
+        first call took would sit at 0 unseen; the caller's runner restarts instead, and
+        finds them with ``timers_at_zero``."""
+        now, later, *due = await self._run(
+            "due_timers", [self.keys.lease(shard), self.keys.timers(shard)], [lease, limit],
+            client=self._appender,
+        )  # fmt: skip
+        return int(now), None if int(later) < 0 else int(later), [a.decode() for a in due]
+
+    async def schedule_marks(self, shard: int, fields: Sequence[str], now_ms: int) -> list[int]:
+        """The newest slot done of each schedule field, recording ``now_ms`` for new ones."""
+        key = self.keys.schedules(shard)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for field in fields:
+                pipe.hsetnx(key, field, now_ms)
+            pipe.hmget(key, list(fields))
+            *_, marks = await pipe.execute()
+        return [int(m) for m in marks]
+
+    async def fire_schedule(
+        self, shard: int, lease: str, field: str, newest_ms: int, ticks: Sequence[tuple[int, bytes]]
+    ) -> tuple[int, int]:
+        """Append the ticks not yet fired and record ``newest_ms`` if it is due by Redis's clock;
+        returns (Redis now ms, newest slot recorded)."""
+        k = self.keys
+        args: list[Any] = [lease, field, newest_ms, len(ticks)]
+        for slot, envelope in ticks:
+            args += [slot, envelope]
+        now, mark = await self._run(
+            "fire_schedule", [k.lease(shard), k.schedules(shard), k.inbox(shard)], args
+        )
+        return int(now), int(mark)

@@ -1,0 +1,202 @@
+"""Clients, scripts and errors: what every part of the store shares.
+
+Scripts are ``.lua`` files in ``actors/scripts``, registered once and called by SHA
+(redis-py reloads a script the server lost, e.g. after a restart)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT
+
+from ..errors import Diverged, LeaseLost
+from ..keys import Keys
+
+log = logging.getLogger("actors.store")
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+"""Errors after which a call's outcome is unknown and the connection is retried."""
+
+STALL_TIMEOUT = 30.0
+"""Seconds a send, or a supervisor tick, waits for a server that does not answer (calls have
+no socket timeout of their own)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TRANSIENT_ERRORS) or (
+        isinstance(exc, ResponseError) and str(exc).startswith(("LOADING", "BUSY", "TRYAGAIN"))
+    )
+
+
+def honour_cancel() -> None:
+    """Raise CancelledError if the current task was cancelled.
+
+    On Python 3.11, redis-py's socket timeouts use ``asyncio.wait_for``, which can
+    return a finished result and drop a cancellation that arrived at the same
+    moment. Every public Store method calls this after its Redis call (see
+    ``honours_cancel``), so loops that call Redis still stop when cancelled.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+
+
+def script_text(name: str) -> str:
+    return resources.files("actors").joinpath("scripts", f"{name}.lua").read_text()
+
+
+T = TypeVar("T")
+
+RAW_REPLY = "actors_raw_reply"
+"""An option of the XREAD and XAUTOCLAIM calls of ``Store``: keep the reply as the server sent
+it. redis-py's own parsing turns an entry's fields into a dict, which keeps only the last of
+two fields with one name."""
+
+
+def honours_cancel(cls: type[T]) -> type[T]:
+    """Make every public coroutine method of ``cls`` raise CancelledError if its task was
+    cancelled while it ran, even if redis-py dropped the cancellation (see honour_cancel)."""
+    for name, fn in list(vars(cls).items()):
+        if name.startswith("_") or not inspect.iscoroutinefunction(fn):
+            continue
+
+        def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            @functools.wraps(fn)
+            async def call(*args: Any, **kwargs: Any) -> Any:
+                result = await fn(*args, **kwargs)
+                honour_cancel()
+                return result
+
+            return call
+
+        setattr(cls, name, wrap(fn))
+    return cls
+
+
+SCRIPTS = (  # every file of actors/scripts
+    "acquire_lease", "renew_lease", "release_lease", "commit", "count_delivery", "due_timers",
+    "fire_schedule", "limiter_acquire", "limiter_release", "queue_dispatch", "queue_dispatched",
+    "queue_done", "queue_enqueue", "enqueue_once", "forward", "replay_dead_letter", "trim_inbox",
+    "read_inbox",
+)  # fmt: skip
+
+
+@honours_cancel
+class StoreBase:
+    """The clients and scripts of one namespace; each part of ``Store`` adds its calls."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: Keys,
+        appender: aioredis.Redis | None = None,
+        url: str | None = None,
+    ) -> None:
+        self.redis = client
+        """For calls that are safe to repeat: it retries after a connection error."""
+        allow_raw_replies(client)
+        self._appender = appender or client
+        """For calls whose retry after a lost reply would not be a no-op (plain XADDs, the fenced
+        read and the timer script): it never retries them."""
+        self.keys = keys
+        self.url = url
+        """Where the clients connect, if known (a LeaseKeeper needs it)."""
+        self._scripts = {name: client.register_script(script_text(name)) for name in SCRIPTS}
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        if self._appender is not self.redis:
+            await self._appender.aclose()
+
+    async def _run(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], client: aioredis.Redis | None = None
+    ) -> Any:
+        """Call a script by SHA (redis-py loads it again if the server lost it).
+
+        Fenced scripts (their first key is the lease) fail with FENCED when the
+        lease is not held at the expected epoch: that becomes LeaseLost. DIVERGED
+        (commit.lua) becomes Diverged.
+        """
+        try:
+            return await self._scripts[name](keys=list(keys), args=list(args), client=client)
+        except ResponseError as exc:
+            if str(exc).startswith("FENCED"):
+                raise LeaseLost(f"{name} refused: {keys[0]} is no longer held at {args[0]!r}") from None
+            if str(exc).startswith("DIVERGED"):
+                raise Diverged(f"{name} refused: {exc}") from None
+            raise
+
+    async def server_time_ms(self) -> int:
+        seconds, micros = await self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+
+def make_client(url: str, retries: int) -> aioredis.Redis:
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=256,
+        timeout=30,  # wait this long for a free connection rather than fail at once
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
+        socket_connect_timeout=5,
+        # No per-call socket timeout: on Python 3.11 redis-py runs every call with one
+        # under asyncio.wait_for, a Task each (about 40 us of CPU per call here). A dead
+        # peer is found by TCP keepalive instead; the callers that must not wait on a
+        # stuck server bound themselves (the supervisor's tick, appends).
+        socket_timeout=None,
+        socket_keepalive=True,
+        socket_keepalive_options=KEEPALIVE,
+        health_check_interval=30,
+    )
+    return aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its sockets
+
+
+KEEPALIVE = {
+    getattr(socket, option): value
+    for option, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, option)
+}
+"""A silent peer is declared dead after about 5 + 2 x 3 = 11 s (where the platform allows)."""
+
+
+def allow_raw_replies(client: aioredis.Redis) -> None:
+    """Let XREAD and XAUTOCLAIM calls given the ``RAW_REPLY`` option skip redis-py's parsing
+    (other calls are parsed as before)."""
+    for command in ("XREAD", "XAUTOCLAIM"):
+        parse = client.response_callbacks.get(command)
+        if parse is not None and getattr(parse, "func", None) is not raw_or_parsed:
+            client.set_response_callback(command, functools.partial(raw_or_parsed, parse))
+
+
+async def raw_reply(client: aioredis.Redis, *args: EncodableT) -> Any:
+    """Run a command whose reply redis-py leaves as the server sent it (see ``RAW_REPLY``)."""
+    # execute_command is unannotated in redis-py's asyncio client.
+    return await client.execute_command(*args, **{RAW_REPLY: True})  # type: ignore[no-untyped-call]
+
+
+def raw_or_parsed(parse: Callable[..., Any], response: Any, **options: Any) -> Any:
+    if options.pop(RAW_REPLY, False):
+        return response
+    return parse(response, **options)
+
+
+def xread_rows(reply: Any) -> Any:
+    """The entries of a raw XREAD reply for one stream: a map stream -> entries (RESP3), or a
+    list of [stream, entries] (RESP2); nothing when the block timed out."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return next(iter(reply.values()))
+    return reply[0][1]

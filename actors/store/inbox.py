@@ -1,0 +1,202 @@
+"""A shard's streams: appends to its inbox, reads of it, its outbox, dead letters, replies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from redis.exceptions import ResponseError
+
+from ..codec import FIELD
+from ..errors import IdempotencyConflict
+from ..keys import GROUP
+from .connection import STALL_TIMEOUT, StoreBase, honours_cancel, is_transient, raw_reply, xread_rows
+from .records import CONFLICT, DeadLetter, Entry, ShardInfo, StreamRows, dead_letter_record, stream_entries
+
+log = logging.getLogger("actors.store")
+
+
+@honours_cancel
+class InboxStore(StoreBase):
+    async def append(self, shard: int, envelope: bytes) -> str:
+        """XADD; a server that does not answer within STALL_TIMEOUT raises TimeoutError
+        (the outcome is then unknown: the entry may or may not be stored)."""
+        async with asyncio.timeout(STALL_TIMEOUT):
+            entry_id = cast(bytes, await self._appender.xadd(self.keys.inbox(shard), {FIELD: envelope}))
+        return str(entry_id.decode())
+
+    async def append_many(self, items: Sequence[tuple[int, bytes]]) -> list[str]:
+        """Append many envelopes in one pipelined round trip, in order (bounded as ``append``)."""
+        async with asyncio.timeout(STALL_TIMEOUT), self._appender.pipeline(transaction=False) as pipe:
+            for shard, envelope in items:
+                pipe.xadd(self.keys.inbox(shard), {FIELD: envelope})
+            ids = await pipe.execute()
+        return [i.decode() for i in ids]
+
+    async def append_once(
+        self, shard: int, actor_id: str, idempotency_key: str, message_id: str, envelope: bytes, ttl_ms: int,
+        *, digest: str,
+    ) -> tuple[bool, str]:  # fmt: skip
+        """Append unless the key was seen for ``actor_id``; returns (True, entry id) or
+        (False, first message id).
+
+        ``digest`` (``codec.message_digest``) is kept with the key; a later message under
+        the key with another digest raises IdempotencyConflict, and nothing is appended.
+        An empty digest accepts whatever the first message held (the runtime's own keys,
+        which are message or item ids).
+        """
+        status, value = await self._run(
+            "enqueue_once",
+            [self.keys.inbox(shard), self.keys.idempotency(shard, actor_id, idempotency_key)],
+            [envelope, message_id, ttl_ms, digest],
+        )
+        if status == CONFLICT:
+            raise IdempotencyConflict(idempotency_key, actor_id, value.decode())
+        return bool(status), value.decode()
+
+    async def read_new(self, shard: int, lease: str, consumer: str, count: int) -> tuple[list[Entry], str]:
+        """Take up to ``count`` new entries, fenced by ``lease``; returns (entries, newest id).
+
+        Never retried: a retry after a lost reply would leave the first batch
+        pending unseen. Raises LeaseLost if the lease is not held.
+        """
+        empty, value = await self._run(
+            "read_inbox",
+            [self.keys.lease(shard), self.keys.inbox(shard)],
+            [lease, consumer, count],
+            client=self._appender,
+        )
+        if empty:
+            return [], value.decode()
+        entries = stream_entries(value)
+        return entries, entries[-1][0]
+
+    async def read_after(self, shard: int, after_id: str, count: int, block_ms: int) -> list[Entry]:
+        """Up to ``count`` entries newer than ``after_id``, blocking until one exists (or the
+        time is up: []). Unfenced and outside the group: it only shows what ``read_new``
+        will take next (see ShardRunner._read_loop)."""
+        inbox = self.keys.inbox(shard)
+        reply = await raw_reply(
+            self.redis, "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", inbox, after_id
+        )
+        return stream_entries(xread_rows(reply))
+
+    async def claim_pending(self, shard: int, consumer: str, count: int) -> list[Entry]:
+        """Take over every pending entry of the shard (the lease makes them ours), oldest first."""
+        claimed: list[Entry] = []
+        cursor = "0-0"
+        while True:
+            cursor_b, entries, deleted = await raw_reply(
+                self.redis, "XAUTOCLAIM", self.keys.inbox(shard), GROUP, consumer, 0, cursor, "COUNT", count
+            )
+            claimed.extend(stream_entries(entries))
+            if deleted:  # trimmed while pending: nothing left to handle, just ack
+                await self.redis.xack(self.keys.inbox(shard), GROUP, *deleted)
+            cursor = cursor_b.decode() if isinstance(cursor_b, bytes) else str(cursor_b)
+            if cursor == "0-0":
+                return claimed
+
+    async def trim_inbox(self, shard: int) -> int:
+        return int(await self._run("trim_inbox", [self.keys.inbox(shard)], []))
+
+    async def read_outbox(self, shard: int, count: int) -> list[tuple[str, int, bytes]]:
+        rows = cast("StreamRows", await self.redis.xrange(self.keys.outbox(shard), count=count))
+        return [(i.decode(), int(f[b"s"]), f[FIELD]) for i, f in rows]
+
+    async def forward(self, source: int, target: int, items: Sequence[tuple[str, bytes]]) -> int:
+        args: list[Any] = [source]
+        for entry_id, envelope in items:
+            args += [entry_id, envelope]
+        return int(await self._run("forward", [self.keys.inbox(target), self.keys.forwarded(target)], args))
+
+    async def delete_outbox(self, shard: int, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            await self.redis.xdel(self.keys.outbox(shard), *entry_ids)
+
+    async def listen(
+        self, channel: str, on_message: Callable[[bytes], None], subscribed: asyncio.Event | None = None
+    ) -> None:
+        """Call ``on_message`` with every message published on ``channel``, until cancelled.
+
+        Resubscribes with backoff after a connection loss; ``subscribed`` is set each
+        time the subscription is (re)made. Messages published while it is down are lost,
+        so callers also look at the stored state now and then.
+        """
+        delay = 0.05
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                if subscribed is not None:
+                    subscribed.set()
+                delay = 0.05
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        on_message(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.exception("listening on %s failed; subscribing again", channel)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                # PubSub.aclose is unannotated in redis-py (it returns None).
+                await asyncio.gather(pubsub.aclose(), return_exceptions=True)
+
+    async def get_reply(self, shard: int, message_id: str) -> bytes | None:
+        value = cast("bytes | None", await self.redis.get(self.keys.reply(shard, message_id)))
+        return value if value is None else bytes(value)
+
+    async def dead_letters(self, shard: int, count: int, start: str = "-") -> list[DeadLetter]:
+        found = await self.redis.xrange(self.keys.dead_letters(shard), min=start, count=count)
+        rows = cast("StreamRows", found)
+        return [dead_letter_record(i, f) for i, f in rows]
+
+    async def replay_dead_letter(self, shard: int, dlq_id: str) -> str | None:
+        new_id = await self._run(
+            "replay_dead_letter", [self.keys.dead_letters(shard), self.keys.inbox(shard)], [dlq_id]
+        )
+        return new_id.decode() if new_id else None
+
+    async def drop_dead_letter(self, shard: int, dlq_id: str) -> bool:
+        return bool(await self.redis.xdel(self.keys.dead_letters(shard), dlq_id))
+
+    async def drop_namespace(self) -> int:
+        """Delete every key of this namespace (``actors bench`` cleans up with it)."""
+        dropped = 0
+        batch: list[bytes] = []
+        async for key in self.redis.scan_iter(match=f"{self.keys.namespace}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                dropped += await self.redis.unlink(*batch)
+                batch.clear()
+        if batch:
+            dropped += await self.redis.unlink(*batch)
+        return dropped
+
+    async def shard_info(self, shard: int) -> ShardInfo:
+        k = self.keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(k.lease(shard))
+            pipe.get(k.epoch(shard))
+            pipe.xlen(k.inbox(shard))
+            pipe.xlen(k.dead_letters(shard))
+            pipe.hlen(k.turns(shard))
+            lease, epoch, length, dead, open_turns = await pipe.execute()
+        lag: int | None = None
+        pending = read = 0
+        try:
+            for group in await self.redis.xinfo_groups(k.inbox(shard)):
+                if group["name"] == GROUP.encode():
+                    lag = group.get("lag")
+                    pending = int(group["pending"])
+                    read = int(group.get("entries-read") or 0)
+        except ResponseError:  # no stream yet
+            pass
+        owner = lease.decode().rpartition("|")[0] if lease else None
+        return ShardInfo(
+            shard, owner, int(epoch or 0), int(length), lag, pending, int(dead), read, int(open_turns)
+        )

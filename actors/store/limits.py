@@ -1,0 +1,125 @@
+"""Limiters and their queues: slots, tokens, queued items."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .connection import StoreBase, honours_cancel
+from .records import QUEUED, RELEASED
+
+
+@honours_cancel
+class LimitStore(StoreBase):
+    async def limiter_acquire(
+        self, name: str, holder: str, lease_ms: int, cap: int, interval_ms: float, tolerance_ms: float
+    ) -> tuple[bool, int, int]:
+        """Take a slot and reserve a rate token; returns (granted, wait ms, Redis now ms).
+
+        Not granted: every slot is held; the wait is until the earliest slot lease expires.
+        """
+        k = self.keys
+        granted, wait, now = await self._run(
+            "limiter_acquire",
+            [k.limiter_slots(name), k.limiter_tat(name)],
+            [holder, lease_ms, cap, interval_ms, tolerance_ms],
+        )
+        return bool(granted), int(wait), int(now)
+
+    async def limiter_release(self, name: str, holder: str) -> bool:
+        k = self.keys
+        return bool(
+            await self._run(
+                "limiter_release", [k.limiter_slots(name)], [holder, k.limiter_events(), f"{RELEASED}{name}"]
+            )
+        )
+
+    async def limiter_renew(self, held: Sequence[tuple[str, str]], lease_ms: int) -> None:
+        """Extend the leases of held slots, (limiter, holder) pairs, in one round trip."""
+        now = await self.server_time_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, holder in held:
+                pipe.zadd(self.keys.limiter_slots(name), {holder: now + lease_ms}, xx=True)
+            await pipe.execute()
+
+    async def declare_limiters(self, definitions: dict[str, str]) -> dict[str, str]:
+        """Record limiter definitions (JSON) not recorded yet; returns every recorded one."""
+        key = self.keys.limiters()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, definition in definitions.items():
+                pipe.hsetnx(key, name, definition)
+            pipe.hgetall(key)
+            *_, recorded = await pipe.execute()
+        return {n.decode(): d.decode() for n, d in recorded.items()}
+
+    async def queue_enqueue(
+        self, name: str, item_id: str, shard: int, envelope: bytes, dedup_id: str, partition: str,
+        priority: int, dedup_ttl_ms: int, seen_ttl_ms: int,
+    ) -> tuple[bool, str]:  # fmt: skip
+        """Queue an item; returns (True, item id), or (False, id of the item holding ``dedup_id``).
+
+        An item id queued before (within ``seen_ttl_ms``) is not queued again: a turn that
+        re-runs its journaled ``enqueue`` after the item was dispatched queues nothing."""
+        k = self.keys
+        keys = [k.queue(name, p) for p in ("items", "ready", "vtime", "rounds", "counts")]
+        keys.append(k.queue(name, f"dedup:{dedup_id}") if dedup_id else keys[0])
+        keys.append(k.queue(name, f"seen:{item_id}"))
+        args = [
+            item_id,
+            shard,
+            envelope,
+            dedup_id,
+            partition,
+            priority,
+            dedup_ttl_ms,
+            k.limiter_events(),
+            f"{QUEUED}{name}",
+            seen_ttl_ms,
+        ]
+        queued, holder = await self._run("queue_enqueue", keys, args)
+        return bool(queued), holder.decode()
+
+    async def queue_dispatch(
+        self, name: str, lease_ms: int, cap: int, interval_ms: float, tolerance_ms: float, deadline_ms: int
+    ) -> tuple[int, int, tuple[str, int, bytes] | None]:
+        """Take the next queued item with a slot and a token: (1, wait ms, (id, shard, envelope)),
+        (0, ms until a slot lease expires, None) if every slot is held, (2, 0, None) if empty."""
+        k = self.keys
+        keys = [k.limiter_slots(name), k.limiter_tat(name)]
+        keys += [k.queue(name, p) for p in ("items", "ready", "dispatching", "vtime", "rounds", "counts")]
+        reply = await self._run(
+            "queue_dispatch", keys, [lease_ms, cap, interval_ms, tolerance_ms, deadline_ms]
+        )
+        status = int(reply[0])
+        if status != 1:
+            return status, int(reply[1]) if status == 0 else 0, None
+        return 1, int(reply[1]), (reply[2].decode(), int(reply[3]), bytes(reply[4]))
+
+    async def queue_dispatched(self, name: str, item_id: str) -> None:
+        """The item is in its actor's inbox: it leaves the queue (its slot and dedup id stay)."""
+        keys = [self.keys.queue(name, p) for p in ("items", "ready", "dispatching", "counts", "rounds")]
+        await self._run("queue_dispatched", keys, [item_id])
+
+    async def queue_done(self, items: Sequence[tuple[str, str, str]]) -> None:
+        """(limiter, item id, dedup id) of queued items whose turns ended, in one round trip."""
+        k = self.keys
+        script = self._scripts["queue_done"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name, item_id, dedup_id in items:
+                slots = k.limiter_slots(name)
+                dedup = k.queue(name, f"dedup:{dedup_id}") if dedup_id else slots
+                args = [item_id, "1" if dedup_id else "", k.limiter_events(), f"{RELEASED}{name}"]
+                await script(keys=[slots, dedup], args=args, client=pipe)
+            await pipe.execute()
+
+    async def queue_depths(self, name: str) -> tuple[dict[str, int], int]:
+        """Queued items by partition, and items being dispatched."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.queue(name, "counts"))
+            pipe.zcard(self.keys.queue(name, "dispatching"))
+            counts, dispatching = await pipe.execute()
+        return {p.decode(): int(n) for p, n in counts.items()}, int(dispatching)
+
+    async def limiter_holders(self, name: str) -> int:
+        """How many slots of the limiter are held now (leases not expired)."""
+        now = await self.server_time_ms()
+        return int(await self.redis.zcount(self.keys.limiter_slots(name), now, "+inf"))

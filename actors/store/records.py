@@ -1,0 +1,131 @@
+"""The small typed records the store speaks: writes of the commit script, what reads return."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..codec import FIELD, Malformed, entry_envelope
+
+CONFLICT = 2
+"""``enqueue_once.lua``'s status for a key accepted for a message with another digest."""
+
+Entry = tuple[str, bytes | Malformed]
+"""An inbox entry: its stream id and its envelope bytes (Malformed unless it has exactly one
+``e`` field). Every read path builds it from the fields as the server sent them
+(``stream_entries``), so none can take another of two ``e`` fields than the others."""
+
+StreamRows = list[tuple[bytes, dict[bytes, bytes]]]
+"""What XRANGE returns to our clients. redis-py types replies as ``bytes | str`` (and stream
+entries as possibly None) for every client; ours never decode responses (see ``make_client``),
+so the casts below state what the replies are."""
+
+
+@dataclass(frozen=True, slots=True)
+class Take:
+    """Inbox entries a runner saw with ``read_after``: the ``count`` after the group's last
+    delivered one, up to ``newest``, to take into the group as ``consumer``'s."""
+
+    consumer: str
+    newest: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One write of the commit script: a turn's outcome or progress (see scripts/commit.lua).
+
+    ``op``: ``c`` commit, ``j`` journal an open turn, ``d`` dead-letter, ``f`` defer,
+    ``s`` settle. ``origin`` says where the message lives: ``i`` inbox entry ``ref``,
+    ``o`` the actor's open turn, ``q`` head of its deferred list (``ref`` is the
+    envelope), ``n`` nowhere (defer and settle).
+    """
+
+    op: str
+    actor_id: str
+    origin: str = "n"
+    ref: str | bytes = ""
+    snapshot: bytes | None = None
+    local: Sequence[bytes] = ()
+    remote: Sequence[tuple[int, bytes]] = ()
+    reply_key: str | None = None
+    reply_channel: str | None = None
+    reply: bytes = b""
+    open_turn: bytes = b""
+    score: int = 0
+    envelope: bytes = b""
+    """The message a dead-letter write keeps."""
+    reason: str = ""
+    detail: str = ""
+    acks: Sequence[str] = ()
+    """Inbox entries the turn consumed (``wait_for`` matches), acked with it."""
+    unlists: Sequence[bytes] = ()
+    """Deferred envelopes the turn consumed, removed from the actor's list."""
+    defers: Sequence[tuple[str, bytes]] = ()
+    """Inbox (entry id, envelope) pairs moved behind the actor's open turn."""
+    item: tuple[str, str, str] | None = None
+    """(limiter, item id, dedup id) of the queued item whose turn this write ends."""
+    forget_delivery: bool = False
+    """The actor's recovered turn was counted (``count_delivery``): this write ends it."""
+
+    @property
+    def uses_deferred(self) -> bool:
+        return self.origin in ("o", "q") or self.op in ("f", "s") or bool(self.unlists or self.defers)
+
+
+RELEASED, QUEUED = "released:", "queued:"
+"""Prefixes of the limiter events: a slot was given back, or an item was queued."""
+
+DUPLICATE, DONE, BACKLOG = 0, 1, 2
+"""Results of a write: taken before (nothing done); done; done and deferred messages remain."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedActor:
+    snapshot: bytes | None
+    timer: int | None
+    """Its score in the timers index (0: needs attention now), None if it has none."""
+    open_turn: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    id: str
+    entry_id: str
+    envelope: bytes
+    reason: str
+    detail: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardInfo:
+    shard: int
+    owner: str | None
+    epoch: int
+    length: int
+    lag: int | None
+    pending: int
+    dead_letters: int
+    read: int = 0
+    """Entries ever delivered to the workers' group (handled = read - pending)."""
+    open_turns: int = 0
+
+
+def stream_entries(rows: Any) -> list[Entry]:
+    """Entries given as the server sends them, [[id, [field, value, ...]], ...], by one rule
+    (``codec.entry_envelope``) whichever read returned them. A nil row (an entry deleted
+    while pending, as some servers report it) has nothing to handle."""
+    return [(row[0].decode(), entry_envelope(row[1] or [])) for row in rows if row is not None]
+
+
+def dead_letter_record(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    return DeadLetter(
+        id=entry_id.decode(),
+        entry_id=fields.get(b"entry", b"").decode(),
+        envelope=fields.get(FIELD, b""),
+        reason=fields.get(b"reason", b"").decode(errors="replace"),
+        detail=fields.get(b"detail", b"").decode(errors="replace"),
+        at_ms=int(fields.get(b"at", b"0")),
+    )
