@@ -2,8 +2,8 @@
 
 Layout: ``actor`` (Actor, refs, App) -> ``client`` (send/ask/state from outside)
 -> ``store`` (the only module that talks to Redis; Lua in ``scripts/``) ->
-``worker`` / ``supervisor`` (leases, shard runners) -> ``shard`` (receive ->
-turn -> commit -> forward) -> ``turn`` (what a handler does). ``server`` runs
+``worker`` / ``supervisor`` (leases, shard runners) -> ``shard`` (a package: receive
+-> turn -> commit -> forward) -> ``turn`` (what a handler does). ``server`` runs
 the embedded default Redis/Valkey; ``cli`` is the ``actors`` command.
 """
 
@@ -32,6 +32,7 @@ from .messages import Approval, Tick
 from .schedules import schedule
 from .server import EmbeddedServer
 from .settings import LeaseSettings, MessageSettings, RedisSettings, RetrySettings, WorkerSettings
+from .turn import StepInfo, step_info
 from .worker import Worker
 
 __all__ = [
@@ -43,6 +44,8 @@ __all__ = [
     "Limiter",
     "schedule",
     "Tick",
+    "step_info",
+    "StepInfo",
     # talking to them
     "Client",
     "connect",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import logging
 import random
@@ -94,6 +95,33 @@ class Queued:
     envelope: Envelope
     message: BaseModel | None
     """The validated message; None for a control message (cancel)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """What a step's function may know about the step it runs in (``actors.step_info()``)."""
+
+    idempotency_key: str
+    """The same for every attempt of this step, on every worker, in every replay of its turn:
+    pass it to an outside system that deduplicates (a payment API), so that an attempt
+    repeated after a crash (a step runs at least once) has one effect."""
+    epoch: int
+    """The shard's lease epoch: a fencing token that only grows. An outside system that keeps
+    the highest epoch it saw for a key, and refuses a lower one, refuses a former owner."""
+    name: str
+    attempt: int
+    """1 for the first call of this run of the step, then each retry."""
+
+
+_STEP: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar("actors_step", default=None)
+
+
+def step_info() -> StepInfo:
+    """The step whose function is running (it works in sync functions' threads too)."""
+    info = _STEP.get()
+    if info is None:
+        raise RuntimeError("actors.step_info() is only available inside a step's function")
+    return info
 
 
 class TurnHost(Protocol):
@@ -239,10 +267,13 @@ class TurnContext:
         name = options.name or _callable_name(fn)
         if options.limiter is not None:
             self.services.limits.check(options.limiter)
+        position = self.journal.position
         record = self.journal.replay("step", name)
         if record is None:
+            key = f"{self.envelope.id}#{position}"  # the turn's message and the step's journal position
             with telemetry.span(f"step {name}", {"step.name": name}):
-                outcome = await _run_step(fn, args, kwargs, options, self.services.limits, self.host)
+                info = StepInfo(key, self.info.epoch, name, 0)
+                outcome = await _run_step(fn, args, kwargs, options, self.services.limits, self.host, info)
             self._check_sole()
             record = self.journal.record("step", name, outcome)
             await self.host.flush(self)
@@ -333,7 +364,8 @@ def _callable_name(fn: Callable[..., Any]) -> str:
 
 
 async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                    options: StepOptions, limits: Limits, host: TurnHost) -> list[Any]:  # fmt: skip
+                    options: StepOptions, limits: Limits, host: TurnHost,
+                    info: StepInfo) -> list[Any]:  # fmt: skip
     """Call ``fn`` with retries; returns the journal value ``["ok", result]`` or ``["error", type, text]``."""
     attempts = options.retries + 1
     for attempt in range(1, attempts + 1):
@@ -347,12 +379,15 @@ async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
             if options.limiter is not None:
                 telemetry.waited(options.limiter, (time.perf_counter() - waiting) * 1000)
             await host.fenced()  # the limiter's wait may have been long
+            token = _STEP.set(dataclasses.replace(info, attempt=attempt))
             try:
                 result = await _call_once(fn, args, kwargs, options.timeout, host.steps)
             except Exception as exc:
                 failure: Exception | None = exc
             else:
                 failure = None
+            finally:
+                _STEP.reset(token)
         telemetry.annotate("step.attempt", attempt)
         if failure is not None:
             if attempt == attempts:

@@ -1,5 +1,7 @@
 """A refund agent: flaky risk scoring, a human approval for risky refunds, a payment made
-exactly once, a durable sleep, then a survey sent to a Mailer actor.
+exactly once (the step runs at least once; the payment provider deduplicates by the step's
+idempotency key and refuses a fenced owner's epoch), a durable sleep, then a survey sent
+to a Mailer actor.
 
 Run it with ``python -m examples.refund_approval`` (the embedded server starts by itself);
 with ``--wait-for-human`` it leaves the approval to you (``actors approve`` in another
@@ -44,18 +46,40 @@ class Survey(BaseModel):
 def score_risk(order_id: str, amount: float) -> float:
     """A fake risk service that fails ~30% of the time (a sync function: runs in a thread)."""
     time.sleep(0.05)
-    if random.random() < 0.3:
+    if random.random() < float(os.environ.get("REFUND_RISK_FAILURES", "0.3")):
         print(f"  [risk service] {order_id}: 503, the step will retry it")
         raise ConnectionError("risk service unavailable")
     return min(1.0, amount / 1000)
 
 
 def issue_refund(order_id: str, amount: float) -> str:
-    """A fake payments call. It does not deduplicate: the journal makes it run once a turn."""
-    payment_id = f"pay-{uuid.uuid4().hex[:8]}"
+    """A fake payments call, made as real providers allow: with an idempotency key (the step's,
+    the same for every run of this step of this turn, on any worker) and a fencing token (the
+    lease epoch). The step runs at least once (a crash after the call and before its journal
+    write runs it again); the provider pays once per key, and refuses an epoch lower than the
+    highest it saw for the key (a former owner that has not noticed it lost its shard)."""
+    step = actors.step_info()
+    return _provider_pay(step.idempotency_key, step.epoch, order_id, amount)
+
+
+def _provider_pay(key: str, epoch: int, order_id: str, amount: float) -> str:
+    """The provider's side: its ledger has one line per payment, with the key and epoch, and
+    its request log one line per call."""
     LEDGER.parent.mkdir(parents=True, exist_ok=True)
+    with open(LEDGER.with_suffix(".requests"), "a") as requests:
+        requests.write(f"{order_id} {key} {epoch}\n")
+    paid = [line.split() for line in LEDGER.read_text().splitlines()] if LEDGER.exists() else []
+    for _, _, payment_id, seen_key, seen_epoch in paid:
+        if seen_key == key:
+            if epoch < int(seen_epoch):
+                raise PermissionError(f"stale epoch {epoch} for {key} (saw {seen_epoch})")
+            return payment_id  # the same request again: the first payment's id
+    payment_id = f"pay-{uuid.uuid4().hex[:8]}"
     with open(LEDGER, "a") as ledger:
-        ledger.write(f"{order_id} {amount:.2f} {payment_id}\n")
+        ledger.write(f"{order_id} {amount:.2f} {payment_id} {key} {epoch}\n")
+        ledger.flush()
+        os.fsync(ledger.fileno())
+    time.sleep(float(os.environ.get("REFUND_PROVIDER_DELAY", "0")))  # a slow reply (tests crash here)
     return payment_id
 
 
@@ -85,9 +109,8 @@ class Refund(actors.Actor):
             if approval is None or not approval.approved:
                 self.state.status = "rejected"
                 return
-        # No retries: an attempt that timed out may have paid. (A real provider would also take
-        # the order id as an idempotency key, for a crash in the middle of the call.)
-        self.state.payment_id = await self.step(issue_refund, msg.order_id, msg.amount, retries=0)
+        # Retried safely: the provider deduplicates by the step's idempotency key.
+        self.state.payment_id = await self.step(issue_refund, msg.order_id, msg.amount, retries=3)
         self.state.status = "refunded"  # committed when the turn ends, after the survey is sent
         await self.sleep(msg.survey_delay)
         await self.send(Mailer.ref(msg.email), Survey(order_id=msg.order_id))

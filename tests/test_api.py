@@ -11,7 +11,7 @@ def test_exported_names_are_pinned() -> None:
         "HandlerError", "LeaseLost", "MessageTooLarge", "ServerError", "UnknownActorType",
         "UnknownMessageType", "Approval", "schedule", "Tick", "JournalMismatch", "StepFailed",
         "Limiter", "DuplicateItem", "IdempotencyConflict", "InvalidIdempotencyKey",
-        "TurnTimeout",
+        "TurnTimeout", "step_info", "StepInfo",
     ])  # fmt: skip
     for name in actors.__all__:
         assert getattr(actors, name) is not None

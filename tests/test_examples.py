@@ -49,7 +49,7 @@ async def test_the_refund_demo_pays_each_refund_once_and_sends_each_survey(
 
     # Exactly one payment per refund, although each handler ran again after its sleep
     # (and the risky one after its wait too): the journal returned the payment id.
-    lines = sorted(line.split() for line in ledger_lines(ledger))
+    lines = sorted(line.split()[:3] for line in ledger_lines(ledger))
     assert lines == [
         [large_id, "900.00", large.payment_id],
         [small_id, "40.00", small.payment_id],
@@ -131,3 +131,44 @@ async def test_the_pipeline_indexes_each_document_once_within_its_limits(
         assert await client.store.queue_depths("docs") == ({}, 0), "the queue is empty"
         assert await client.waits() == []
     assert "indexed 30/30" in capsys.readouterr().out
+
+
+@pytest.mark.chaos
+async def test_the_refund_is_paid_once_though_its_step_runs_again_after_a_crash(
+    spawn_worker: Callable[..., Any], connect: Callable[..., Any], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """The worker is SIGKILLed after the provider paid and before the step's result was
+    journaled: the next worker runs the step again (at least once), with the same
+    idempotency key, and the provider pays nothing more."""
+    import signal
+
+    from .conftest import eventually
+
+    path = tmp_path / "ledger.txt"
+    monkeypatch.setenv("REFUND_LEDGER", str(path))
+    monkeypatch.setenv("REFUND_PROVIDER_DELAY", "30")  # the reply never comes back in time
+    monkeypatch.setenv("REFUND_RISK_FAILURES", "0")  # low risk, decided at once
+    worker = spawn_worker("examples.refund_approval:app")
+    async with connect(app=refund_approval.app) as client:
+        ref = refund_approval.Refund.ref("crash-1")
+        request = refund_approval.RefundRequest(
+            order_id="crash-1", amount=10.0, email="c@x.org", survey_delay=0.1
+        )
+        await client.send(ref, request)
+        await eventually(lambda: ledger_lines(path), timeout=30)  # paid, the reply still on its way
+        worker.signal(signal.SIGKILL)
+        worker.proc.wait()  # type: ignore[union-attr]
+        monkeypatch.setenv("REFUND_PROVIDER_DELAY", "0")
+        spawn_worker("examples.refund_approval:app")
+        state = await eventually(lambda: _refunded(client, ref), timeout=60)
+    [line] = ledger_lines(path)
+    assert line.split()[2] == state.payment_id, "one payment, and the step's result is its id"
+    requests = [r.split() for r in path.with_suffix(".requests").read_text().splitlines()]
+    assert len(requests) == 2 and requests[0][1] == requests[1][1], "called twice, with one key"
+    assert int(requests[1][2]) > int(requests[0][2]), "the second owner's epoch is higher"
+
+
+async def _refunded(client: Any, ref: Any) -> Any:
+    state = await client.state(ref)
+    return state if state is not None and state.status == "refunded" else None
