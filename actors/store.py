@@ -650,7 +650,7 @@ class Store:
         An item id queued before (within ``seen_ttl_ms``) is not queued again: a turn that
         re-runs its journaled ``enqueue`` after the item was dispatched queues nothing."""
         k = self.keys
-        keys = [k.queue(name, p) for p in ("items", "ready", "vtime", "rounds", "counts")]
+        keys = [k.queue(name, p) for p in ("items", "ready", "vtimes", "last_rounds", "counts")]
         keys.append(k.queue(name, f"dedup:{dedup_id}") if dedup_id else keys[0])
         keys.append(k.queue(name, f"seen:{item_id}"))
         args = [
@@ -675,7 +675,8 @@ class Store:
         (0, ms until a slot lease expires, None) if every slot is held, (2, 0, None) if empty."""
         k = self.keys
         keys = [k.limiter_slots(name), k.limiter_tat(name)]
-        keys += [k.queue(name, p) for p in ("items", "ready", "dispatching", "vtime", "rounds", "counts")]
+        parts = ("items", "ready", "dispatching", "vtimes", "last_rounds", "counts")
+        keys += [k.queue(name, p) for p in parts]
         reply = await self._run(
             "queue_dispatch", keys, [lease_ms, cap, interval_ms, tolerance_ms, deadline_ms]
         )
@@ -686,7 +687,7 @@ class Store:
 
     async def queue_dispatched(self, name: str, item_id: str) -> None:
         """The item is in its actor's inbox: it leaves the queue (its slot and dedup id stay)."""
-        keys = [self.keys.queue(name, p) for p in ("items", "ready", "dispatching", "counts", "rounds")]
+        keys = [self.keys.queue(name, p) for p in ("items", "ready", "dispatching", "counts", "last_rounds")]
         await self._run("queue_dispatched", keys, [item_id])
 
     async def queue_done(self, items: Sequence[tuple[str, str, str]]) -> None:

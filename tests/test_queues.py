@@ -288,3 +288,62 @@ async def test_queued_items_survive_a_redis_restart(tmp_path, start_worker, name
         assert sorted(events(job_log, "end")) == [f"s{n}" for n in range(5)]
     finally:
         server.stop()
+
+
+async def _drain(store: actors.Store, name: str, count: int) -> list[str]:
+    """Dispatch ``count`` items the way a dispatcher does (no cap, no rate), in order; their ids."""
+    order = []
+    for _ in range(count):
+        status, _, item = await store.queue_dispatch(name, 60_000, 0, 0, 0, 30_000)
+        assert status == 1 and item is not None
+        await store.queue_dispatched(name, item[0])
+        order.append(item[0])
+    return order
+
+
+async def test_partitions_take_turns_within_each_priority_after_a_high_priority_item(connect) -> None:
+    """A high-priority item of a big partition, once dispatched, must not send a new small
+    partition behind the big one's whole backlog at the normal priority (defect 16)."""
+    async with connect(app=app, shards=4) as client:
+        big = [
+            await client.enqueue("pair", Worker.ref(f"big-{n}"), Job(tag=f"big-{n}"), partition="big")
+            for n in range(60)
+        ]
+        urgent = await client.enqueue(
+            "pair", Worker.ref("urgent"), Job(tag="urgent"), partition="big", priority=5
+        )
+        first = await _drain(client.store, "pair", 11)
+        assert first == [urgent, *big[:10]], "the higher priority first, then arrival order"
+        small = [
+            await client.enqueue("pair", Worker.ref(f"small-{n}"), Job(tag=f"small-{n}"), partition="small")
+            for n in range(5)
+        ]
+        rest = await _drain(client.store, "pair", 55)
+        assert sorted(rest) == sorted(big[10:] + small)
+    # Fair shares from here: small-i gets the round after small-(i-1), and so does each big item,
+    # so at most i big items (and i small ones) go before small-i.
+    positions = [rest.index(item) for item in small]
+    assert all(p <= 2 * i for i, p in enumerate(positions)), f"small items at {positions} of 55"
+    big_rest = [rest.index(item) for item in big[10:]]
+    assert big_rest == sorted(big_rest), "each partition in arrival order"
+
+
+async def test_each_priority_level_is_fair_on_its_own(connect) -> None:
+    """Two partitions with items at two priorities: all the high ones first, each level taking
+    turns between the partitions."""
+    async with connect(app=app, shards=4) as client:
+        ids: dict[str, str] = {}
+        for partition in ("a", "b"):
+            for priority in (0, 7):
+                for n in range(4):
+                    tag = f"{partition}{priority}-{n}"
+                    ids[await client.enqueue(
+                        "pair", Worker.ref(tag), Job(tag=tag), partition=partition, priority=priority
+                    )] = tag  # fmt: skip
+        order = [ids[i] for i in await _drain(client.store, "pair", 16)]
+    high, low = order[:8], order[8:]
+    assert all("7-" in tag for tag in high) and all("0-" in tag for tag in low)
+    for level in (high, low):
+        for pair in range(4):
+            turn = level[2 * pair : 2 * pair + 2]
+            assert sorted(tag[0] for tag in turn) == ["a", "b"], f"round {pair}: {turn} (all: {order})"
