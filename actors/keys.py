@@ -54,7 +54,10 @@ class Keys:
         ``vtimes`` hash priority -> the round being dispatched at that priority;
         ``last_rounds`` hash ``<priority>:<partition>`` -> the last round given there;
         ``counts`` hash partition -> items ready;
-        ``dedup:<id>`` string -> item id while the item is queued or running (PX 7 days);
+        ``dedup:<id>`` string -> item id while the item is queued or running (PX 7 days, a
+        last resort: it is deleted when the item's turn ends, or found ended);
+        ``out`` hash id -> msgpack [shard, actor id, dedup id, entry id, envelope] and
+        ``checks`` zset id -> when to look next: dispatched items with a dedup id;
         ``seen:<item id>`` string: the item id was queued (PX the idempotency TTL)."""
         return f"{self.namespace}:{{limit:{name}}}:q:{part}"
 

@@ -183,6 +183,19 @@ class ShardInfo:
     open_turns: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class OutItem:
+    """A dispatched queued item with a dedup id (its ``out`` record): where it went."""
+
+    item_id: str
+    shard: int
+    actor_id: str
+    dedup_id: str
+    entry_id: str
+    """Its inbox entry; '' if unknown (then only its open turn and deferred list are looked at)."""
+    envelope: bytes
+
+
 def _honours_cancel(cls: type[T]) -> type[T]:
     """Make every public coroutine method of ``cls`` raise CancelledError if its task was
     cancelled while it ran, even if redis-py dropped the cancellation (see honour_cancel)."""
@@ -239,6 +252,8 @@ class Store:
                 "queue_dispatched",
                 "queue_done",
                 "queue_enqueue",
+                "queue_checks",
+                "item_alive",
                 "enqueue_once",
                 "forward",
                 "replay_dead_letter",
@@ -685,10 +700,15 @@ class Store:
             return status, int(reply[1]) if status == 0 else 0, None
         return 1, int(reply[1]), (reply[2].decode(), int(reply[3]), bytes(reply[4]))
 
-    async def queue_dispatched(self, name: str, item_id: str) -> None:
-        """The item is in its actor's inbox: it leaves the queue (its slot and dedup id stay)."""
-        keys = [self.keys.queue(name, p) for p in ("items", "ready", "dispatching", "counts", "last_rounds")]
-        await self._run("queue_dispatched", keys, [item_id])
+    async def queue_dispatched(
+        self, name: str, item_id: str, entry_id: str = "", actor_id: str = "", check_ms: int = 0
+    ) -> None:
+        """The item is in its actor's inbox (at ``entry_id``, '' if unknown): it leaves the
+        queue (its slot and dedup id stay). One with a dedup id is recorded in ``out``, its
+        first look at its shard due in ``check_ms`` (``queue_checks``)."""
+        parts = ("items", "ready", "dispatching", "counts", "last_rounds", "out", "checks")
+        keys = [self.keys.queue(name, p) for p in parts]
+        await self._run("queue_dispatched", keys, [item_id, entry_id, actor_id, check_ms])
 
     async def queue_done(self, items: Sequence[tuple[str, str, str]]) -> None:
         """(limiter, item id, dedup id) of queued items whose turns ended, in one round trip."""
@@ -699,7 +719,8 @@ class Store:
                 slots = k.limiter_slots(name)
                 dedup = k.queue(name, f"dedup:{dedup_id}") if dedup_id else slots
                 args = [item_id, "1" if dedup_id else "", k.limiter_events(), f"{RELEASED}{name}"]
-                await script(keys=[slots, dedup], args=args, client=pipe)
+                keys = [slots, dedup, k.queue(name, "out"), k.queue(name, "checks")]
+                await script(keys=keys, args=args, client=pipe)
             await pipe.execute()
 
     async def queue_depths(self, name: str) -> tuple[dict[str, int], int]:
@@ -714,6 +735,44 @@ class Store:
         """How many slots of the limiter are held now (leases not expired)."""
         now = await self.server_time_ms()
         return int(await self.redis.zcount(self.keys.limiter_slots(name), now, "+inf"))
+
+    async def queue_checks(self, name: str, interval_ms: int, limit: int) -> list[OutItem]:
+        """Claim up to ``limit`` dispatched items due for a look at their shards; the next
+        look at each is then ``interval_ms`` on."""
+        keys = [self.keys.queue(name, "out"), self.keys.queue(name, "checks")]
+        reply = await self._run("queue_checks", keys, [interval_ms, limit])
+        return [_out_item(reply[i].decode(), reply[i + 1]) for i in range(0, len(reply), 2)]
+
+    async def queue_out_item(self, name: str, item_id: str) -> OutItem | None:
+        """The ``out`` record of a dispatched item with a dedup id (None: none)."""
+        record = cast("bytes | None", await self.redis.hget(self.keys.queue(name, "out"), item_id))
+        return None if record is None else _out_item(item_id, record)
+
+    async def items_alive(self, items: Sequence[OutItem]) -> list[bool]:
+        """Per dispatched item: whether its shard still holds it (``item_alive.lua``), in one
+        round trip. Each look is one script on one shard's keys."""
+        k = self.keys
+        script = self._scripts["item_alive"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item in items:
+                keys = [k.inbox(item.shard), k.turns(item.shard), k.deferred(item.shard, item.actor_id)]
+                await script(keys=keys, args=[item.entry_id, item.actor_id, item.envelope], client=pipe)
+            return [bool(alive) for alive in await pipe.execute()]
+
+    async def find_entry(self, shard: int, envelope: bytes, page: int = 500) -> str:
+        """The id of the inbox entry holding ``envelope`` ('' if the inbox no longer holds it:
+        trimmed, so delivered and no longer pending). Reads the whole inbox: only for a queued
+        item whose append was confirmed by no one (its dispatcher died right after it)."""
+        start = "-"
+        while True:
+            found = await self.redis.xrange(self.keys.inbox(shard), start, "+", count=page)
+            rows = cast("_StreamRows", found)
+            for entry_id, fields in rows:
+                if fields.get(FIELD) == envelope:
+                    return entry_id.decode()
+            if len(rows) < page:
+                return ""
+            start = "(" + rows[-1][0].decode()
 
     # ---- outbox and forwarding ---------------------------------------------------
     async def read_outbox(self, shard: int, count: int) -> list[tuple[str, int, bytes]]:
@@ -988,3 +1047,8 @@ def _dead_letter(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
         detail=fields.get(b"detail", b"").decode(errors="replace"),
         at_ms=int(fields.get(b"at", b"0")),
     )
+
+
+def _out_item(item_id: str, record: bytes) -> OutItem:
+    shard, actor_id, dedup_id, entry_id, envelope = msgpack.unpackb(record, raw=True)
+    return OutItem(item_id, int(shard), actor_id.decode(), dedup_id.decode(), entry_id.decode(), envelope)
