@@ -51,8 +51,13 @@ class Keys:
         ``items`` hash id -> msgpack [shard, envelope, dedup id, partition, score, round];
         ``ready`` zset id -> score (priority, then fair round, then arrival);
         ``dispatching`` zset id -> deadline of a dispatch in progress;
-        ``vtime`` (the round being dispatched); ``rounds`` and ``counts`` hashes per partition;
-        ``dedup:<id>`` string -> item id while the item is queued or running (PX 7 days);
+        ``vtimes`` hash priority -> the round being dispatched at that priority;
+        ``last_rounds`` hash ``<priority>:<partition>`` -> the last round given there;
+        ``counts`` hash partition -> items ready;
+        ``dedup:<id>`` string -> item id while the item is queued or running (PX 7 days, a
+        last resort: it is deleted when the item's turn ends, or found ended);
+        ``out`` hash id -> msgpack [shard, actor id, dedup id, entry id, envelope] and
+        ``checks`` zset id -> when to look next: dispatched items with a dedup id;
         ``seen:<item id>`` string: the item id was queued (PX the idempotency TTL)."""
         return f"{self.namespace}:{{limit:{name}}}:q:{part}"
 

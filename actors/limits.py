@@ -97,7 +97,10 @@ def check_limiters(limiters: Iterable[Limiter]) -> dict[str, Limiter]:
 QUEUE_HEADER = "queue"
 DEDUP_HEADER = "dedup"
 DEDUP_TTL_MS = 7 * 24 * 3600 * 1000
-"""How long a dedup id is kept at most, should the end of its item's turn go unrecorded."""
+"""How long a dedup id is kept at most should no process of the app ever look at its queue
+again; while any worker runs, one whose item has ended is freed within a lease TTL."""
+CHECKS_PER_CALL = 100
+"""Dispatched items a check loop looks at per round trip (it goes on while batches are full)."""
 DISPATCH_DEADLINE_MS = 30_000
 POLL = 5.0
 """Seconds between looks at a queue when no event says it changed."""
@@ -122,13 +125,27 @@ class QueueItem:
 
 async def enqueue(store: Store, name: str, routed: Routed, item: QueueItem, seen_ttl_ms: int) -> str:
     """Put ``routed`` (built with ``item.headers(name)``) on limiter ``name``'s queue."""
-    queued, holder = await store.queue_enqueue(
+    args = (
         name, routed.envelope.id, routed.shard, routed.data, item.dedup_id, item.partition,
         item.priority, DEDUP_TTL_MS, seen_ttl_ms,
     )  # fmt: skip
+    queued, holder = await store.queue_enqueue(*args)
+    if not queued and await _forget_if_ended(store, name, holder):
+        # Its holder's turn ended unrecorded (and no worker has noticed yet): ask again.
+        queued, holder = await store.queue_enqueue(*args)
     if not queued:
         raise DuplicateItem(item.dedup_id, holder)
     return holder
+
+
+async def _forget_if_ended(store: Store, name: str, item_id: str) -> bool:
+    """Free the dedup id of dispatched item ``item_id`` if its shard no longer holds it;
+    whether it did. An item still queued (no ``out`` record yet) is alive."""
+    out = await store.queue_out_item(name, item_id)
+    if out is None or (await store.items_alive([out]))[0]:
+        return False
+    await store.queue_done([(name, out.item_id, out.dedup_id)])
+    return True
 
 
 def queued_item(headers: dict[str, str], message_id: str) -> tuple[str, str, str] | None:
@@ -194,6 +211,7 @@ class Limits:
             self._tasks.append(asyncio.create_task(self._renew_loop()))
         await subscribed.wait()
         self._tasks += [asyncio.create_task(self._dispatch_loop(q)) for q in self._queues.values()]
+        self._tasks += [asyncio.create_task(self._check_loop(name)) for name in self._queues]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -368,10 +386,14 @@ class Limits:
                     # Idempotent by item id: a dispatch retried after a crash appends nothing twice.
                     # No digest: an item's envelope never changes (queue_enqueue keeps the first).
                     target = _target(envelope)
-                    await self.store.append_once(
+                    appended, entry_id = await self.store.append_once(
                         shard, target, item_id, item_id, envelope, self.idempotency_ttl_ms, digest=""
                     )
-                    await self.store.queue_dispatched(limiter.name, item_id)
+                    if not appended:  # an earlier dispatch appended it, and died unconfirmed
+                        entry_id = await self.store.find_entry(shard, envelope)
+                    await self.store.queue_dispatched(
+                        limiter.name, item_id, entry_id, target, self._check_interval_ms
+                    )
                     continue
             except asyncio.CancelledError:
                 raise
@@ -381,6 +403,39 @@ class Limits:
             timeout = max(wait_ms, 1) / 1000 if status == 0 else POLL
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(queue.changed.wait(), timeout=timeout)
+
+    @property
+    def _check_interval_ms(self) -> int:
+        """Between two looks at a dispatched item's shard: with a sweep every quarter lease,
+        an item's dedup id is freed at most 3/4 of a lease TTL after its turn ended unrecorded
+        (a lease TTL if the process that claimed the look died before it looked)."""
+        return self.lease_ms // 2
+
+    async def _check_loop(self, name: str) -> None:
+        """Free the dedup ids of dispatched items whose turns ended with no ``items_done``
+        (their worker died, or stopped, between the commit and ``queue_done``; or a
+        ``wait_for`` of another turn consumed the item). The end of a turn cannot be
+        recorded with its commit: the shard's keys and the limiter's are in two hash tags."""
+        while True:
+            await asyncio.sleep(self.lease_ms / 4000)
+            try:
+                while await self._check_items(name) == CHECKS_PER_CALL:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next sweep, or another process's, looks again
+                log.warning("queue %r: could not look at dispatched items: %s", name, exc)
+
+    async def _check_items(self, name: str) -> int:
+        """One batch of due looks; how many items were looked at."""
+        due = await self.store.queue_checks(name, self._check_interval_ms, CHECKS_PER_CALL)
+        if not due:
+            return 0
+        alive = await self.store.items_alive(due)
+        ended = [(name, out.item_id, out.dedup_id) for out, live in zip(due, alive, strict=True) if not live]
+        if ended:
+            await self.store.queue_done(ended)
+        return len(due)
 
     async def items_done(self, items: list[tuple[str, str, str]]) -> None:
         """(limiter, item id, dedup id) of queued items whose turns ended."""

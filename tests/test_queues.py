@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -288,3 +290,148 @@ async def test_queued_items_survive_a_redis_restart(tmp_path, start_worker, name
         assert sorted(events(job_log, "end")) == [f"s{n}" for n in range(5)]
     finally:
         server.stop()
+
+
+async def _drain(store: actors.Store, name: str, count: int) -> list[str]:
+    """Dispatch ``count`` items the way a dispatcher does (no cap, no rate), in order; their ids."""
+    order = []
+    for _ in range(count):
+        status, _, item = await store.queue_dispatch(name, 60_000, 0, 0, 0, 30_000)
+        assert status == 1 and item is not None
+        await store.queue_dispatched(name, item[0])
+        order.append(item[0])
+    return order
+
+
+async def test_partitions_take_turns_within_each_priority_after_a_high_priority_item(connect) -> None:
+    """A high-priority item of a big partition, once dispatched, must not send a new small
+    partition behind the big one's whole backlog at the normal priority (defect 16)."""
+    async with connect(app=app, shards=4) as client:
+        big = [
+            await client.enqueue("pair", Worker.ref(f"big-{n}"), Job(tag=f"big-{n}"), partition="big")
+            for n in range(60)
+        ]
+        urgent = await client.enqueue(
+            "pair", Worker.ref("urgent"), Job(tag="urgent"), partition="big", priority=5
+        )
+        first = await _drain(client.store, "pair", 11)
+        assert first == [urgent, *big[:10]], "the higher priority first, then arrival order"
+        small = [
+            await client.enqueue("pair", Worker.ref(f"small-{n}"), Job(tag=f"small-{n}"), partition="small")
+            for n in range(5)
+        ]
+        rest = await _drain(client.store, "pair", 55)
+        assert sorted(rest) == sorted(big[10:] + small)
+    # Fair shares from here: small-i gets the round after small-(i-1), and so does each big item,
+    # so at most i big items (and i small ones) go before small-i.
+    positions = [rest.index(item) for item in small]
+    assert all(p <= 2 * i for i, p in enumerate(positions)), f"small items at {positions} of 55"
+    big_rest = [rest.index(item) for item in big[10:]]
+    assert big_rest == sorted(big_rest), "each partition in arrival order"
+
+
+async def test_each_priority_level_is_fair_on_its_own(connect) -> None:
+    """Two partitions with items at two priorities: all the high ones first, each level taking
+    turns between the partitions."""
+    async with connect(app=app, shards=4) as client:
+        ids: dict[str, str] = {}
+        for partition in ("a", "b"):
+            for priority in (0, 7):
+                for n in range(4):
+                    tag = f"{partition}{priority}-{n}"
+                    ids[await client.enqueue(
+                        "pair", Worker.ref(tag), Job(tag=tag), partition=partition, priority=priority
+                    )] = tag  # fmt: skip
+        order = [ids[i] for i in await _drain(client.store, "pair", 16)]
+    high, low = order[:8], order[8:]
+    assert all("7-" in tag for tag in high) and all("0-" in tag for tag in low)
+    for level in (high, low):
+        for pair in range(4):
+            turn = level[2 * pair : 2 * pair + 2]
+            assert sorted(tag[0] for tag in turn) == ["a", "b"], f"round {pair}: {turn} (all: {order})"
+
+
+QUEUES_APP = "tests.test_queues:app"
+LEASE_TTL = 1.0  # what spawn_worker and fast_settings give their workers
+SLACK = 1.0
+"""Scheduling slack on a loaded 2-core machine, on top of the lease TTL."""
+
+
+async def _free(client: actors.Client, dedup_id: str, tag: str) -> bool:
+    """Whether ``dedup_id`` can be taken again (then it is: by a new item, ``tag``)."""
+    try:
+        await client.enqueue("serial", Worker.ref(tag), Job(tag=tag), dedup_id=dedup_id)
+    except DuplicateItem:
+        return False
+    return True
+
+
+async def _dedup_gone(client: actors.Client, dedup_id: str) -> bool:
+    key = client.store.keys.queue("serial", f"dedup:{dedup_id}")
+    return not await client.store.redis.exists(key)
+
+
+async def _committed(client: actors.Client, key: str) -> bool:
+    state = await client.state(Worker.ref(key))
+    return state is not None and state.done == 1
+
+
+def _end_time(path: Path, tag: str) -> float:
+    """When the handler ended (its commit follows within milliseconds)."""
+    lines = (line.split() for line in path.read_text().splitlines())
+    return next(float(t) for kind, name, t in lines if kind == "end" and name == tag)
+
+
+async def _freed_within_a_lease_ttl(client: actors.Client, dedup_id: str, ended: float) -> None:
+    await eventually(lambda: _dedup_gone(client, dedup_id), timeout=LEASE_TTL + SLACK + 10)
+    late = time.time() - ended
+    assert late <= LEASE_TTL + SLACK, f"dedup id {dedup_id!r} freed {late:.2f}s after its item ended"
+    assert await _free(client, dedup_id, f"{dedup_id}-again")
+
+
+async def test_a_dedup_id_is_free_a_lease_ttl_after_a_graceful_hand_over_right_after_its_turn(
+    connect, spawn_worker, start_worker, job_log
+) -> None:
+    """SIGTERM while the item's turn runs: the drain waits for the turn, and the runner stops
+    right after the turn's commit, before the end of the item is recorded (defect 17)."""
+    first = spawn_worker(QUEUES_APP)
+    async with connect(app=app, shards=4) as client:
+        await client.enqueue("serial", Worker.ref("h"), Job(tag="h1", seconds=0.3), dedup_id="handed-over")
+        await eventually(lambda: events(job_log, "start") == ["h1"], timeout=20)
+        first.signal(signal.SIGTERM)
+        await start_worker(app)  # takes the shards over
+        assert first.proc is not None and await asyncio.to_thread(first.proc.wait, 20) == 0
+        assert await _committed(client, "h")
+        await _freed_within_a_lease_ttl(client, "handed-over", _end_time(job_log, "h1"))
+    assert events(job_log, "start").count("h1") == 1, "the item ran once"
+
+
+async def test_a_dedup_id_is_free_a_lease_ttl_after_its_worker_died_between_commit_and_queue_done(
+    redis_server, namespace, connect, spawn_worker, start_worker, job_log
+) -> None:
+    """The worker's Redis user may not touch the queue's dedup keys, so its queue_done fails
+    after every commit; it is then SIGKILLed: the state a kill between the commit and
+    queue_done leaves (defect 17)."""
+    user, password = f"nodedup-{uuid.uuid4().hex[:12]}", uuid.uuid4().hex
+    tag = f"{namespace}:{{limit:"
+    keys = [  # every key of the namespace except <ns>:{limit:*}:q:dedup:*
+        f"~{namespace}:[^{{]*", f"~{namespace}:{{[0-9]*", f"~{tag}*}}:[^q]*",
+        f"~{tag}*}}:q:[^d]*", f"~{tag}*}}:q:d[^e]*",
+    ]  # fmt: skip
+    async with connect(app=app, shards=4) as client:
+        admin = client.store.redis
+        await admin.execute_command(
+            "ACL", "SETUSER", user, "on", f">{password}", "+@all", "allchannels", *keys
+        )
+        try:
+            url = f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/0"
+            doomed = spawn_worker(QUEUES_APP, url=url)
+            await client.enqueue("serial", Worker.ref("k"), Job(tag="k1", seconds=0.2), dedup_id="crashed")
+            await eventually(lambda: _committed(client, "k"), timeout=20)
+            doomed.kill()
+            assert not await _dedup_gone(client, "crashed"), "its worker could not record the end"
+            await start_worker(app)
+            await _freed_within_a_lease_ttl(client, "crashed", _end_time(job_log, "k1"))
+        finally:
+            await admin.execute_command("ACL", "DELUSER", user)
+    assert events(job_log, "start").count("k1") == 1, "the item ran once"

@@ -4,7 +4,8 @@
 -- it appended the item to its actor's inbox (queue_dispatched.lua); a dispatch not
 -- confirmed by its deadline (the dispatcher died) goes back to `ready`.
 -- KEYS[1] slots  KEYS[2] tat  KEYS[3] items  KEYS[4] ready  KEYS[5] dispatching
--- KEYS[6] vtime  KEYS[7] rounds  KEYS[8] counts
+-- KEYS[6] vtimes (hash: priority -> round being dispatched)
+-- KEYS[7] last rounds (hash: '<priority>:<partition>' -> its last round)  KEYS[8] counts
 -- ARGV[1] slot lease ms, ARGV[2] concurrency cap (0: none), ARGV[3] emission interval
 -- ms (0: no rate), ARGV[4] burst tolerance ms, ARGV[5] ms a dispatcher has, after its
 -- rate wait, to append and confirm
@@ -42,12 +43,20 @@ repeat
   raw = redis.call('HGET', KEYS[3], id)
 until raw
 local item = cmsgpack.unpack(raw)
-if item[6] > tonumber(redis.call('GET', KEYS[6]) or '0') then
-  redis.call('SET', KEYS[6], item[6])
+-- The priority, from the score (1000 - priority) * 2^36 + round: items queued before
+-- rounds were kept per priority have no other record of it.
+local priority = 1000 - math.floor(item[5] / 68719476736)
+if item[6] > tonumber(redis.call('HGET', KEYS[6], priority) or '0') then
+  redis.call('HSET', KEYS[6], priority, item[6])
+end
+-- Rounds of one partition and priority are dispatched in order: once its last round given
+-- goes, it has nothing left ready, and its next item starts at the round being dispatched.
+local level = priority .. ':' .. item[4]
+if tonumber(redis.call('HGET', KEYS[7], level)) == item[6] then
+  redis.call('HDEL', KEYS[7], level)
 end
 if redis.call('HINCRBY', KEYS[8], item[4], -1) <= 0 then
   redis.call('HDEL', KEYS[8], item[4])
-  redis.call('HDEL', KEYS[7], item[4])
 end
 if cap > 0 then
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)

@@ -1,9 +1,13 @@
 -- Put an item on a limiter's queue, unless its dedup id is queued or running.
 -- Order: higher priority first; within a priority, partitions take turns (each item
--- gets its partition's next round, starting no earlier than the round being
--- dispatched, so a new or small partition is not stuck behind a large one);
--- within a partition, arrival order.
--- KEYS[1] items  KEYS[2] ready  KEYS[3] vtime  KEYS[4] rounds  KEYS[5] counts
+-- gets its partition's next round at its priority, starting no earlier than the round
+-- being dispatched at that priority, so a new or small partition is not stuck behind a
+-- large one); within a partition and priority, arrival order. Rounds and the round being
+-- dispatched are kept per priority: one level's dispatches say nothing about another's
+-- progress (a shared clock let one high-priority item push a new partition behind a big
+-- partition's whole backlog).
+-- KEYS[1] items  KEYS[2] ready  KEYS[3] vtimes (hash: priority -> round being dispatched)
+-- KEYS[4] last rounds (hash: '<priority>:<partition>' -> its last round)  KEYS[5] counts
 -- KEYS[6] dedup key (string: item id), or the items key again when there is no dedup id
 -- KEYS[7] seen key (string): this item id was queued (so a retry queues nothing)
 -- ARGV[1] item id, ARGV[2] target shard, ARGV[3] envelope, ARGV[4] dedup id ('' none),
@@ -23,12 +27,14 @@ if ARGV[4] ~= '' then
 end
 redis.call('SET', KEYS[7], 1, 'PX', ARGV[10])
 local partition = ARGV[5]
-local vtime = tonumber(redis.call('GET', KEYS[3]) or '0')
-local last = tonumber(redis.call('HGET', KEYS[4], partition) or '-1')
+local priority = tonumber(ARGV[6])
+local level = priority .. ':' .. partition
+local vtime = tonumber(redis.call('HGET', KEYS[3], priority) or '0')
+local last = tonumber(redis.call('HGET', KEYS[4], level) or '-1')
 local round = math.max(last + 1, vtime)
-redis.call('HSET', KEYS[4], partition, round)
+redis.call('HSET', KEYS[4], level, round)
 redis.call('HINCRBY', KEYS[5], partition, 1)
-local score = (1000 - tonumber(ARGV[6])) * 68719476736 + round
+local score = (1000 - priority) * 68719476736 + round
 redis.call('HSET', KEYS[1], ARGV[1], cmsgpack.pack({ARGV[2], ARGV[3], ARGV[4], partition, score, round}))
 redis.call('ZADD', KEYS[2], score, ARGV[1])
 if ARGV[4] ~= '' then

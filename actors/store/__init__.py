@@ -24,6 +24,7 @@ from .records import (
     DeadLetter,
     Entry,
     LoadedActor,
+    OutItem,
     ShardInfo,
     Take,
     Write,
@@ -31,7 +32,7 @@ from .records import (
 
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "STALL_TIMEOUT",
-    "TRANSIENT_ERRORS", "DeadLetter", "Entry", "LeaseKeeper", "LoadedActor", "ShardInfo", "Store",
+    "TRANSIENT_ERRORS", "DeadLetter", "Entry", "LeaseKeeper", "LoadedActor", "OutItem", "ShardInfo", "Store",
     "Take", "Write", "honour_cancel", "is_transient",
 ]  # fmt: skip
 

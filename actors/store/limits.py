@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
+from ..codec import FIELD
 from .connection import StoreBase, honours_cancel
-from .records import QUEUED, RELEASED
+from .records import QUEUED, RELEASED, OutItem, StreamRows, out_item
 
 
 @honours_cancel
@@ -60,7 +62,7 @@ class LimitStore(StoreBase):
         An item id queued before (within ``seen_ttl_ms``) is not queued again: a turn that
         re-runs its journaled ``enqueue`` after the item was dispatched queues nothing."""
         k = self.keys
-        keys = [k.queue(name, p) for p in ("items", "ready", "vtime", "rounds", "counts")]
+        keys = [k.queue(name, p) for p in ("items", "ready", "vtimes", "last_rounds", "counts")]
         keys.append(k.queue(name, f"dedup:{dedup_id}") if dedup_id else keys[0])
         keys.append(k.queue(name, f"seen:{item_id}"))
         args = [
@@ -85,7 +87,8 @@ class LimitStore(StoreBase):
         (0, ms until a slot lease expires, None) if every slot is held, (2, 0, None) if empty."""
         k = self.keys
         keys = [k.limiter_slots(name), k.limiter_tat(name)]
-        keys += [k.queue(name, p) for p in ("items", "ready", "dispatching", "vtime", "rounds", "counts")]
+        parts = ("items", "ready", "dispatching", "vtimes", "last_rounds", "counts")
+        keys += [k.queue(name, p) for p in parts]
         reply = await self._run(
             "queue_dispatch", keys, [lease_ms, cap, interval_ms, tolerance_ms, deadline_ms]
         )
@@ -94,10 +97,15 @@ class LimitStore(StoreBase):
             return status, int(reply[1]) if status == 0 else 0, None
         return 1, int(reply[1]), (reply[2].decode(), int(reply[3]), bytes(reply[4]))
 
-    async def queue_dispatched(self, name: str, item_id: str) -> None:
-        """The item is in its actor's inbox: it leaves the queue (its slot and dedup id stay)."""
-        keys = [self.keys.queue(name, p) for p in ("items", "ready", "dispatching", "counts", "rounds")]
-        await self._run("queue_dispatched", keys, [item_id])
+    async def queue_dispatched(
+        self, name: str, item_id: str, entry_id: str = "", actor_id: str = "", check_ms: int = 0
+    ) -> None:
+        """The item is in its actor's inbox (at ``entry_id``, '' if unknown): it leaves the
+        queue (its slot and dedup id stay). One with a dedup id is recorded in ``out``, its
+        first look at its shard due in ``check_ms`` (``queue_checks``)."""
+        parts = ("items", "ready", "dispatching", "counts", "last_rounds", "out", "checks")
+        keys = [self.keys.queue(name, p) for p in parts]
+        await self._run("queue_dispatched", keys, [item_id, entry_id, actor_id, check_ms])
 
     async def queue_done(self, items: Sequence[tuple[str, str, str]]) -> None:
         """(limiter, item id, dedup id) of queued items whose turns ended, in one round trip."""
@@ -108,7 +116,8 @@ class LimitStore(StoreBase):
                 slots = k.limiter_slots(name)
                 dedup = k.queue(name, f"dedup:{dedup_id}") if dedup_id else slots
                 args = [item_id, "1" if dedup_id else "", k.limiter_events(), f"{RELEASED}{name}"]
-                await script(keys=[slots, dedup], args=args, client=pipe)
+                keys = [slots, dedup, k.queue(name, "out"), k.queue(name, "checks")]
+                await script(keys=keys, args=args, client=pipe)
             await pipe.execute()
 
     async def queue_depths(self, name: str) -> tuple[dict[str, int], int]:
@@ -123,3 +132,41 @@ class LimitStore(StoreBase):
         """How many slots of the limiter are held now (leases not expired)."""
         now = await self.server_time_ms()
         return int(await self.redis.zcount(self.keys.limiter_slots(name), now, "+inf"))
+
+    async def queue_checks(self, name: str, interval_ms: int, limit: int) -> list[OutItem]:
+        """Claim up to ``limit`` dispatched items due for a look at their shards; the next
+        look at each is then ``interval_ms`` on."""
+        keys = [self.keys.queue(name, "out"), self.keys.queue(name, "checks")]
+        reply = await self._run("queue_checks", keys, [interval_ms, limit])
+        return [out_item(reply[i].decode(), reply[i + 1]) for i in range(0, len(reply), 2)]
+
+    async def queue_out_item(self, name: str, item_id: str) -> OutItem | None:
+        """The ``out`` record of a dispatched item with a dedup id (None: none)."""
+        record = cast("bytes | None", await self.redis.hget(self.keys.queue(name, "out"), item_id))
+        return None if record is None else out_item(item_id, record)
+
+    async def items_alive(self, items: Sequence[OutItem]) -> list[bool]:
+        """Per dispatched item: whether its shard still holds it (``item_alive.lua``), in one
+        round trip. Each look is one script on one shard's keys."""
+        k = self.keys
+        script = self._scripts["item_alive"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for item in items:
+                keys = [k.inbox(item.shard), k.turns(item.shard), k.deferred(item.shard, item.actor_id)]
+                await script(keys=keys, args=[item.entry_id, item.actor_id, item.envelope], client=pipe)
+            return [bool(alive) for alive in await pipe.execute()]
+
+    async def find_entry(self, shard: int, envelope: bytes, page: int = 500) -> str:
+        """The id of the inbox entry holding ``envelope`` ('' if the inbox no longer holds it:
+        trimmed, so delivered and no longer pending). Reads the whole inbox: only for a queued
+        item whose append was confirmed by no one (its dispatcher died right after it)."""
+        start = "-"
+        while True:
+            found = await self.redis.xrange(self.keys.inbox(shard), start, "+", count=page)
+            rows = cast("StreamRows", found)
+            for entry_id, fields in rows:
+                if fields.get(FIELD) == envelope:
+                    return entry_id.decode()
+            if len(rows) < page:
+                return ""
+            start = "(" + rows[-1][0].decode()

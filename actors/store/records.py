@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
+
 from ..codec import FIELD, Malformed, entry_envelope
 
 CONFLICT = 2
@@ -97,6 +99,24 @@ class DeadLetter:
     reason: str
     detail: str
     at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutItem:
+    """A dispatched queued item with a dedup id (its ``out`` record): where it went."""
+
+    item_id: str
+    shard: int
+    actor_id: str
+    dedup_id: str
+    entry_id: str
+    """Its inbox entry; '' if unknown (then only its open turn and deferred list are looked at)."""
+    envelope: bytes
+
+
+def out_item(item_id: str, record: bytes) -> OutItem:
+    shard, actor_id, dedup_id, entry_id, envelope = msgpack.unpackb(record, raw=True)
+    return OutItem(item_id, int(shard), actor_id.decode(), dedup_id.decode(), entry_id.decode(), envelope)
 
 
 @dataclass(frozen=True, slots=True)
