@@ -33,9 +33,9 @@ async def test_exactly_once_increments_across_sigkills(spawn_worker, connect, tm
         async def killer() -> None:
             nonlocal worker
             while not stop_killing.is_set() or len(killed) < 6:
-                await client.send(Held.ref(f"h-{len(killed)}"), Hold())
+                message = await client.send(Held.ref(f"h-{len(killed)}"), Hold())
                 pid = worker.pid
-                await eventually(lambda pid=pid: _started_by(held_log, pid), timeout=30)
+                await eventually(lambda pid=pid, m=message: _started_by(held_log, pid, m), timeout=30)
                 await asyncio.sleep(rng.uniform(0.0, 0.3))  # increments go on meanwhile
                 worker.signal(signal.SIGKILL)
                 worker.proc.wait()
@@ -108,5 +108,5 @@ def _held_runs(log: Path) -> list[tuple[int, str, bool]]:
     ]
 
 
-def _started_by(log: Path, pid: int) -> bool:
-    return any(p == pid for p, _, _ in _held_runs(log))
+def _started_by(log: Path, pid: int, message: str) -> bool:
+    return any(p == pid and m == message for p, m, _ in _held_runs(log))

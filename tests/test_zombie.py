@@ -146,20 +146,26 @@ class Gated(actors.Actor):
 
 
 async def test_a_commit_after_the_lease_moved_is_refused(
-    start_worker, connect, fast_settings, caplog
+    start_worker, connect, fast_settings, caplog, monkeypatch
 ) -> None:
     """The commit fence alone: the lease moves to another owner while a turn runs, and the
     runner has no way to notice before its commit (renewals 30 s apart, a lease deadline a
     minute away). The commit is refused: nothing is written, the message stays pending for
     the new owner, and the runner stops. Without the fence the state would change."""
+    import actors.shard.timers
+
     _inside.clear()
     _release.clear()
+    # Nor may the timer loop, a fenced script too, look in the meantime: only the commit can notice.
+    monkeypatch.setattr(actors.shard.timers, "TIMER_POLL_MAX", 3600.0)
     settings = fast_settings.model_copy(
         update={"shards": 1, "block_ms": 30_000, "lease": actors.LeaseSettings(ttl=60, renew_interval=30)}
     )
     worker = await start_worker(actors.App(Gated), settings)
     async with connect(app=actors.App(Gated), shards=1) as client:
         store = client.store
+        # The timer loop has taken its first look (a fenced script) and now sleeps.
+        await eventually(lambda: worker.runners and worker.runners[0].timers.polled)
         await client.send(Gated.ref("g"), Enter())
         await asyncio.wait_for(_inside.wait(), timeout=10)
         await store.redis.delete(store.keys.lease(0))

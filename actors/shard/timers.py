@@ -30,6 +30,8 @@ class Timers:
         """Actor tasks started by timers and not yet done (bounded like reading)."""
         self.task_room = asyncio.Event()
         self._next_timer_ms = 0
+        self.polled = False
+        """The timer index was looked at once (a new owner's first look has been taken)."""
 
     async def timer_loop(self) -> None:
         """Wake actors whose timers are due. First, every actor left at 0 by a previous
@@ -43,6 +45,7 @@ class Timers:
             sent = time.monotonic()
             now, later, due = await r.store.due_timers(r.shard, r.lease.value, TIMER_BATCH)
             r.clock.observe(now, sent, time.monotonic())
+            self.polled = True
             if due:
                 await self._wake(due, recovering=False)
             if len(due) == TIMER_BATCH:
