@@ -196,3 +196,29 @@ class Nested(actors.Actor, limiter="one"):
 
 
 app.register(Nested)
+
+
+async def async_effect(key: str, name: str, seconds: float) -> str:
+    trace(f"start {key} {name}")
+    await asyncio.sleep(seconds)
+    trace(f"end {key} {name}")
+    return name
+
+
+class Outcome(BaseModel):
+    error: str = ""
+
+
+class Impatient(actors.Actor):
+    """An async step that would take 30 s, with a timeout of 0.3 s and no retries."""
+
+    State = Outcome
+
+    async def on_steps(self, msg: Steps) -> None:
+        try:
+            await self.step(async_effect, self.key, "slow", 30.0, timeout=0.3, retries=0)
+        except actors.StepFailed as exc:
+            self.state.error = exc.error_type
+
+
+app.register(Impatient)

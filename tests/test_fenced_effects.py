@@ -418,3 +418,27 @@ async def test_a_nested_hold_of_one_limiter_is_already_held(
         await eventually(lambda: _all_finished(client, refs), timeout=20)
         runs = [run for n in range(3) for run in _runs(tmp_path / "effects.log", f"n-{n}", "nested")]
         assert len(runs) == 3 and not _overlaps(runs), "one at a time: the cap still holds"
+
+
+async def test_an_async_step_past_its_timeout_is_stopped(
+    start_worker, connect, monkeypatch, tmp_path
+) -> None:
+    """``step(timeout=)`` cancels an async function: the attempt fails with TimeoutError, the
+    function does not run on, and the failure is journaled as the step's outcome."""
+    from .fenced_apps import Impatient
+
+    monkeypatch.setenv("ACTORS_TEST_DIR", str(tmp_path))
+    await start_worker(app)
+    async with connect(app=app) as client:
+        ref = Impatient.ref("i")
+        started = time.monotonic()
+        await client.send(ref, Steps())
+        state = await eventually(lambda: _errored(client, ref), timeout=20)
+        assert state.error == "TimeoutError" and time.monotonic() - started < 15
+        log = tmp_path / "effects.log"
+        assert [w[0] for w in effects(log) if w[1:3] == ["i", "slow"]] == ["start"], "cancelled, never ended"
+
+
+async def _errored(client: actors.Client, ref: actors.ActorRef):  # type: ignore[no-untyped-def]
+    state = await client.state(ref)
+    return state if state is not None and state.error else None

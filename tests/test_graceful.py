@@ -44,3 +44,64 @@ async def _two_owners(owners) -> bool:
 async def _only(owners, pid: int) -> bool:
     held = await owners()
     return len(held) == 1 and f"-{pid}-" in next(iter(held))
+
+
+async def test_sigterm_lets_in_flight_turns_finish_on_the_leaving_worker(
+    spawn_worker, connect, tmp_path
+) -> None:
+    """A turn in the middle of its steps when SIGTERM comes finishes where it runs (within
+    --grace): the survivor runs none of its steps again."""
+    from .fenced_apps import Steps, TwoSteps
+    from .fenced_apps import app as fenced_app
+    from .test_fenced_effects import effects
+
+    log = tmp_path / "effects.log"
+    leaving = spawn_worker("tests.fenced_apps:app", "--shards", "1", "--grace", "20")
+    async with connect(app=fenced_app, shards=1) as client:
+        await eventually(lambda: _owned(client))
+        staying = spawn_worker("tests.fenced_apps:app", "--shards", "1")
+        refs = [TwoSteps.ref(f"f-{n}") for n in range(5)]
+        await client.send_many([(ref, Steps(first=1.0, second=0.5)) for ref in refs])
+        await eventually(lambda: len([w for w in effects(log) if w[0] == "start"]) == 5)
+        leaving.signal(signal.SIGTERM)
+        assert leaving.proc.wait(20) == 0  # type: ignore[union-attr]
+        for ref in refs:
+            state = await eventually(lambda r=ref: client.state(r), timeout=20)
+            assert state.done == 1
+        runs = [(w[0], w[2], int(w[3])) for w in effects(log) if w[0] in ("start", "end")]
+        assert {pid for _, _, pid in runs} == {leaving.pid}, f"the survivor ran steps again: {runs}"
+        assert len([r for r in runs if r[0] == "end" and r[1] == "two"]) == 5, "both steps, once each"
+        assert staying.pid
+
+
+async def test_the_grace_cuts_a_drain_short_and_the_survivor_resumes_the_turn(
+    spawn_worker, connect, tmp_path
+) -> None:
+    """A turn that outlasts --grace (here: plain code waiting in the handler, no step running)
+    is abandoned when the grace is over; the lease is released then, and the survivor resumes
+    the turn from its journal (step one is not run again)."""
+    from .fenced_apps import Steps, TwoSteps
+    from .fenced_apps import app as fenced_app
+    from .test_fenced_effects import effects
+
+    log = tmp_path / "effects.log"
+    leaving = spawn_worker("tests.fenced_apps:app", "--shards", "1", "--grace", "0.5")
+    async with connect(app=fenced_app, shards=1) as client:
+        await eventually(lambda: _owned(client))
+        staying = spawn_worker("tests.fenced_apps:app", "--shards", "1")
+        await client.send(TwoSteps.ref("slow"), Steps(gap=3600))
+        await eventually(lambda: any(w[:2] == ["between", "slow"] for w in effects(log)))
+        started = time.monotonic()
+        leaving.signal(signal.SIGTERM)
+        assert leaving.proc.wait(20) == 0  # type: ignore[union-attr]
+        resumed = await eventually(
+            lambda: [w for w in effects(log) if w[:2] == ["between", "slow"] and int(w[3]) == staying.pid],
+            timeout=20,
+        )
+        assert resumed and time.monotonic() - started < 20, "resumed long before the hour was up"
+        ones = [w for w in effects(log) if w[:3] == ["start", "slow", "one"]]
+        assert [int(w[3]) for w in ones] == [leaving.pid], "step one was journaled: not run again"
+
+
+async def _owned(client: actors.Client) -> bool:
+    return (await client.store.shard_info(0)).owner is not None
