@@ -13,7 +13,7 @@ parked (``JournalMismatch``) rather than mis-replayed.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
@@ -23,7 +23,11 @@ from .errors import ActorsError, DecodeError
 FOREVER_MS = 2**52
 """The timer score of a turn that waits with no timeout, or is parked: never due."""
 
-OPEN_TURN_VERSION = 1
+OPEN_TURN_VERSION = 2
+"""2 adds ``pending``; version 1 turns (no pending sends) are still read."""
+
+Send = tuple[str, int, bytes]
+"""A send of a turn not delivered yet: (target actor id, target shard, envelope)."""
 
 
 class JournalMismatch(ActorsError):
@@ -116,6 +120,10 @@ class OpenTurn:
     write: int = 1
     """How many journal writes made it: each write names the one it follows, so a write
     that is retried after it was applied (a lost reply) is recognised and applies nothing."""
+    pending: list[Send] = field(default_factory=list)
+    """Sends the turn made and has not delivered yet: they go out when it commits or
+    suspends (or, those to an actor it then asks or queues for, with that ask or enqueue),
+    never with a mere progress write, so a turn that fails for good sends nothing more."""
 
     @property
     def suspended(self) -> bool:
@@ -133,6 +141,7 @@ class OpenTurn:
                 self.due_ms,
                 self.parked,
                 self.since_ms,
+                [list(send) for send in self.pending],
             ],
             use_bin_type=True,
         )
@@ -142,13 +151,17 @@ class OpenTurn:
     def decode(cls, data: bytes) -> OpenTurn:
         try:
             write, _, packed = data.partition(b":")
-            version, envelope, records, waiting, due_ms, parked, since_ms = msgpack.unpackb(packed, raw=False)
+            version, envelope, records, waiting, due_ms, parked, since_ms, *rest = msgpack.unpackb(
+                packed, raw=False
+            )
             number = int(write)
+            pending = [(str(a), int(s), bytes(e)) for a, s, e in (rest[0] if rest else [])]
         except Exception as exc:
             raise DecodeError(f"open turn is not valid: {exc}") from exc
-        if version != OPEN_TURN_VERSION:
-            raise DecodeError(f"open turn has version {version}, this runtime reads {OPEN_TURN_VERSION}")
-        return cls(envelope, [Record(*r) for r in records], waiting, due_ms, parked, since_ms, number)
+        if version not in (1, OPEN_TURN_VERSION) or len(rest) != (version == OPEN_TURN_VERSION):
+            raise DecodeError(f"open turn has version {version}, this runtime reads 1 to {OPEN_TURN_VERSION}")
+        records_ = [Record(*r) for r in records]
+        return cls(envelope, records_, waiting, due_ms, parked, since_ms, number, pending)
 
 
 class RedisClock:

@@ -30,12 +30,12 @@ from pydantic import BaseModel, TypeAdapter
 
 from . import telemetry
 from .actor import ActorRef, App, StepOptions, TurnInfo
-from .codec import Envelope, Routed, decode_reply, encode_reply
+from .codec import Envelope, Reply, Routed, decode_reply, encode_reply
 from .errors import ActorsError, DuplicateItem
-from .journal import FOREVER_MS, Journal, Record, RedisClock, StepFailed, Suspend
+from .journal import FOREVER_MS, Journal, Record, RedisClock, Send, StepFailed, Suspend
 from .limits import Limits, QueueItem
 from .replies import ReplyListener, reply_value
-from .routing import route
+from .routing import route, shard_of
 from .settings import MessageSettings
 
 if TYPE_CHECKING:
@@ -141,6 +141,11 @@ class TurnHost(Protocol):
     def awaiting_reply(self, waiting: bool) -> None:
         """The turn starts (True) or stops (False) waiting for the reply to an ask."""
 
+    async def deliver(self, ctx: TurnContext, target: str, ask: Send | None = None) -> None:
+        """Deliver now, with a journal write, the turn's pending sends to actor ``target``
+        (and ``ask``, the request of an ask to it), so that what follows does not overtake
+        them."""
+
     async def fenced(self) -> None:
         """Return once the turn's message is surely this host's to handle and its lease is
         surely held for a while yet; raise LeaseLost otherwise. Every effect outside the
@@ -157,8 +162,10 @@ class TurnContext:
     journal: Journal
     source: Any = None
     """Where the turn's message lives; the host's business."""
-    local: list[bytes] = field(default_factory=list)
-    remote: list[tuple[int, bytes]] = field(default_factory=list)
+    pending: list[Send] = field(default_factory=list)
+    """Sends not delivered yet, in order: the open turn's (``OpenTurn.pending``), then this
+    attempt's. They go out with the commit or a suspension, or, those to one actor, with
+    an ask or enqueue to that actor (``TurnHost.deliver``)."""
     consumed: list[Queued] = field(default_factory=list)
     """Messages ``wait_for`` received, removed from the mailbox by the next write."""
     active: tuple[str, asyncio.Task[Any] | None] | None = None
@@ -184,10 +191,7 @@ class TurnContext:
         if self.journal.replay("send", name) is not None:
             return  # written by an earlier journal write of this turn
         routed = self._route(ref, msg)
-        if routed.shard == self.shard:
-            self.local.append(routed.data)
-        else:
-            self.remote.append((routed.shard, routed.data))
+        self.pending.append((routed.envelope.actor_id, routed.shard, routed.data))
         self.journal.record("send", name, None)
 
     async def ask(self, ref: ActorRef[Any], msg: BaseModel, timeout: float) -> Any:
@@ -200,28 +204,42 @@ class TurnContext:
         name = _target(ref, msg)
         position = self.journal.position
         record = self.journal.replay("ask", name)
-        if record is None:
-            # A deterministic id per (turn message, position), used as its idempotency key:
-            # a re-run after a crash before the reply was journaled re-sends the same id,
-            # which the target drops, and reads back the first reply.
+        if record is None or record.value is None:
+            # A deterministic id per (turn message, position): the reply a re-run waits for is
+            # the one to the request the first run sent.
             message_id = f"{self.envelope.id}.ask{position}"
-            await self.host.fenced()
-            replies = self.services.replies
-            ttl_ms = int(self.services.messages.idempotency_ttl * 1000)
             attributes = {"actor.type": ref.type, "actor.key": ref.key}
             with telemetry.span(f"ask {type(msg).__name__}", attributes, kind=SpanKind.CLIENT):
-                routed = self._route(ref, msg, message_id=message_id, reply_to=replies.channel)
-                self.host.awaiting_reply(True)
-                try:
-                    reply = await replies.request(
-                        routed.shard, message_id, routed.data, message_id, ttl_ms, timeout
-                    )
-                finally:
-                    self.host.awaiting_reply(False)
+                record, reply = await self._request(ref, msg, name, message_id, record, timeout)
             self._check_sole()
-            record = self.journal.record("ask", name, encode_reply(reply))
+            self.journal.update(record, encode_reply(reply))
             await self.host.flush(self)
         return reply_value(decode_reply(record.value), self.services.app.resolve(ref), type(msg).__name__)
+
+    async def _request(self, ref: ActorRef[Any], msg: BaseModel, name: str, message_id: str,
+                       record: Record | None, timeout: float) -> tuple[Record, Reply]:  # fmt: skip
+        """Send the ask, unless the journal says an earlier run did (a record with no reply
+        yet), and wait for its reply. The request goes out with a journal write of the turn,
+        after the sends the turn made to the same actor: order holds, and through the outbox
+        for another shard, as for every send."""
+        replies = self.services.replies
+        fut = replies.expect(message_id)
+        try:
+            if record is None:
+                await self.host.fenced()
+                routed = self._route(ref, msg, message_id=message_id, reply_to=replies.channel)
+                record = self.journal.record("ask", name, None)  # sent: a re-run waits, not asks
+                target = routed.envelope.actor_id
+                await self.host.deliver(self, target, (target, routed.shard, routed.data))
+            self.host.awaiting_reply(True)
+            try:
+                shard = shard_of(ref.id, self.services.shards)
+                return record, await replies.wait(shard, message_id, fut, timeout)
+            finally:
+                self.host.awaiting_reply(False)
+        except BaseException:
+            replies.forget(message_id)
+            raise
 
     async def enqueue(self, queue: str, ref: ActorRef[Any], msg: BaseModel, item: QueueItem) -> str:
         with self._primitive("enqueue"):
@@ -238,6 +256,7 @@ class TurnContext:
             item_id = f"{self.envelope.id}.q{position}"
             await self.host.fenced()
             routed = self._route(ref, msg, message_id=item_id, headers=item.headers(queue))
+            await self.host.deliver(self, routed.envelope.actor_id)  # the sends before it, first
             try:
                 value = ["ok", await self.services.limits.enqueue(queue, routed, item)]
             except DuplicateItem as exc:

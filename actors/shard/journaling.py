@@ -13,12 +13,12 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import telemetry
 from ..codec import Envelope, Reply, encode_reply
-from ..journal import FOREVER_MS, OpenTurn, RedisClock, Suspend
+from ..journal import FOREVER_MS, OpenTurn, RedisClock, Send, Suspend
 from ..lease import StepsInFlight
 from ..limits import queued_item
 from ..store import Write
@@ -34,6 +34,21 @@ DEFERRED_SCAN = 1000
 """At most this many deferred messages are offered to a ``wait_for``."""
 
 
+def _nothing(send: Send) -> bool:
+    return False
+
+
+def _everything(send: Send) -> bool:
+    return True
+
+
+def split_sends(shard: int, sends: Sequence[Send]) -> tuple[list[bytes], list[tuple[int, bytes]]]:
+    """Sends as the commit script takes them: to this shard's inbox, and to the outbox."""
+    local = [data for _, target, data in sends if target == shard]
+    remote = [(target, data) for _, target, data in sends if target != shard]
+    return local, remote
+
+
 class Journaling:
     """The TurnHost of a runner's turns (see ``turn.TurnHost``)."""
 
@@ -47,6 +62,17 @@ class Journaling:
 
     def awaiting_reply(self, waiting: bool) -> None:
         self.runner.flow.park(waiting)
+
+    async def deliver(self, ctx: TurnContext, target: str, ask: Send | None = None) -> None:
+        """Deliver the pending sends to ``target`` (and ``ask``) now, with a journal write:
+        an ask or a queued item must not overtake the sends the turn made to that actor
+        before it. The other pending sends stay with the open turn."""
+        if ask is None and not any(send[0] == target for send in ctx.pending):
+            return
+        source: Source = ctx.source
+        extra = [ask] if ask is not None else []
+        open_turn = OpenTurn(source.raw, ctx.journal.records)
+        await self._write_open(ctx, open_turn, (), lambda send: send[0] == target, extra)
 
     async def flush(self, ctx: TurnContext) -> None:
         """Write the journal so far, with the sends buffered so far; the turn is open after.
@@ -67,7 +93,7 @@ class Journaling:
         behind = [q for q in act.queue if q.message is not None and q not in ctx.consumed]
         open_turn = OpenTurn(source.raw, ctx.journal.records, suspend.waiting, suspend.due_ms,
                              since_ms=self.clock.upper())  # fmt: skip
-        await self._write_open(ctx, open_turn, behind)
+        await self._write_open(ctx, open_turn, behind, _everything)  # sends go out when it suspends
         act.woken = False
         self.runner.timers.timer_set(suspend.due_ms)
 
@@ -78,30 +104,35 @@ class Journaling:
         log.error("shard %s: parked the open turn of %s: %s", self.runner.shard, act.id, reason)
         records = [] if act.open is None else act.open.records
         parked = OpenTurn(source.raw, records, None, FOREVER_MS, reason, since_ms=self.clock.upper())
-        ctx.local.clear()
-        ctx.remote.clear()
+        ctx.pending[:] = [] if act.open is None else act.open.pending  # this attempt's sends are dropped
         ctx.consumed.clear()
         await self._write_open(ctx, parked)
 
-    async def _write_open(self, ctx: TurnContext, open_turn: OpenTurn, behind: Sequence[Queued] = ()) -> None:
-        """Journal the turn: open it, or record its progress. One write at a time per turn."""
+    async def _write_open(self, ctx: TurnContext, open_turn: OpenTurn, behind: Sequence[Queued] = (),
+                          deliver: Callable[[Send], bool] = _nothing,
+                          extra: Sequence[Send] = ()) -> None:  # fmt: skip
+        """Journal the turn: open it, or record its progress, delivering the pending sends
+        ``deliver`` picks (and ``extra``) and keeping the others. One write at a time per turn."""
         while ctx.writing is not None:
             await asyncio.shield(ctx.writing)
         ctx.writing = done = asyncio.get_running_loop().create_future()
         try:
-            await self._journal(ctx, open_turn, behind)
+            await self._journal(ctx, open_turn, behind, deliver, extra)
         finally:
             ctx.writing = None
             done.set_result(None)
 
-    async def _journal(self, ctx: TurnContext, open_turn: OpenTurn, behind: Sequence[Queued]) -> None:
+    async def _journal(self, ctx: TurnContext, open_turn: OpenTurn, behind: Sequence[Queued],
+                       deliver: Callable[[Send], bool], extra: Sequence[Send]) -> None:  # fmt: skip
         source: Source = ctx.source
         act = source.act
         open_turn.write = act.open.write + 1 if source.origin == "o" and act.open is not None else 1
         # What this write carries: the handler may go on meanwhile, if the runner writes.
-        records, local, remote = list(open_turn.records), list(ctx.local), list(ctx.remote)
-        consumed = list(ctx.consumed)
+        records, consumed = list(open_turn.records), list(ctx.consumed)
+        out = [send for send in ctx.pending if deliver(send)]
         open_turn.records = records
+        open_turn.pending = [send for send in ctx.pending if not deliver(send)]
+        local, remote = split_sends(self.runner.shard, [*out, *extra])
         write = Write(
             "j", act.id, source.origin, source.ref,
             local=local, remote=remote,
@@ -111,7 +142,9 @@ class Journaling:
             unlists=[q.raw for q in consumed if q.entry_id is None],
         )  # fmt: skip
         await self.runner.commits.write(write)
-        del ctx.local[: len(local)], ctx.remote[: len(remote)], ctx.consumed[: len(consumed)]
+        delivered = set(out)
+        ctx.pending[:] = [send for send in ctx.pending if send not in delivered]
+        del ctx.consumed[: len(consumed)]
         self.settled(act, [*consumed, *behind])
         act.open = dataclasses.replace(open_turn, records=copy_records(records))
         source.origin, source.ref = "o", str(open_turn.write)

@@ -22,6 +22,7 @@ from ..journal import Journal, JournalMismatch, Suspend
 from ..limits import queued_item
 from ..store import Write
 from ..turn import Queued, TurnContext
+from .journaling import split_sends
 from .state import (
     RUNNER_ERRORS,
     Activation,
@@ -104,7 +105,9 @@ class Turns:
                 info = TurnInfo(env.id, env.type, r.shard, r.lease.epoch, r.consumer, attempt)
                 records = [] if act.open is None else copy_records(act.open.records)
                 journal = Journal(records)
-                ctx = TurnContext(r.services, r.journaling, r.shard, env, info, journal, source=source)
+                pending = [] if act.open is None else list(act.open.pending)
+                ctx = TurnContext(r.services, r.journaling, r.shard, env, info, journal, source=source,
+                                  pending=pending)  # fmt: skip
                 actor._turn = act.running = ctx
                 try:
                     result = await self._call(ctx, actor, handler, queued)
@@ -155,10 +158,11 @@ class Turns:
         finally:
             self.running.discard(act)
         where = ctx.source
+        local, remote = split_sends(r.shard, ctx.pending)  # the turn's sends go out with its commit
         write = Write(
             "c", act.id, where.origin, where.ref,
             snapshot=None if snapshot == act.snapshot else snapshot,
-            local=ctx.local, remote=ctx.remote,
+            local=local, remote=remote,
             reply_key=r.store.keys.reply(r.shard, env.id) if env.reply_to else None,
             reply_channel=env.reply_to, reply=reply,
             item=queued_item(env.headers, env.id),
