@@ -43,6 +43,8 @@ class Malformed:
 
 def entry_envelope(flat: Sequence[bytes]) -> bytes | Malformed:
     """The envelope of a stream entry given as the server sends it, [field, value, ...]."""
+    if len(flat) == 2 and flat[0] == FIELD:  # what the runtime writes: one field
+        return flat[1]
     values = [flat[i + 1] for i in range(0, len(flat) - 1, 2) if flat[i] == FIELD]
     if len(values) == 1:
         return values[0]
@@ -112,6 +114,8 @@ def decode_envelope(data: bytes) -> Envelope:
     if not isinstance(items, list) or len(items) != 8 or items[0] != ENVELOPE_VERSION:
         raise DecodeError("entry is not a version-1 envelope")
     _, mid, actor, key, mtype, payload, headers, reply_to = items
+    if _sound(mid, actor, key, mtype, headers, reply_to):  # the common case, checked cheaply
+        return Envelope(mid, actor, key, mtype, payload, headers, reply_to)
     for name, value in (("actor", actor), ("key", key), ("type", mtype)):
         if not isinstance(value, str):  # the message has no address: nothing to say about it
             raise DecodeError(f"the envelope's {name} is {_kind(value)}, not a string")
@@ -131,6 +135,15 @@ def decode_envelope(data: bytes) -> Envelope:
         reason, detail = next((r, d) for r, d in problems.items() if d)
         raise InvalidEnvelope(reason, detail, sound)
     return Envelope(mid, actor, key, mtype, payload, headers, reply_to)
+
+
+def _sound(mid: Any, actor: Any, key: Any, mtype: Any, headers: Any, reply_to: Any) -> bool:
+    """Every field of the envelope is of its type (what the checks below would find)."""
+    return (
+        type(mid) is str and mid != "" and type(actor) is str and type(key) is str and type(mtype) is str
+        and type(headers) is dict and (reply_to is None or type(reply_to) is str)
+        and (not headers or all(type(k) is str and type(v) is str for k, v in headers.items()))
+    )  # fmt: skip
 
 
 def _kind(value: Any) -> str:

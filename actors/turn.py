@@ -56,8 +56,6 @@ class TurnServices:
     replies: ReplyListener
     limits: Limits
     stats: TurnStats = field(default_factory=lambda: TurnStats())
-    running: dict[asyncio.Task[Any], str] = field(default_factory=dict)
-    """The task of each handler running now, and which turn it is (for the loop watchdog)."""
     quarantine: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held by a recovered turn that was interrupted before: such turns run one at a time
     in a worker process (see ``ShardRunner._turn``)."""

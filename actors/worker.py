@@ -15,6 +15,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from . import telemetry
 from .actor import App
@@ -108,13 +109,15 @@ class Worker:
         return {**waiting, **self._services.stats.summary(), "shards": str(len(self._slots))}
 
     def _describe(self, loop: asyncio.AbstractEventLoop) -> Callable[[], str]:
-        """What ``loop`` runs now, named for a person: the turn whose handler it is in."""
-        services = self._services
-        assert services is not None
+        """What ``loop`` runs now, named for a person: the turn whose handler it is in. Called
+        from the LeaseKeeper's thread while the loop is stuck, so what it reads stands still."""
 
         def describe() -> str:
-            task = asyncio.current_task(loop)  # read from the keeper's thread: a dict lookup
-            return "" if task is None else services.running.get(task, "")
+            task = asyncio.current_task(loop)
+            try:
+                return next(filter(None, (_turn_of(task, runner) for runner in self.runners)), "")
+            except RuntimeError:  # the loop changed a dict meanwhile: it is not stuck after all
+                return ""
 
         return describe
 
@@ -206,6 +209,17 @@ class _Slot:
     task: asyncio.Task[None] | None = None
     runner: ShardRunner | None = None
     draining: bool = False
+
+
+def _turn_of(task: asyncio.Task[Any] | None, runner: ShardRunner) -> str:
+    """The running turn of ``runner`` whose actor task is ``task``, named ('' if none)."""
+    act = next((a for a in list(runner.activations.values()) if a.task is task and a.running), None)
+    if act is None or act.running is None or act.actor is None:
+        return ""
+    cls = type(act.actor)
+    handler = cls.handlers.get(act.running.envelope.type)
+    what = f"{cls.__name__}.{handler.name}" if handler else act.running.envelope.type
+    return f"the turn of {act.id} ({what})"
 
 
 def _flatten(exc: BaseException) -> list[BaseException]:

@@ -200,7 +200,7 @@ class Journaling:
         """Reading is paused (``max_inflight``): open the running turns that have messages
         queued behind them, which then wait in Redis (deferred), not in memory."""
         r = self.runner
-        crowded = sorted(r.turns.running, key=lambda a: len(a.queue), reverse=True)
+        crowded = sorted(r.turns.running(), key=lambda a: len(a.queue), reverse=True)
         for act in crowded:
             if r.flow.room.is_set():
                 return
@@ -222,7 +222,7 @@ class Journaling:
     async def open_long_turns(self, older_than: float) -> None:
         """Open the turns that have run for ``older_than`` seconds (see ``open_running``)."""
         now = time.monotonic()
-        for act in list(self.runner.turns.running):
+        for act in self.runner.turns.running():
             ctx = act.running
             if ctx is not None and now - ctx.started >= older_than:
                 await self.open_running(act)

@@ -41,6 +41,7 @@ class Mailbox:
         self.lag = 0
         """Inbox entries not yet read, as of the last chores (only kept when metrics are on)."""
         self._reading: asyncio.Future[list[Entry]] | None = None
+        self._reply_prefix = runner.store.keys.reply_channel("")
 
     def stop_reading(self) -> None:
         """Cancel the blocking read in progress, if any (draining)."""
@@ -131,9 +132,10 @@ class Mailbox:
                 reason, detail, env = checked
                 write = r.journaling.dead_letter_write("", "i", entry_id, kept(raw), reason, detail, env)
                 await r.commits.write(write)
-        await r.work.activate({q.envelope.actor_id: q.envelope.actor for q in accepted})
-        for queued in accepted:
-            act = r.activations[queued.envelope.actor_id]
+        ids = [q.envelope.actor_id for q in accepted]
+        await r.work.activate({aid: q.envelope.actor for aid, q in zip(ids, accepted, strict=True)})
+        for aid, queued in zip(ids, accepted, strict=True):
+            act = r.activations[aid]
             act.queue.append(queued)
             if queued.message is None and act.running is not None:  # a cancel ends a running turn too
                 r.turns.interrupt(act, TurnCancelled(f"{act.id}: its running turn was cancelled"))
@@ -153,7 +155,7 @@ class Mailbox:
         limit = r.settings.messages.max_message_bytes
         if len(raw) > limit:
             return "too large", f"{len(raw)} bytes; the limit (max_message_bytes) is {limit}", env
-        foreign = foreign_reply_to(env.reply_to, r.store.keys.reply_channel(""))
+        foreign = None if env.reply_to is None else foreign_reply_to(env.reply_to, self._reply_prefix)
         if foreign is not None:
             return "invalid reply_to", foreign, dataclasses.replace(env, reply_to=None)
         try:

@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 import traceback
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.trace import SpanKind
@@ -49,29 +50,39 @@ TURN_CHECK = 1.0
 class Turns:
     def __init__(self, runner: ShardRunner) -> None:
         self.runner = runner
-        self.running: set[Activation] = set()
-        """Activations whose handler is running an attempt now."""
 
-    async def turn(self, act: Activation, queued: Queued, source: Source) -> None:
+    def running(self) -> list[Activation]:
+        """The activations whose handler runs an attempt now (a scan: cheaper than keeping a
+        set up to date on every turn, and only timeouts and hand-overs ask, now and then)."""
+        return [act for act in self.runner.activations.values() if act.running is not None]
+
+    def turn(self, act: Activation, queued: Queued, source: Source) -> Awaitable[None]:
+        """The turn of ``queued``: its attempts, or the dead letter of a message no handler
+        takes. (Not a coroutine itself: the common case awaits ``_attempts`` directly.)"""
         r = self.runner
         env = queued.envelope
         actor = act.actor
         handler = None if actor is None else handler_for(type(actor), queued)
         if actor is None or handler is None:
-            reason = act.broken or (
-                f"{env.actor} has no handler for {env.type} and no open wait_for received it"
-            )
-            write = r.journaling.dead_letter_write(
-                act.id, source.origin, source.ref, source.raw, reason, "", env
-            )
-            closed(act, await r.commits.write(write))
-            return
+            return self._unhandled(act, env, source)
         if source.origin == "i" and isinstance(source.ref, str):  # the entry id is its append time
             waited = r.clock.lower() - int(source.ref.partition("-")[0])
             telemetry.record("queue_wait", max(0, waited), {"actor.type": env.actor})
         if not source.recovered:
-            await self._attempts(act, actor, handler, queued, source)
-        elif await self._count_start(act, env, "look") == 0:
+            return self._attempts(act, actor, handler, queued, source)
+        return self._recovered(act, actor, handler, queued, source)
+
+    async def _unhandled(self, act: Activation, env: Envelope, source: Source) -> None:
+        r = self.runner
+        reason = act.broken or f"{env.actor} has no handler for {env.type} and no open wait_for received it"
+        write = r.journaling.dead_letter_write(act.id, source.origin, source.ref, source.raw, reason, "", env)
+        closed(act, await r.commits.write(write))
+
+    async def _recovered(self, act: Activation, actor: Actor, handler: Handler, queued: Queued,
+                         source: Source) -> None:  # fmt: skip
+        """A turn a previous runner may have started and died with (see the module docstring)."""
+        r = self.runner
+        if await self._count_start(act, queued.envelope, "look") == 0:
             await self._counted_attempts(act, actor, handler, queued, source)
         else:
             # Interrupted before as a recovered turn: it may be the one that ends its worker.
@@ -98,67 +109,64 @@ class Turns:
         env = queued.envelope
         retry = r.settings.retry
         attempt = 0
-        self.running.add(act)
-        try:
-            while True:
-                attempt += 1
-                info = TurnInfo(env.id, env.type, r.shard, r.lease.epoch, r.consumer, attempt)
-                records = [] if act.open is None else copy_records(act.open.records)
-                journal = Journal(records)
-                pending = [] if act.open is None else list(act.open.pending)
-                ctx = TurnContext(r.services, r.journaling, r.shard, env, info, journal, source=source,
-                                  pending=pending)  # fmt: skip
-                actor._turn = act.running = ctx
+        while True:
+            attempt += 1
+            info = TurnInfo(env.id, env.type, r.shard, r.lease.epoch, r.consumer, attempt)
+            records = [] if act.open is None else copy_records(act.open.records)
+            journal = Journal(records)
+            pending = [] if act.open is None else list(act.open.pending)
+            ctx = TurnContext(r.services, r.journaling, r.shard, env, info, journal, source=source,
+                              pending=pending)  # fmt: skip
+            actor._turn = act.running = ctx
+            try:
+                result = await self._call(ctx, actor, handler, queued)
+                _take_back_interruption(ctx)  # a handler that swallowed it finished anyway
+                if ctx.journal.mismatch is not None:
+                    raise ctx.journal.mismatch  # the handler caught it: park all the same
+                snapshot = encode_state(actor.state)
+                reply = _reply(env, result)
+                break
+            except Suspend as suspend:
+                actor.state = load_state(type(actor), act.snapshot)
+                if ctx.journal.mismatch is not None:
+                    await r.journaling.park(ctx, str(ctx.journal.mismatch))
+                else:
+                    await r.journaling.suspend(ctx, suspend)
+                return
+            except JournalMismatch as exc:
+                actor.state = load_state(type(actor), act.snapshot)
+                await r.journaling.park(ctx, str(exc))
+                return
+            except RUNNER_ERRORS:
+                raise  # the runner's own trouble (a lost lease, a memory that ran ahead of Redis)
+            except BaseException as caught:
+                if ctx.misuse is not None:  # primitives ran at once: a retry would do the same
+                    await _outlive_primitive(ctx)
+                    await self._give_up(act, ctx, handler, ctx.misuse, attempt)
+                    return
+                failure = _take_back_interruption(ctx) or caught
+                if isinstance(failure, asyncio.CancelledError) and cancelling():
+                    raise  # this turn is being stopped; a CancelledError the handler raised is a failure
+                actor.state = load_state(type(actor), act.snapshot)  # a failed attempt leaves no trace
+                if ctx.journal.mismatch is not None:
+                    await r.journaling.park(ctx, str(ctx.journal.mismatch))
+                    return
+                if isinstance(failure, TurnCancelled) or attempt >= retry.max_attempts:
+                    await self._give_up(act, ctx, handler, failure, attempt)
+                    return
                 try:
-                    result = await self._call(ctx, actor, handler, queued)
-                    _take_back_interruption(ctx)  # a handler that swallowed it finished anyway
-                    if ctx.journal.mismatch is not None:
-                        raise ctx.journal.mismatch  # the handler caught it: park all the same
-                    snapshot = encode_state(actor.state)
-                    reply = _reply(env, result)
-                    break
-                except Suspend as suspend:
-                    actor.state = load_state(type(actor), act.snapshot)
-                    if ctx.journal.mismatch is not None:
-                        await r.journaling.park(ctx, str(ctx.journal.mismatch))
-                    else:
-                        await r.journaling.suspend(ctx, suspend)
+                    await asyncio.sleep(retry.delay(attempt))
+                except asyncio.CancelledError:
+                    why = _take_back_interruption(ctx)  # cancelled while waiting to retry
+                    if why is None or cancelling():
+                        raise
+                    await self._give_up(act, ctx, handler, why, attempt)
                     return
-                except JournalMismatch as exc:
-                    actor.state = load_state(type(actor), act.snapshot)
-                    await r.journaling.park(ctx, str(exc))
-                    return
-                except RUNNER_ERRORS:
-                    raise  # the runner's own trouble (a lost lease, a memory that ran ahead of Redis)
-                except BaseException as caught:
-                    if ctx.misuse is not None:  # primitives ran at once: a retry would do the same
-                        await _outlive_primitive(ctx)
-                        await self._give_up(act, ctx, handler, ctx.misuse, attempt)
-                        return
-                    failure = _take_back_interruption(ctx) or caught
-                    if isinstance(failure, asyncio.CancelledError) and cancelling():
-                        raise  # this turn is being stopped; a CancelledError the handler raised is a failure
-                    actor.state = load_state(type(actor), act.snapshot)  # a failed attempt leaves no trace
-                    if ctx.journal.mismatch is not None:
-                        await r.journaling.park(ctx, str(ctx.journal.mismatch))
-                        return
-                    if isinstance(failure, TurnCancelled) or attempt >= retry.max_attempts:
-                        await self._give_up(act, ctx, handler, failure, attempt)
-                        return
-                    try:
-                        await asyncio.sleep(retry.delay(attempt))
-                    except asyncio.CancelledError:
-                        why = _take_back_interruption(ctx)  # cancelled while waiting to retry
-                        if why is None or cancelling():
-                            raise
-                        await self._give_up(act, ctx, handler, why, attempt)
-                        return
-                finally:
-                    actor._turn = act.running = None
-        finally:
-            self.running.discard(act)
+            finally:
+                actor._turn = act.running = None
         where = ctx.source
-        local, remote = split_sends(r.shard, ctx.pending)  # the turn's sends go out with its commit
+        # The turn's sends go out with its commit.
+        local, remote = split_sends(r.shard, ctx.pending) if ctx.pending else ([], [])
         write = Write(
             "c", act.id, where.origin, where.ref,
             snapshot=None if snapshot == act.snapshot else snapshot,
@@ -204,7 +212,7 @@ class Turns:
     async def forgive_running(self) -> None:
         """A graceful hand-over gives up the turns still running: their next start, by the
         next owner, is not counted as an interruption (see ``max_redeliveries``)."""
-        for act in [act for act in self.running if act.running is not None]:
+        for act in self.running():
             assert act.running is not None
             try:
                 await self._count_start(act, act.running.envelope, "forgive")
@@ -244,7 +252,13 @@ class Turns:
                 if type_limiter is not None or queue is not None:
                     await r.commits.fenced()  # only the owner may spend the limiter's capacity
                 async with limits.hold(type_limiter), limits.hold_item(queue, env.id):
-                    return await self._handle(ctx, actor, handler, queued, name)
+                    ctx.in_handler = True
+                    try:
+                        return await handler.fn(actor, queued.message)
+                    finally:
+                        ctx.in_handler = False
+                        if ctx.writing is not None:
+                            await _write_done(ctx)
             except Suspend:
                 outcome = "suspended"
                 raise
@@ -259,28 +273,13 @@ class Turns:
                 r.services.stats.record(elapsed_ms)
                 telemetry.count_turn(env.actor, outcome, elapsed_ms)
 
-    async def _handle(self, ctx: TurnContext, actor: Actor, handler: Handler, queued: Queued,
-                      name: str) -> Any:  # fmt: skip
-        """The handler itself, known to the loop watchdog while it runs (``services.running``)."""
-        running = self.runner.services.running
-        task = asyncio.current_task()
-        assert task is not None
-        running[task] = f"the turn of {queued.envelope.actor_id} ({name})"
-        ctx.in_handler = True
-        try:
-            return await handler.fn(actor, queued.message)
-        finally:
-            del running[task]
-            ctx.in_handler = False
-            await _write_done(ctx)
-
     async def watch(self) -> None:
         """Every second, end the attempts that have run past their turn timeout."""
         r = self.runner
         while True:
             await asyncio.sleep(TURN_CHECK)
             now = time.monotonic()
-            for act in list(self.running):
+            for act in self.running():
                 ctx = act.running
                 if ctx is None or act.actor is None or ctx.interrupted is not None:
                     continue
@@ -342,7 +341,9 @@ def _take_back_interruption(ctx: TurnContext) -> BaseException | None:
     """The reason the host interrupted this attempt, if it did; the cancellation that
     delivered it is taken back, so that it does not count as the task's own."""
     why = ctx.interrupted
+    if why is None:
+        return None
     task = asyncio.current_task()
-    if why is not None and task is not None and task.cancelling():
+    if task is not None and task.cancelling():
         task.uncancel()
     return why
