@@ -173,9 +173,16 @@ class Routed:
     shard: int
 
 
+REJECTION = "actors.Reject"
+"""The ``type`` of a reply whose handler raised ``Reject``: ``ok`` is false, ``error`` holds
+the reason and ``payload`` the detail. (Other error replies have no type, so a client that
+predates rejections reads one as a HandlerError.)"""
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """The outcome of an ``ask``: a value (model dump or None) or an error."""
+    """The outcome of an ``ask``: a value (model dump or None), an error, or a rejection
+    (``type`` REJECTION)."""
 
     message_id: str
     ok: bool

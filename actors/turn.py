@@ -31,7 +31,7 @@ from pydantic import BaseModel, TypeAdapter
 from . import telemetry
 from .actor import ActorRef, App, StepOptions, TurnInfo
 from .codec import Envelope, Routed, decode_reply, encode_reply
-from .errors import ActorsError, DuplicateItem
+from .errors import ActorsError, DuplicateItem, Reject
 from .journal import FOREVER_MS, Journal, Record, RedisClock, StepFailed, Suspend
 from .limits import Limits, QueueItem
 from .replies import ReplyListener, reply_value
@@ -366,7 +366,8 @@ def _callable_name(fn: Callable[..., Any]) -> str:
 async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                     options: StepOptions, limits: Limits, host: TurnHost,
                     info: StepInfo) -> list[Any]:  # fmt: skip
-    """Call ``fn`` with retries; returns the journal value ``["ok", result]`` or ``["error", type, text]``."""
+    """Call ``fn`` with retries; returns the journal value ``["ok", result]``, ``["error", type, text]``
+    or ``["reject", reason, detail]``."""
     attempts = options.retries + 1
     for attempt in range(1, attempts + 1):
         waiting = time.perf_counter()
@@ -382,6 +383,10 @@ async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
             token = _STEP.set(dataclasses.replace(info, attempt=attempt))
             try:
                 result = await _call_once(fn, args, kwargs, options.timeout, host.steps)
+            except Reject as rejection:
+                # The function refused for good (user code's business error): no retry. Journaled,
+                # so that every run of the turn raises it from ``step`` without calling it again.
+                return ["reject", rejection.reason, rejection.detail]
             except Exception as exc:
                 failure: Exception | None = exc
             else:
@@ -462,6 +467,8 @@ def _step_result(record: Record, name: str, fn: Callable[..., Any]) -> Any:
     if record.value[0] == "error":
         _, error_type, text = record.value
         raise StepFailed(name, error_type, text)
+    if record.value[0] == "reject":
+        raise Reject(record.value[1], record.value[2])
     adapter = _return_adapter(fn)
     value = record.value[1]
     return value if adapter is None else adapter.validate_python(value)

@@ -13,6 +13,7 @@ from ..actor import Actor, Handler
 from ..codec import Envelope, Malformed, decode_state
 from ..errors import ActorsError, Diverged, LeaseLost
 from ..journal import OpenTurn, Record
+from ..keys import Keys
 from ..limits import queued_item
 from ..messages import Tick
 from ..turn import Queued, TurnContext
@@ -118,6 +119,14 @@ def consumed(ctx: TurnContext) -> dict[str, Any]:
         "acks": [q.entry_id for q in ctx.consumed if q.entry_id is not None],
         "unlists": [q.raw for q in ctx.consumed if q.entry_id is None],
     }
+
+
+def reply_fields(keys: Keys, shard: int, env: Envelope, reply: bytes) -> dict[str, Any]:
+    """The write fields that store ``reply`` under the ask's reply key and publish it to the
+    asker's channel; none for a message nobody asked."""
+    if not env.reply_to:
+        return {}
+    return {"reply_key": keys.reply(shard, env.id), "reply_channel": env.reply_to, "reply": reply}
 
 
 def copy_records(records: list[Record]) -> list[Record]:
