@@ -30,7 +30,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from . import telemetry
 from .actor import ActorRef, App, StepOptions, TurnInfo
-from .codec import Envelope, Routed, decode_reply, encode_reply
+from .codec import IDEMPOTENCY_HEADER, Envelope, Routed, ask_id, decode_reply, encode_reply
 from .errors import ActorsError, DuplicateItem, Reject
 from .journal import FOREVER_MS, Journal, Record, RedisClock, StepFailed, Suspend
 from .limits import Limits, QueueItem
@@ -204,13 +204,14 @@ class TurnContext:
             # A deterministic id per (turn message, position), used as its idempotency key:
             # a re-run after a crash before the reply was journaled re-sends the same id,
             # which the target drops, and reads back the first reply.
-            message_id = f"{self.envelope.id}.ask{position}"
+            message_id = ask_id(self.envelope, position)  # new for each replay of a dead letter
             await self.host.fenced()
             replies = self.services.replies
             ttl_ms = int(self.services.messages.idempotency_ttl * 1000)
             attributes = {"actor.type": ref.type, "actor.key": ref.key}
             with telemetry.span(f"ask {type(msg).__name__}", attributes, kind=SpanKind.CLIENT):
-                routed = self._route(ref, msg, message_id=message_id, reply_to=replies.channel)
+                routed = self._route(ref, msg, message_id=message_id, reply_to=replies.channel,
+                                     headers={IDEMPOTENCY_HEADER: message_id})  # fmt: skip
                 self.host.awaiting_reply(True)
                 try:
                     reply = await replies.request(

@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from redis.exceptions import ResponseError
 
-from ..codec import FIELD
+from ..codec import FIELD, replayed
 from ..errors import IdempotencyConflict
 from ..keys import GROUP
 from .connection import STALL_TIMEOUT, StoreBase, honours_cancel, is_transient, raw_reply, xread_rows
@@ -156,8 +156,16 @@ class InboxStore(StoreBase):
         return [dead_letter_record(i, f) for i, f in rows]
 
     async def replay_dead_letter(self, shard: int, dlq_id: str) -> str | None:
+        """Append the dead letter to its shard's inbox again and delete it; returns the new
+        entry id, or None if there is no such dead letter. The message keeps its id and
+        gets its replay generation raised (``codec.replayed``), so its turn asks afresh."""
+        found = await self.dead_letters(shard, 1, start=dlq_id)
+        if not found or found[0].id != dlq_id:
+            return None
         new_id = await self._run(
-            "replay_dead_letter", [self.keys.dead_letters(shard), self.keys.inbox(shard)], [dlq_id]
+            "replay_dead_letter",
+            [self.keys.dead_letters(shard), self.keys.inbox(shard)],
+            [dlq_id, replayed(found[0].envelope)],
         )
         return new_id.decode() if new_id else None
 
