@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from . import telemetry
 from .actor import ActorRef, App
-from .codec import Routed, actor_id, decode_envelope, decode_state, message_digest
+from .codec import IDEMPOTENCY_HEADER, Routed, actor_id, decode_envelope, decode_state, message_digest
 from .errors import ConfigurationError
 from .journal import FOREVER_MS, OpenTurn
 from .limits import QueueItem, enqueue
@@ -77,22 +77,28 @@ class Client:
     ) -> Any:
         """Send ``msg`` and return the handler's reply (a model, or None).
 
-        Raises HandlerError if the message was dead-lettered (the handler kept
-        failing, or the message was refused), AskTimeout after ``timeout``.
-        ``idempotency_key`` works as for ``send``; a repeated ask gets the first one's reply.
+        Raises Rejected if the handler raised ``Reject`` (its reason and detail),
+        HandlerError if the message was dead-lettered (the handler kept failing, or the
+        message was refused), AskTimeout after ``timeout``. ``idempotency_key`` works as
+        for ``send``; a repeated ask gets the first one's reply, which is kept as long as
+        the key (``idempotency_ttl``; an un-keyed ask's reply for ``reply_ttl``).
         """
         key = None if idempotency_key is None else check_idempotency_key(idempotency_key)
         replies = await self._listener()
         with _sending("ask", ref, msg):
-            routed = self._route(ref, msg, reply_to=replies.channel)
+            # The key travels with the ask: the worker keeps the reply as long as the key's marker.
+            headers = None if key is None else {IDEMPOTENCY_HEADER: key}
+            routed = self._route(ref, msg, reply_to=replies.channel, headers=headers)
             reply = await replies.request(
                 routed.shard, routed.envelope.id, routed.data, key,
                 _ms(self.messages.idempotency_ttl), timeout, digest=message_digest(routed.envelope),
             )  # fmt: skip
         return reply_value(reply, self.app.resolve(ref) if self.app else ref.cls, routed.envelope.type)
 
-    def _route(self, ref: ActorRef[Any], msg: BaseModel, reply_to: str | None = None) -> Routed:
-        return route(self.app, ref, msg, self.shards, self.messages.max_message_bytes, reply_to=reply_to)
+    def _route(self, ref: ActorRef[Any], msg: BaseModel, reply_to: str | None = None,
+               headers: dict[str, str] | None = None) -> Routed:  # fmt: skip
+        max_bytes = self.messages.max_message_bytes
+        return route(self.app, ref, msg, self.shards, max_bytes, reply_to=reply_to, headers=headers)
 
     async def state(self, ref: ActorRef[Any]) -> Any:
         """The actor's last committed state: its State model if the class is known,

@@ -7,8 +7,10 @@ UUIDs and enums survive) and packed with msgpack.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -85,6 +87,49 @@ def message_digest(env: Envelope) -> str:
     makes two equal payloads whose dicts were filled in another order agree."""
     text = json.dumps([env.type, env.payload], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+IDEMPOTENCY_HEADER = "idem"
+"""Header of an ask sent under an idempotency key (a client's ``idempotency_key``, or a turn's
+deterministic ask id): the key, so that the worker keeps the reply as long as the key's
+marker, which sends every retry within its TTL to that reply."""
+
+REPLAY_HEADER = "replay"
+"""Header of a message replayed from the dead letters: how many times it was (``"1"``...)."""
+
+
+def reply_marker_key(env: Envelope) -> str | None:
+    """The idempotency key an ask was sent under (its reply lives as long as its marker)."""
+    key = env.headers.get(IDEMPOTENCY_HEADER)
+    return key if key and env.reply_to else None
+
+
+def replay_generation(env: Envelope) -> int:
+    """How many times this message was replayed from the dead letters (0: never)."""
+    text = env.headers.get(REPLAY_HEADER, "")
+    return int(text) if text.isdecimal() else 0
+
+
+def ask_id(env: Envelope, position: int) -> str:
+    """The message id of the ask at journal ``position`` of the turn of ``env``: the same on
+    every run of that turn (its idempotency key: a re-run asks nothing twice), and new for
+    each replay of the message from the dead letters, whose turn starts afresh and must ask
+    again (under the first run's id it would be deduplicated, for ``idempotency_ttl``)."""
+    generation = replay_generation(env)
+    return f"{env.id}.ask{position}" if generation == 0 else f"{env.id}.r{generation}.ask{position}"
+
+
+def replayed(raw: bytes) -> bytes:
+    """A dead letter's envelope as it is replayed: the same message (its id, so its reply key
+    and step idempotency keys, unchanged) with its replay generation raised. An envelope that
+    does not decode soundly goes back unchanged (the worker refuses it again)."""
+    try:
+        env = decode_envelope(raw)
+    except DecodeError:
+        return raw
+    headers = {**env.headers, REPLAY_HEADER: str(replay_generation(env) + 1)}
+    # No bound here: the worker checks the size again, as it does for any message.
+    return encode_envelope(dataclasses.replace(env, headers=headers), sys.maxsize)
 
 
 def dump_model(model: BaseModel) -> Any:
@@ -186,9 +231,16 @@ class Routed:
     shard: int
 
 
+REJECTION = "actors.Reject"
+"""The ``type`` of a reply whose handler raised ``Reject``: ``ok`` is false, ``error`` holds
+the reason and ``payload`` the detail. (Other error replies have no type, so a client that
+predates rejections reads one as a HandlerError.)"""
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """The outcome of an ``ask``: a value (model dump or None) or an error."""
+    """The outcome of an ``ask``: a value (model dump or None), an error, or a rejection
+    (``type`` REJECTION)."""
 
     message_id: str
     ok: bool

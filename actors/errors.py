@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import pydantic_core
 
 if TYPE_CHECKING:
     from .codec import Envelope
@@ -63,6 +65,30 @@ class HandlerError(ActorsError):
         super().__init__(reason if not detail else f"{reason}\n{detail}")
         self.reason = reason
         self.detail = detail
+
+
+class Reject(ActorsError):
+    """Raised by a handler to refuse its message for good ("insufficient funds"): a business
+    outcome, not a failure. It is not retried and leaves no dead letter: the attempt's state
+    changes and the sends it buffered are dropped (as for a failed attempt; sends already
+    written by a journal write stay), the message is consumed, and an asker gets
+    ``Rejected(reason, detail)``. ``detail`` is optional structured data, kept in its JSON
+    form (a model becomes a dict; something with no JSON form raises here, where it is
+    made). Raised by a step's function, it ends the step at once (not retried), is
+    journaled as the step's outcome, and is raised again from ``step`` on every run, so
+    that, left alone, it rejects the turn."""
+
+    def __init__(self, reason: str, detail: Any = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail: Any = pydantic_core.to_jsonable_python(detail)
+
+
+class Rejected(Reject):
+    """``ask`` got a rejection: the handler raised ``Reject(reason, detail)``. From inside a
+    turn it is journaled like any reply, so every run of the turn gets the same. It is a
+    ``Reject``: left uncaught in a handler, it rejects that turn too, with the same reason
+    and detail (an orchestrator passes its callee's refusal on to its own asker)."""
 
 
 class LeaseLost(ActorsError):

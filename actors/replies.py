@@ -14,8 +14,8 @@ import logging
 import uuid
 from typing import Any
 
-from .codec import Reply, decode_envelope, decode_reply
-from .errors import AskTimeout, DecodeError, HandlerError
+from .codec import REJECTION, Reply, decode_envelope, decode_reply
+from .errors import AskTimeout, DecodeError, HandlerError, Rejected
 from .store import Store, is_transient
 
 log = logging.getLogger("actors.replies")
@@ -133,8 +133,11 @@ class ReplyListener:
 
 
 def reply_value(reply: Reply, cls: Any, message_type: str) -> Any:
-    """Turn a Reply into the handler's return value, or raise its error."""
+    """Turn a Reply into the handler's return value, or raise its error (Rejected for a
+    rejection, else HandlerError)."""
     if not reply.ok:
+        if reply.type == REJECTION:
+            raise Rejected(reply.error, reply.payload)
         raise HandlerError(reply.error, reply.detail)
     if reply.payload is None:
         return None

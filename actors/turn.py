@@ -30,8 +30,8 @@ from pydantic import BaseModel, TypeAdapter
 
 from . import telemetry
 from .actor import ActorRef, App, StepOptions, TurnInfo
-from .codec import Envelope, Reply, Routed, decode_reply, encode_reply
-from .errors import ActorsError, DuplicateItem
+from .codec import IDEMPOTENCY_HEADER, Envelope, Reply, Routed, ask_id, decode_reply, encode_reply
+from .errors import ActorsError, DuplicateItem, Reject
 from .journal import FOREVER_MS, Journal, Record, RedisClock, Send, StepFailed, Suspend
 from .limits import Limits, QueueItem
 from .replies import ReplyListener, reply_value
@@ -204,8 +204,8 @@ class TurnContext:
         record = self.journal.replay("ask", name)
         if record is None or record.value is None:
             # A deterministic id per (turn message, position): the reply a re-run waits for is
-            # the one to the request the first run sent.
-            message_id = f"{self.envelope.id}.ask{position}"
+            # the one to the request the first run sent (new for each replay of a dead letter).
+            message_id = ask_id(self.envelope, position)
             attributes = {"actor.type": ref.type, "actor.key": ref.key}
             with telemetry.span(f"ask {type(msg).__name__}", attributes, kind=SpanKind.CLIENT):
                 record, reply = await self._request(ref, msg, name, message_id, record, timeout)
@@ -225,9 +225,12 @@ class TurnContext:
         try:
             if record is None:
                 await self.host.fenced()
-                routed = self._route(ref, msg, message_id=message_id, reply_to=replies.channel)
-                record = self.journal.record("ask", name, None)  # sent: a re-run waits, not asks
+                routed = self._route(ref, msg, message_id=message_id, reply_to=replies.channel,
+                                     headers={IDEMPOTENCY_HEADER: message_id})  # fmt: skip
                 target = routed.envelope.actor_id
+                ttl_ms = int(self.services.messages.idempotency_ttl * 1000)
+                await self.services.store.remember_ask(routed.shard, target, message_id, ttl_ms)
+                record = self.journal.record("ask", name, None)  # sent: a re-run waits, not asks
                 await self.host.deliver(self, target, (target, routed.shard, routed.data))
             self.host.awaiting_reply(True)
             try:
@@ -383,7 +386,8 @@ def _callable_name(fn: Callable[..., Any]) -> str:
 async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                     options: StepOptions, limits: Limits, host: TurnHost,
                     info: StepInfo) -> list[Any]:  # fmt: skip
-    """Call ``fn`` with retries; returns the journal value ``["ok", result]`` or ``["error", type, text]``."""
+    """Call ``fn`` with retries; returns the journal value ``["ok", result]``, ``["error", type, text]``
+    or ``["reject", reason, detail]``."""
     attempts = options.retries + 1
     for attempt in range(1, attempts + 1):
         waiting = time.perf_counter()
@@ -399,6 +403,10 @@ async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[
             token = _STEP.set(dataclasses.replace(info, attempt=attempt))
             try:
                 result = await _call_once(fn, args, kwargs, options.timeout, host.steps)
+            except Reject as rejection:
+                # The function refused for good (user code's business error): no retry. Journaled,
+                # so that every run of the turn raises it from ``step`` without calling it again.
+                return ["reject", rejection.reason, rejection.detail]
             except Exception as exc:
                 failure: Exception | None = exc
             else:
@@ -479,6 +487,8 @@ def _step_result(record: Record, name: str, fn: Callable[..., Any]) -> Any:
     if record.value[0] == "error":
         _, error_type, text = record.value
         raise StepFailed(name, error_type, text)
+    if record.value[0] == "reject":
+        raise Reject(record.value[1], record.value[2])
     adapter = _return_adapter(fn)
     value = record.value[1]
     return value if adapter is None else adapter.validate_python(value)

@@ -11,7 +11,7 @@ def test_exported_names_are_pinned() -> None:
         "HandlerError", "LeaseLost", "MessageTooLarge", "ServerError", "UnknownActorType",
         "UnknownMessageType", "Approval", "schedule", "Tick", "JournalMismatch", "StepFailed",
         "Limiter", "DuplicateItem", "IdempotencyConflict", "InvalidIdempotencyKey",
-        "TurnTimeout", "step_info", "StepInfo",
+        "TurnTimeout", "step_info", "StepInfo", "Reject", "Rejected",
     ])  # fmt: skip
     for name in actors.__all__:
         assert getattr(actors, name) is not None

@@ -21,7 +21,7 @@
 --
 -- KEYS[1] lease   KEYS[2] inbox   KEYS[3] state   KEYS[4] outbox
 -- KEYS[5] turns   KEYS[6] timers  KEYS[7] dlq     KEYS[8] deliveries
--- KEYS[9..] reply keys, deferred lists
+-- KEYS[9..] reply keys, idempotency markers of keyed asks, deferred lists
 -- ARGV[1] expected lease value, ARGV[2] reply ttl ms, ARGV[3] number of writes,
 -- ARGV[5] consumer, ARGV[6] id of the newest entry to take ('' = take nothing),
 -- ARGV[7] how many entries that is,
@@ -35,7 +35,9 @@
 --   A entry                    ack a consumed inbox entry
 --   U envelope                 remove a consumed message from the deferred list
 --   F entry envelope           ack an inbox entry and defer it (if it was pending)
---   Y key-index channel reply  store (and publish, ignoring a refusal) the reply to an ask
+--   Y key-index marker-index channel reply  store (and publish, ignoring a refusal) the reply
+--                              to an ask, for the reply ttl or, if the ask's idempotency marker
+--                              (marker-index, 0: none) is still set, the reply ttl past its end
 --   J open-turn score          store the open turn and its timer
 --   D envelope entry reason detail   append to the dead-letter stream
 --   X                          forget the actor's count of recovered starts
@@ -55,7 +57,7 @@ if ARGV[6] ~= '' then
   end
 end
 local reply_ttl = ARGV[2]
-local ARITY = {L = 1, R = 2, A = 1, U = 1, F = 2, Y = 3, J = 2, D = 4, X = 0}
+local ARITY = {L = 1, R = 2, A = 1, U = 1, F = 2, Y = 4, J = 2, D = 4, X = 0}
 local values = cmsgpack.unpack(ARGV[4])
 local i = 0
 local function arg()
@@ -112,9 +114,19 @@ local function apply(tag, actor, deferred)
     end
   elseif tag == 'Y' then
     local key = KEYS[tonumber(arg())]
+    local marker = tonumber(arg())
     local channel = arg()
     local reply = arg()
-    redis.call('SET', key, reply, 'PX', reply_ttl)
+    local ttl = tonumber(reply_ttl)
+    if marker > 0 then
+      -- A retry within the marker's life is sent to this reply: keep it that long, and then
+      -- the reply ttl, for a retry deduplicated just before the marker's end.
+      local left = redis.call('PTTL', KEYS[marker])
+      if left > 0 then
+        ttl = ttl + left
+      end
+    end
+    redis.call('SET', key, reply, 'PX', ttl)
     if channel ~= '' then
       -- pcall: the stored reply is what counts (askers read it when nothing is published);
       -- a refused PUBLISH (an ACL without rights on the channel) must not abort the script

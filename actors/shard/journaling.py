@@ -23,7 +23,7 @@ from ..lease import StepsInFlight
 from ..limits import queued_item
 from ..store import Write
 from ..turn import Queued, TurnContext
-from .state import Activation, Source, copy_records
+from .state import Activation, Source, copy_records, reply_fields
 
 if TYPE_CHECKING:
     from .runner import ShardRunner
@@ -188,10 +188,9 @@ class Journaling:
         log.warning("shard %s: dead-lettered a message%s: %s", r.shard, f" to {aid}" if aid else "", reason)
         telemetry.record("dead_letters", 1, {"actor.type": env.actor if env is not None else ""})
         reply: dict[str, Any] = {}
-        if env is not None and env.reply_to:
+        if env is not None:
             error = encode_reply(Reply(env.id, False, None, None, reason, detail))
-            reply = {"reply_key": r.store.keys.reply(r.shard, env.id), "reply_channel": env.reply_to,
-                     "reply": error}  # fmt: skip
+            reply = reply_fields(r.store.keys, r.shard, env, error)
         item = None if env is None else queued_item(env.headers, env.id)
         return Write("d", aid, origin, ref, envelope=raw, reason=reason, detail=detail,
                      acks=[q.entry_id for q in acks if q.entry_id], item=item, **reply)  # fmt: skip

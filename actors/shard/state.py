@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..actor import Actor, Handler
-from ..codec import Envelope, Malformed, decode_state
+from ..codec import Envelope, Malformed, decode_state, reply_marker_key
 from ..errors import ActorsError, Diverged, LeaseLost
 from ..journal import OpenTurn, Record
+from ..keys import Keys
 from ..limits import queued_item
 from ..messages import Tick
 from ..turn import Queued, TurnContext
@@ -118,6 +119,19 @@ def consumed(ctx: TurnContext) -> dict[str, Any]:
         "acks": [q.entry_id for q in ctx.consumed if q.entry_id is not None],
         "unlists": [q.raw for q in ctx.consumed if q.entry_id is None],
     }
+
+
+def reply_fields(keys: Keys, shard: int, env: Envelope, reply: bytes) -> dict[str, Any]:
+    """The write fields that store ``reply`` under the ask's reply key and publish it to the
+    asker's channel; none for a message nobody asked. An ask sent under an idempotency key
+    names the key's marker: its reply is kept as long as the marker (which sends a retried
+    ask to this reply), not just ``reply_ttl``."""
+    if not env.reply_to:
+        return {}
+    idempotency_key = reply_marker_key(env)
+    marker = None if idempotency_key is None else keys.idempotency(shard, env.actor_id, idempotency_key)
+    return {"reply_key": keys.reply(shard, env.id), "reply_channel": env.reply_to, "reply": reply,
+            "reply_marker": marker}  # fmt: skip
 
 
 def copy_records(records: list[Record]) -> list[Record]:

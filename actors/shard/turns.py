@@ -17,8 +17,8 @@ from pydantic import BaseModel
 
 from .. import telemetry
 from ..actor import Actor, Handler, TurnInfo
-from ..codec import Envelope, Reply, dump_model, encode_reply, encode_state
-from ..errors import TurnCancelled, TurnTimeout
+from ..codec import REJECTION, Envelope, Reply, dump_model, encode_reply, encode_state
+from ..errors import Reject, TurnCancelled, TurnTimeout
 from ..journal import Journal, JournalMismatch, Suspend
 from ..limits import queued_item
 from ..store import Write
@@ -35,6 +35,7 @@ from .state import (
     handler_for,
     load_state,
     queue_of,
+    reply_fields,
 )
 from .work import closed
 
@@ -151,6 +152,9 @@ class Turns:
                 if ctx.journal.mismatch is not None:
                     await r.journaling.park(ctx, str(ctx.journal.mismatch))
                     return
+                if isinstance(failure, Reject):  # a business refusal: consumed, never retried
+                    await self._reject(act, ctx, failure)
+                    return
                 if isinstance(failure, TurnCancelled) or attempt >= retry.max_attempts:
                     await self._give_up(act, ctx, handler, failure, attempt)
                     return
@@ -171,9 +175,8 @@ class Turns:
             "c", act.id, where.origin, where.ref,
             snapshot=None if snapshot == act.snapshot else snapshot,
             local=local, remote=remote,
-            reply_key=r.store.keys.reply(r.shard, env.id) if env.reply_to else None,
-            reply_channel=env.reply_to, reply=reply,
             item=queued_item(env.headers, env.id),
+            **reply_fields(r.store.keys, r.shard, env, reply),
             **consumed(ctx),
         )  # fmt: skip
         result = await r.commits.write(write)
@@ -181,6 +184,20 @@ class Turns:
         r.journaling.settled(act, ctx.consumed)
         if where.origin != "i":
             closed(act, result)
+
+    async def _reject(self, act: Activation, ctx: TurnContext, rejection: Reject) -> None:
+        """Consume a message its handler refused (``Reject``): a commit with no state change and
+        none of the attempt's buffered sends or received messages (dropped, as for a failed
+        attempt), closing its open turn; an asker gets the rejection, and no dead letter is made."""
+        r = self.runner
+        env, where = ctx.envelope, ctx.source
+        log.info("shard %s: %s rejected message %s: %s", r.shard, act.id, env.id, rejection.reason)
+        reply = encode_reply(Reply(env.id, False, REJECTION, rejection.detail, rejection.reason))
+        write = Write(
+            "c", act.id, where.origin, where.ref, item=queued_item(env.headers, env.id),
+            **reply_fields(r.store.keys, r.shard, env, reply),
+        )  # fmt: skip
+        closed(act, await r.commits.write(write))
 
     async def _give_up(self, act: Activation, ctx: TurnContext, handler: Handler, exc: BaseException,
                        attempt: int) -> None:  # fmt: skip
@@ -262,6 +279,11 @@ class Turns:
             except Suspend:
                 outcome = "suspended"
                 raise
+            except Reject as exc:
+                outcome = "rejected" if _rejects(ctx) else "failed"
+                if outcome == "failed":
+                    telemetry.failed(current, exc)
+                raise
             except BaseException as exc:
                 outcome = "failed"
                 telemetry.failed(current, exc)
@@ -303,6 +325,13 @@ class Turns:
             task.cancel()
         elif not ctx.flushing:
             ctx.writing.add_done_callback(lambda _: task.cancel() if ctx.in_handler else None)
+
+
+def _rejects(ctx: TurnContext) -> bool:
+    """Whether a Reject the handler raised rejects its turn: not when the attempt was
+    interrupted, misused primitives or hit a journal mismatch, which decide the outcome
+    (``_attempts`` looks at them first)."""
+    return ctx.interrupted is None and ctx.misuse is None and ctx.journal.mismatch is None
 
 
 def _reply(env: Envelope, result: Any) -> bytes:

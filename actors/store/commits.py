@@ -58,7 +58,11 @@ class CommitStore(StoreBase):
             effects += [["F", entry_id, e] for entry_id, e in w.defers]
             if w.reply_key is not None:
                 keys.append(w.reply_key)
-                effects.append(["Y", len(keys), w.reply_channel or "", w.reply])
+                reply_index = len(keys)
+                if w.reply_marker is not None:
+                    keys.append(w.reply_marker)
+                marker_index = len(keys) if w.reply_marker is not None else 0
+                effects.append(["Y", reply_index, marker_index, w.reply_channel or "", w.reply])
             if w.op == "j":
                 effects.append(["J", w.open_turn, w.score])
             if w.op == "d":

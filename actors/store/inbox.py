@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from redis.exceptions import ResponseError
 
-from ..codec import FIELD
+from ..codec import FIELD, replayed
 from ..errors import IdempotencyConflict
 from ..keys import GROUP
 from .connection import STALL_TIMEOUT, StoreBase, honours_cancel, is_transient, raw_reply, xread_rows
@@ -55,6 +55,13 @@ class InboxStore(StoreBase):
         if status == CONFLICT:
             raise IdempotencyConflict(idempotency_key, actor_id, value.decode())
         return bool(status), value.decode()
+
+    async def remember_ask(self, shard: int, actor_id: str, message_id: str, ttl_ms: int) -> None:
+        """Set the idempotency marker of a turn's ask (its id is its key) before the ask goes
+        out with the turn's journal write: the reply to it is then kept as long as the
+        marker (see the ``Y`` effect of ``commit.lua``), for a re-run that waits for it."""
+        key = self.keys.idempotency(shard, actor_id, message_id)
+        await self.redis.set(key, f":{message_id}", px=ttl_ms, nx=True)
 
     async def read_new(self, shard: int, lease: str, consumer: str, count: int) -> tuple[list[Entry], str]:
         """Take up to ``count`` new entries, fenced by ``lease``; returns (entries, newest id).
@@ -156,8 +163,16 @@ class InboxStore(StoreBase):
         return [dead_letter_record(i, f) for i, f in rows]
 
     async def replay_dead_letter(self, shard: int, dlq_id: str) -> str | None:
+        """Append the dead letter to its shard's inbox again and delete it; returns the new
+        entry id, or None if there is no such dead letter. The message keeps its id and
+        gets its replay generation raised (``codec.replayed``), so its turn asks afresh."""
+        found = await self.dead_letters(shard, 1, start=dlq_id)
+        if not found or found[0].id != dlq_id:
+            return None
         new_id = await self._run(
-            "replay_dead_letter", [self.keys.dead_letters(shard), self.keys.inbox(shard)], [dlq_id]
+            "replay_dead_letter",
+            [self.keys.dead_letters(shard), self.keys.inbox(shard)],
+            [dlq_id, replayed(found[0].envelope)],
         )
         return new_id.decode() if new_id else None
 

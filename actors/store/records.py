@@ -54,6 +54,8 @@ class Write:
     reply_key: str | None = None
     reply_channel: str | None = None
     reply: bytes = b""
+    reply_marker: str | None = None
+    """The idempotency marker the ask was sent under: the reply is kept ``reply_ttl`` past it."""
     open_turn: bytes = b""
     score: int = 0
     envelope: bytes = b""
