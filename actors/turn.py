@@ -307,16 +307,24 @@ class TurnContext:
         # A matching message that arrived before the turn got here satisfies the wait too.
         for queued in await self.host.candidates(self, name):
             if where is None or where(model.model_validate(queued.envelope.payload)):
-                return self._receive(record, model, queued)
+                return await self._receive(record, model, queued)
         if due <= self.host.clock.lower():
-            self.journal.update(record, [due, True, None])
+            await self._decide(record, [due, True, None])
             return None
         raise Suspend(due, name)
 
-    def _receive(self, record: Record, model: type[BaseModel], queued: Queued) -> BaseModel:
+    async def _receive(self, record: Record, model: type[BaseModel], queued: Queued) -> BaseModel:
         self.consumed.append(queued)
-        self.journal.update(record, [record.value[0], True, queued.envelope.payload])
+        await self._decide(record, [record.value[0], True, queued.envelope.payload])
         return model.model_validate(queued.envelope.payload)
+
+    async def _decide(self, record: Record, value: list[Any]) -> None:
+        """Journal the wait's outcome before the handler goes on, as after a step: a re-run
+        (after a crash in what follows) must replay this outcome, not decide again from
+        what has arrived by then."""
+        self._check_sole()
+        self.journal.update(record, value)
+        await self.host.flush(self)
 
     @contextlib.contextmanager
     def _primitive(self, what: str) -> Iterator[None]:
