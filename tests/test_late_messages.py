@@ -111,7 +111,9 @@ async def test_late_and_unmatched_approvals_are_dead_lettered_with_their_reasons
         view = await client.inspect(ref)
         assert [d.reason for d in view.dead_letters] == [LATE, NO_WAIT]
         assert [d.message_type for d in view.dead_letters] == ["Approval", "Approval"]
-        shown = ok(await actors_cli("inspect", "Approver/seen", "--redis", redis_url, "--namespace", namespace))
+        shown = ok(
+            await actors_cli("inspect", "Approver/seen", "--redis", redis_url, "--namespace", namespace)
+        )
         assert "dead letters  2" in shown and LATE in shown and NO_WAIT in shown, shown
 
 

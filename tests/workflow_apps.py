@@ -334,6 +334,4 @@ class Staged(actors.Actor, waits_for=[Proceed]):
         self.state.notes.append(msg.text)
 
 
-app = actors.App(
-    Pipeline, Retrier, Sleeper, Approver, Changing, Stubborn, Odd, Caller, Callee, Payer, Staged
-)
+app = actors.App(Pipeline, Retrier, Sleeper, Approver, Changing, Stubborn, Odd, Caller, Callee, Payer, Staged)
