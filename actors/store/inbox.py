@@ -155,6 +155,12 @@ class InboxStore(StoreBase):
         rows = cast("StreamRows", found)
         return [dead_letter_record(i, f) for i, f in rows]
 
+    async def newest_dead_letters(self, shard: int, count: int) -> list[DeadLetter]:
+        """The shard's newest ``count`` dead letters, oldest first."""
+        found = await self.redis.xrevrange(self.keys.dead_letters(shard), count=count)
+        rows = cast("StreamRows", found)
+        return [dead_letter_record(i, f) for i, f in reversed(rows)]
+
     async def replay_dead_letter(self, shard: int, dlq_id: str) -> str | None:
         new_id = await self._run(
             "replay_dead_letter", [self.keys.dead_letters(shard), self.keys.inbox(shard)], [dlq_id]
