@@ -138,7 +138,8 @@ class TurnHost(Protocol):
         """Write the journal and the buffered sends, opening the turn if it is not yet."""
 
     async def candidates(self, ctx: TurnContext, message_type: str) -> list[Queued]:
-        """Messages of ``message_type`` waiting behind the turn, in arrival order."""
+        """Messages of ``message_type`` waiting behind the turn, in arrival order, each with
+        the inbox entry id it arrived with (``Queued.arrived``)."""
 
     steps: StepsInFlight
     """The step functions of the host's shard that are running now."""
@@ -340,6 +341,7 @@ class TurnContext:
             )
             self.consumed.append(queued)
             self.refused.append((queued, LATE, detail))
+            telemetry.record("dead_letters", 1, {"actor.type": self.envelope.actor})
 
     async def _receive(self, record: Record, model: type[BaseModel], queued: Queued) -> BaseModel:
         self.consumed.append(queued)
