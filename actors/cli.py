@@ -8,7 +8,7 @@ actors top                            a live view of throughput, latency, lag, l
 actors bench [--messages N ...]       measure throughput and latency with real worker processes
 actors approve REF --request-id ID (--approve | --reject) [--by NAME] [--comment TEXT]
 actors waits [--limit N]              every open turn: running, sleeping, waiting, parked
-actors inspect REF [--app APP]        state, open turn (journal, wait, timer), deferred count
+actors inspect REF [--app APP]        state, open turn (journal, wait, timer), deferred count, dead letters
 actors cancel REF                     end an actor's open turn (dead-lettered as "cancelled")
 actors dlq list|show|replay|drop
 actors server start|stop|status       the project's embedded server
@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from . import processes, telemetry, top
 from .actor import ActorRef, App
-from .client import Client, TurnView, connect
+from .client import DEAD_LETTER_SCAN, Client, DeadLetterView, TurnView, connect
 from .codec import decode_envelope
 from .errors import ActorsError, DecodeError
 from .messages import Approval
@@ -239,7 +239,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if args.json:
             turn_json = None if view.turn is None else _turn_json(view.turn)
             shown = {"actor": view.actor, "shard": view.shard, "state": state, "turn": turn_json}
-            print(json.dumps({**shown, "deferred": view.deferred}, indent=2))
+            dead = [_dead_letter_json(d) for d in view.dead_letters]
+            print(json.dumps({**shown, "deferred": view.deferred, "dead_letters": dead}, indent=2))
             return
         print(f"actor     {view.actor}")
         print(f"shard     {view.shard}")
@@ -259,8 +260,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             for n, entry in enumerate(turn.journal):
                 print(f"    {n:>3}  {entry}")
         print(f"deferred  {_count(view.deferred, 'message', 'messages')}")
+        _print_dead_letters(view.dead_letters)
 
     return _with_client(args, run)
+
+
+INSPECT_DEAD_LETTERS = 10
+"""``inspect`` lists this many of an actor's newest dead letters (``--json`` lists them all)."""
+
+
+def _print_dead_letters(dead: list[DeadLetterView]) -> None:
+    """The count (among the shard's newest ``DEAD_LETTER_SCAN``), then the newest few with reasons."""
+    print(f"dead letters  {len(dead)} (among its shard's newest {DEAD_LETTER_SCAN})")
+    for d in dead[-INSPECT_DEAD_LETTERS:]:
+        print(f"  {_when(d.at)}  {d.message_type} {d.message_id}  {_clip(d.reason, 100)}")
+
+
+def _dead_letter_json(dead: DeadLetterView) -> dict[str, Any]:
+    shown = dataclasses.asdict(dead)
+    shown["at"] = dead.at.isoformat(timespec="milliseconds")
+    return shown
 
 
 def _turn_json(view: TurnView) -> dict[str, Any]:
@@ -466,7 +485,7 @@ def parser() -> argparse.ArgumentParser:
     common(wt)
     wt.set_defaults(func=cmd_waits)
 
-    i = sub.add_parser("inspect", help="an actor's state, open turn and deferred messages")
+    i = sub.add_parser("inspect", help="an actor's state, open turn, deferred messages and dead letters")
     i.add_argument("ref", help="Type/key")
     i.add_argument("--app", default=os.environ.get("ACTORS_APP"), help="to show the state as its model")
     i.add_argument("--json", action="store_true")

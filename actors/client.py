@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from . import telemetry
 from .actor import ActorRef, App
 from .codec import IDEMPOTENCY_HEADER, Routed, actor_id, decode_envelope, decode_state, message_digest
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DecodeError
 from .journal import FOREVER_MS, OpenTurn
 from .limits import QueueItem, enqueue
 from .messages import CANCEL, Approval
@@ -25,7 +25,11 @@ from .replies import ReplyListener, reply_value
 from .routing import check_idempotency_key, route, route_control, shard_of
 from .server import resolve_url
 from .settings import DEFAULT_SHARDS, MessageSettings, RedisSettings
-from .store import Store
+from .store import DeadLetter, Store
+
+DEAD_LETTER_SCAN = 1000
+"""``inspect`` looks for an actor's dead letters among its shard's newest this many (a bounded
+read: dead-letter streams are never trimmed, and one holds every actor of its shard)."""
 
 
 class Client:
@@ -164,12 +168,15 @@ class Client:
         return routed.envelope.id
 
     async def inspect(self, ref: ActorRef[Any]) -> ActorView:
-        """The actor's committed state, its open turn if it has one, and its deferred messages."""
+        """The actor's committed state, its open turn if it has one, its deferred messages,
+        and its dead letters among the shard's newest ``DEAD_LETTER_SCAN``."""
         aid = actor_id(ref.type, ref.key)
         shard = shard_of(aid, self.shards)
         raw, deferred = await self.store.open_turn(shard, aid)
         turn = None if raw is None else TurnView.of(aid, OpenTurn.decode(raw))
-        return ActorView(aid, shard, await self.state(ref), turn, deferred)
+        newest = await self.store.newest_dead_letters(shard, DEAD_LETTER_SCAN)
+        dead = [view for view in map(DeadLetterView.of, newest) if view is not None and view.actor == aid]
+        return ActorView(aid, shard, await self.state(ref), turn, deferred, dead)
 
     async def waits(self, limit: int = 1000) -> list[TurnView]:
         """Open turns across every shard (at most ``limit``), oldest first."""
@@ -234,6 +241,29 @@ class TurnView:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadLetterView:
+    """A dead letter, as ``actors inspect`` shows it."""
+
+    id: str
+    actor: str
+    message_id: str
+    message_type: str
+    at: datetime
+    reason: str
+    """Why: e.g. ``arrived after the wait timed out``, ``no wait was open``, ``cancelled``."""
+    detail: str
+
+    @classmethod
+    def of(cls, dead: DeadLetter) -> DeadLetterView | None:
+        """None for one whose envelope does not decode (it names no actor)."""
+        try:
+            env = decode_envelope(dead.envelope)
+        except DecodeError:
+            return None
+        return cls(dead.id, env.actor_id, env.id, env.type, _datetime(dead.at_ms), dead.reason, dead.detail)
+
+
+@dataclass(frozen=True, slots=True)
 class ActorView:
     """What ``actors inspect`` shows about one actor."""
 
@@ -243,6 +273,8 @@ class ActorView:
     turn: TurnView | None
     deferred: int
     """Messages waiting behind its open turn (or not yet handled after it closed)."""
+    dead_letters: list[DeadLetterView]
+    """Its dead letters among its shard's newest ``DEAD_LETTER_SCAN``, oldest first."""
 
 
 def _sending(verb: str, ref: ActorRef[Any], msg: BaseModel) -> contextlib.AbstractContextManager[Any]:

@@ -137,6 +137,16 @@ class Keys:
         """list: messages that reached an actor while it had an open turn, in arrival order."""
         return f"{self._tag(shard)}:deferred:{actor_id}"
 
+    def deferred_of_type(self, shard: int, actor_id: str, message_type: str) -> str:
+        """list: the messages of one type in an actor's deferred list, in the same order, each
+        ``<inbox entry id>|<envelope>`` (the entry id: when it reached the shard's inbox, on
+        Redis's clock). ``commit.lua`` keeps it with the deferred list, so that a ``wait_for``
+        reads the messages of its type only, however many others wait behind the turn.
+
+        The actor id's length comes first, as for idempotency keys: actor keys may hold ':'.
+        """
+        return f"{self._tag(shard)}:deferred-type:{len(actor_id)}:{actor_id}:{message_type}"
+
     def schedules(self, shard: int) -> str:
         """hash: ``<actor id>#<schedule>`` -> the newest slot fired (ms), for the shard's actors."""
         return f"{self._tag(shard)}:schedules"

@@ -22,6 +22,7 @@ import typing
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 import pydantic_core
@@ -93,6 +94,10 @@ class Queued:
     envelope: Envelope
     message: BaseModel | None
     """The validated message; None for a control message (cancel)."""
+    arrived: str = ""
+    """The inbox entry id it arrived with (its ``entry_id``; for a deferred message, kept by
+    its type's index), whose time part is when it reached its shard's inbox by Redis's
+    clock; '' if unknown."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +136,8 @@ class TurnHost(Protocol):
         """Write the journal and the buffered sends, opening the turn if it is not yet."""
 
     async def candidates(self, ctx: TurnContext, message_type: str) -> list[Queued]:
-        """Messages of ``message_type`` waiting behind the turn, in arrival order."""
+        """Messages of ``message_type`` waiting behind the turn, in arrival order, each with
+        the inbox entry id it arrived with (``Queued.arrived``)."""
 
     steps: StepsInFlight
     """The step functions of the host's shard that are running now."""
@@ -166,6 +172,9 @@ class TurnContext:
     an ask or enqueue to that actor (``TurnHost.deliver``)."""
     consumed: list[Queued] = field(default_factory=list)
     """Messages ``wait_for`` received, removed from the mailbox by the next write."""
+    refused: list[tuple[Queued, str, str]] = field(default_factory=list)
+    """Those of ``consumed`` that a wait refused, with the reason and detail of their dead
+    letter: they matched it but arrived after its deadline (the next write dead-letters them)."""
     active: tuple[str, asyncio.Task[Any] | None] | None = None
     """The durable primitive in progress, and the task that called it."""
     interrupted: BaseException | None = None
@@ -324,19 +333,48 @@ class TurnContext:
             due, done, payload = record.value
             if done:
                 return None if payload is None else model.model_validate(payload)
-        # A matching message that arrived before the turn got here satisfies the wait too.
+        # A matching message that arrived before the turn got here satisfies the wait too;
+        # one that reached Redis at or after the deadline never does, however late the turn
+        # looks (a worker down across the deadline, a timer not yet fired).
+        late: list[Queued] = []
         for queued in await self.host.candidates(self, name):
-            if where is None or where(model.model_validate(queued.envelope.payload)):
-                return self._receive(record, model, queued)
+            if where is not None and not where(model.model_validate(queued.envelope.payload)):
+                continue
+            if _arrived_late(queued, due):
+                late.append(queued)
+                continue
+            return await self._receive(record, model, queued)
         if due <= self.host.clock.lower():
-            self.journal.update(record, [due, True, None])
+            self._refuse(late, name, due)
+            await self._decide(record, [due, True, None])
             return None
         raise Suspend(due, name)
 
-    def _receive(self, record: Record, model: type[BaseModel], queued: Queued) -> BaseModel:
+    def _refuse(self, late: list[Queued], name: str, due: int) -> None:
+        """Dead-letter, with the write that journals the timeout, the matches that came too late."""
+        for queued in late:
+            arrived = _arrival_ms(queued)
+            when = "an unknown time" if arrived is None else _iso(arrived)
+            detail = (
+                f"{self.envelope.actor_id} waited for {name} until {_iso(due)} (Redis clock); this "
+                f"message reached its shard's inbox at {when}"
+            )
+            self.consumed.append(queued)
+            self.refused.append((queued, LATE, detail))
+            telemetry.record("dead_letters", 1, {"actor.type": self.envelope.actor})
+
+    async def _receive(self, record: Record, model: type[BaseModel], queued: Queued) -> BaseModel:
         self.consumed.append(queued)
-        self.journal.update(record, [record.value[0], True, queued.envelope.payload])
+        await self._decide(record, [record.value[0], True, queued.envelope.payload])
         return model.model_validate(queued.envelope.payload)
+
+    async def _decide(self, record: Record, value: list[Any]) -> None:
+        """Journal the wait's outcome before the handler goes on, as after a step: a re-run
+        (after a crash in what follows) must replay this outcome, not decide again from
+        what has arrived by then."""
+        self._check_sole()
+        self.journal.update(record, value)
+        await self.host.flush(self)
 
     @contextlib.contextmanager
     def _primitive(self, what: str) -> Iterator[None]:
@@ -372,6 +410,29 @@ class TurnContext:
         """Before journaling a primitive's result: refuse it if primitives ran at once."""
         if self.misuse is not None:
             raise self.misuse
+
+
+LATE = "arrived after the wait timed out"
+"""The dead-letter reason of a message that matched a wait but reached Redis after its deadline."""
+
+
+def _arrival_ms(queued: Queued) -> int | None:
+    """When the message reached its shard's inbox (ms, Redis clock): its entry id's time part."""
+    stamp = queued.arrived.partition("-")[0]
+    return int(stamp) if stamp.isdigit() else None
+
+
+def _arrived_late(queued: Queued, due: int) -> bool:
+    """At or after the deadline ``due`` (a message of unknown arrival cannot prove it was on time).
+    Entry ids are in ms: one stamped ``due`` arrived at ``due`` or within the ms after it."""
+    if due >= FOREVER_MS:
+        return False
+    arrived = _arrival_ms(queued)
+    return arrived is None or arrived >= due
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
 
 
 def _target(ref: ActorRef[Any], msg: BaseModel) -> str:

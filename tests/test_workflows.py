@@ -97,7 +97,7 @@ async def test_an_approval_on_time_completes_the_wait(connect, start_worker) -> 
         assert state.notes == ["n1@approved"]
         dead = await _dead_letters(client, ref)
         no_wait = "Approver has no handler for Approval and no open wait_for received it"
-        assert [d.reason for d in dead] == [no_wait]
+        assert [(d.reason, d.detail) for d in dead] == [("no wait was open", no_wait)]
 
 
 async def test_an_approval_sent_before_the_wait_satisfies_it(connect, start_worker) -> None:

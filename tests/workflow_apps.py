@@ -274,4 +274,64 @@ class Callee(actors.Actor):
         return Note(text=f"{msg.text} #{self.state.asked}")
 
 
-app = actors.App(Pipeline, Retrier, Sleeper, Approver, Changing, Stubborn, Odd, Caller, Callee)
+def decide(key: str, decision: str) -> str:
+    """A gated step: logs ``decide <key> <decision> <token>`` and waits for ``release(token)``."""
+    token = uuid.uuid4().hex[:8]
+    log_line(f"decide {key} {decision} {token}")
+    deadline = time.monotonic() + GATE_TIMEOUT
+    while time.monotonic() < deadline and not _released(token):
+        time.sleep(0.01)
+    return token
+
+
+def pay(key: str) -> None:
+    log_line(f"pay {key}")
+
+
+class Payer(actors.Actor):
+    """Waits for an Approval of its request; a gated step then records the decision (a test
+    kills the worker inside it), and an approved refund is paid by another step."""
+
+    State = Decision
+
+    async def on_refund(self, msg: Refund) -> None:
+        approval = await self.wait_for(
+            Approval, timeout=msg.timeout, where=lambda a: a.request_id == msg.request_id
+        )
+        decision = "timeout" if approval is None else "approved" if approval.approved else "rejected"
+        await self.step(decide, self.key, decision, name="decide")
+        if approval is not None and approval.approved:
+            await self.step(pay, self.key, name="pay")
+        self.state.status = decision
+        self.state.approvals_seen += approval is not None
+
+
+class Proceed(BaseModel):
+    pass
+
+
+class Staged(actors.Actor, waits_for=[Proceed]):
+    """Waits for a Proceed, then for an Approval of its request: whatever arrives before the
+    Proceed (notes, approvals) is deferred behind the open turn meanwhile."""
+
+    State = Decision
+
+    async def on_refund(self, msg: Refund) -> Decision:
+        self.state.status = "waiting"
+        await self.wait_for(Proceed)
+        approval = await self.wait_for(
+            Approval, timeout=msg.timeout, where=lambda a: a.request_id == msg.request_id
+        )
+        self.state.approvals_seen += approval is not None
+        if approval is None:
+            self.state.status = "timed out"
+        else:
+            self.state.status = "approved" if approval.approved else "rejected"
+            self.state.by = approval.by
+        return self.state
+
+    async def on_note(self, msg: Note) -> None:
+        self.state.notes.append(msg.text)
+
+
+app = actors.App(Pipeline, Retrier, Sleeper, Approver, Changing, Stubborn, Odd, Caller, Callee, Payer, Staged)

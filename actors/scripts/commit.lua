@@ -19,9 +19,15 @@
 --   s  settle: forget the actor's timer if it has no open turn and nothing deferred
 -- After a turn closes, its actor keeps timer 0 while deferred messages remain.
 --
+-- Beside an actor's deferred list (envelopes, arrival order) each message type of it has an
+-- index: a list of '<inbox entry id>|<envelope>' of that type's deferred messages, in the same
+-- order (the entry id is when the message reached this shard's inbox). Every effect that
+-- adds to the deferred list or takes from it (F, U, H and the take of a deferred head) does
+-- the same to the index in the same script, so a wait_for reads its type's messages only.
+--
 -- KEYS[1] lease   KEYS[2] inbox   KEYS[3] state   KEYS[4] outbox
 -- KEYS[5] turns   KEYS[6] timers  KEYS[7] dlq     KEYS[8] deliveries
--- KEYS[9..] reply keys, idempotency markers of keyed asks, deferred lists
+-- KEYS[9..] reply keys, idempotency markers of keyed asks, deferred lists, deferred-type indexes
 -- ARGV[1] expected lease value, ARGV[2] reply ttl ms, ARGV[3] number of writes,
 -- ARGV[5] consumer, ARGV[6] id of the newest entry to take ('' = take nothing),
 -- ARGV[7] how many entries that is,
@@ -33,8 +39,12 @@
 --   L envelope                 append to this shard's inbox
 --   R shard envelope           append to the outbox, for another shard
 --   A entry                    ack a consumed inbox entry
---   U envelope                 remove a consumed message from the deferred list
---   F entry envelope           ack an inbox entry and defer it (if it was pending)
+--   U envelope index entry     remove a consumed message from the deferred list, and
+--                              '<entry>|<envelope>' from its type's index (KEYS[index])
+--   F entry envelope index     ack an inbox entry and, if it was pending, defer it: append
+--                              it to the deferred list and '<entry>|<envelope>' to its index
+--   H index                    the write's message, taken as the deferred head, leaves its
+--                              type's index too (if the index's head is that message)
 --   Y key-index marker-index channel reply  store (and publish, ignoring a refusal) the reply
 --                              to an ask, for the reply ttl or, if the ask's idempotency marker
 --                              (marker-index, 0: none) is still set, the reply ttl past its end
@@ -57,7 +67,7 @@ if ARGV[6] ~= '' then
   end
 end
 local reply_ttl = ARGV[2]
-local ARITY = {L = 1, R = 2, A = 1, U = 1, F = 2, Y = 4, J = 2, D = 4, X = 0}
+local ARITY = {L = 1, R = 2, A = 1, U = 3, F = 3, H = 1, Y = 4, J = 2, D = 4, X = 0}
 local values = cmsgpack.unpack(ARGV[4])
 local i = 0
 local function arg()
@@ -96,7 +106,7 @@ local function settle(actor, deferred)
   return 1
 end
 
-local function apply(tag, actor, deferred)
+local function apply(tag, actor, deferred, ref)
   if tag == 'L' then
     redis.call('XADD', inbox, '*', 'e', arg())
   elseif tag == 'R' then
@@ -105,12 +115,29 @@ local function apply(tag, actor, deferred)
   elseif tag == 'A' then
     redis.call('XACK', inbox, 'workers', arg())
   elseif tag == 'U' then
-    redis.call('LREM', deferred, 1, arg())
+    local envelope = arg()
+    local index = KEYS[tonumber(arg())]
+    local entry = arg()
+    redis.call('LREM', deferred, 1, envelope)
+    if entry ~= '' then
+      redis.call('LREM', index, 1, entry .. '|' .. envelope)
+    end
   elseif tag == 'F' then
     local entry = arg()
     local envelope = arg()
+    local index = KEYS[tonumber(arg())]
     if redis.call('XACK', inbox, 'workers', entry) == 1 then
       redis.call('RPUSH', deferred, envelope)
+      redis.call('RPUSH', index, entry .. '|' .. envelope)
+    end
+  elseif tag == 'H' then
+    -- The index lists its type's deferred messages in the list's order, so the deferred
+    -- head, if of this type, heads it; one deferred before indexes were kept is in none.
+    local index = KEYS[tonumber(arg())]
+    local head = redis.call('LINDEX', index, 0)
+    local entry = head and #head > #ref + 1 and string.sub(head, 1, #head - #ref - 1)
+    if entry and string.match(entry, '^%d+%-%d+$') and string.sub(head, -#ref - 1) == '|' .. ref then
+      redis.call('LPOP', index)
     end
   elseif tag == 'Y' then
     local key = KEYS[tonumber(arg())]
@@ -162,7 +189,7 @@ for w = 1, tonumber(ARGV[3]) do
       redis.call('HSET', state, actor, snapshot)
     end
     for _ = 1, effects do
-      apply(arg(), actor, deferred)
+      apply(arg(), actor, deferred, ref)
     end
     if (op == 'c' or op == 'd') and origin == 'o' then
       redis.call('HDEL', turns, actor)

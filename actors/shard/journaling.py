@@ -23,15 +23,12 @@ from ..lease import StepsInFlight
 from ..limits import queued_item
 from ..store import Write
 from ..turn import Queued, TurnContext
-from .state import Activation, Source, copy_records, reply_fields
+from .state import Activation, Source, copy_records, deferral, reply_fields, taken_out
 
 if TYPE_CHECKING:
     from .runner import ShardRunner
 
 log = logging.getLogger("actors.shard")
-
-DEFERRED_SCAN = 1000
-"""At most this many deferred messages are offered to a ``wait_for``."""
 
 
 def _nothing(send: Send) -> bool:
@@ -137,9 +134,8 @@ class Journaling:
             "j", act.id, source.origin, source.ref,
             local=local, remote=remote,
             open_turn=open_turn.encode(), score=open_turn.due_ms,
-            defers=[(q.entry_id or "", q.raw) for q in behind],
-            acks=[q.entry_id for q in consumed if q.entry_id is not None],
-            unlists=[q.raw for q in consumed if q.entry_id is None],
+            defers=[deferral(q) for q in behind],
+            **taken_out(ctx, consumed),
         )  # fmt: skip
         await self.runner.commits.write(write)
         delivered = set(out)
@@ -150,19 +146,21 @@ class Journaling:
         source.origin, source.ref = "o", str(open_turn.write)
 
     async def candidates(self, ctx: TurnContext, message_type: str) -> list[Queued]:
-        """Messages of ``message_type`` behind this turn: deferred ones, then queued ones."""
+        """Messages of ``message_type`` behind this turn: deferred ones (all of them, read from
+        their type's index, whatever else is deferred), then queued ones; each knows its
+        arrival (``Queued.arrived``)."""
         r = self.runner
         source: Source = ctx.source
         act = source.act
         found: list[Queued] = []
         if act.open is not None or act.backlog or source.origin != "i":
-            raws = await r.store.deferred(r.shard, act.id, DEFERRED_SCAN)
-            if source.origin == "q":
-                raws = raws[1:]  # the head is this turn's own message
-            for raw in raws:
+            items = await r.store.deferred_of_type(r.shard, act.id, message_type)
+            if source.origin == "q" and items and items[0][1] == source.raw:
+                items = items[1:]  # this turn's own message, still the deferred head
+            for arrived, raw in items:
                 checked = r.mailbox.check(None, raw)
                 if isinstance(checked, Queued) and checked.envelope.type == message_type:
-                    found.append(checked)
+                    found.append(dataclasses.replace(checked, arrived=arrived))
         found += [q for q in act.queue if q.message is not None and q.envelope.type == message_type]
         return [q for q in found if q not in ctx.consumed]
 

@@ -164,7 +164,7 @@ class Mailbox:
             if misplaced_in is not None:  # its own shard holds the actor: no second copy here
                 return "wrong shard", misplaced_in, env
             if env.type == CANCEL:
-                return Queued(entry_id, raw, env, None)
+                return Queued(entry_id, raw, env, None, entry_id or "")
             model = Tick if env.type == TICK else cls.message_model(env.type)
         except UnknownActorType as exc:
             return "unknown actor type", str(exc), env
@@ -176,4 +176,4 @@ class Mailbox:
             return "invalid payload", f"{type(exc).__name__}: {exc}", env
         if isinstance(message, Tick) and message.schedule not in cls.schedules:
             return "unknown schedule", f"{cls.__name__} has no schedule named {message.schedule!r}", env
-        return Queued(entry_id, raw, env, message)
+        return Queued(entry_id, raw, env, message, entry_id or "")

@@ -6,6 +6,7 @@ import asyncio
 import copy
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from ..journal import OpenTurn, Record
 from ..keys import Keys
 from ..limits import queued_item
 from ..messages import Tick
+from ..store import Deferred
 from ..turn import Queued, TurnContext
 
 
@@ -115,9 +117,18 @@ def handler_for(cls: type[Actor], queued: Queued) -> Handler | None:
 
 def consumed(ctx: TurnContext) -> dict[str, Any]:
     """The write fields that take the messages ``wait_for`` received out of the mailbox."""
+    return taken_out(ctx, ctx.consumed)
+
+
+def taken_out(ctx: TurnContext, items: Sequence[Queued]) -> dict[str, Any]:
+    """The write fields that take ``items`` (of ``ctx.consumed``) out of the mailbox: inbox
+    entries acked, deferred ones out of the list and their type's index; those a wait
+    refused (``ctx.refused``: arrived after its deadline) dead-lettered in the same write."""
+    refused = {id(q): (reason, detail) for q, reason, detail in ctx.refused}
     return {
-        "acks": [q.entry_id for q in ctx.consumed if q.entry_id is not None],
-        "unlists": [q.raw for q in ctx.consumed if q.entry_id is None],
+        "acks": [q.entry_id for q in items if q.entry_id is not None],
+        "unlists": [Deferred(q.envelope.type, q.arrived, q.raw) for q in items if q.entry_id is None],
+        "dead": [(q.raw, q.entry_id or "", *refused[id(q)]) for q in items if id(q) in refused],
     }
 
 
@@ -132,6 +143,11 @@ def reply_fields(keys: Keys, shard: int, env: Envelope, reply: bytes) -> dict[st
     marker = None if idempotency_key is None else keys.idempotency(shard, env.actor_id, idempotency_key)
     return {"reply_key": keys.reply(shard, env.id), "reply_channel": env.reply_to, "reply": reply,
             "reply_marker": marker}  # fmt: skip
+
+
+def deferral(queued: Queued) -> Deferred:
+    """How a write defers an inbox message behind its actor's open turn."""
+    return Deferred(queued.envelope.type, queued.entry_id or "", queued.raw)
 
 
 def copy_records(records: list[Record]) -> list[Record]:

@@ -47,6 +47,10 @@ log = logging.getLogger("actors.shard")
 TURN_CHECK = 1.0
 """Seconds between two looks for turns past their timeout."""
 
+NO_WAIT = "no wait was open"
+"""The dead-letter reason of a message with no handler that no open ``wait_for`` took (a late
+match that a wait saw is dead-lettered by the wait instead, as ``turn.LATE``)."""
+
 
 class Turns:
     def __init__(self, runner: ShardRunner) -> None:
@@ -75,8 +79,13 @@ class Turns:
 
     async def _unhandled(self, act: Activation, env: Envelope, source: Source) -> None:
         r = self.runner
-        reason = act.broken or f"{env.actor} has no handler for {env.type} and no open wait_for received it"
-        write = r.journaling.dead_letter_write(act.id, source.origin, source.ref, source.raw, reason, "", env)
+        reason, detail = act.broken, ""
+        if not reason:
+            reason = NO_WAIT
+            detail = f"{env.actor} has no handler for {env.type} and no open wait_for received it"
+        write = r.journaling.dead_letter_write(
+            act.id, source.origin, source.ref, source.raw, reason, detail, env
+        )
         closed(act, await r.commits.write(write))
 
     async def _recovered(self, act: Activation, actor: Actor, handler: Handler, queued: Queued,

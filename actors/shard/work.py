@@ -17,7 +17,7 @@ from ..errors import DecodeError
 from ..journal import FOREVER_MS, OpenTurn
 from ..store import BACKLOG, LoadedActor, Write
 from ..turn import Queued
-from .state import Activation, Source, load_state, write_number
+from .state import Activation, Source, deferral, load_state, write_number
 
 if TYPE_CHECKING:
     from .runner import ShardRunner
@@ -136,7 +136,7 @@ class Work:
             return True
         behind = list(act.queue)
         if behind:
-            await r.commits.write(Write("f", act.id, defers=[(q.entry_id or "", q.raw) for q in behind]))
+            await r.commits.write(Write("f", act.id, defers=[deferral(q) for q in behind]))
             r.journaling.settled(act, behind)
             return True
         return False

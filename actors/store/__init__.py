@@ -22,6 +22,7 @@ from .records import (
     QUEUED,
     RELEASED,
     DeadLetter,
+    Deferred,
     Entry,
     LoadedActor,
     OutItem,
@@ -32,8 +33,8 @@ from .records import (
 
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "STALL_TIMEOUT",
-    "TRANSIENT_ERRORS", "DeadLetter", "Entry", "LeaseKeeper", "LoadedActor", "OutItem", "ShardInfo", "Store",
-    "Take", "Write", "honour_cancel", "is_transient",
+    "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "LeaseKeeper", "LoadedActor", "OutItem",
+    "ShardInfo", "Store", "Take", "Write", "honour_cancel", "is_transient",
 ]  # fmt: skip
 
 

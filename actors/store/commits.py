@@ -7,6 +7,8 @@ from typing import Any, cast
 
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
 
+from ..codec import decode_envelope
+from ..errors import DecodeError
 from .connection import StoreBase, honours_cancel
 from .records import LoadedActor, Take, Write
 
@@ -51,11 +53,23 @@ class CommitStore(StoreBase):
             if w.uses_deferred:
                 keys.append(k.deferred(shard, w.actor_id))
                 deferred_index = len(keys)
+            indexes: dict[str, int] = {}  # message type -> KEYS position of its index (this actor's)
+
+            def index(message_type: str, aid: str = w.actor_id, indexes: dict[str, int] = indexes) -> int:
+                if message_type not in indexes:
+                    keys.append(k.deferred_of_type(shard, aid, message_type))
+                    indexes[message_type] = len(keys)
+                return indexes[message_type]
+
             effects: list[list[Any]] = [["L", e] for e in w.local]
             effects += [["R", target, e] for target, e in w.remote]
             effects += [["A", entry_id] for entry_id in w.acks]
-            effects += [["U", e] for e in w.unlists]
-            effects += [["F", entry_id, e] for entry_id, e in w.defers]
+            effects += [["U", d.envelope, index(d.message_type), d.arrived] for d in w.unlists]
+            effects += [["F", d.arrived, d.envelope, index(d.message_type)] for d in w.defers]
+            head_type = _type_of(w.ref) if w.origin == "q" and isinstance(w.ref, bytes) else ""
+            if head_type:
+                effects.append(["H", index(head_type)])  # the head it takes leaves its index too
+            effects += [["D", *dead] for dead in w.dead]
             if w.reply_key is not None:
                 keys.append(w.reply_key)
                 reply_index = len(keys)
@@ -92,6 +106,16 @@ class CommitStore(StoreBase):
         """The first ``count`` messages deferred behind an actor's open turn, in order."""
         envelopes = await self.redis.lrange(self.keys.deferred(shard, actor_id), 0, count - 1)
         return list(cast("list[bytes]", envelopes))
+
+    async def deferred_of_type(self, shard: int, actor_id: str, message_type: str) -> list[tuple[str, bytes]]:
+        """Every message of ``message_type`` deferred behind an actor's turn, in arrival order,
+        as (inbox entry id it arrived with, envelope)."""
+        items = await self.redis.lrange(self.keys.deferred_of_type(shard, actor_id, message_type), 0, -1)
+        found: list[tuple[str, bytes]] = []
+        for item in cast("list[bytes]", items):
+            arrived, _, envelope = bytes(item).partition(b"|")
+            found.append((arrived.decode(), envelope))
+        return found
 
     async def open_turn(self, shard: int, actor_id: str) -> tuple[bytes | None, int]:
         """An actor's open turn (None if it has none) and how many messages wait behind it."""
@@ -159,3 +183,12 @@ class CommitStore(StoreBase):
             "fire_schedule", [k.lease(shard), k.schedules(shard), k.inbox(shard)], args
         )
         return int(now), int(mark)
+
+
+def _type_of(envelope: bytes) -> str:
+    """The message type of a deferred head ('' if it does not decode: then it was never
+    deferred by a write that indexed it)."""
+    try:
+        return decode_envelope(envelope).type
+    except DecodeError:
+        return ""

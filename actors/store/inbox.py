@@ -162,6 +162,12 @@ class InboxStore(StoreBase):
         rows = cast("StreamRows", found)
         return [dead_letter_record(i, f) for i, f in rows]
 
+    async def newest_dead_letters(self, shard: int, count: int) -> list[DeadLetter]:
+        """The shard's newest ``count`` dead letters, oldest first."""
+        found = await self.redis.xrevrange(self.keys.dead_letters(shard), count=count)
+        rows = cast("StreamRows", found)
+        return [dead_letter_record(i, f) for i, f in reversed(rows)]
+
     async def replay_dead_letter(self, shard: int, dlq_id: str) -> str | None:
         """Append the dead letter to its shard's inbox again and delete it; returns the new
         entry id, or None if there is no such dead letter. The message keeps its id and

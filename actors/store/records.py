@@ -35,6 +35,18 @@ class Take:
 
 
 @dataclass(frozen=True, slots=True)
+class Deferred:
+    """A message in an actor's deferred list, as ``commit.lua`` files it: in the list (arrival
+    order) and in its type's index (``Keys.deferred_of_type``), with the inbox entry id it
+    arrived with."""
+
+    message_type: str
+    arrived: str
+    """Its inbox entry id: for a deferral, the entry to ack; '' if unknown (not indexed)."""
+    envelope: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Write:
     """One write of the commit script: a turn's outcome or progress (see scripts/commit.lua).
 
@@ -64,10 +76,13 @@ class Write:
     detail: str = ""
     acks: Sequence[str] = ()
     """Inbox entries the turn consumed (``wait_for`` matches), acked with it."""
-    unlists: Sequence[bytes] = ()
-    """Deferred envelopes the turn consumed, removed from the actor's list."""
-    defers: Sequence[tuple[str, bytes]] = ()
-    """Inbox (entry id, envelope) pairs moved behind the actor's open turn."""
+    unlists: Sequence[Deferred] = ()
+    """Deferred messages the turn consumed, removed from the actor's list and its type's index."""
+    defers: Sequence[Deferred] = ()
+    """Inbox messages (``arrived``: the entry id) moved behind the actor's open turn."""
+    dead: Sequence[tuple[bytes, str, str, str]] = ()
+    """Other messages this write dead-letters, (envelope, inbox entry id or '', reason,
+    detail): ones a wait saw arrive after its deadline; ``acks``/``unlists`` take them out."""
     item: tuple[str, str, str] | None = None
     """(limiter, item id, dedup id) of the queued item whose turn this write ends."""
     forget_delivery: bool = False
