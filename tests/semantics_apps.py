@@ -96,3 +96,13 @@ class Asker(actors.Actor):
 
 app.register(SlowTarget)
 app.register(Asker)
+
+
+class Relay(actors.Actor):
+    """Only sends."""
+
+    async def on_mix(self, msg: Mix) -> None:
+        await self.send(Recorder.ref(msg.target), Note(text="relayed"))
+
+
+app.register(Relay)

@@ -9,7 +9,7 @@ import actors
 from actors.routing import shard_of
 
 from .conftest import eventually
-from .semantics_apps import Leaky, Mix, Note, Recorder, Sender, app
+from .semantics_apps import Leaky, Mix, Note, Query, Recorder, Relay, Sender, app
 
 
 def _key_in(shard: int, prefix: str, shards: int, actor: str = "Recorder") -> str:
@@ -77,3 +77,32 @@ async def test_an_ask_sent_before_a_crash_is_not_sent_again(spawn_worker, connec
 async def _answered(client: actors.Client, ref: actors.ActorRef):  # type: ignore[no-untyped-def]
     state = await client.state(ref)
     return state if state is not None and state.log else None
+
+
+async def test_a_target_shard_that_refuses_forwards_costs_only_its_messages(
+    start_worker, connect, fast_settings, caplog
+) -> None:
+    """A send to an actor of a shard whose inbox refuses writes (here: the key holds a
+    string, so XADD fails) waits in the outbox; the sending shard's other actors go on, its
+    runner does not restart, and the messages go through once the target accepts writes."""
+    settings = fast_settings.model_copy(update={"shards": 2})
+    await start_worker(app, settings)
+    async with connect(app=app, shards=2) as client:
+        store = client.store
+        sender = Relay.ref(_key_in(0, "s", 2, "Relay"))
+        bystander = Recorder.ref(_key_in(0, "b", 2))
+        target = _key_in(1, "t", 2)
+        await store.redis.delete(store.keys.inbox(1))
+        await store.redis.set(store.keys.inbox(1), "not a stream")  # refuses XADD (WRONGTYPE)
+        await client.send(sender, Mix(target=target))
+        await eventually(lambda: "forwarding" in caplog.text or "shard 0: runner failed" in caplog.text)
+        reply = await client.ask(bystander, Query(text="still here"), timeout=10)
+        assert reply.log == ["still here"], "the sending shard's other actors go on"
+        assert "shard 0: runner failed" not in caplog.text, "the sending shard did not restart"
+        assert await store.redis.xlen(store.keys.outbox(0)) >= 1, "the messages wait in the outbox"
+        await store.redis.delete(store.keys.inbox(1))
+        await eventually(lambda: _outbox_empty(store), timeout=40)
+
+
+async def _outbox_empty(store) -> bool:  # type: ignore[no-untyped-def]
+    return int(await store.redis.xlen(store.keys.outbox(0))) == 0

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from ..errors import LeaseLost
-from ..store import DUPLICATE, Entry, Take, Write
+from ..store import DUPLICATE, Entry, ResponseError, Take, Write
 from .state import ShardReset
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ log = logging.getLogger("actors.shard")
 
 FORWARD_POLL = 5.0
 """Seconds between looks at the outbox for entries a previous owner committed and never forwarded."""
+FORWARD_BACKOFF_MAX = 30.0
+"""At most this many seconds between two tries at a target shard that refuses forwards."""
 
 
 class Commits:
@@ -40,6 +43,8 @@ class Commits:
         self._margin = runner.settings.lease.renew_interval
         """An effect starts only if the lease surely lasts this much longer (see ``fenced``)."""
         self._reply_ttl_ms = int(runner.settings.messages.reply_ttl * 1000)
+        self._refusing: dict[int, tuple[float, float]] = {}
+        """Target shards whose forward failed: (when to try again, the backoff)."""
 
     def saw(self, entries: list[Entry]) -> None:
         """The runner dispatched ``entries`` from a plain XREAD: the next commit takes them."""
@@ -142,15 +147,40 @@ class Commits:
             self._forward_wakeup.clear()
 
     async def _forward_pending(self) -> None:
+        """Forward the outbox, page by page. A target shard that refuses the forward (its keys
+        unwritable, a full server) costs only the messages to it: they stay in the outbox, in
+        order, and are tried again after a backoff, while the other targets' go on."""
         store, shard = self.runner.store, self.runner.shard
+        after = "-"
         while True:
-            rows = await store.read_outbox(shard, 512)
+            rows = await store.read_outbox(shard, 512, after)
             if not rows:
                 return
             await self.fenced()
             by_target: dict[int, list[tuple[str, bytes]]] = {}
             for entry_id, target, envelope in rows:
                 by_target.setdefault(target, []).append((entry_id, envelope))
+            done: list[str] = []
             for target, items in by_target.items():
-                await store.forward(shard, target, items)
-            await store.delete_outbox(shard, [entry_id for entry_id, _, _ in rows])
+                if await self._forward_to(target, items):
+                    done += [entry_id for entry_id, _ in items]
+            await store.delete_outbox(shard, done)
+            after = rows[-1][0]
+
+    async def _forward_to(self, target: int, items: list[tuple[str, bytes]]) -> bool:
+        """Forward ``items`` to ``target`` unless it is backing off; whether they went."""
+        now = time.monotonic()
+        if self._refusing.get(target, (0.0, 0.0))[0] > now:
+            return False
+        try:
+            await self.runner.store.forward(self.runner.shard, target, items)
+        except ResponseError as exc:
+            delay = min(FORWARD_BACKOFF_MAX, 2 * self._refusing.get(target, (0.0, FORWARD_POLL / 8))[1])
+            self._refusing[target] = (now + delay, delay)
+            log.warning(
+                "shard %s: forwarding %d messages to shard %s failed (%s); they wait in the outbox, "
+                "next try in %.1fs", self.runner.shard, len(items), target, exc, delay,
+            )  # fmt: skip
+            return False
+        self._refusing.pop(target, None)
+        return True

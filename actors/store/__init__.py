@@ -9,6 +9,8 @@ LeaseKeeper thread), ``limits`` (limiters and queues).
 
 from __future__ import annotations
 
+from redis.exceptions import ResponseError
+
 from ..keys import Keys
 from .commits import CommitStore
 from .connection import STALL_TIMEOUT, TRANSIENT_ERRORS, honour_cancel, is_transient, make_client
@@ -32,9 +34,9 @@ from .records import (
 )
 
 __all__ = [
-    "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "STALL_TIMEOUT",
-    "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "LeaseKeeper", "LoadedActor", "OutItem",
-    "ShardInfo", "Store", "Take", "Write", "honour_cancel", "is_transient",
+    "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
+    "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "LeaseKeeper",
+    "LoadedActor", "OutItem", "ShardInfo", "Store", "Take", "Write", "honour_cancel", "is_transient",
 ]  # fmt: skip
 
 

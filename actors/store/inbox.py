@@ -108,8 +108,10 @@ class InboxStore(StoreBase):
     async def trim_inbox(self, shard: int) -> int:
         return int(await self._run("trim_inbox", [self.keys.inbox(shard)], []))
 
-    async def read_outbox(self, shard: int, count: int) -> list[tuple[str, int, bytes]]:
-        rows = cast("StreamRows", await self.redis.xrange(self.keys.outbox(shard), count=count))
+    async def read_outbox(self, shard: int, count: int, after: str = "-") -> list[tuple[str, int, bytes]]:
+        """Up to ``count`` outbox entries (after entry id ``after``, exclusive, if given)."""
+        start = after if after == "-" else f"({after}"
+        rows = cast("StreamRows", await self.redis.xrange(self.keys.outbox(shard), min=start, count=count))
         return [(i.decode(), int(f[b"s"]), f[FIELD]) for i, f in rows]
 
     async def forward(self, source: int, target: int, items: Sequence[tuple[str, bytes]]) -> int:
