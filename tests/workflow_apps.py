@@ -183,6 +183,16 @@ class Decision(BaseModel):
     approvals_seen: int = 0
 
 
+def record_decision(state: Decision, approval: Approval | None) -> Decision:
+    state.approvals_seen += approval is not None
+    if approval is None:
+        state.status = "timed out"
+    else:
+        state.status = "approved" if approval.approved else "rejected"
+        state.by = approval.by
+    return state
+
+
 class Approver(actors.Actor):
     """Waits for an Approval of its request, then records the decision."""
 
@@ -193,13 +203,7 @@ class Approver(actors.Actor):
         approval = await self.wait_for(
             Approval, timeout=msg.timeout, where=lambda a: a.request_id == msg.request_id
         )
-        self.state.approvals_seen += approval is not None
-        if approval is None:
-            self.state.status = "timed out"
-        else:
-            self.state.status = "approved" if approval.approved else "rejected"
-            self.state.by = approval.by
-        return self.state
+        return record_decision(self.state, approval)
 
     async def on_note(self, msg: Note) -> None:
         self.state.notes.append(f"{msg.text}@{self.state.status}")
@@ -322,13 +326,7 @@ class Staged(actors.Actor, waits_for=[Proceed]):
         approval = await self.wait_for(
             Approval, timeout=msg.timeout, where=lambda a: a.request_id == msg.request_id
         )
-        self.state.approvals_seen += approval is not None
-        if approval is None:
-            self.state.status = "timed out"
-        else:
-            self.state.status = "approved" if approval.approved else "rejected"
-            self.state.by = approval.by
-        return self.state
+        return record_decision(self.state, approval)
 
     async def on_note(self, msg: Note) -> None:
         self.state.notes.append(msg.text)
