@@ -34,7 +34,7 @@ from .messages import Approval, Tick
 from .schedules import schedule
 from .server import EmbeddedServer
 from .settings import LeaseSettings, MessageSettings, RedisSettings, RetrySettings, WorkerSettings
-from .turn import StepInfo, step_info
+from .steps import StepInfo, step_info
 from .worker import Worker
 
 __all__ = [

@@ -12,32 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
-import dataclasses
-import functools
 import logging
-import random
 import time
-import typing
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-import pydantic_core
 from opentelemetry.trace import SpanKind
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel
 
 from . import telemetry
 from .actor import ActorRef, App, StepOptions, TurnInfo
 from .codec import IDEMPOTENCY_HEADER, Envelope, Reply, Routed, ask_id, decode_reply, encode_reply
-from .errors import ActorsError, DuplicateItem, Reject
-from .journal import FOREVER_MS, Journal, Record, RedisClock, Send, StepFailed, Suspend
+from .errors import ActorsError, DuplicateItem
+from .journal import FOREVER_MS, Journal, Record, RedisClock, Send, Suspend
 from .limits import Limits, QueueItem
 from .replies import ReplyListener, reply_value
 from .routing import route, shard_of
 from .settings import MessageSettings
+from .steps import StepInfo, callable_name, run_step, step_result
 
 if TYPE_CHECKING:
     from .lease import StepsInFlight
@@ -98,33 +93,6 @@ class Queued:
     """The inbox entry id it arrived with (its ``entry_id``; for a deferred message, kept by
     its type's index), whose time part is when it reached its shard's inbox by Redis's
     clock; '' if unknown."""
-
-
-@dataclass(frozen=True, slots=True)
-class StepInfo:
-    """What a step's function may know about the step it runs in (``actors.step_info()``)."""
-
-    idempotency_key: str
-    """The same for every attempt of this step, on every worker, in every replay of its turn:
-    pass it to an outside system that deduplicates (a payment API), so that an attempt
-    repeated after a crash (a step runs at least once) has one effect."""
-    epoch: int
-    """The shard's lease epoch: a fencing token that only grows. An outside system that keeps
-    the highest epoch it saw for a key, and refuses a lower one, refuses a former owner."""
-    name: str
-    attempt: int
-    """1 for the first call of this run of the step, then each retry."""
-
-
-_STEP: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar("actors_step", default=None)
-
-
-def step_info() -> StepInfo:
-    """The step whose function is running (it works in sync functions' threads too)."""
-    info = _STEP.get()
-    if info is None:
-        raise RuntimeError("actors.step_info() is only available inside a step's function")
-    return info
 
 
 class TurnHost(Protocol):
@@ -293,7 +261,7 @@ class TurnContext:
 
     async def _step(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                     options: StepOptions) -> Any:  # fmt: skip
-        name = options.name or _callable_name(fn)
+        name = options.name or callable_name(fn)
         if options.limiter is not None:
             self.services.limits.check(options.limiter)
         position = self.journal.position
@@ -302,11 +270,11 @@ class TurnContext:
             key = f"{self.envelope.id}#{position}"  # the turn's message and the step's journal position
             with telemetry.span(f"step {name}", {"step.name": name}):
                 info = StepInfo(key, self.info.epoch, name, 0)
-                outcome = await _run_step(fn, args, kwargs, options, self.services.limits, self.host, info)
+                outcome = await run_step(fn, args, kwargs, options, self.services.limits, self.host, info)
             self._check_sole()
             record = self.journal.record("step", name, outcome)
             await self.host.flush(self)
-        return _step_result(record, name, fn)
+        return step_result(record, name, fn)
 
     async def sleep(self, delay_ms: int | None, until_ms: int | None) -> None:
         self._check_idle("sleep")
@@ -437,143 +405,3 @@ def _iso(ms: int) -> str:
 
 def _target(ref: ActorRef[Any], msg: BaseModel) -> str:
     return f"{ref.id}:{type(msg).__name__}"
-
-
-def _callable_name(fn: Callable[..., Any]) -> str:
-    inner = fn.func if isinstance(fn, functools.partial) else fn
-    return str(getattr(inner, "__qualname__", None) or getattr(inner, "__name__", None) or repr(inner))
-
-
-async def _run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                    options: StepOptions, limits: Limits, host: TurnHost,
-                    info: StepInfo) -> list[Any]:  # fmt: skip
-    """Call ``fn`` with retries; returns the journal value ``["ok", result]``, ``["error", type, text]``
-    or ``["reject", reason, detail]``."""
-    attempts = options.retries + 1
-    for attempt in range(1, attempts + 1):
-        waiting = time.perf_counter()
-        # Outside the try: a Redis error while waiting for the limiter is not the step's
-        # failure (the function never ran), so it is not journaled; it fails this attempt
-        # of the whole turn, which is retried (then dead-lettered) like any handler error.
-        # So is a lost lease, which ends the turn's runner.
-        await host.fenced()  # no limiter capacity is spent by a fenced owner
-        async with limits.hold(options.limiter):
-            if options.limiter is not None:
-                telemetry.waited(options.limiter, (time.perf_counter() - waiting) * 1000)
-            await host.fenced()  # the limiter's wait may have been long
-            token = _STEP.set(dataclasses.replace(info, attempt=attempt))
-            try:
-                result = await _call_once(fn, args, kwargs, options.timeout, host.steps)
-            except Reject as rejection:
-                # The function refused for good (user code's business error): no retry. Journaled,
-                # so that every run of the turn raises it from ``step`` without calling it again.
-                return ["reject", rejection.reason, rejection.detail]
-            except Exception as exc:
-                failure: Exception | None = exc
-            else:
-                failure = None
-            finally:
-                _STEP.reset(token)
-        telemetry.annotate("step.attempt", attempt)
-        if failure is not None:
-            if attempt == attempts:
-                return ["error", type(failure).__name__, str(failure)]
-            delay = min(options.max_backoff, options.backoff * 2 ** (attempt - 1))
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            continue
-        try:
-            return ["ok", pydantic_core.to_jsonable_python(result)]
-        except pydantic_core.PydanticSerializationError:
-            # Journaled as the step's error: its side effects happened, so it must not run again.
-            text = (f"step {_callable_name(fn)} returned a {type(result).__name__}, which cannot be "
-                    "journaled: return JSON-compatible data or a pydantic model")  # fmt: skip
-            return ["error", "TypeError", text]
-    raise AssertionError("unreachable")
-
-
-async def _call_once(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                     timeout: float | None, steps: StepsInFlight) -> Any:  # fmt: skip
-    """One attempt of a step function, counted in ``steps`` for as long as it executes."""
-    if asyncio.iscoroutinefunction(fn) or asyncio.iscoroutinefunction(getattr(fn, "func", None)):
-        steps.enter()
-        try:
-            async with asyncio.timeout(timeout):
-                return await fn(*args, **kwargs)
-        finally:
-            steps.leave()
-    result = await _in_thread(fn, args, kwargs, timeout, steps)
-    return await result if asyncio.iscoroutine(result) else result
-
-
-async def _in_thread(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-                     timeout: float | None, steps: StepsInFlight) -> Any:  # fmt: skip
-    """Run a sync step function in a thread. A thread cannot be stopped: when the attempt
-    times out, or its turn is cancelled, this still waits for the thread to end, so that
-    its limiter slot, its shard's lease and the step's next attempt never overlap it."""
-    steps.enter()
-
-    def run() -> Any:
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            steps.leave()  # from the thread itself: a stalled event loop cannot delay it
-
-    thread = asyncio.get_running_loop().run_in_executor(None, contextvars.copy_context().run, run)
-    try:
-        async with asyncio.timeout(timeout):
-            return await asyncio.shield(thread)
-    except (TimeoutError, asyncio.CancelledError):
-        await _outlive(thread, _callable_name(fn))
-        raise
-
-
-async def _outlive(thread: asyncio.Future[Any], name: str) -> None:
-    """Wait for ``thread`` to end, through cancellations (one that arrives meanwhile is
-    raised once the thread has ended)."""
-    cancelled = False
-    while not thread.done():
-        log.warning("step %s: its attempt is over, but its thread still runs; waiting for it", name)
-        try:
-            await asyncio.wait({thread}, timeout=30)
-        except asyncio.CancelledError:
-            cancelled = True
-    if not thread.cancelled():
-        thread.exception()  # retrieved: the attempt's outcome is its timeout or cancellation
-    if cancelled:
-        raise asyncio.CancelledError()
-
-
-def _step_result(record: Record, name: str, fn: Callable[..., Any]) -> Any:
-    """The journaled outcome, the same on the first run and on every replay."""
-    if record.value[0] == "error":
-        _, error_type, text = record.value
-        raise StepFailed(name, error_type, text)
-    if record.value[0] == "reject":
-        raise Reject(record.value[1], record.value[2])
-    adapter = _return_adapter(fn)
-    value = record.value[1]
-    return value if adapter is None else adapter.validate_python(value)
-
-
-def _return_adapter(fn: Callable[..., Any]) -> TypeAdapter[Any] | None:
-    inner = fn.func if isinstance(fn, functools.partial) else fn
-    try:
-        return _adapter_for(inner)
-    except TypeError:  # unhashable callable
-        return _build_adapter(inner)
-
-
-@functools.lru_cache(maxsize=1024)
-def _adapter_for(fn: Callable[..., Any]) -> TypeAdapter[Any] | None:
-    return _build_adapter(fn)
-
-
-def _build_adapter(fn: Callable[..., Any]) -> TypeAdapter[Any] | None:
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:
-        return None
-    annotation = hints.get("return")
-    if annotation is None or annotation is type(None) or annotation is Any:
-        return None
-    return TypeAdapter(annotation)
