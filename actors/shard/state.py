@@ -124,6 +124,8 @@ def taken_out(ctx: TurnContext, items: Sequence[Queued]) -> dict[str, Any]:
     """The write fields that take ``items`` (of ``ctx.consumed``) out of the mailbox: inbox
     entries acked, deferred ones out of the list and their type's index; those a wait
     refused (``ctx.refused``: arrived after its deadline) dead-lettered in the same write."""
+    if not items and not ctx.refused:
+        return {}  # the common case: a turn that received nothing
     refused = {id(q): (reason, detail) for q, reason, detail in ctx.refused}
     return {
         "acks": [q.entry_id for q in items if q.entry_id is not None],

@@ -53,23 +53,15 @@ class CommitStore(StoreBase):
             if w.uses_deferred:
                 keys.append(k.deferred(shard, w.actor_id))
                 deferred_index = len(keys)
-            indexes: dict[str, int] = {}  # message type -> KEYS position of its index (this actor's)
-
-            def index(message_type: str, aid: str = w.actor_id, indexes: dict[str, int] = indexes) -> int:
-                if message_type not in indexes:
-                    keys.append(k.deferred_of_type(shard, aid, message_type))
-                    indexes[message_type] = len(keys)
-                return indexes[message_type]
-
-            effects: list[list[Any]] = [["L", e] for e in w.local]
-            effects += [["R", target, e] for target, e in w.remote]
-            effects += [["A", entry_id] for entry_id in w.acks]
-            effects += [["U", d.envelope, index(d.message_type), d.arrived] for d in w.unlists]
-            effects += [["F", d.arrived, d.envelope, index(d.message_type)] for d in w.defers]
-            head_type = _type_of(w.ref) if w.origin == "q" and isinstance(w.ref, bytes) else ""
-            if head_type:
-                effects.append(["H", index(head_type)])  # the head it takes leaves its index too
-            effects += [["D", *dead] for dead in w.dead]
+            effects: list[list[Any]] = [["L", e] for e in w.local] if w.local else []
+            if w.remote:
+                effects += [["R", target, e] for target, e in w.remote]
+            if w.acks:
+                effects += [["A", entry_id] for entry_id in w.acks]
+            if w.unlists or w.defers or w.origin == "q":
+                effects += self._deferral_effects(shard, w, keys)
+            if w.dead:
+                effects += [["D", *dead] for dead in w.dead]
             if w.reply_key is not None:
                 keys.append(w.reply_key)
                 reply_index = len(keys)
@@ -101,6 +93,26 @@ class CommitStore(StoreBase):
         keys = [self.keys.lease(shard), self.keys.deliveries(shard)]
         args = [lease, actor_id, delivery, mode]
         return int(await self._run("count_delivery", keys, args, client=self._appender))
+
+    def _deferral_effects(self, shard: int, w: Write, keys: list[str]) -> list[list[Any]]:
+        """The effects that keep the actor's deferred list and its per-type indexes (whose
+        keys join ``keys``): consumed messages leave them, deferred ones join them, a taken
+        head leaves its type's index."""
+        k = self.keys
+        indexes: dict[str, int] = {}  # message type -> KEYS position of its index (this actor's)
+
+        def index(message_type: str) -> int:
+            if message_type not in indexes:
+                keys.append(k.deferred_of_type(shard, w.actor_id, message_type))
+                indexes[message_type] = len(keys)
+            return indexes[message_type]
+
+        effects: list[list[Any]] = [["U", d.envelope, index(d.message_type), d.arrived] for d in w.unlists]
+        effects += [["F", d.arrived, d.envelope, index(d.message_type)] for d in w.defers]
+        head_type = _type_of(w.ref) if w.origin == "q" and isinstance(w.ref, bytes) else ""
+        if head_type:
+            effects.append(["H", index(head_type)])  # the head it takes leaves its index too
+        return effects
 
     async def deferred(self, shard: int, actor_id: str, count: int) -> list[bytes]:
         """The first ``count`` messages deferred behind an actor's open turn, in order."""
