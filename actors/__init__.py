@@ -29,7 +29,7 @@ from .errors import (
     UnknownMessageType,
 )
 from .journal import JournalMismatch, StepFailed
-from .limits import Limiter
+from .limiter import Limiter
 from .messages import Approval, Tick
 from .schedules import schedule
 from .server import EmbeddedServer

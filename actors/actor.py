@@ -18,8 +18,9 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 from pydantic import BaseModel
 
 from .errors import DefinitionError, UnknownActorType, UnknownMessageType
-from .limits import Limiter, QueueItem, check_limiters
+from .limiter import Limiter, check_limiters
 from .messages import Approval, Tick
+from .queues import QueueItem
 from .schedules import SCHEDULE_ATTR, Schedule
 
 M = TypeVar("M", bound=BaseModel)

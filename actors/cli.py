@@ -19,89 +19,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import gc
-import importlib
 import json
 import logging
 import os
-import signal
 import sys
-from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
-from . import processes, telemetry, top
+from . import cli_text, top
 from .actor import ActorRef, App
-from .client import DEAD_LETTER_SCAN, Client, DeadLetterView, TurnView, connect
-from .codec import decode_envelope
-from .errors import ActorsError, DecodeError
+from .cli_worker import cmd_worker, load_app, redis_settings
+from .client import Client, connect
+from .errors import ActorsError
 from .messages import Approval
 from .server import EmbeddedServer, default_dir, resolve_url
 from .settings import LeaseSettings, RedisSettings, WorkerSettings
-from .worker import Worker
-
-
-def load_app(spec: str) -> App:
-    """Import ``module:attribute`` and check it is an App."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise SystemExit(f"APP must look like 'package.module:app', got {spec!r}")
-    sys.path.insert(0, os.getcwd())
-    app = getattr(importlib.import_module(module_name), attr, None)
-    if not isinstance(app, App):
-        raise SystemExit(f"{spec} is not an actors.App")
-    return app
-
 
 # ---- worker ---------------------------------------------------------------------
-def cmd_worker(args: argparse.Namespace) -> int:
-    if args.processes > 1:
-        return processes.run_parent(_child_argv(args), args.processes, args.redis)
-    app = load_app(args.app)
-    telemetry.configure(args.otel)
-    # A worker allocates many short-lived objects; with the default thresholds, full
-    # collections of a large heap stalled the event loop past the lease TTL under load.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-    settings = WorkerSettings(
-        shards=args.shards,
-        max_redeliveries=args.max_redeliveries,
-        lease=LeaseSettings(
-            ttl=args.lease_ttl, renew_interval=args.renew_interval, stall_limit=args.stall_limit
-        ),
-    )
-    worker = Worker(app, _redis(args), settings, shutdown_grace=args.grace)
-
-    async def run() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop)
-        if args.parent_pid:  # a child of --processes N ends with its parent
-            processes.watch_parent(args.parent_pid, lambda: loop.call_soon_threadsafe(worker.stop))
-        await worker.run()
-
-    logging.getLogger("actors").info("worker %s starting", worker.id)
-    try:
-        asyncio.run(run())
-    finally:
-        telemetry.shutdown()
-    return 0
-
-
-def _child_argv(args: argparse.Namespace) -> list[str]:
-    """A child's arguments: this command's, for one process (the URL goes in its environment)."""
-    argv = ["--log-level", args.log_level, "worker", args.app, "--processes", "1",
-            "--lease-ttl", str(args.lease_ttl), "--renew-interval", str(args.renew_interval),
-            "--stall-limit", str(args.stall_limit), "--max-redeliveries", str(args.max_redeliveries),
-            "--grace", str(args.grace)]  # fmt: skip
-    if args.namespace:
-        argv += ["--namespace", args.namespace]
-    if args.shards:
-        argv += ["--shards", str(args.shards)]
-    if args.otel:
-        argv += ["--otel", args.otel]
-    return argv
 
 
 # ---- messages ---------------------------------------------------------------------
@@ -215,17 +150,17 @@ def cmd_waits(args: argparse.Namespace) -> int:
         if len(views) >= args.limit:
             print(f"showing the first {len(views)} open turns (--limit); there may be more", file=sys.stderr)
         if args.json:
-            print(json.dumps([_turn_json(v) for v in views], indent=2))
+            print(json.dumps([cli_text.turn_json(v) for v in views], indent=2))
             return
         if not views:
             print("no open turns")
             return
         rows = [
-            [v.actor, v.status, v.waiting_for or "-", _when(v.since), _due(v), v.message_type or "-",
-             _clip(v.parked, 60)]
+            [v.actor, v.status, v.waiting_for or "-", cli_text.when(v.since), cli_text.due(v),
+             v.message_type or "-", cli_text.clip(v.parked, 60)]
             for v in views
         ]  # fmt: skip
-        print(_table(["actor", "status", "waiting for", "since", "due", "message", "parked"], rows))
+        print(cli_text.table(["actor", "status", "waiting for", "since", "due", "message", "parked"], rows))
 
     return _with_client(args, run)
 
@@ -237,9 +172,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         view = await client.inspect(ref)
         state = view.state.model_dump(mode="json") if hasattr(view.state, "model_dump") else view.state
         if args.json:
-            turn_json = None if view.turn is None else _turn_json(view.turn)
+            turn_json = None if view.turn is None else cli_text.turn_json(view.turn)
             shown = {"actor": view.actor, "shard": view.shard, "state": state, "turn": turn_json}
-            dead = [_dead_letter_json(d) for d in view.dead_letters]
+            dead = [cli_text.dead_letter_json(d) for d in view.dead_letters]
             print(json.dumps({**shown, "deferred": view.deferred, "dead_letters": dead}, indent=2))
             return
         print(f"actor     {view.actor}")
@@ -252,68 +187,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"turn      {turn.status}")
             print(f"  message      {turn.message_type or '-'} {turn.message_id}".rstrip())
             print(f"  waiting for  {turn.waiting_for or '-'}")
-            print(f"  since        {_when(turn.since)}")
-            print(f"  due          {_due(turn)}")
+            print(f"  since        {cli_text.when(turn.since)}")
+            print(f"  due          {cli_text.due(turn)}")
             if turn.parked:
                 print("  parked       " + turn.parked.replace("\n", "\n               "))
-            print(f"  journal      {_count(len(turn.journal), 'entry', 'entries')}")
+            print(f"  journal      {cli_text.count(len(turn.journal), 'entry', 'entries')}")
             for n, entry in enumerate(turn.journal):
                 print(f"    {n:>3}  {entry}")
-        print(f"deferred  {_count(view.deferred, 'message', 'messages')}")
-        _print_dead_letters(view.dead_letters)
+        print(f"deferred  {cli_text.count(view.deferred, 'message', 'messages')}")
+        cli_text.print_dead_letters(view.dead_letters)
 
     return _with_client(args, run)
 
 
-INSPECT_DEAD_LETTERS = 10
-"""``inspect`` lists this many of an actor's newest dead letters (``--json`` lists them all)."""
-
-
-def _print_dead_letters(dead: list[DeadLetterView]) -> None:
-    """The count (among the shard's newest ``DEAD_LETTER_SCAN``), then the newest few with reasons."""
-    print(f"dead letters  {len(dead)} (among its shard's newest {DEAD_LETTER_SCAN})")
-    for d in dead[-INSPECT_DEAD_LETTERS:]:
-        print(f"  {_when(d.at)}  {d.message_type} {d.message_id}  {_clip(d.reason, 100)}")
-
-
-def _dead_letter_json(dead: DeadLetterView) -> dict[str, Any]:
-    shown = dataclasses.asdict(dead)
-    shown["at"] = dead.at.isoformat(timespec="milliseconds")
-    return shown
-
-
-def _turn_json(view: TurnView) -> dict[str, Any]:
-    shown = dataclasses.asdict(view)
-    shown["since"] = None if view.since is None else view.since.isoformat(timespec="milliseconds")
-    shown["due"] = None if view.due is None else view.due.isoformat(timespec="milliseconds")
-    return shown
-
-
-def _when(moment: datetime | None) -> str:
-    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _due(view: TurnView) -> str:
-    """When the turn's timer fires; a running turn has none ("-"), a suspended one may never fire."""
-    if view.due is not None:
-        return _when(view.due)
-    return "-" if view.status == "running" else "never"
-
-
-def _count(n: int, one: str, many: str) -> str:
-    return f"{n} {one if n == 1 else many}"
-
-
-def _clip(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [headers, *rows]
-    )
 
 
 # ---- dead letters ----------------------------------------------------------------------
@@ -324,13 +210,15 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         if args.action == "list":
             for shard in shards:
                 for dl in await store.dead_letters(shard, args.count):
-                    print(f"{shard}/{dl.id}  {_describe(dl.envelope)}  {dl.reason}")
+                    print(f"{shard}/{dl.id}  {cli_text.describe(dl.envelope)}  {dl.reason}")
             return
-        shard, dlq_id = _dlq_address(args.id)
+        shard, dlq_id = cli_text.dlq_address(args.id)
         if args.action == "show":
             for dl in await store.dead_letters(shard, 1, start=dlq_id):
                 if dl.id == dlq_id:
-                    print(f"{shard}/{dl.id}: {_describe(dl.envelope)}\nreason: {dl.reason}\n{dl.detail}")
+                    print(
+                        f"{shard}/{dl.id}: {cli_text.describe(dl.envelope)}\nreason: {dl.reason}\n{dl.detail}"
+                    )
                     return
             raise SystemExit(f"no dead letter {args.id}")
         if args.action == "replay":
@@ -346,21 +234,6 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return _with_client(args, run)
 
 
-def _dlq_address(text: str | None) -> tuple[int, str]:
-    shard, sep, dlq_id = (text or "").partition("/")
-    if not sep or not shard.isdigit():
-        raise SystemExit("give the dead letter as SHARD/ID, as 'actors dlq list' prints it")
-    return int(shard), dlq_id
-
-
-def _describe(raw: bytes) -> str:
-    try:
-        env = decode_envelope(raw)
-    except DecodeError:
-        return "(undecodable entry)"
-    return f"{env.type} -> {env.actor_id}"
-
-
 # ---- embedded server ---------------------------------------------------------------------
 def cmd_server(args: argparse.Namespace) -> int:
     server = EmbeddedServer(default_dir())
@@ -374,17 +247,13 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 # ---- plumbing ----------------------------------------------------------------------------
-def _redis(args: argparse.Namespace) -> RedisSettings:
-    return RedisSettings.from_env(args.redis, args.namespace)
-
-
 def _with_client(
     args: argparse.Namespace, body: Any, app_required: bool = False, writes: bool = False
 ) -> int:
     app = load_app(args.app) if getattr(args, "app", None) else None
     if app_required and app is None:
         raise SystemExit("this command needs --app module:app to validate the message")
-    settings = _redis(args)
+    settings = redis_settings(args)
 
     async def run() -> None:
         async with connect(
@@ -416,8 +285,12 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--stall-limit", type=float, default=LeaseSettings().stall_limit,
                    help="seconds the event loop may be blocked before this worker's shards move")  # fmt: skip
     w.add_argument("--grace", type=float, default=10.0, help="seconds in-flight turns get on shutdown")
-    w.add_argument("--max-redeliveries", type=int, default=WorkerSettings().max_redeliveries,
-                   help="runs of a turn interrupted by the end of its worker before it is dead-lettered")
+    w.add_argument(
+        "--max-redeliveries",
+        type=int,
+        default=WorkerSettings().max_redeliveries,
+        help="runs of a turn interrupted by the end of its worker before it is dead-lettered",
+    )
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--otel", choices=["console", "otlp", "none"], default=None,
                    help="export traces (default: as OTEL_TRACES_EXPORTER says; off if unset)")  # fmt: skip
@@ -481,7 +354,9 @@ def parser() -> argparse.ArgumentParser:
 
     wt = sub.add_parser("waits", help="every open turn: running, sleeping, waiting or parked")
     wt.add_argument("--json", action="store_true")
-    wt.add_argument("--limit", type=_positive, default=1000, help="at most this many turns (default 1000)")
+    wt.add_argument(
+        "--limit", type=cli_text.positive, default=1000, help="at most this many turns (default 1000)"
+    )
     common(wt)
     wt.set_defaults(func=cmd_waits)
 
@@ -516,16 +391,6 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("action", choices=["start", "stop", "status"])
     sv.set_defaults(func=cmd_server)
     return p
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

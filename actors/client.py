@@ -19,8 +19,8 @@ from .actor import ActorRef, App
 from .codec import IDEMPOTENCY_HEADER, Routed, actor_id, decode_envelope, decode_state, message_digest
 from .errors import ConfigurationError, DecodeError
 from .journal import FOREVER_MS, OpenTurn
-from .limits import QueueItem, enqueue
 from .messages import CANCEL, Approval
+from .queues import QueueItem, enqueue
 from .replies import ReplyListener, reply_value
 from .routing import check_idempotency_key, route, route_control, shard_of
 from .server import resolve_url

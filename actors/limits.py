@@ -29,129 +29,23 @@ import logging
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import dataclass
-from datetime import timedelta
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from .codec import Routed, decode_envelope
-from .errors import ConfigurationError, DecodeError, DefinitionError, DuplicateItem
+from .codec import Routed
+from .errors import ConfigurationError
+from .limiter import Limiter
+from .queues import (
+    CHECKS_PER_CALL,
+    DISPATCH_DEADLINE_MS,
+    POLL,
+    QueueItem,
+    enqueue,
+    item_target,
+)
 from .store import RELEASED, Store
 
 log = logging.getLogger("actors.limits")
-
-
-class Limiter(BaseModel):
-    """A named limit: a rate (``rate`` per ``per``, ``burst`` at once), a global
-    concurrency cap, a per-process cap, or any of them together."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
-    rate: float | None = Field(default=None, gt=0)
-    per: timedelta = timedelta(seconds=1)
-    burst: int = Field(default=1, ge=1)
-    concurrency: int | None = Field(default=None, ge=1)
-    per_worker: int | None = Field(default=None, ge=1)
-
-    def __init__(self, name: str | None = None, /, **kwargs: object) -> None:
-        if name is not None:
-            kwargs["name"] = name
-        super().__init__(**kwargs)
-
-    @model_validator(mode="after")
-    def _limits_something(self) -> Limiter:
-        if self.rate is None and self.concurrency is None and self.per_worker is None:
-            raise ValueError(f"limiter {self.name!r} needs rate, concurrency or per_worker")
-        if self.per.total_seconds() <= 0:
-            raise ValueError(f"limiter {self.name!r}: per must be positive")
-        return self
-
-    @property
-    def interval_ms(self) -> float:
-        """Time between two tokens at the steady rate (0: no rate)."""
-        return 0.0 if self.rate is None else self.per.total_seconds() * 1000 / self.rate
-
-    @property
-    def tolerance_ms(self) -> float:
-        return self.interval_ms * (self.burst - 1)
-
-    @property
-    def global_(self) -> bool:
-        return self.rate is not None or self.concurrency is not None
-
-
-def check_limiters(limiters: Iterable[Limiter]) -> dict[str, Limiter]:
-    found: dict[str, Limiter] = {}
-    for limiter in limiters:
-        if not isinstance(limiter, Limiter):
-            raise DefinitionError(f"limiters must be actors.Limiter instances, not {limiter!r}")
-        if limiter.name in found:
-            raise DefinitionError(f"two limiters are named {limiter.name!r}")
-        found[limiter.name] = limiter
-    return found
-
-
-QUEUE_HEADER = "queue"
-DEDUP_HEADER = "dedup"
-DEDUP_TTL_MS = 7 * 24 * 3600 * 1000
-"""How long a dedup id is kept at most should no process of the app ever look at its queue
-again; while any worker runs, one whose item has ended is freed within a lease TTL."""
-CHECKS_PER_CALL = 100
-"""Dispatched items a check loop looks at per round trip (it goes on while batches are full)."""
-DISPATCH_DEADLINE_MS = 30_000
-POLL = 5.0
-"""Seconds between looks at a queue when no event says it changed."""
-
-
-@dataclass(frozen=True, slots=True)
-class QueueItem:
-    """How an item is queued: ``priority`` (-1000..1000, higher first), ``dedup_id`` (refused
-    while another item holding it is queued or running), ``partition`` (partitions take turns)."""
-
-    priority: int = 0
-    dedup_id: str = ""
-    partition: str = ""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.priority, int) or not -1000 <= self.priority <= 1000:
-            raise ValueError(f"priority must be an integer from -1000 to 1000, not {self.priority!r}")
-
-    def headers(self, name: str) -> dict[str, str]:
-        return {QUEUE_HEADER: name, DEDUP_HEADER: self.dedup_id}
-
-
-async def enqueue(store: Store, name: str, routed: Routed, item: QueueItem, seen_ttl_ms: int) -> str:
-    """Put ``routed`` (built with ``item.headers(name)``) on limiter ``name``'s queue."""
-    args = (
-        name, routed.envelope.id, routed.shard, routed.data, item.dedup_id, item.partition,
-        item.priority, DEDUP_TTL_MS, seen_ttl_ms,
-    )  # fmt: skip
-    queued, holder = await store.queue_enqueue(*args)
-    if not queued and await _forget_if_ended(store, name, holder):
-        # Its holder's turn ended unrecorded (and no worker has noticed yet): ask again.
-        queued, holder = await store.queue_enqueue(*args)
-    if not queued:
-        raise DuplicateItem(item.dedup_id, holder)
-    return holder
-
-
-async def _forget_if_ended(store: Store, name: str, item_id: str) -> bool:
-    """Free the dedup id of dispatched item ``item_id`` if its shard no longer holds it;
-    whether it did. An item still queued (no ``out`` record yet) is alive."""
-    out = await store.queue_out_item(name, item_id)
-    if out is None or (await store.items_alive([out]))[0]:
-        return False
-    await store.queue_done([(name, out.item_id, out.dedup_id)])
-    return True
-
-
-def queued_item(headers: dict[str, str], message_id: str) -> tuple[str, str, str] | None:
-    """(limiter, item id, dedup id) if the message came through a queue."""
-    name = headers.get(QUEUE_HEADER)
-    return None if not name else (name, message_id, headers.get(DEDUP_HEADER, ""))
 
 
 class _Queue:
@@ -385,7 +279,7 @@ class Limits:
                     item_id, shard, envelope = item
                     # Idempotent by item id: a dispatch retried after a crash appends nothing twice.
                     # No digest: an item's envelope never changes (queue_enqueue keeps the first).
-                    target = _target(envelope)
+                    target = item_target(envelope)
                     appended, entry_id = await self.store.append_once(
                         shard, target, item_id, item_id, envelope, self.idempotency_ttl_ms, digest=""
                     )
@@ -454,13 +348,3 @@ class Limits:
                 await self.store.limiter_renew(held, self.lease_ms)
             except Exception as exc:
                 log.warning("could not renew limiter slots: %s", exc)
-
-
-def _target(envelope: bytes) -> str:
-    """The actor a queued envelope goes to: the scope of its item id as an idempotency key.
-    One that cannot be decoded (only a raw write can queue it) still goes on to its inbox,
-    where the worker dead-letters it with the reason, rather than stalling the queue."""
-    try:
-        return decode_envelope(envelope).actor_id
-    except DecodeError:
-        return ""

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .limits import Limiter
+from .limiter import Limiter
 from .store import ShardInfo, Store
 
 

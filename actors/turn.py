@@ -28,7 +28,8 @@ from .actor import ActorRef, App, StepOptions, TurnInfo
 from .codec import IDEMPOTENCY_HEADER, Envelope, Reply, Routed, ask_id, decode_reply, encode_reply
 from .errors import ActorsError, DuplicateItem
 from .journal import FOREVER_MS, Journal, Record, RedisClock, Send, Suspend
-from .limits import Limits, QueueItem
+from .limits import Limits
+from .queues import QueueItem
 from .replies import ReplyListener, reply_value
 from .routing import route, shard_of
 from .settings import MessageSettings

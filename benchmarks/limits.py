@@ -72,7 +72,8 @@ from redis.backoff import ExponentialWithJitterBackoff
 
 import actors
 from actors.keys import Keys
-from actors.limits import Limiter, Limits
+from actors.limiter import Limiter
+from actors.limits import Limits
 from actors.store import Store
 
 from .common import SHARDS, Workers, argument_parser, private_server, wait_balanced, worker_argv, write_json

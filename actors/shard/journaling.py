@@ -20,7 +20,7 @@ from .. import telemetry
 from ..codec import Envelope, Reply, encode_reply
 from ..journal import FOREVER_MS, OpenTurn, RedisClock, Send, Suspend
 from ..lease import StepsInFlight
-from ..limits import queued_item
+from ..queues import queued_item
 from ..store import Write
 from ..turn import Queued, TurnContext
 from .state import Activation, Source, copy_records, deferral, reply_fields, taken_out

@@ -15,8 +15,8 @@ from ..codec import Envelope, Malformed, decode_state, reply_marker_key
 from ..errors import ActorsError, Diverged, LeaseLost
 from ..journal import OpenTurn, Record
 from ..keys import Keys
-from ..limits import queued_item
 from ..messages import Tick
+from ..queues import queued_item
 from ..store import Deferred
 from ..turn import Queued, TurnContext
 

@@ -20,7 +20,7 @@ from ..actor import Actor, Handler, TurnInfo
 from ..codec import REJECTION, Envelope, Reply, dump_model, encode_reply, encode_state
 from ..errors import Reject, TurnCancelled, TurnTimeout
 from ..journal import Journal, JournalMismatch, Suspend
-from ..limits import queued_item
+from ..queues import queued_item
 from ..store import Write
 from ..turn import Queued, TurnContext
 from .journaling import split_sends
