@@ -172,8 +172,8 @@ class Client:
         and its dead letters among the shard's newest ``DEAD_LETTER_SCAN``."""
         aid = actor_id(ref.type, ref.key)
         shard = shard_of(aid, self.shards)
-        raw, deferred = await self.store.open_turn(shard, aid)
-        turn = None if raw is None else TurnView.of(aid, OpenTurn.decode(raw))
+        stored, deferred = await self.store.open_turn(shard, aid)
+        turn = None if stored is None else TurnView.of(aid, OpenTurn.decode(stored.header, stored.journal))
         newest = await self.store.newest_dead_letters(shard, DEAD_LETTER_SCAN)
         dead = [view for view in map(DeadLetterView.of, newest) if view is not None and view.actor == aid]
         return ActorView(aid, shard, await self.state(ref), turn, deferred, dead)
@@ -182,8 +182,8 @@ class Client:
         """Open turns across every shard (at most ``limit``), oldest first."""
         views: list[TurnView] = []
         for shard in range(self.shards):
-            for aid, raw in await self.store.open_turns(shard, limit - len(views)):
-                views.append(TurnView.of(aid, OpenTurn.decode(raw)))
+            for stored in await self.store.open_turns(shard, limit - len(views)):
+                views.append(TurnView.of(stored.actor_id, OpenTurn.decode(stored.header, stored.journal)))
             if len(views) >= limit:
                 break
         return sorted(views, key=lambda v: v.since or datetime.min.replace(tzinfo=UTC))

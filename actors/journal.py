@@ -23,8 +23,9 @@ from .errors import ActorsError, DecodeError
 FOREVER_MS = 2**52
 """The timer score of a turn that waits with no timeout, or is parked: never due."""
 
-OPEN_TURN_VERSION = 2
-"""2 adds ``pending``; version 1 turns (no pending sends) are still read."""
+OPEN_TURN_VERSION = 3
+"""3 keeps the message and the records in the turn's journal list, appended to; 2 (everything
+in one blob, with ``pending``) and 1 (no pending sends) are still read."""
 
 Send = tuple[str, int, bytes]
 """A send of a turn not delivered yet: (target actor id, target shard, envelope)."""
@@ -68,13 +69,18 @@ class Record:
 
 
 class Journal:
-    """The records of one attempt of a turn, and how far the handler has got through them."""
+    """The records of one attempt of a turn, and how far the handler has got through them.
 
-    __slots__ = ("mismatch", "position", "records")
+    Records are never changed in place: ``update`` replaces one, and notes the lowest
+    position replaced since the last journal write took the records (``changed``), so that
+    the write sends the records from there on and no others."""
+
+    __slots__ = ("changed", "mismatch", "position", "records")
 
     def __init__(self, records: list[Record]) -> None:
         self.records = records
         self.position = 0
+        self.changed = len(records)
         self.mismatch: JournalMismatch | None = None
         """Kept even if the handler catches the error, so the turn is parked all the same."""
 
@@ -99,13 +105,27 @@ class Journal:
         self.records.append(record)
         return record
 
-    def update(self, record: Record, value: Any) -> None:
-        record.value = value
+    def update(self, record: Record, value: Any) -> Record:
+        """Replace ``record`` (a recent one: searched from the end) by one holding ``value``."""
+        for position in range(len(self.records) - 1, -1, -1):
+            if self.records[position] is record:
+                self.records[position] = updated = Record(record.kind, record.name, value)
+                self.changed = min(self.changed, position)
+                return updated
+        raise ValueError("the record is not in this journal")
+
+    def taken(self) -> tuple[int, int]:
+        """(lowest position changed, number of records) for a write that takes the records
+        now; later changes are counted from here."""
+        changed, count = min(self.changed, len(self.records)), len(self.records)
+        self.changed = count
+        return changed, count
 
 
 @dataclass(slots=True)
 class OpenTurn:
-    """A turn whose message left the inbox: what ``turns`` holds for its actor."""
+    """A turn whose message left the inbox: what ``turns`` (its header) and its journal list
+    (its message, then its records) hold for its actor."""
 
     envelope: bytes
     records: list[Record]
@@ -124,44 +144,60 @@ class OpenTurn:
     """Sends the turn made and has not delivered yet: they go out when it commits or
     suspends (or, those to an actor it then asks or queues for, with that ask or enqueue),
     never with a mere progress write, so a turn that fails for good sends nothing more."""
+    stored: int | None = None
+    """How many of ``records`` its journal list in Redis holds; None: it has no list (the
+    turn is not written yet, or was written whole by a version before lists)."""
 
     @property
     def suspended(self) -> bool:
         return self.due_ms > 0
 
-    def encode(self) -> bytes:
-        """``<write>:`` then msgpack: the commit script reads the write number without msgpack."""
-        records = [[r.kind, r.name, r.value] for r in self.records]
-        packed: bytes = msgpack.packb(
-            [
-                OPEN_TURN_VERSION,
-                self.envelope,
-                records,
-                self.waiting,
-                self.due_ms,
-                self.parked,
-                self.since_ms,
-                [list(send) for send in self.pending],
-            ],
-            use_bin_type=True,
-        )
+    def header(self) -> bytes:
+        """``<write>:`` then msgpack: the commit script reads the write number without msgpack.
+        Rewritten by every journal write, so it holds no record and not the message."""
+        pending = [list(send) for send in self.pending]
+        fields = [OPEN_TURN_VERSION, self.waiting, self.due_ms, self.parked, self.since_ms, pending]
+        packed: bytes = msgpack.packb(fields, use_bin_type=True)
         return f"{self.write}:".encode() + packed
 
     @classmethod
-    def decode(cls, data: bytes) -> OpenTurn:
+    def decode(cls, data: bytes, journal: list[bytes] | None = None) -> OpenTurn:
+        """From its header (or, before lists, its whole blob) and its journal list."""
         try:
             write, _, packed = data.partition(b":")
-            version, envelope, records, waiting, due_ms, parked, since_ms, *rest = msgpack.unpackb(
-                packed, raw=False
-            )
+            version, *fields = msgpack.unpackb(packed, raw=False)
             number = int(write)
-            pending = [(str(a), int(s), bytes(e)) for a, s, e in (rest[0] if rest else [])]
+            if version == OPEN_TURN_VERSION:
+                return cls._from_list(number, fields, journal)
+            envelope, records, waiting, due_ms, parked, since_ms, *rest = fields
+            pending = _sends(rest[0] if rest else [])
+        except DecodeError:
+            raise
         except Exception as exc:
             raise DecodeError(f"open turn is not valid: {exc}") from exc
-        if version not in (1, OPEN_TURN_VERSION) or len(rest) != (version == OPEN_TURN_VERSION):
+        if version not in (1, 2) or len(rest) != (version == 2):
             raise DecodeError(f"open turn has version {version}, this runtime reads 1 to {OPEN_TURN_VERSION}")
         records_ = [Record(*r) for r in records]
         return cls(envelope, records_, waiting, due_ms, parked, since_ms, number, pending)
+
+    @classmethod
+    def _from_list(cls, number: int, fields: list[Any], journal: list[bytes] | None) -> OpenTurn:
+        waiting, due_ms, parked, since_ms, pending = fields
+        if not journal:
+            raise DecodeError("open turn has no journal list (its message and records)")
+        records = [Record(*msgpack.unpackb(item, raw=False)) for item in journal[1:]]
+        return cls(bytes(journal[0]), records, waiting, due_ms, parked, since_ms, number,
+                   _sends(pending), len(records))  # fmt: skip
+
+
+def encode_record(record: Record) -> bytes:
+    """One item of a turn's journal list."""
+    packed: bytes = msgpack.packb([record.kind, record.name, record.value], use_bin_type=True)
+    return packed
+
+
+def _sends(items: list[Any]) -> list[Send]:
+    return [(str(a), int(s), bytes(e)) for a, s, e in items]
 
 
 class RedisClock:

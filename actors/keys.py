@@ -125,6 +125,14 @@ class Keys:
         """
         return f"{self._tag(shard)}:turns"
 
+    def journal(self, shard: int, actor_id: str) -> str:
+        """list: an open turn's message, then its journal records, appended as the turn goes;
+        deleted with the turn's header in ``turns`` when the turn commits or is dead-lettered.
+
+        The actor id's length comes first, as for idempotency keys: actor keys may hold ':'.
+        """
+        return f"{self._tag(shard)}:journal:{len(actor_id)}:{actor_id}"
+
     def timers(self, shard: int) -> str:
         """zset: actor id -> when it needs the owner's attention (ms, Redis clock).
 

@@ -188,7 +188,7 @@ class TurnContext:
             with telemetry.span(f"ask {type(msg).__name__}", attributes, kind=SpanKind.CLIENT):
                 record, reply = await self._request(ref, msg, name, message_id, record, timeout)
             self._check_sole()
-            self.journal.update(record, encode_reply(reply))
+            record = self.journal.update(record, encode_reply(reply))
             await self.host.flush(self)
         return reply_value(decode_reply(record.value), self.services.app.resolve(ref), type(msg).__name__)
 

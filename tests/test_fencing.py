@@ -7,7 +7,7 @@ import pytest
 from actors import LeaseLost
 from actors.codec import Envelope, encode_envelope
 from actors.errors import Diverged
-from actors.journal import OpenTurn, Record
+from actors.journal import OpenTurn, Record, encode_record
 from actors.keys import GROUP
 from actors.store import DONE, DUPLICATE, Take, Write
 
@@ -61,21 +61,27 @@ async def test_a_journal_write_retried_after_it_was_applied_writes_nothing_twice
         [(entry_id, _)], _ = await store.read_new(shard, lease, "w", 10)
         sent = encode_envelope(Envelope("m2", "Counter", "other", "Add", {"by": 1}), 1 << 20)
 
-        def journal(origin: str, ref: str, write: int) -> Write:
-            turn = OpenTurn(raw, [Record("send", "Counter/other:Add", None)], write=write).encode()
-            return Write("j", "Counter/k", origin, ref, remote=[(1, sent)], open_turn=turn)
+        record = encode_record(Record("send", "Counter/other:Add", None))
 
-        opening = journal("i", entry_id, 1)
+        def journal(origin: str, ref: str, write: int, keep: int, items: list[bytes]) -> Write:
+            turn = OpenTurn(raw, [], write=write).header()
+            return Write("j", "Counter/k", origin, ref, remote=[(1, sent)], open_turn=turn,
+                         journal_keep=keep, journal_items=items)  # fmt: skip
+
+        opening = journal("i", entry_id, 1, 0, [raw, record])
         assert await store.commit(shard, lease, [opening], 1000) == [DONE]
         assert await store.commit(shard, lease, [opening], 1000) == [DUPLICATE]
-        progress = journal("o", "1", 2)
+        progress = journal("o", "1", 2, 2, [record])
         assert await store.commit(shard, lease, [progress], 1000) == [DONE]
         assert await store.commit(shard, lease, [progress], 1000) == [DUPLICATE]
         assert await store.redis.xlen(store.keys.outbox(shard)) == 2, "each write's send once"
+        journal_key = store.keys.journal(shard, "Counter/k")
+        assert await store.redis.lrange(journal_key, 0, -1) == [raw, record, record], "appended once"
         closing = Write("c", "Counter/k", "o", "2", b"\x81\xa5total\x01")
         assert await store.commit(shard, lease, [closing], 1000) == [DONE]
         assert await store.commit(shard, lease, [closing], 1000) == [DUPLICATE]
         assert await store.redis.hlen(store.keys.turns(shard)) == 0
+        assert not await store.redis.exists(journal_key), "the journal closes with its turn"
 
 
 async def test_entries_seen_with_xread_are_taken_by_the_fenced_commit(connect) -> None:

@@ -27,7 +27,8 @@
 --
 -- KEYS[1] lease   KEYS[2] inbox   KEYS[3] state   KEYS[4] outbox
 -- KEYS[5] turns   KEYS[6] timers  KEYS[7] dlq     KEYS[8] deliveries
--- KEYS[9..] reply keys, idempotency markers of keyed asks, deferred lists, deferred-type indexes
+-- KEYS[9..] reply keys, idempotency markers of keyed asks, deferred lists, deferred-type indexes,
+-- open turns' journal lists
 -- ARGV[1] expected lease value, ARGV[2] reply ttl ms, ARGV[3] number of writes,
 -- ARGV[5] consumer, ARGV[6] id of the newest entry to take ('' = take nothing),
 -- ARGV[7] how many entries that is,
@@ -48,7 +49,12 @@
 --   Y key-index marker-index channel reply  store (and publish, ignoring a refusal) the reply
 --                              to an ask, for the reply ttl or, if the ask's idempotency marker
 --                              (marker-index, 0: none) is still set, the reply ttl past its end
---   J open-turn score          store the open turn and its timer
+--   J header score index keep n item...   store the open turn's header and its timer, and
+--                              its journal list (KEYS[index]): keep its first `keep` items
+--                              (0: start it anew), then append the n items (the message
+--                              first when anew, then records): a write appends its own
+--                              records, not the whole journal again
+--   K index                    delete the closing turn's journal list (KEYS[index])
 --   D envelope entry reason detail   append to the dead-letter stream
 --   X                          forget the actor's count of recovered starts
 -- Returns per write: 0 duplicate, 1 done, 2 done and the actor has deferred messages left.
@@ -67,7 +73,7 @@ if ARGV[6] ~= '' then
   end
 end
 local reply_ttl = ARGV[2]
-local ARITY = {L = 1, R = 2, A = 1, U = 3, F = 3, H = 1, Y = 4, J = 2, D = 4, X = 0}
+local ARITY = {L = 1, R = 2, A = 1, U = 3, F = 3, H = 1, Y = 4, D = 4, X = 0, K = 1}
 local values = cmsgpack.unpack(ARGV[4])
 local i = 0
 local function arg()
@@ -163,8 +169,21 @@ local function apply(tag, actor, deferred, ref)
   elseif tag == 'J' then
     local turn = arg()
     local score = arg()
+    local journal = KEYS[tonumber(arg())]
+    local keep = tonumber(arg())
+    local n = tonumber(arg())
     redis.call('HSET', turns, actor, turn)
     redis.call('ZADD', timers, score, actor)
+    if keep == 0 then
+      redis.call('DEL', journal)
+    elseif redis.call('LLEN', journal) > keep then
+      redis.call('LTRIM', journal, 0, keep - 1)  -- records replaced (an ask's reply came)
+    end
+    for _ = 1, n do
+      redis.call('RPUSH', journal, arg())
+    end
+  elseif tag == 'K' then
+    redis.call('DEL', KEYS[tonumber(arg())])
   elseif tag == 'D' then
     local envelope = arg()
     local entry = arg()
@@ -199,7 +218,12 @@ for w = 1, tonumber(ARGV[3]) do
     end
   else
     for _ = 1, effects do
-      i = i + ARITY[arg()]
+      local tag = arg()
+      if tag == 'J' then
+        i = i + 5 + values[i + 5]  -- header, score, index, keep, n, then n items
+      else
+        i = i + ARITY[tag]
+      end
     end
   end
   results[w] = result

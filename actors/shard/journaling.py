@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import telemetry
 from ..codec import Envelope, Reply, encode_reply
-from ..journal import FOREVER_MS, OpenTurn, RedisClock, Send, Suspend
+from ..journal import FOREVER_MS, OpenTurn, RedisClock, Send, Suspend, encode_record
 from ..lease import StepsInFlight
 from ..queues import queued_item
 from ..store import Write
@@ -123,17 +123,26 @@ class Journaling:
                        deliver: Callable[[Send], bool], extra: Sequence[Send]) -> None:  # fmt: skip
         source: Source = ctx.source
         act = source.act
-        open_turn.write = act.open.write + 1 if source.origin == "o" and act.open is not None else 1
-        # What this write carries: the handler may go on meanwhile, if the runner writes.
-        records, consumed = list(open_turn.records), list(ctx.consumed)
+        written = act.open if source.origin == "o" else None
+        open_turn.write = written.write + 1 if written is not None else 1
+        # What this write carries, taken now: the handler may go on meanwhile, if the runner writes.
+        records = open_turn.records
+        whole = (len(records), len(records))  # a parked turn: the records as last written
+        changed, count = ctx.journal.taken() if records is ctx.journal.records else whole
+        stored = None if written is None else written.stored
+        base = 0 if stored is None else min(changed, stored)
+        appended = records[base:count]
+        items = [encode_record(r) for r in appended]
+        consumed = list(ctx.consumed)
         out = [send for send in ctx.pending if deliver(send)]
-        open_turn.records = records
         open_turn.pending = [send for send in ctx.pending if not deliver(send)]
         local, remote = split_sends(self.runner.shard, [*out, *extra])
         write = Write(
             "j", act.id, source.origin, source.ref,
             local=local, remote=remote,
-            open_turn=open_turn.encode(), score=open_turn.due_ms,
+            open_turn=open_turn.header(), score=open_turn.due_ms,
+            journal_keep=0 if stored is None else 1 + base,  # item 0 is the message
+            journal_items=items if stored is not None else [open_turn.envelope, *items],
             defers=[deferral(q) for q in behind],
             **taken_out(ctx, consumed),
         )  # fmt: skip
@@ -142,7 +151,11 @@ class Journaling:
         ctx.pending[:] = [send for send in ctx.pending if send not in delivered]
         del ctx.consumed[: len(consumed)]
         self.settled(act, [*consumed, *behind])
-        act.open = dataclasses.replace(open_turn, records=copy_records(records))
+        # The records as Redis now holds them: those kept, then copies of those appended.
+        mirror = written.records if written is not None and stored is not None else []
+        del mirror[base:]
+        mirror += copy_records(appended)
+        act.open = dataclasses.replace(open_turn, records=mirror, stored=count)
         source.origin, source.ref = "o", str(open_turn.write)
 
     async def candidates(self, ctx: TurnContext, message_type: str) -> list[Queued]:

@@ -52,7 +52,7 @@ class Work:
             act = Activation(aid, None, found.snapshot, broken=f"actor {aid} cannot be loaded: {exc}")
         if found.open_turn is not None:
             try:
-                act.open = OpenTurn.decode(found.open_turn)
+                act.open = OpenTurn.decode(found.open_turn, found.journal)
             except DecodeError as exc:
                 reason = f"its open turn cannot be read: {exc}"
                 act.open = OpenTurn(b"", [], None, FOREVER_MS, reason, write=write_number(found.open_turn))

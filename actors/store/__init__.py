@@ -29,6 +29,7 @@ from .records import (
     LoadedActor,
     OutItem,
     ShardInfo,
+    StoredTurn,
     Take,
     Write,
 )
@@ -36,7 +37,8 @@ from .records import (
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
     "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "LeaseKeeper",
-    "LoadedActor", "OutItem", "ShardInfo", "Store", "Take", "Write", "honour_cancel", "is_transient",
+    "LoadedActor", "OutItem", "ShardInfo", "Store", "StoredTurn", "Take", "Write", "honour_cancel",
+    "is_transient",
 ]  # fmt: skip
 
 

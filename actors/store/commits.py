@@ -10,7 +10,7 @@ import msgpack  # type: ignore[import-untyped]  # msgpack ships no type informat
 from ..codec import decode_envelope
 from ..errors import DecodeError
 from .connection import StoreBase, honours_cancel
-from .records import LoadedActor, Take, Write
+from .records import LoadedActor, StoredTurn, Take, Write
 
 
 @honours_cancel
@@ -25,10 +25,22 @@ class CommitStore(StoreBase):
             pipe.zmscore(self.keys.timers(shard), ids)
             pipe.hmget(self.keys.turns(shard), ids)
             snapshots, timers, turns = await pipe.execute()
+        journals = await self.journals(shard, [aid for aid, turn in zip(ids, turns, strict=True) if turn])
         return [
-            LoadedActor(snapshot, None if timer is None else int(timer), turn)
-            for snapshot, timer, turn in zip(snapshots, timers, turns, strict=True)
+            LoadedActor(snapshot, None if timer is None else int(timer), turn, journals.get(aid))
+            for aid, snapshot, timer, turn in zip(ids, snapshots, timers, turns, strict=True)
         ]
+
+    async def journals(self, shard: int, actor_ids: Sequence[str]) -> dict[str, list[bytes]]:
+        """The journal lists of actors with open turns (message, then records), one round
+        trip; a turn written before lists has none (its header holds everything)."""
+        if not actor_ids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for aid in actor_ids:
+                pipe.lrange(self.keys.journal(shard, aid), 0, -1)
+            found = await pipe.execute()
+        return {aid: [bytes(item) for item in items] for aid, items in zip(actor_ids, found, strict=True)}
 
     async def load_state(self, shard: int, actor_id: str) -> bytes | None:
         value = cast("bytes | None", await self.redis.hget(self.keys.state(shard), actor_id))
@@ -70,7 +82,12 @@ class CommitStore(StoreBase):
                 marker_index = len(keys) if w.reply_marker is not None else 0
                 effects.append(["Y", reply_index, marker_index, w.reply_channel or "", w.reply])
             if w.op == "j":
-                effects.append(["J", w.open_turn, w.score])
+                keys.append(k.journal(shard, w.actor_id))
+                effects.append(["J", w.open_turn, w.score, len(keys), w.journal_keep,
+                                len(w.journal_items), *w.journal_items])  # fmt: skip
+            elif w.origin == "o" and w.op in ("c", "d"):
+                keys.append(k.journal(shard, w.actor_id))
+                effects.append(["K", len(keys)])
             if w.op == "d":
                 effects.append(["D", w.envelope, w.ref if w.origin == "i" else "", w.reason, w.detail])
             if w.forget_delivery:
@@ -129,22 +146,25 @@ class CommitStore(StoreBase):
             found.append((arrived.decode(), envelope))
         return found
 
-    async def open_turn(self, shard: int, actor_id: str) -> tuple[bytes | None, int]:
+    async def open_turn(self, shard: int, actor_id: str) -> tuple[StoredTurn | None, int]:
         """An actor's open turn (None if it has none) and how many messages wait behind it."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hget(self.keys.turns(shard), actor_id)
+            pipe.lrange(self.keys.journal(shard, actor_id), 0, -1)
             pipe.llen(self.keys.deferred(shard, actor_id))
-            turn, deferred = await pipe.execute()
-        return turn, int(deferred)
+            turn, journal, deferred = await pipe.execute()
+        stored = None if turn is None else StoredTurn(actor_id, turn, [bytes(i) for i in journal])
+        return stored, int(deferred)
 
-    async def open_turns(self, shard: int, limit: int) -> list[tuple[str, bytes]]:
-        """Up to ``limit`` open turns of the shard: (actor id, open turn), in no set order."""
+    async def open_turns(self, shard: int, limit: int) -> list[StoredTurn]:
+        """Up to ``limit`` open turns of the shard, in no set order."""
         found: list[tuple[str, bytes]] = []
         async for actor, turn in self.redis.hscan_iter(self.keys.turns(shard), count=500):
             found.append((actor.decode(), turn))
             if len(found) >= limit:
                 break
-        return found
+        journals = await self.journals(shard, [aid for aid, _ in found])
+        return [StoredTurn(aid, turn, journals[aid]) for aid, turn in found]
 
     async def timers_at_zero(self, shard: int, batch: int) -> AsyncIterator[list[str]]:
         """Batches of the actors whose timer is 0 (needing attention now), as a new owner

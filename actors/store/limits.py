@@ -152,7 +152,8 @@ class LimitStore(StoreBase):
         script = self._scripts["item_alive"]
         async with self.redis.pipeline(transaction=False) as pipe:
             for item in items:
-                keys = [k.inbox(item.shard), k.turns(item.shard), k.deferred(item.shard, item.actor_id)]
+                keys = [k.inbox(item.shard), k.turns(item.shard), k.deferred(item.shard, item.actor_id),
+                        k.journal(item.shard, item.actor_id)]  # fmt: skip
                 await script(keys=keys, args=[item.entry_id, item.actor_id, item.envelope], client=pipe)
             return [bool(alive) for alive in await pipe.execute()]
 

@@ -69,6 +69,11 @@ class Write:
     reply_marker: str | None = None
     """The idempotency marker the ask was sent under: the reply is kept ``reply_ttl`` past it."""
     open_turn: bytes = b""
+    """A ``j`` write's open-turn header (``OpenTurn.header``)."""
+    journal_keep: int = 0
+    """How many items of the turn's journal list stay (0: the list starts anew)."""
+    journal_items: Sequence[bytes] = ()
+    """Appended to the turn's journal list after those kept."""
     score: int = 0
     envelope: bytes = b""
     """The message a dead-letter write keeps."""
@@ -106,6 +111,17 @@ class LoadedActor:
     timer: int | None
     """Its score in the timers index (0: needs attention now), None if it has none."""
     open_turn: bytes | None
+    journal: list[bytes] | None = None
+    """Its open turn's journal list (message, records), if it has an open turn."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTurn:
+    """An open turn as Redis holds it: its header in ``turns`` and its journal list."""
+
+    actor_id: str
+    header: bytes
+    journal: list[bytes]
 
 
 @dataclass(frozen=True, slots=True)
