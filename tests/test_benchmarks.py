@@ -168,3 +168,10 @@ def test_repeated_runs_report_the_median_run_and_every_figure() -> None:
     assert median_of([5.0], float) == (5.0, "")
     assert median_of([3.0, 1.0, 2.0], float) == (2.0, "median of 3 (1 / 2 / 3)")
     assert median_of([4.0, 1.0, 3.0, 2.0], float)[0] == 2.0, "of an even count, a run that happened"
+
+
+def test_journal(tmp_path: Path) -> None:
+    out, data = run_benchmark("journal", "--steps", "50", json_path=tmp_path / "journal.json")
+    ours = data["results"]["ours"]
+    assert {"bytes_per_step", "first_ms", "last_ms", "ms_per_step"} <= set(ours)
+    assert "floor" in data["results"] and "bytes sent to Redis per step" in out
