@@ -111,7 +111,8 @@ async def main(args: argparse.Namespace) -> None:
         f"one turn of {args.steps:,} steps, each returning {args.result_bytes:,} bytes",
         f"  bytes sent to Redis per step: {result['bytes_per_step']:,.0f} "
         f"({result['bytes_per_step'] / args.result_bytes:.2f}x the step's result)",
-        f"  median ms per step, first {window}: {result['first_ms']:.3f}; last {window}: {result['last_ms']:.3f}",
+        f"  median ms per step, first {window}: {result['first_ms']:.3f}; "
+        f"last {window}: {result['last_ms']:.3f}",
         f"  mean ms per step: {result['ms_per_step']:.3f}; floor (one awaited RPUSH of the bytes): "
         f"{base['ms_per_step']:.3f} ({result['ms_per_step'] / base['ms_per_step']:.1f}x floor)",
     ]
