@@ -44,7 +44,8 @@ class Agent(actors.Actor):
         times: list[float] = []
         for i in range(msg.steps):
             started = time.perf_counter()
-            await self.step(tool_call, i, msg.result_bytes, name="tool")
+            result: str = await self.step(tool_call, i, msg.result_bytes, name="tool")
+            assert len(result) == msg.result_bytes
             times.append((time.perf_counter() - started) * 1000)
         return Timings(per_step_ms=times)
 
