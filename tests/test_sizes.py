@@ -123,8 +123,9 @@ async def _dead_letters(client: actors.Client) -> list[Any]:
     return list(await client.store.dead_letters(0, 100))
 
 
-async def test_a_state_over_max_state_bytes_is_dead_lettered_at_once(start_worker: Any, client: Any,
-                                                                      small_server: EmbeddedServer) -> None:  # fmt: skip
+async def test_a_state_over_max_state_bytes_is_dead_lettered_at_once(
+    start_worker: Any, client: Any, small_server: EmbeddedServer
+) -> None:
     size = 17 * MiB  # over the default max_state_bytes (16 MiB) and over the server's bulk limit
     await start_worker(app, _settings(), url=small_server.url)
     await client.send(Hoarder.ref("big"), Grow(size=size))

@@ -31,12 +31,14 @@ from .records import (
     ShardInfo,
     Take,
     Write,
+    write_bytes,
 )
 
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
     "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "LeaseKeeper",
     "LoadedActor", "OutItem", "ShardInfo", "Store", "Take", "Write", "honour_cancel", "is_transient",
+    "write_bytes",
 ]  # fmt: skip
 
 
