@@ -19,7 +19,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
 from pydantic import BaseModel
 
-from .errors import DecodeError, InvalidEnvelope, MessageTooLarge
+from .errors import DecodeError, InvalidEnvelope, MessageTooLarge, StateTooLarge
 
 ENVELOPE_VERSION = 1
 FIELD = b"e"
@@ -266,9 +266,17 @@ def decode_reply(data: bytes) -> Reply:
     return Reply(mid, bool(ok), rtype, payload, error, detail)
 
 
-def encode_state(model: BaseModel) -> bytes:
+def encode_state(model: BaseModel, max_bytes: int, owner: str) -> bytes:
+    """The snapshot of actor ``owner``'s state; StateTooLarge past ``max_bytes``."""
     data: bytes = msgpack.packb(model.model_dump(mode="json"), use_bin_type=True)
+    if len(data) > max_bytes:
+        raise StateTooLarge(owner, len(data), max_bytes)
     return data
+
+
+def packed_size(value: Any) -> int:
+    """How many bytes ``value`` takes in msgpack, as a journal record holds it."""
+    return len(msgpack.packb(value, use_bin_type=True))
 
 
 def decode_state(data: bytes) -> Any:

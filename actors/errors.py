@@ -32,8 +32,42 @@ class UnknownMessageType(ActorsError):
     """A message's type has no handler on the target actor type."""
 
 
-class MessageTooLarge(ActorsError):
+class TooLarge(ActorsError):
+    """Something the runtime would write to Redis is over its size setting. A write over the
+    server's ``proto-max-bulk-len`` would reset the connection and restart the shard in a
+    loop; these bounds refuse it first, with a reason that names the size and the setting."""
+
+
+class MessageTooLarge(TooLarge):
     """An encoded message is over the configured ``max_message_bytes``."""
+
+
+class StateTooLarge(TooLarge):
+    """An actor's state, encoded after a turn, is over ``WorkerSettings.max_state_bytes``. The
+    turn fails for good, without a retry (the same state would be too large again): its
+    message is dead-lettered with reason ``state too large: ...``, and the state is not
+    written (the actor keeps its last committed one)."""
+
+    def __init__(self, actor_id: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"the state of {actor_id} is {size} bytes encoded; the limit (max_state_bytes) is {limit}"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class RecordTooLarge(TooLarge):
+    """A journal record (a step's outcome) or the reply to an ask is over
+    ``WorkerSettings.max_record_bytes``. A step's is journaled as the step's error (its
+    function ran; its side effects happened): ``step`` raises ``StepFailed`` with
+    ``error_type`` ``RecordTooLarge`` on every run. A reply's fails its turn for good: the
+    message is dead-lettered with reason ``reply too large: ...`` and the asker gets that
+    reason in a ``HandlerError``."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(f"{what} is {size} bytes encoded; the limit (max_record_bytes) is {limit}")
+        self.size = size
+        self.limit = limit
 
 
 class DecodeError(ActorsError):

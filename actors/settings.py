@@ -84,6 +84,23 @@ class WorkerSettings(_Frozen):
     max_inflight: int = Field(default=2_000, ge=1)
     """Per shard: messages read but not yet committed before reading pauses."""
     commit_batch: int = Field(default=256, ge=1)
+    commit_batch_bytes: int = Field(default=4 * MiB, gt=0)
+    """A commit takes writes until it has ``commit_batch`` of them or this many bytes (their
+    snapshots, open turns, envelopes, replies and texts); a larger write goes alone. The
+    commit script gets its whole batch as one argument, which the server refuses past its
+    ``proto-max-bulk-len`` (512 MB by default, often less on managed services). Ordinary
+    writes are a few hundred bytes, so this binds only when big states or records come
+    together; it also bounds how long one script holds the server."""
+    max_state_bytes: int = Field(default=16 * MiB, gt=0)
+    """An actor's state, encoded, at most; a turn that leaves a larger one fails for good
+    (``StateTooLarge``: dead-lettered at once, the state not written). The snapshot is
+    rewritten by every turn that changes it, so a state near this is data that belongs
+    elsewhere; keep it under the server's ``proto-max-bulk-len`` with room to spare."""
+    max_record_bytes: int = Field(default=4 * MiB, gt=0)
+    """One journal record (a step's outcome) or an ask's reply, encoded, at most
+    (``RecordTooLarge``): a step's larger outcome is journaled as the step's error, a larger
+    reply fails its turn for good. A record is written once, but a resumed turn reads its
+    whole journal back, so records are meant to be small."""
     block_ms: int = Field(default=1_000, ge=1)
     trim_interval: float = Field(default=5.0, gt=0)
     turn_timeout: float | None = Field(default=3600.0, gt=0)

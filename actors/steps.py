@@ -23,7 +23,8 @@ from pydantic import TypeAdapter
 
 from . import telemetry
 from .actor import StepOptions
-from .errors import Reject
+from .codec import packed_size
+from .errors import RecordTooLarge, Reject
 from .journal import Record, StepFailed
 from .lease import StepsInFlight
 from .limits import Limits
@@ -116,6 +117,20 @@ async def run_step(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[s
                     "journaled: return JSON-compatible data or a pydantic model")  # fmt: skip
             return ["error", "TypeError", text]
     raise AssertionError("unreachable")
+
+
+def bounded(outcome: list[Any], name: str, max_bytes: int) -> list[Any]:
+    """A step's outcome as it is journaled: one over ``max_bytes`` (``max_record_bytes``)
+    becomes the step's error ``RecordTooLarge``. Journaled rather than failing the turn, like
+    a result with no JSON form: the function ran, its side effects happened, and a turn
+    retried would run it again only to get as much back. The handler may catch the
+    ``StepFailed`` (and keep such data outside the journal, recording a reference to it)."""
+    size = packed_size(outcome)
+    if size <= max_bytes:
+        return outcome
+    what = {"ok": "result", "error": "error", "reject": "rejection"}.get(outcome[0], "outcome")
+    error = RecordTooLarge(f"the {what} of step {name}", size, max_bytes)
+    return ["error", type(error).__name__, str(error)]
 
 
 async def _call_once(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],

@@ -33,7 +33,7 @@ from .queues import QueueItem
 from .replies import ReplyListener, reply_value
 from .routing import route, shard_of
 from .settings import MessageSettings
-from .steps import StepInfo, callable_name, run_step, step_result
+from .steps import StepInfo, bounded, callable_name, run_step, step_result
 
 if TYPE_CHECKING:
     from .lease import StepsInFlight
@@ -56,6 +56,8 @@ class TurnServices:
     quarantine: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held by a recovered turn that was interrupted before: such turns run one at a time
     in a worker process (see ``ShardRunner._turn``)."""
+    max_record_bytes: int = 4 * 1024 * 1024
+    """``WorkerSettings.max_record_bytes``: a step's outcome past it is journaled as its error."""
 
 
 class TurnStats:
@@ -272,6 +274,7 @@ class TurnContext:
             with telemetry.span(f"step {name}", {"step.name": name}):
                 info = StepInfo(key, self.info.epoch, name, 0)
                 outcome = await run_step(fn, args, kwargs, options, self.services.limits, self.host, info)
+            outcome = bounded(outcome, name, self.services.max_record_bytes)
             self._check_sole()
             record = self.journal.record("step", name, outcome)
             await self.host.flush(self)

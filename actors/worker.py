@@ -79,7 +79,10 @@ class Worker:
             shards = await store.shard_count(self.settings.shards, DEFAULT_SHARDS)
             await replies.start()
             await limits.start()
-            self._services = TurnServices(self.app, store, shards, self.settings.messages, replies, limits)
+            self._services = TurnServices(
+                self.app, store, shards, self.settings.messages, replies, limits,
+                max_record_bytes=self.settings.max_record_bytes,
+            )  # fmt: skip
             supervisor = Supervisor(
                 store, self.id, shards, self.settings.lease,
                 on_acquired=self._start_shard, on_lost=self._stop_shard, on_release=self._drain_shard,

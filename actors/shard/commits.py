@@ -11,10 +11,11 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ..errors import LeaseLost
-from ..store import DUPLICATE, Entry, ResponseError, Take, Write
+from ..store import DUPLICATE, Entry, ResponseError, Take, Write, write_bytes
 from .state import ShardReset
 
 if TYPE_CHECKING:
@@ -26,6 +27,22 @@ FORWARD_POLL = 5.0
 """Seconds between looks at the outbox for entries a previous owner committed and never forwarded."""
 FORWARD_BACKOFF_MAX = 30.0
 """At most this many seconds between two tries at a target shard that refuses forwards."""
+
+
+def batch_length(writes: Iterable[Write], count: int, max_bytes: int) -> int:
+    """How many of ``writes`` (oldest first) the next commit takes: at most ``count`` and,
+    past the first, no more than ``max_bytes`` together. The script gets its batch as one
+    argument, which the server refuses past its ``proto-max-bulk-len``; a write larger than
+    ``max_bytes`` goes alone."""
+    total = taken = 0
+    for write in writes:
+        if taken == count:
+            break
+        total += write_bytes(write)
+        if taken and total > max_bytes:
+            break
+        taken += 1
+    return taken
 
 
 class Commits:
@@ -98,12 +115,13 @@ class Commits:
         """One script in flight at a time; writes that come meanwhile form the next batch,
         so a busy shard commits in batches and an idle one commits each turn at once."""
         runner = self.runner
-        limit = runner.settings.commit_batch
+        limit, max_bytes = runner.settings.commit_batch, runner.settings.commit_batch_bytes
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._writes or self._take_waiters:
-                batch, self._writes = self._writes[:limit], self._writes[limit:]
+                n = batch_length((w for w, _ in self._writes), limit, max_bytes)
+                batch, self._writes = self._writes[:n], self._writes[n:]
                 seen = self._seen
                 fresh = seen - self._taken
                 take = Take(runner.consumer, self._seen_newest, fresh) if fresh else None

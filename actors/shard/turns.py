@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from .. import telemetry
 from ..actor import Actor, Handler, TurnInfo
 from ..codec import REJECTION, Envelope, Reply, dump_model, encode_reply, encode_state
-from ..errors import Reject, TurnCancelled, TurnTimeout
+from ..errors import RecordTooLarge, Reject, StateTooLarge, TurnCancelled, TurnTimeout
 from ..journal import Journal, JournalMismatch, Suspend
 from ..queues import queued_item
 from ..store import Write
@@ -46,6 +46,10 @@ log = logging.getLogger("actors.shard")
 
 TURN_CHECK = 1.0
 """Seconds between two looks for turns past their timeout."""
+
+AT_ONCE = (TurnCancelled, StateTooLarge, RecordTooLarge)
+"""Failures that are final at once, with no retry: a cancel, and an outcome too large to write
+(its state, or its reply), which a retry would come to again."""
 
 NO_WAIT = "no wait was open"
 """The dead-letter reason of a message with no handler that no open ``wait_for`` took (a late
@@ -133,8 +137,8 @@ class Turns:
                 _take_back_interruption(ctx)  # a handler that swallowed it finished anyway
                 if ctx.journal.mismatch is not None:
                     raise ctx.journal.mismatch  # the handler caught it: park all the same
-                snapshot = encode_state(actor.state)
-                reply = _reply(env, result)
+                snapshot = encode_state(actor.state, r.settings.max_state_bytes, act.id)
+                reply = _reply(env, result, r.settings.max_record_bytes)
                 break
             except Suspend as suspend:
                 actor.state = load_state(type(actor), act.snapshot)
@@ -164,7 +168,7 @@ class Turns:
                 if isinstance(failure, Reject):  # a business refusal: consumed, never retried
                     await self._reject(act, ctx, failure)
                     return
-                if isinstance(failure, TurnCancelled) or attempt >= retry.max_attempts:
+                if isinstance(failure, AT_ONCE) or attempt >= retry.max_attempts:
                     await self._give_up(act, ctx, handler, failure, attempt)
                     return
                 try:
@@ -218,6 +222,8 @@ class Turns:
         if isinstance(exc, TurnCancelled):
             reason, detail = "cancelled", str(exc)
             acks = [q for q in act.queue if q.message is None][:1]  # the cancel, taken with it
+        elif isinstance(exc, StateTooLarge | RecordTooLarge):
+            reason, detail = _too_large(exc)
         else:
             assert act.actor is not None
             reason = f"handler {type(act.actor).__name__}.{handler.name} failed {attempt} times: {exc!r}"
@@ -343,14 +349,25 @@ def _rejects(ctx: TurnContext) -> bool:
     return ctx.interrupted is None and ctx.misuse is None and ctx.journal.mismatch is None
 
 
-def _reply(env: Envelope, result: Any) -> bytes:
+def _reply(env: Envelope, result: Any, max_bytes: int) -> bytes:
     if not env.reply_to:
         return b""
     if result is not None and not isinstance(result, BaseModel):
         raise TypeError(f"a handler must return a pydantic model or None, not {type(result).__name__}")
     payload = None if result is None else dump_model(result)
     rtype = None if result is None else type(result).__name__
-    return encode_reply(Reply(env.id, True, rtype, payload))
+    data = encode_reply(Reply(env.id, True, rtype, payload))
+    if len(data) > max_bytes:  # an asking turn would journal it as one record
+        raise RecordTooLarge(f"the reply of {env.actor_id} to {env.type}", len(data), max_bytes)
+    return data
+
+
+def _too_large(exc: StateTooLarge | RecordTooLarge) -> tuple[str, str]:
+    """The dead letter's reason and detail of a turn whose outcome was too large to write (its
+    state, or its reply: a RecordTooLarge here is the reply's, a step's is journaled): given
+    at once, since a retry would come to the same size."""
+    what = "state" if isinstance(exc, StateTooLarge) else "reply"
+    return f"{what} too large: {exc}", f"the turn was not retried and its {what} was not written"
 
 
 async def _outlive_primitive(ctx: TurnContext) -> None:

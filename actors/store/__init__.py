@@ -32,13 +32,14 @@ from .records import (
     StoredTurn,
     Take,
     Write,
+    write_bytes,
 )
 
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
     "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "LeaseKeeper",
     "LoadedActor", "OutItem", "ShardInfo", "Store", "StoredTurn", "Take", "Write", "honour_cancel",
-    "is_transient",
+    "is_transient", "write_bytes",
 ]  # fmt: skip
 
 

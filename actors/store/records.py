@@ -98,6 +98,23 @@ class Write:
         return self.origin in ("o", "q") or self.op in ("f", "s") or bool(self.unlists or self.defers)
 
 
+def write_bytes(w: Write) -> int:
+    """About how many bytes ``w`` adds to the commit script's packed argument: its snapshot,
+    open turn, envelopes, reply and texts (not msgpack's few bytes of framing per value)."""
+    size = len(w.actor_id) + len(w.ref) + len(w.snapshot or b"") + len(w.open_turn) + len(w.reply)
+    size += len(w.envelope) + len(w.reason) + len(w.detail)
+    # The rest is empty for most writes: skip the sums (this runs for every write).
+    if w.local or w.remote or w.acks:
+        size += sum(map(len, w.local)) + sum(len(e) for _, e in w.remote) + sum(map(len, w.acks))
+    if w.unlists or w.defers:
+        size += sum(len(d.envelope) + len(d.arrived) for d in (*w.unlists, *w.defers))
+    if w.dead:
+        size += sum(len(env) + len(entry) + len(why) + len(text) for env, entry, why, text in w.dead)
+    if w.journal_items:
+        size += sum(map(len, w.journal_items))
+    return size
+
+
 RELEASED, QUEUED = "released:", "queued:"
 """Prefixes of the limiter events: a slot was given back, or an item was queued."""
 
