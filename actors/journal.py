@@ -27,6 +27,11 @@ OPEN_TURN_VERSION = 3
 """3 keeps the message and the records in the turn's journal list, appended to; 2 (everything
 in one blob, with ``pending``) and 1 (no pending sends) are still read."""
 
+INLINE_JOURNAL_BYTES = 1024
+"""A turn's message and records stay in its header while together at most this: most
+suspended turns (a sleep, a wait for approval) then cost no key of their own. Past it
+they move to the turn's journal list, appended to from then on."""
+
 Send = tuple[str, int, bytes]
 """A send of a turn not delivered yet: (target actor id, target shard, envelope)."""
 
@@ -146,29 +151,31 @@ class OpenTurn:
     never with a mere progress write, so a turn that fails for good sends nothing more."""
     stored: int | None = None
     """How many of ``records`` its journal list in Redis holds; None: it has no list (the
-    turn is not written yet, or was written whole by a version before lists)."""
+    turn is not written yet, its journal is small enough to live in its header, or it was
+    written whole by a version before 3)."""
 
     @property
     def suspended(self) -> bool:
         return self.due_ms > 0
 
-    def header(self) -> bytes:
+    def header(self, inline: list[bytes] | None = None) -> bytes:
         """``<write>:`` then msgpack: the commit script reads the write number without msgpack.
-        Rewritten by every journal write, so it holds no record and not the message."""
+        Rewritten by every journal write; it holds the message and the records (``inline``:
+        the journal list's items) only while they are small (``INLINE_JOURNAL_BYTES``)."""
         pending = [list(send) for send in self.pending]
-        fields = [OPEN_TURN_VERSION, self.waiting, self.due_ms, self.parked, self.since_ms, pending]
+        fields = [OPEN_TURN_VERSION, self.waiting, self.due_ms, self.parked, self.since_ms, pending, inline]
         packed: bytes = msgpack.packb(fields, use_bin_type=True)
         return f"{self.write}:".encode() + packed
 
     @classmethod
     def decode(cls, data: bytes, journal: list[bytes] | None = None) -> OpenTurn:
-        """From its header (or, before lists, its whole blob) and its journal list."""
+        """From its header (or, before version 3, its whole blob) and its journal list."""
         try:
             write, _, packed = data.partition(b":")
             version, *fields = msgpack.unpackb(packed, raw=False)
             number = int(write)
             if version == OPEN_TURN_VERSION:
-                return cls._from_list(number, fields, journal)
+                return cls._from_items(number, fields, journal)
             envelope, records, waiting, due_ms, parked, since_ms, *rest = fields
             pending = _sends(rest[0] if rest else [])
         except DecodeError:
@@ -181,13 +188,15 @@ class OpenTurn:
         return cls(envelope, records_, waiting, due_ms, parked, since_ms, number, pending)
 
     @classmethod
-    def _from_list(cls, number: int, fields: list[Any], journal: list[bytes] | None) -> OpenTurn:
-        waiting, due_ms, parked, since_ms, pending = fields
-        if not journal:
+    def _from_items(cls, number: int, fields: list[Any], journal: list[bytes] | None) -> OpenTurn:
+        waiting, due_ms, parked, since_ms, pending, inline = fields
+        items = inline if inline is not None else journal
+        if not items:
             raise DecodeError("open turn has no journal list (its message and records)")
-        records = [Record(*msgpack.unpackb(item, raw=False)) for item in journal[1:]]
-        return cls(bytes(journal[0]), records, waiting, due_ms, parked, since_ms, number,
-                   _sends(pending), len(records))  # fmt: skip
+        records = [Record(*msgpack.unpackb(item, raw=False)) for item in items[1:]]
+        stored = None if inline is not None else len(records)
+        return cls(bytes(items[0]), records, waiting, due_ms, parked, since_ms, number,
+                   _sends(pending), stored)  # fmt: skip
 
 
 def encode_record(record: Record) -> bytes:

@@ -50,7 +50,21 @@ class Legacy(actors.Actor):
         self.state.results.append(result)
 
 
-app = actors.App(Agent, Legacy)
+class Napper(actors.Actor):
+    class State(BaseModel):
+        results: list[str] = []
+
+    async def on_loop(self, msg: Loop) -> None:
+        results = [await self.step(small_call, i, name="small") for i in range(msg.steps)]
+        await self.sleep(1.0)
+        self.state.results = results
+
+
+async def small_call(i: int) -> str:
+    return f"r{i}"
+
+
+app = actors.App(Agent, Legacy, Napper)
 
 
 async def _input_bytes(r: aioredis.Redis) -> int:
@@ -104,5 +118,41 @@ async def test_a_turn_written_whole_by_an_older_version_resumes(
             assert (await client.inspect(Legacy.ref("old"))).turn is None
         assert [key async for key in r.scan_iter(f"{namespace}:*journal*")] == []
         assert not await r.hexists(k.turns(routed.shard), aid)
+    finally:
+        await r.aclose()
+
+
+async def test_a_small_journal_lives_in_its_header_and_a_long_one_in_its_list(
+    redis_url, namespace, connect, start_worker
+) -> None:
+    """A suspended turn with a few small records costs no key of its own (most sleeping or
+    waiting workflows); one whose journal outgrows the header moves to its list."""
+    await start_worker(app)
+    k = Keys(namespace)
+    r = aioredis.from_url(redis_url)
+    try:
+        async with connect(app=app) as client:
+            short, long = Napper.ref("short"), Napper.ref("long")
+            await client.send(short, Loop(steps=3))
+            await client.send(long, Loop(steps=200))
+            for ref, listed in ((short, False), (long, True)):
+
+                async def sleeping(ref: actors.ActorRef = ref) -> bool:
+                    view = await client.inspect(ref)
+                    return view.turn is not None and view.turn.status == "sleeping"
+
+                await eventually(sleeping)
+                view = await client.inspect(ref)
+                assert view.turn is not None and view.turn.journal[-1] == "sleep"
+                shard = view.shard
+                assert bool(await r.exists(k.journal(shard, ref.id))) is listed
+            for ref, steps in ((short, 3), (long, 200)):
+
+                async def done(ref: actors.ActorRef = ref, steps: int = steps) -> bool:
+                    state = await client.state(ref)
+                    return state is not None and state.results == [f"r{i}" for i in range(steps)]
+
+                await eventually(done)
+        assert [key async for key in r.scan_iter(f"{namespace}:*journal*")] == []
     finally:
         await r.aclose()

@@ -14,11 +14,20 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .. import telemetry
 from ..codec import Envelope, Reply, encode_reply
-from ..journal import FOREVER_MS, OpenTurn, RedisClock, Send, Suspend, encode_record
+from ..journal import (
+    FOREVER_MS,
+    INLINE_JOURNAL_BYTES,
+    OpenTurn,
+    Record,
+    RedisClock,
+    Send,
+    Suspend,
+    encode_record,
+)
 from ..lease import StepsInFlight
 from ..queues import queued_item
 from ..store import Write
@@ -44,6 +53,38 @@ def split_sends(shard: int, sends: Sequence[Send]) -> tuple[list[bytes], list[tu
     local = [data for _, target, data in sends if target == shard]
     remote = [(target, data) for _, target, data in sends if target != shard]
     return local, remote
+
+
+class JournalPart(NamedTuple):
+    """What one journal write does to the turn's journal."""
+
+    inline: list[bytes] | None
+    """The message and every record, kept in the header (the journal is small); or None."""
+    keep: int
+    """Items of the journal list kept (0: the list starts anew, or is deleted if inline)."""
+    items: list[bytes]
+    """Appended to the list after those kept."""
+    base: int
+    """The first record written by this write (the records before it are in Redis already)."""
+    appended: list[Record]
+    """The records from ``base`` on, as this write takes them."""
+    stored: int | None
+    """How many records the list holds after the write (None: no list)."""
+
+
+def journal_part(envelope: bytes, records: list[Record], changed: int, count: int,
+                 stored: int | None) -> JournalPart:  # fmt: skip
+    """The first ``count`` records, ``changed`` the lowest replaced since the last write, of a
+    turn whose list holds ``stored`` (None: no list): in the header while small, else appended
+    to the list from the first record it lacks or that changed."""
+    base = 0 if stored is None else min(changed, stored)
+    appended = records[base:count]
+    items = [encode_record(r) for r in appended]
+    if stored is not None:
+        return JournalPart(None, 1 + base, items, base, appended, count)  # item 0 is the message
+    if len(envelope) + sum(map(len, items)) <= INLINE_JOURNAL_BYTES:
+        return JournalPart([envelope, *items], 0, [], base, appended, None)
+    return JournalPart(None, 0, [envelope, *items], base, appended, count)
 
 
 class Journaling:
@@ -129,10 +170,9 @@ class Journaling:
         records = open_turn.records
         whole = (len(records), len(records))  # a parked turn: the records as last written
         changed, count = ctx.journal.taken() if records is ctx.journal.records else whole
-        stored = None if written is None else written.stored
-        base = 0 if stored is None else min(changed, stored)
-        appended = records[base:count]
-        items = [encode_record(r) for r in appended]
+        part = journal_part(
+            open_turn.envelope, records, changed, count, None if written is None else written.stored
+        )
         consumed = list(ctx.consumed)
         out = [send for send in ctx.pending if deliver(send)]
         open_turn.pending = [send for send in ctx.pending if not deliver(send)]
@@ -140,9 +180,8 @@ class Journaling:
         write = Write(
             "j", act.id, source.origin, source.ref,
             local=local, remote=remote,
-            open_turn=open_turn.header(), score=open_turn.due_ms,
-            journal_keep=0 if stored is None else 1 + base,  # item 0 is the message
-            journal_items=items if stored is not None else [open_turn.envelope, *items],
+            open_turn=open_turn.header(part.inline), score=open_turn.due_ms,
+            journal_keep=part.keep, journal_items=part.items,
             defers=[deferral(q) for q in behind],
             **taken_out(ctx, consumed),
         )  # fmt: skip
@@ -152,10 +191,10 @@ class Journaling:
         del ctx.consumed[: len(consumed)]
         self.settled(act, [*consumed, *behind])
         # The records as Redis now holds them: those kept, then copies of those appended.
-        mirror = written.records if written is not None and stored is not None else []
-        del mirror[base:]
-        mirror += copy_records(appended)
-        act.open = dataclasses.replace(open_turn, records=mirror, stored=count)
+        mirror = written.records if written is not None and written.stored is not None else []
+        del mirror[part.base :]
+        mirror += copy_records(part.appended)
+        act.open = dataclasses.replace(open_turn, records=mirror, stored=part.stored)
         source.origin, source.ref = "o", str(open_turn.write)
 
     async def candidates(self, ctx: TurnContext, message_type: str) -> list[Queued]:
