@@ -139,6 +139,9 @@ class Actor:
     ``limiter="crawl"`` makes every turn wait for a token and slot of that limiter.
     ``turn_timeout=timedelta(hours=2)`` bounds each attempt of its handlers (default: the
     worker's ``turn_timeout``); an attempt that runs longer fails with TurnTimeout.
+    ``retention=timedelta(days=7)`` (or seconds) deletes the state of an actor of this type
+    once it has been idle that long: no turn committed since, none open, nothing deferred
+    or running. Its next message starts it from a fresh State. Default: kept for ever.
     """
 
     State: ClassVar[type[BaseModel]] = _NoState
@@ -148,10 +151,13 @@ class Actor:
     schedules: ClassVar[dict[str, tuple[Schedule, Handler]]] = {}
     """Scheduled methods by schedule name (see ``actors.schedule``)."""
     limiter: ClassVar[str | None] = None
+    """The limiter every turn of this type holds (``class X(Actor, limiter="name")``)."""
     turn_timeout: ClassVar[float | None] = None
     """Seconds an attempt of this type's handlers may run (``class X(Actor, turn_timeout=...)``);
     None: the worker's ``WorkerSettings.turn_timeout``."""
-    """The limiter every turn of this type holds (``class X(Actor, limiter="name")``)."""
+    retention: ClassVar[float | None] = None
+    """Seconds an actor of this type may stay idle before its state is deleted
+    (``class X(Actor, retention=...)``); None: kept for ever."""
 
     key: str
     state: Any
@@ -163,6 +169,7 @@ class Actor:
         waits_for: Sequence[type[BaseModel]] = (),
         limiter: str | None = None,
         turn_timeout: timedelta | float | None = None,
+        retention: timedelta | float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
@@ -174,6 +181,8 @@ class Actor:
             if seconds is None or not seconds > 0:
                 raise DefinitionError(f"{cls.__name__}: turn_timeout must be positive, not {turn_timeout!r}")
             cls.turn_timeout = seconds
+        if retention is not None:
+            cls.retention = _positive_seconds(cls, "retention", retention)
         cls.waitable = {**cls.waitable, **_waitable(cls, waits_for)}
         if "/" in cls.type_name:
             raise DefinitionError(f"actor type name {cls.type_name!r} must not contain '/'")
@@ -332,6 +341,17 @@ def _seconds(value: timedelta | float | None) -> float | None:
     if isinstance(value, timedelta):
         return value.total_seconds()
     raise TypeError(f"expected a timedelta or a number of seconds, not {type(value).__name__}")
+
+
+def _positive_seconds(cls: type, keyword: str, value: timedelta | float) -> float:
+    """A class keyword's duration in seconds, refused unless positive."""
+    try:
+        seconds = _seconds(value)
+    except TypeError as exc:
+        raise DefinitionError(f"{cls.__name__}: {keyword} {exc}") from None
+    if seconds is None or not seconds > 0:
+        raise DefinitionError(f"{cls.__name__}: {keyword} must be positive, not {value!r}")
+    return float(seconds)
 
 
 def _epoch_ms(when: datetime) -> int:

@@ -10,7 +10,7 @@ actors approve REF --request-id ID (--approve | --reject) [--by NAME] [--comment
 actors waits [--limit N]              every open turn: running, sleeping, waiting, parked
 actors inspect REF [--app APP]        state, open turn (journal, wait, timer), deferred count, dead letters
 actors cancel REF                     end an actor's open turn (dead-lettered as "cancelled")
-actors dlq list|show|replay|drop
+actors dlq list|show|replay|drop|purge [--older-than AGE] [--shard N]
 actors server start|stop|status       the project's embedded server
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import cli_text, top
+from . import cli_dlq, cli_text, top
 from .actor import ActorRef, App
 from .cli_worker import cmd_worker, load_app, redis_settings
 from .client import Client, connect
@@ -200,40 +200,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return _with_client(args, run)
 
 
-
-
-# ---- dead letters ----------------------------------------------------------------------
-def cmd_dlq(args: argparse.Namespace) -> int:
-    async def run(client: Client) -> None:
-        store = client.store
-        shards = [args.shard] if args.shard is not None else range(client.shards)
-        if args.action == "list":
-            for shard in shards:
-                for dl in await store.dead_letters(shard, args.count):
-                    print(f"{shard}/{dl.id}  {cli_text.describe(dl.envelope)}  {dl.reason}")
-            return
-        shard, dlq_id = cli_text.dlq_address(args.id)
-        if args.action == "show":
-            for dl in await store.dead_letters(shard, 1, start=dlq_id):
-                if dl.id == dlq_id:
-                    print(
-                        f"{shard}/{dl.id}: {cli_text.describe(dl.envelope)}\nreason: {dl.reason}\n{dl.detail}"
-                    )
-                    return
-            raise SystemExit(f"no dead letter {args.id}")
-        if args.action == "replay":
-            new_id = await store.replay_dead_letter(shard, dlq_id)
-            if new_id is None:
-                raise SystemExit(f"no dead letter {args.id}")
-            print(f"replayed as inbox entry {new_id}")
-        elif args.action == "drop":
-            if not await store.drop_dead_letter(shard, dlq_id):
-                raise SystemExit(f"no dead letter {args.id}")
-            print("dropped")
-
-    return _with_client(args, run)
-
-
 # ---- embedded server ---------------------------------------------------------------------
 def cmd_server(args: argparse.Namespace) -> int:
     server = EmbeddedServer(default_dir())
@@ -291,6 +257,10 @@ def parser() -> argparse.ArgumentParser:
         default=WorkerSettings().max_redeliveries,
         help="runs of a turn interrupted by the end of its worker before it is dead-lettered",
     )
+    w.add_argument("--dlq-max-len", type=int, default=WorkerSettings().dlq_max_len,
+                   help="dead letters kept per shard, the oldest trimmed first (0: no bound)")  # fmt: skip
+    w.add_argument("--dlq-max-age", type=float, default=WorkerSettings().dlq_max_age,
+                   help="seconds a dead letter is kept (0: no bound; default 30 days)")  # fmt: skip
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--otel", choices=["console", "otlp", "none"], default=None,
                    help="export traces (default: as OTEL_TRACES_EXPORTER says; off if unset)")  # fmt: skip
@@ -379,13 +349,7 @@ def parser() -> argparse.ArgumentParser:
     common(c)
     c.set_defaults(func=cmd_cancel)
 
-    d = sub.add_parser("dlq", help="dead letters: list, show, replay, drop")
-    d.add_argument("action", choices=["list", "show", "replay", "drop"])
-    d.add_argument("id", nargs="?", help="SHARD/ID for show, replay, drop")
-    d.add_argument("--shard", type=int)
-    d.add_argument("--count", type=int, default=100)
-    common(d)
-    d.set_defaults(func=cmd_dlq)
+    cli_dlq.add_parser(sub, common, _with_client)
 
     sv = sub.add_parser("server", help="the project's embedded Redis/Valkey server")
     sv.add_argument("action", choices=["start", "stop", "status"])

@@ -41,6 +41,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = WorkerSettings(
         shards=args.shards,
         max_redeliveries=args.max_redeliveries,
+        dlq_max_len=args.dlq_max_len,
+        dlq_max_age=args.dlq_max_age,
         lease=LeaseSettings(
             ttl=args.lease_ttl, renew_interval=args.renew_interval, stall_limit=args.stall_limit
         ),
@@ -68,7 +70,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     argv = ["--log-level", args.log_level, "worker", args.app, "--processes", "1",
             "--lease-ttl", str(args.lease_ttl), "--renew-interval", str(args.renew_interval),
             "--stall-limit", str(args.stall_limit), "--max-redeliveries", str(args.max_redeliveries),
-            "--grace", str(args.grace)]  # fmt: skip
+            "--grace", str(args.grace), "--dlq-max-len", str(args.dlq_max_len),
+            "--dlq-max-age", str(args.dlq_max_age)]  # fmt: skip
     if args.namespace:
         argv += ["--namespace", args.namespace]
     if args.shards:

@@ -155,6 +155,11 @@ class Keys:
         """
         return f"{self._tag(shard)}:deferred-type:{len(actor_id)}:{actor_id}:{message_type}"
 
+    def idle(self, shard: int, actor_type: str) -> str:
+        """zset: actor id -> when its last turn ended (ms, Redis clock), for the actors of one
+        type with ``retention`` (``commit.lua`` marks them; the sweep deletes the idle ones)."""
+        return f"{self._tag(shard)}:idle:{actor_type}"
+
     def schedules(self, shard: int) -> str:
         """hash: ``<actor id>#<schedule>`` -> the newest slot fired (ms), for the shard's actors."""
         return f"{self._tag(shard)}:schedules"

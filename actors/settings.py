@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MiB = 1024 * 1024
 DEFAULT_SHARDS = 16
+DAY = 24 * 3600.0
 URL_ENV = "ACTORS_REDIS_URL"
 NAMESPACE_ENV = "ACTORS_NAMESPACE"
 
@@ -115,3 +116,10 @@ class WorkerSettings(_Frozen):
     handler runs at most ``max_redeliveries + 2`` times: a message an idle runner read
     with XREAD and that ended its worker before the next commit took it into the group
     is read afresh, uncounted, once more."""
+    dlq_max_len: int | None = Field(default=100_000, ge=0)
+    """Per shard: past this many dead letters the oldest are trimmed as new ones are written
+    (``XADD ... MAXLEN ~``: whole stream nodes go, so up to one node, 100 entries by default,
+    more may stay). 0 or None: no bound."""
+    dlq_max_age: float | None = Field(default=30 * DAY, ge=0)
+    """Seconds a dead letter is kept: older ones are trimmed every ``trim_interval``.
+    0 or None: no bound."""

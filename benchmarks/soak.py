@@ -208,7 +208,8 @@ async def main(args: argparse.Namespace) -> None:
         f"  {result['workflows_per_s']:,.0f} workflows/s ({2 * result['workflows_per_s']:,.0f} msgs/s sent); "
         f"floor: pipelined XADD of the messages {floor_rate:,.0f} msgs/s",
         f"  Redis used_memory: before {result['used_memory_before'] / mib:.1f} MiB, peak "
-        f"{result['used_memory_peak'] / mib:.1f} MiB, after retention {result['used_memory_after'] / mib:.1f} MiB "
+        f"{result['used_memory_peak'] / mib:.1f} MiB, "
+        f"after retention {result['used_memory_after'] / mib:.1f} MiB "
         f"(retention done {result['retention_wait_s']:.0f} s after the last workflow)",
         f"  worker RSS (sum): first quarter {result['rss_first_quarter_mib']:.0f} MiB, last quarter "
         f"{result['rss_last_quarter_mib']:.0f} MiB",

@@ -271,6 +271,33 @@ async def test_dlq_address_must_be_shard_slash_id(start_worker, cli) -> None:
         assert "SHARD/ID" in failed(await cli("dlq", action))
 
 
+async def test_dlq_purge_removes_all_or_the_older_ones_and_says_what(start_worker, cli, connect) -> None:
+    await start_worker(app)
+    async with connect(app=app) as client:
+        store = client.store
+        old = await store.server_time_ms() - 2 * 3600 * 1000
+        fields = {"e": b"x", "entry": "", "reason": "test", "detail": "", "at": "0"}
+        for shard, entry_id in ((1, f"{old}-0"), (1, f"{old}-1"), (1, "*"), (2, "*")):
+            await store.redis.xadd(store.keys.dead_letters(shard), fields, id=entry_id)
+
+        def left(shard: int) -> Awaitable[int]:
+            return store.redis.xlen(store.keys.dead_letters(shard))
+
+        assert ok(await cli("dlq", "purge", "--older-than", "1h")) == (
+            "shard 1: removed 2 dead letters\nremoved 2 dead letters older than 1h\n"
+        )
+        assert (await left(1), await left(2)) == (1, 1), "the fresh ones are kept"
+        assert ok(await cli("dlq", "purge", "--older-than", "1h")) == "removed 0 dead letters older than 1h\n"
+        assert ok(await cli("dlq", "purge", "--shard", "2")) == (
+            "shard 2: removed 1 dead letter\nremoved 1 dead letter\n"
+        )
+        assert (await left(1), await left(2)) == (1, 0)
+        assert ok(await cli("dlq", "purge")) == "shard 1: removed 1 dead letter\nremoved 1 dead letter\n"
+        assert (await left(1), await left(2)) == (0, 0)
+    for bad in ("soon", "-1h", "0"):
+        assert "--older-than" in failed(await cli("dlq", "purge", "--older-than", bad))
+
+
 # ---- the embedded server ---------------------------------------------------------------------------------
 
 

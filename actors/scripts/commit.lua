@@ -28,10 +28,11 @@
 -- KEYS[1] lease   KEYS[2] inbox   KEYS[3] state   KEYS[4] outbox
 -- KEYS[5] turns   KEYS[6] timers  KEYS[7] dlq     KEYS[8] deliveries
 -- KEYS[9..] reply keys, idempotency markers of keyed asks, deferred lists, deferred-type indexes,
--- open turns' journal lists
+-- open turns' journal lists, idle sets of actor types with retention
 -- ARGV[1] expected lease value, ARGV[2] reply ttl ms, ARGV[3] number of writes,
 -- ARGV[5] consumer, ARGV[6] id of the newest entry to take ('' = take nothing),
 -- ARGV[7] how many entries that is,
+-- ARGV[8] the dead-letter stream's length bound ('0': none; trimmed by whole nodes, MAXLEN ~),
 -- ARGV[4] the writes as one msgpack array (one argument rather than thousands: packing
 -- arguments is the client's main cost), holding per write: op, actor, origin (i inbox, o open, q deferred, n none), origin ref (entry
 -- id, the open turn's write number, raw envelope), deferred list key index (0: none),
@@ -55,7 +56,9 @@
 --                              first when anew, then records): a write appends its own
 --                              records, not the whole journal again
 --   K index                    delete the closing turn's journal list (KEYS[index])
---   D envelope entry reason detail   append to the dead-letter stream
+--   D envelope entry reason detail   append to the dead-letter stream (bounded by ARGV[8])
+--   I index                    mark the actor idle since now (Redis TIME, ms) in its type's
+--                              idle set (KEYS[index]); only for types with retention
 --   X                          forget the actor's count of recovered starts
 -- Returns per write: 0 duplicate, 1 done, 2 done and the actor has deferred messages left.
 -- Errors with FENCED if the lease is not held at the expected epoch.
@@ -73,12 +76,22 @@ if ARGV[6] ~= '' then
   end
 end
 local reply_ttl = ARGV[2]
-local ARITY = {L = 1, R = 2, A = 1, U = 3, F = 3, H = 1, Y = 4, D = 4, X = 0, K = 1}
+local dlq_max = tonumber(ARGV[8]) or 0
+local ARITY = {L = 1, R = 2, A = 1, U = 3, F = 3, H = 1, Y = 4, D = 4, X = 0, K = 1, I = 1}
 local values = cmsgpack.unpack(ARGV[4])
 local i = 0
 local function arg()
   i = i + 1
   return values[i]
+end
+
+local clock
+local function now_ms()
+  if not clock then
+    local now = redis.call('TIME')
+    clock = now[1] * 1000 + math.floor(now[2] / 1000)
+  end
+  return clock
 end
 
 local function take(origin, ref, actor, deferred)
@@ -189,11 +202,17 @@ local function apply(tag, actor, deferred, ref)
     local entry = arg()
     local reason = arg()
     local detail = arg()
-    local now = redis.call('TIME')
-    redis.call('XADD', dlq, '*', 'e', envelope, 'entry', entry, 'reason', reason, 'detail', detail,
-      'at', now[1] * 1000 + math.floor(now[2] / 1000))
+    if dlq_max > 0 then
+      redis.call('XADD', dlq, 'MAXLEN', '~', dlq_max, '*', 'e', envelope, 'entry', entry,
+        'reason', reason, 'detail', detail, 'at', now_ms())
+    else
+      redis.call('XADD', dlq, '*', 'e', envelope, 'entry', entry, 'reason', reason, 'detail', detail,
+        'at', now_ms())
+    end
   elseif tag == 'X' then
     redis.call('HDEL', deliveries, actor)
+  elseif tag == 'I' then
+    redis.call('ZADD', KEYS[tonumber(arg())], now_ms(), actor)
   end
 end
 

@@ -60,6 +60,7 @@ class Commits:
         self._margin = runner.settings.lease.renew_interval
         """An effect starts only if the lease surely lasts this much longer (see ``fenced``)."""
         self._reply_ttl_ms = int(runner.settings.messages.reply_ttl * 1000)
+        self._dead_letters_max = runner.settings.dlq_max_len or 0
         self._refusing: dict[int, tuple[float, float]] = {}
         """Target shards whose forward failed: (when to try again, the backoff)."""
 
@@ -98,9 +99,13 @@ class Commits:
     async def write(self, write: Write) -> int:
         """Apply ``write`` with the next batch; DONE or BACKLOG. A duplicate resets the shard."""
         act = self.runner.activations.get(write.actor_id)
-        if act is not None and act.counted and write.op in ("c", "d"):
-            write = dataclasses.replace(write, forget_delivery=True)
-            act.counted = False
+        if act is not None and write.op in ("c", "d"):
+            # A write that ends a piece of the actor's work: forget its counted starts, and
+            # mark it idle from now if its type has retention.
+            retained = act.actor is not None and act.actor.retention is not None
+            if act.counted or retained:
+                write = dataclasses.replace(write, forget_delivery=act.counted, retained=retained)
+                act.counted = False
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._writes.append((write, fut))
         self._wakeup.set()
@@ -125,8 +130,9 @@ class Commits:
                 seen = self._seen
                 fresh = seen - self._taken
                 take = Take(runner.consumer, self._seen_newest, fresh) if fresh else None
+                writes = [w for w, _ in batch]
                 results = await runner.store.commit(
-                    runner.shard, runner.lease.value, [w for w, _ in batch], self._reply_ttl_ms, take
+                    runner.shard, runner.lease.value, writes, self._reply_ttl_ms, take, self._dead_letters_max
                 )
                 self._taken = seen
                 self._wake_take_waiters()

@@ -117,6 +117,7 @@ class Mailbox:
         await r.journaling.open_long_turns(older_than=r.settings.trim_interval)
         await r.store.trim_inbox(r.shard)
         r.work.evict_idle()
+        await r.retention.chores()
         if telemetry.metering():
             self.lag = (await r.store.shard_info(r.shard)).lag or 0
 

@@ -24,6 +24,7 @@ from .commits import Commits
 from .flow import Flow
 from .journaling import Journaling
 from .mailbox import Mailbox
+from .retention import Retention
 from .state import Activation
 from .timers import Timers
 from .turns import Turns
@@ -49,6 +50,7 @@ class ShardRunner:
         self.work = Work(self)
         self.turns = Turns(self)
         self.journaling = Journaling(self)
+        self.retention = Retention(self)
         self._failure: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     @property

@@ -30,17 +30,39 @@ class Work:
         self.runner = runner
         self.tasks: set[asyncio.Task[None]] = set()
         """Every actor task of the runner that has not finished."""
+        self._loading: dict[str, int] = {}
+        """Actor id -> activations of it being loaded now (the retention sweep leaves them be)."""
 
     async def activate(self, wanted: dict[str, str]) -> None:
-        """Make sure each actor id has an activation, loading actors in one call."""
+        """Make sure each actor id has an activation, loading actors in one call.
+
+        Once it returns, every one has (until the caller's next await). An activation may go
+        while others load (evicted, by the retention sweep too): then it is loaded again."""
         r = self.runner
-        missing = [aid for aid in wanted if aid not in r.activations]
-        if not missing:
-            return
-        loaded = await r.store.load_actors(r.shard, missing)
-        for aid, found in zip(missing, loaded, strict=True):
-            # Another caller may have activated it while we loaded; theirs is as fresh.
-            r.activations.setdefault(aid, self._restore(wanted[aid], aid, found))
+        while missing := [aid for aid in wanted if aid not in r.activations]:
+            deleting = r.retention.deleting(missing)
+            if deleting is not None:  # its snapshot may be going: load what Redis keeps after
+                await deleting
+                continue
+            self._hold(missing, 1)
+            try:
+                loaded = await r.store.load_actors(r.shard, missing)
+            finally:
+                self._hold(missing, -1)
+            for aid, found in zip(missing, loaded, strict=True):
+                # Another caller may have activated it while we loaded; theirs is as fresh.
+                r.activations.setdefault(aid, self._restore(wanted[aid], aid, found))
+
+    def loading(self, actor_id: str) -> bool:
+        return actor_id in self._loading
+
+    def _hold(self, actor_ids: list[str], step: int) -> None:
+        for aid in actor_ids:
+            count = self._loading.get(aid, 0) + step
+            if count:
+                self._loading[aid] = count
+            else:
+                del self._loading[aid]
 
     def _restore(self, actor_type: str, aid: str, found: LoadedActor) -> Activation:
         key = aid.partition("/")[2]

@@ -47,10 +47,12 @@ class CommitStore(StoreBase):
         return value if value is None else bytes(value)
 
     async def commit(
-        self, shard: int, lease: str, writes: Sequence[Write], reply_ttl_ms: int, take: Take | None = None
-    ) -> list[int]:
+        self, shard: int, lease: str, writes: Sequence[Write], reply_ttl_ms: int, take: Take | None = None,
+        dead_letters_max: int = 0,
+    ) -> list[int]:  # fmt: skip
         """Apply writes atomically, after taking ``take``'s entries into the group; returns per
-        write DUPLICATE, DONE or BACKLOG.
+        write DUPLICATE, DONE or BACKLOG. Dead letters beyond ``dead_letters_max`` (0: no bound)
+        are trimmed as new ones are written.
 
         Raises LeaseLost if the lease is not held at ``lease`` (nothing is taken or written),
         Diverged if the entries to take are not the next ones in the group (no write is
@@ -60,6 +62,7 @@ class CommitStore(StoreBase):
         keys = [k.lease(shard), k.inbox(shard), k.state(shard), k.outbox(shard)]
         keys += [k.turns(shard), k.timers(shard), k.dead_letters(shard), k.deliveries(shard)]
         values: list[Any] = []
+        idle: dict[str, int] = {}  # actor type -> KEYS position of its idle set
         for w in writes:
             deferred_index = 0
             if w.uses_deferred:
@@ -92,6 +95,8 @@ class CommitStore(StoreBase):
                 effects.append(["D", w.envelope, w.ref if w.origin == "i" else "", w.reason, w.detail])
             if w.forget_delivery:
                 effects.append(["X"])
+            if w.retained:
+                effects.append(["I", self._idle_index(shard, w.actor_id, keys, idle)])
             snapshot = w.snapshot if w.snapshot is not None else b""
             values += [w.op, w.actor_id, w.origin, w.ref, deferred_index, snapshot, len(effects)]
             for effect in effects:
@@ -100,8 +105,17 @@ class CommitStore(StoreBase):
         # Lua's cmsgpack reads only the old raw type, so bytes go as msgpack "raw" strings.
         packed = msgpack.packb(values, use_bin_type=False)
         taking = [take.consumer, take.newest, take.count] if take else ["", "", 0]
-        results = await self._run("commit", keys, [lease, reply_ttl_ms, len(writes), packed, *taking])
+        args = [lease, reply_ttl_ms, len(writes), packed, *taking, dead_letters_max]
+        results = await self._run("commit", keys, args)
         return [int(r) for r in results]
+
+    def _idle_index(self, shard: int, actor_id: str, keys: list[str], idle: dict[str, int]) -> int:
+        """The KEYS position of the idle set of the actor's type (added to ``keys`` once per batch)."""
+        actor_type = actor_id.partition("/")[0]
+        if actor_type not in idle:
+            keys.append(self.keys.idle(shard, actor_type))
+            idle[actor_type] = len(keys)
+        return idle[actor_type]
 
     async def count_delivery(self, shard: int, lease: str, actor_id: str, delivery: str, mode: str) -> int:
         """Count a start of a recovered turn, ``look`` at the count, or ``forgive`` the next
@@ -191,6 +205,28 @@ class CommitStore(StoreBase):
             client=self._appender,
         )  # fmt: skip
         return int(now), None if int(later) < 0 else int(later), [a.decode() for a in due]
+
+    async def idle_actors(
+        self, shard: int, actor_type: str, before_ms: int, offset: int, count: int
+    ) -> list[str]:
+        """Up to ``count`` actors of ``actor_type`` whose last turn ended at or before
+        ``before_ms`` (Redis clock), oldest first, skipping the first ``offset``."""
+        found = await self.redis.zrangebyscore(
+            self.keys.idle(shard, actor_type), "-inf", before_ms, start=offset, num=count
+        )
+        return [aid.decode() for aid in cast("list[bytes]", found)]
+
+    async def expire_idle(
+        self, shard: int, lease: str, actor_type: str, retention_ms: int, actor_ids: Sequence[str]
+    ) -> list[str]:
+        """Delete the states of those of ``actor_ids`` (of ``actor_type``) idle for at least
+        ``retention_ms`` by Redis's clock, with no open turn and no timer; returns their ids
+        (see ``expire_idle.lua``). Raises LeaseLost if the lease is not held at ``lease``."""
+        k = self.keys
+        keys = [k.lease(shard), k.state(shard), k.idle(shard, actor_type), k.turns(shard)]
+        keys += [k.timers(shard), k.deliveries(shard)]
+        deleted = await self._run("expire_idle", keys, [lease, retention_ms, *actor_ids])
+        return [aid.decode() for aid in deleted]
 
     async def schedule_marks(self, shard: int, fields: Sequence[str], now_ms: int) -> list[int]:
         """The newest slot done of each schedule field, recording ``now_ms`` for new ones."""

@@ -90,7 +90,7 @@ SCRIPTS = (  # every file of actors/scripts
     "acquire_lease", "renew_lease", "release_lease", "commit", "count_delivery", "due_timers",
     "fire_schedule", "limiter_acquire", "limiter_release", "queue_dispatch", "queue_dispatched",
     "queue_done", "queue_enqueue", "queue_checks", "item_alive", "enqueue_once", "forward",
-    "replay_dead_letter", "trim_inbox", "read_inbox",
+    "replay_dead_letter", "trim_inbox", "read_inbox", "expire_idle",
 )  # fmt: skip
 
 

@@ -187,6 +187,15 @@ class InboxStore(StoreBase):
     async def drop_dead_letter(self, shard: int, dlq_id: str) -> bool:
         return bool(await self.redis.xdel(self.keys.dead_letters(shard), dlq_id))
 
+    async def trim_dead_letters(self, shard: int, before_ms: int | None = None) -> int:
+        """Delete the shard's dead letters written before ``before_ms`` (Redis clock; their
+        stream ids say when), or all of them if None; returns how many went. Exact (no ``~``):
+        a dead letter never outlives its bound by a stream node's newest entry."""
+        key = self.keys.dead_letters(shard)
+        if before_ms is None:
+            return int(await self.redis.xtrim(key, maxlen=0, approximate=False))
+        return int(await self.redis.xtrim(key, minid=f"{max(0, before_ms)}-0", approximate=False))
+
     async def drop_namespace(self) -> int:
         """Delete every key of this namespace (``actors bench`` cleans up with it)."""
         dropped = 0

@@ -92,6 +92,9 @@ class Write:
     """(limiter, item id, dedup id) of the queued item whose turn this write ends."""
     forget_delivery: bool = False
     """The actor's recovered turn was counted (``count_delivery``): this write ends it."""
+    retained: bool = False
+    """The actor's type has ``retention``: this write (a ``c`` or ``d``, which ends a piece of
+    its work) marks it idle from now in its type's idle set (effect ``I``)."""
 
     @property
     def uses_deferred(self) -> bool:
