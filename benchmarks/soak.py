@@ -7,7 +7,7 @@ state of every finished order is deleted once it has been idle that long. The dr
 at most ``--window`` orders unfinished, samples Redis's ``used_memory`` and each worker's
 RSS as it goes, and at the end waits for retention to have deleted every finished order.
 
-It prints Redis memory before, at its peak and after retention, and the worker RSS over
+It prints Redis memory before (the workers running, idle), at its peak and after retention, and the worker RSS over
 time: the targets are memory back to the starting level and an RSS that is a flat line,
 not a ramp. The floor, measured in the same run: pipelined ``XADD`` of the same envelopes
 (the rate Redis takes the orders' messages at, with no work done).
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import time
 import uuid
 from pathlib import Path
@@ -31,7 +30,15 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel
 
 import actors
-from benchmarks.common import SHARDS, Workers, argument_parser, private_server, worker_argv, write_json
+from benchmarks.common import (
+    SHARDS,
+    Workers,
+    argument_parser,
+    private_server,
+    wait_balanced,
+    worker_argv,
+    write_json,
+)
 
 RETENTION_S = float(os.environ.get("SOAK_RETENTION", "2.0"))
 """Read at import, so the worker processes (which import this module) see ``--retention``."""
@@ -132,9 +139,10 @@ async def run(url: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     r = aioredis.from_url(url)
     env = {"SOAK_RETENTION": str(args.retention)}
     async with actors.connect(url, namespace=namespace, app=app, shards=SHARDS) as client:
-        before = await used_memory(r)
-        workers = Workers.spawn(worker_argv(APP_SPEC, url, namespace), args.processes, tmp / "workers.log",
-                                env=env)  # fmt: skip
+        argv = worker_argv(APP_SPEC, url, namespace)
+        workers = Workers.spawn(argv, args.processes, tmp / "workers.log", env=env)
+        await wait_balanced(client, workers)
+        before = await used_memory(r)  # the level to come back to: the workers running, idle
         samples = Samples()
         try:
             sent, done, next_sample = 0, 0, 0.0
@@ -146,7 +154,8 @@ async def run(url: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     batch: list[tuple[Any, BaseModel]] = []
                     for n in range(sent, sent + room):
                         ref = Order.ref(f"o{n}")
-                        batch += [(ref, Start(n=n)), (ref, actors.Approval(request_id=f"o{n}"))]
+                        approval = actors.Approval(request_id=f"o{n}", approved=True)
+                        batch += [(ref, Start(n=n)), (ref, approval)]
                     await client.send_many(batch)
                     sent += room
                 else:
@@ -160,13 +169,13 @@ async def run(url: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             elapsed = time.perf_counter() - started
             await samples.take(r, workers, done)
             retained = await wait_retained(r, namespace, args)
+            await wait_trimmed(r, namespace)
             final = await samples.take(r, workers, done)
+            leftovers = await key_kinds(r, namespace)
         finally:
             workers.stop()
         await r.aclose()
     memory = [row["used_memory"] for row in samples.rows]
-    rss_first = [row["rss_mib"] for row in samples.rows[: max(1, len(samples.rows) // 4)]]
-    rss_last = [row["rss_mib"] for row in samples.rows[-max(1, len(samples.rows) // 4) :]]
     return {
         "workflows": args.workflows,
         "workflows_per_s": args.workflows / elapsed,
@@ -175,10 +184,39 @@ async def run(url: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "used_memory_peak": max(memory),
         "used_memory_after": final["used_memory"],
         "retention_wait_s": retained,
-        "rss_first_quarter_mib": statistics.fmean(sum(row) for row in rss_first),
-        "rss_last_quarter_mib": statistics.fmean(sum(row) for row in rss_last),
+        "rss_by_quarter_mib": rss_by_quarter(samples.rows, args.workflows),
+        "keys_left": leftovers,
         "samples": samples.rows,
     }
+
+
+def rss_by_quarter(rows: list[dict[str, Any]], n: int) -> list[float]:
+    """The workers' summed RSS at the first sample past each quarter of the workflows."""
+    marks = []
+    for quarter in (0.25, 0.5, 0.75, 1.0):
+        row = next((row for row in rows if row["done"] >= quarter * n), rows[-1])
+        marks.append(sum(row["rss_mib"]))
+    return marks
+
+
+async def key_kinds(r: aioredis.Redis, namespace: str) -> dict[str, int]:
+    """The namespace's keys left, counted by kind (the name after the shard's tag)."""
+    kinds: dict[str, int] = {}
+    async for key in r.scan_iter(f"{namespace}:*", count=1000):
+        name = key.decode().split(":", 1)[1]
+        kind = name.split("}:", 1)[1].split(":", 1)[0] if "}:" in name else name.split(":", 1)[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items()))
+
+
+async def wait_trimmed(r: aioredis.Redis, namespace: str, timeout: float = 30.0) -> None:
+    """Until the inboxes are trimmed (the workers trim acked entries every few seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lengths = [await r.xlen(f"{namespace}:{{{s}}}:inbox") for s in range(SHARDS)]
+        if max(lengths) <= 100:
+            return
+        await asyncio.sleep(0.5)
 
 
 async def wait_retained(r: aioredis.Redis, namespace: str, args: argparse.Namespace) -> float:
@@ -211,8 +249,10 @@ async def main(args: argparse.Namespace) -> None:
         f"{result['used_memory_peak'] / mib:.1f} MiB, "
         f"after retention {result['used_memory_after'] / mib:.1f} MiB "
         f"(retention done {result['retention_wait_s']:.0f} s after the last workflow)",
-        f"  worker RSS (sum): first quarter {result['rss_first_quarter_mib']:.0f} MiB, last quarter "
-        f"{result['rss_last_quarter_mib']:.0f} MiB",
+        "  worker RSS (sum) after each quarter of the workflows: "
+        + " / ".join(f"{m:.0f}" for m in result["rss_by_quarter_mib"])
+        + " MiB",
+        "  keys left by kind: " + ", ".join(f"{k} {n:,}" for k, n in result["keys_left"].items()),
     ]
     print("\n".join(lines))
     if args.json:
