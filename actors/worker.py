@@ -22,6 +22,7 @@ from .actor import App
 from .errors import LeaseLost
 from .lease import Lease
 from .limits import Limits
+from .markers import Markers
 from .replies import ReplyListener
 from .server import resolve_url
 from .settings import DEFAULT_SHARDS, RedisSettings, WorkerSettings
@@ -71,15 +72,19 @@ class Worker:
     async def run(self) -> None:
         store = Store.from_url(resolve_url(self.redis_settings.url), self.redis_settings.namespace)
         replies = ReplyListener(store)
+        markers = Markers(store)
         limits = Limits(
             store, self.app.limiters, int(self.settings.lease.ttl * 1000),
-            int(self.settings.messages.idempotency_ttl * 1000), renew=False,
+            int(self.settings.messages.idempotency_ttl * 1000), renew=False, markers=markers,
         )  # fmt: skip
         try:
             shards = await store.shard_count(self.settings.shards, DEFAULT_SHARDS)
             await replies.start()
+            markers.start()
             await limits.start()
-            self._services = TurnServices(self.app, store, shards, self.settings.messages, replies, limits)
+            self._services = TurnServices(
+                self.app, store, shards, self.settings.messages, replies, limits, markers
+            )
             supervisor = Supervisor(
                 store, self.id, shards, self.settings.lease,
                 on_acquired=self._start_shard, on_lost=self._stop_shard, on_release=self._drain_shard,
@@ -99,6 +104,7 @@ class Worker:
             for shard in list(self._slots):
                 self._stop_shard(shard)
             await limits.stop()
+            await markers.stop()  # after every shard and dispatcher: the last ones go too
             await replies.stop()
             await store.close()
 
