@@ -6,8 +6,10 @@ after its first queued item is queued, before the turn that queued it writes its
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -78,7 +80,34 @@ class Asker(Actor):
             self.state.answers.append((await self.ask(Counted.ref(self.key), Bump())).n)
 
 
-app = App(Jobs, Boss, Counted, Asker, limiters=[Limiter("jobs", concurrency=1)])
+class Gated(Actor):
+    """Answers an ask once the test opens its gate (the file ``open``); notes each start."""
+
+    class State(BaseModel):
+        n: int = 0
+
+    async def on_bump(self, msg: Bump) -> Count:
+        folder = Path(os.environ["ACTORS_TEST_DIR"])
+        with open(folder / "gated.log", "a") as out:
+            out.write("start\n")
+        while not (folder / "open").exists():
+            await asyncio.sleep(0.02)
+        self.state.n += 1
+        return Count(n=self.state.n)
+
+
+class GatedAsker(Actor):
+    """Asks its Gated namesake once (a journaled ask), then commits."""
+
+    class State(BaseModel):
+        answers: list[int] = []
+
+    async def on_ask_many(self, msg: AskMany) -> None:
+        for _ in range(msg.times):
+            self.state.answers.append((await self.ask(Gated.ref(self.key), Bump(), timeout=60)).n)
+
+
+app = App(Jobs, Boss, Counted, Asker, Gated, GatedAsker, limiters=[Limiter("jobs", concurrency=1)])
 
 
 def _crash_after_enqueue() -> None:

@@ -18,7 +18,7 @@ from actors.queues import APPEND_MARGIN_MS, append_item, confirm_item, item_targ
 from actors.routing import shard_of
 
 from .conftest import eventually
-from .marker_apps import Asker, AskMany, Boss, Counted, Fan, Job, Jobs, app
+from .marker_apps import Asker, AskMany, Boss, Counted, Fan, Gated, GatedAsker, Job, Jobs, app
 
 MARKER_APP = "tests.marker_apps:app"
 
@@ -108,6 +108,31 @@ async def test_a_worker_killed_between_an_enqueue_and_its_journal_write_queues_t
         await client.enqueue("jobs", Jobs.ref("k"), Job(tag="after"))
         await eventually(lambda: _ends_with(client, "k", "after"), timeout=30)
         assert await _done(client, "k") == ["first", "after"]
+        await _no_markers_left(client)
+
+
+async def test_an_asker_killed_while_it_waits_gets_the_one_reply_after_recovery(
+    connect, spawn_worker, start_worker, tmp_path, monkeypatch
+) -> None:
+    """Between the ask and the journal write of its reply, the marker and the kept reply are
+    what the re-run of the asker's turn finds its answer by."""
+    monkeypatch.setenv("ACTORS_TEST_DIR", str(tmp_path))
+    started = tmp_path / "gated.log"
+    async with connect(app=app, shards=4) as client:
+        doomed = spawn_worker(MARKER_APP)
+        await client.send(GatedAsker.ref("g"), AskMany(times=1))
+        await eventually(started.exists, timeout=30)  # the ask went out with its journal write
+        doomed.kill()
+        assert [key for key in await _markers(client) if ":idem:" in key], "the ask's marker stays"
+        await start_worker(app)  # recovers both turns: the asker waits for its reply again
+        (tmp_path / "open").touch()
+
+        async def answered() -> bool:
+            state = await client.state(GatedAsker.ref("g"))
+            return state is not None and state.answers == [1]
+
+        await eventually(answered, timeout=30)
+        assert await client.state(Gated.ref("g")) == Gated.State(n=1), "asked once"
         await _no_markers_left(client)
 
 
