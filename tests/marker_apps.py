@@ -81,19 +81,23 @@ class Asker(Actor):
 
 
 class Gated(Actor):
-    """Answers an ask once the test opens its gate (the file ``open``); notes each start."""
+    """Answers an ask once the test opens its gate (the file ``open``); notes that it started."""
 
     class State(BaseModel):
         n: int = 0
 
     async def on_bump(self, msg: Bump) -> Count:
         folder = Path(os.environ["ACTORS_TEST_DIR"])
-        with open(folder / "gated.log", "a") as out:
-            out.write("start\n")
-        while not (folder / "open").exists():
-            await asyncio.sleep(0.02)
+        (folder / "gated.log").touch()
+        await _gate(folder / "open")
         self.state.n += 1
         return Count(n=self.state.n)
+
+
+async def _gate(path: Path) -> None:
+    """Return once the test has created ``path`` (another process: no event to wait on)."""
+    while not await asyncio.to_thread(path.exists):  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
 
 
 class GatedAsker(Actor):
