@@ -20,7 +20,7 @@ from .codec import IDEMPOTENCY_HEADER, Routed, actor_id, decode_envelope, decode
 from .errors import ConfigurationError, DecodeError
 from .journal import FOREVER_MS, OpenTurn
 from .messages import CANCEL, Approval
-from .queues import QueueItem, enqueue
+from .queues import QueueItem, enqueue_from_client
 from .replies import ReplyListener, reply_value
 from .routing import check_idempotency_key, route, route_control, shard_of
 from .server import resolve_url
@@ -138,7 +138,8 @@ class Client:
             routed = route(
                 self.app, ref, msg, self.shards, self.messages.max_message_bytes, headers=item.headers(queue)
             )
-            return await enqueue(self.store, queue, routed, item, _ms(self.messages.idempotency_ttl))
+            seen_ttl = _ms(self.messages.idempotency_ttl)
+            return await enqueue_from_client(self.store, queue, routed, item, seen_ttl)
 
     async def _check_queue(self, queue: str) -> None:
         known = set(self.app.limiters) if self.app is not None else set(await self.store.declare_limiters({}))

@@ -119,6 +119,14 @@ def ask_id(env: Envelope, position: int) -> str:
     return f"{env.id}.ask{position}" if generation == 0 else f"{env.id}.r{generation}.ask{position}"
 
 
+def item_id(env: Envelope, position: int) -> str:
+    """The item id of the enqueue at journal ``position`` of the turn of ``env``: as for an
+    ask, the same on every run of that turn (a re-run queues nothing twice), and new for each
+    replay of the message from the dead letters, whose turn starts afresh and queues afresh."""
+    generation = replay_generation(env)
+    return f"{env.id}.q{position}" if generation == 0 else f"{env.id}.r{generation}.q{position}"
+
+
 def replayed(raw: bytes) -> bytes:
     """A dead letter's envelope as it is replayed: the same message (its id, so its reply key
     and step idempotency keys, unchanged) with its replay generation raised. An envelope that

@@ -58,8 +58,13 @@ class Keys:
         last resort: it is deleted when the item's turn ends, or found ended);
         ``out`` hash id -> msgpack [shard, actor id, dedup id, entry id, envelope] and
         ``checks`` zset id -> when to look next: dispatched items with a dedup id;
-        ``seen:<item id>`` string: the item id was queued (PX the idempotency TTL)."""
+        ``seen:<item id>`` string: the item id was queued (see ``queue_seen``)."""
         return f"{self.namespace}:{{limit:{name}}}:q:{part}"
+
+    def queue_seen(self, name: str, item_id: str) -> str:
+        """string with TTL: item ``item_id`` was queued on limiter ``name``'s queue; a second
+        enqueue of the id queues nothing. Deleted once no enqueue of the id can run again."""
+        return self.queue(name, f"seen:{item_id}")
 
     def limiter_events(self) -> str:
         """pub/sub channel: ``released:<limiter>`` (a slot was given back: waiters ask again)
@@ -167,3 +172,11 @@ class Keys:
     def dead_letters(self, shard: int) -> str:
         """stream: messages this shard could not handle, with the reason."""
         return f"{self._tag(shard)}:dlq"
+
+
+def hash_tag(key: str) -> str:
+    """The part of ``key`` that Redis hashes to pick its cluster slot: the text between its
+    first ``{`` and the next ``}``, if not empty; else the whole key."""
+    start = key.find("{")
+    end = key.find("}", start + 1) if start >= 0 else -1
+    return key[start + 1 : end] if end > start + 1 else key

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
@@ -35,13 +36,15 @@ from typing import Any
 from .codec import Routed
 from .errors import ConfigurationError
 from .limiter import Limiter
+from .markers import Markers
 from .queues import (
     CHECKS_PER_CALL,
     DISPATCH_DEADLINE_MS,
     POLL,
     QueueItem,
+    append_item,
+    confirm_item,
     enqueue,
-    item_target,
 )
 from .store import RELEASED, Store
 
@@ -69,9 +72,12 @@ class Limits:
 
     def __init__(
         self, store: Store, limiters: dict[str, Limiter], lease_ms: int, idempotency_ttl_ms: int = 0,
-        *, renew: bool = True,
+        *, renew: bool = True, markers: Markers | None = None,
     ) -> None:  # fmt: skip
         self.store = store
+        self.markers = markers or Markers(store)
+        """Where the dispatchers leave the markers of the items they confirmed."""
+        self._own_markers = markers is None
         self.lease_ms = lease_ms
         self.idempotency_ttl_ms = idempotency_ttl_ms or 24 * 3600 * 1000
         self._queues = {name: _Queue(limiter) for name, limiter in limiters.items()}
@@ -88,6 +94,8 @@ class Limits:
     async def start(self) -> None:
         if not self._queues:
             return
+        if self._own_markers:
+            self.markers.start()
         declared = {n: q.limiter.model_dump_json() for n, q in self._queues.items()}
         recorded = await self.store.declare_limiters(declared)
         for name, definition in declared.items():
@@ -111,6 +119,8 @@ class Limits:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._own_markers:
+            await self.markers.stop()
 
     def waiting(self) -> dict[str, int]:
         """Per limiter: how many turns of this process wait for it."""
@@ -269,6 +279,7 @@ class Limits:
         while True:
             queue.changed.clear()
             try:
+                asked = time.monotonic()  # the dispatch's deadline is reckoned from before it
                 status, wait_ms, item = await self.store.queue_dispatch(
                     limiter.name, self.lease_ms, limiter.concurrency or 0,
                     limiter.interval_ms, limiter.tolerance_ms, DISPATCH_DEADLINE_MS,
@@ -276,18 +287,12 @@ class Limits:
                 queue.full = status == 0
                 if item is not None:
                     await asyncio.sleep(wait_ms / 1000)
-                    item_id, shard, envelope = item
-                    # Idempotent by item id: a dispatch retried after a crash appends nothing twice.
-                    # No digest: an item's envelope never changes (queue_enqueue keeps the first).
-                    target = item_target(envelope)
-                    appended, entry_id = await self.store.append_once(
-                        shard, target, item_id, item_id, envelope, self.idempotency_ttl_ms, digest=""
-                    )
-                    if not appended:  # an earlier dispatch appended it, and died unconfirmed
-                        entry_id = await self.store.find_entry(shard, envelope)
-                    await self.store.queue_dispatched(
-                        limiter.name, item_id, entry_id, target, self._check_interval_ms
-                    )
+                    deadline = asked + (wait_ms + DISPATCH_DEADLINE_MS) / 1000
+                    entry_id = await append_item(self.store, item, deadline, self.idempotency_ttl_ms)
+                    if entry_id is not None:
+                        await confirm_item(
+                            self.store, self.markers, limiter.name, item, entry_id, self._check_interval_ms
+                        )
                     continue
             except asyncio.CancelledError:
                 raise

@@ -5,12 +5,15 @@ their actors' inboxes as fast as the limiter allows."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 from .codec import Routed, decode_envelope
 from .errors import DecodeError, DuplicateItem
-from .store import Store
+from .markers import Markers
+from .store import Dispatch, Store
 
 log = logging.getLogger("actors.limits")
 
@@ -23,6 +26,14 @@ again; while any worker runs, one whose item has ended is freed within a lease T
 CHECKS_PER_CALL = 100
 """Dispatched items a check loop looks at per round trip (it goes on while batches are full)."""
 DISPATCH_DEADLINE_MS = 30_000
+"""A dispatch lapses this long after its rate wait unless confirmed: the item goes back to
+``ready`` for another dispatch."""
+APPEND_MARGIN_MS = 5_000
+"""A dispatcher appends an item only while its dispatch surely has this long left (by its own
+clock, counted from before it asked for the item), so that the append reaches Redis before
+the dispatch lapses and another dispatch of the item can start: the assumption that no
+request takes this long to arrive is the one the item's single append rests on once its
+dispatch marker is gone (as a lease's effects rest on the lease's margin)."""
 POLL = 5.0
 """Seconds between looks at a queue when no event says it changed."""
 
@@ -57,6 +68,59 @@ async def enqueue(store: Store, name: str, routed: Routed, item: QueueItem, seen
     if not queued:
         raise DuplicateItem(item.dedup_id, holder)
     return holder
+
+
+async def enqueue_from_client(
+    store: Store, name: str, routed: Routed, item: QueueItem, seen_ttl_ms: int
+) -> str:
+    """``enqueue`` for a client, whose item id is its call's own: once the call has returned,
+    no retry of it can run, so the item id's ``seen:`` marker goes at once (best effort)."""
+    item_id = await enqueue(store, name, routed, item, seen_ttl_ms)
+    try:
+        await store.forget_markers([(store.keys.queue_seen(name, item_id), 0)])
+    except Exception as exc:  # it expires on its own
+        log.warning("queue %r: could not delete the marker of item %s: %s", name, item_id, exc)
+    return item_id
+
+
+async def append_item(store: Store, item: Dispatch, deadline: float, ttl_ms: int) -> str | None:
+    """Append a dispatched item to its actor's inbox, once (``enqueue_once.lua`` keyed by the
+    item id: a dispatch repeated after one that appended and died appends nothing), and only
+    while its dispatch surely lasts ``APPEND_MARGIN_MS`` more: ``deadline`` is when it lapses
+    by this process's ``time.monotonic()``, reckoned from before the dispatch was asked for.
+    Returns the inbox entry id ('' if appended before and since trimmed), or None if not
+    appended (too late: the dispatch lapses, and the item is dispatched again)."""
+    left = deadline - APPEND_MARGIN_MS / 1000 - time.monotonic()
+    if left <= 0:
+        log.warning("dispatch of item %s is too late to append (it lapses; dispatched again)", item.item_id)
+        return None
+    target = item_target(item.envelope)
+    try:
+        async with asyncio.timeout(left):
+            # No digest: an item's envelope never changes (queue_enqueue keeps the first).
+            appended, entry_id = await store.append_once(
+                item.shard, target, item.item_id, item.item_id, item.envelope, ttl_ms, digest=""
+            )
+    except TimeoutError:
+        log.warning("append of item %s did not return in time (it lapses; dispatched again)", item.item_id)
+        return None
+    if not appended:  # an earlier dispatch appended it, and died unconfirmed
+        entry_id = await store.find_entry(item.shard, item.envelope)
+    return entry_id
+
+
+async def confirm_item(
+    store: Store, markers: Markers, name: str, item: Dispatch, entry_id: str, check_ms: int
+) -> None:
+    """The item is in its actor's inbox: it leaves the queue (``queue_dispatched.lua``), and
+    its dispatch marker goes as soon as no dispatch of it can still append it: at once, or,
+    if the caller's dispatch had lapsed and another one holds the item, once that one's
+    deadline has passed."""
+    target = item_target(item.envelope)
+    live_ms = await store.queue_dispatched(name, item.item_id, entry_id, target, check_ms, item.deadline_ms)
+    if live_ms >= 0:  # the other dispatch appends only before its deadline (see append_item)
+        keep_ms = live_ms + APPEND_MARGIN_MS if live_ms else 0
+        markers.item_dispatched(item.shard, target, item.item_id, keep_ms)
 
 
 async def forget_if_ended(store: Store, name: str, item_id: str) -> bool:

@@ -25,10 +25,11 @@ from pydantic import BaseModel
 
 from . import telemetry
 from .actor import ActorRef, App, StepOptions, TurnInfo
-from .codec import IDEMPOTENCY_HEADER, Envelope, Reply, Routed, ask_id, decode_reply, encode_reply
+from .codec import IDEMPOTENCY_HEADER, Envelope, Reply, Routed, ask_id, decode_reply, encode_reply, item_id
 from .errors import ActorsError, DuplicateItem
 from .journal import FOREVER_MS, Journal, Record, RedisClock, Send, Suspend
 from .limits import Limits
+from .markers import Markers
 from .queues import QueueItem
 from .replies import ReplyListener, reply_value
 from .routing import route, shard_of
@@ -52,6 +53,8 @@ class TurnServices:
     messages: MessageSettings
     replies: ReplyListener
     limits: Limits
+    markers: Markers
+    """Where a turn leaves the markers its journal writes made useless."""
     stats: TurnStats = field(default_factory=lambda: TurnStats())
     quarantine: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held by a recovered turn that was interrupted before: such turns run one at a time
@@ -192,6 +195,8 @@ class TurnContext:
             self._check_sole()
             record = self.journal.update(record, encode_reply(reply))
             await self.host.flush(self)
+            # Journaled: a re-run replays the reply, and no one else waits for it.
+            self.services.markers.ask_answered(shard_of(ref.id, self.services.shards), ref.id, message_id)
         return reply_value(decode_reply(record.value), self.services.app.resolve(ref), type(msg).__name__)
 
     async def _request(self, ref: ActorRef[Any], msg: BaseModel, name: str, message_id: str,
@@ -234,9 +239,9 @@ class TurnContext:
         if record is None:
             # A deterministic item id: a re-run before the result was journaled queues
             # nothing new, and the dispatcher appends each item id once.
-            item_id = f"{self.envelope.id}.q{position}"
+            queued_id = item_id(self.envelope, position)
             await self.host.fenced()
-            routed = self._route(ref, msg, message_id=item_id, headers=item.headers(queue))
+            routed = self._route(ref, msg, message_id=queued_id, headers=item.headers(queue))
             await self.host.deliver(self, routed.envelope.actor_id)  # the sends before it, first
             try:
                 value = ["ok", await self.services.limits.enqueue(queue, routed, item)]
@@ -245,6 +250,8 @@ class TurnContext:
             self._check_sole()
             record = self.journal.record("enqueue", name, value)
             await self.host.flush(self)
+            # Journaled: a re-run replays it, and no one else enqueues this item id.
+            self.services.markers.enqueue_journaled(queue, queued_id)
         if record.value[0] == "duplicate":
             raise DuplicateItem(record.value[1], record.value[2])
         return str(record.value[1])

@@ -22,6 +22,7 @@ from .actor import App
 from .errors import LeaseLost
 from .lease import Lease
 from .limits import Limits
+from .markers import Markers
 from .replies import ReplyListener
 from .server import resolve_url
 from .settings import DEFAULT_SHARDS, RedisSettings, WorkerSettings
@@ -71,16 +72,18 @@ class Worker:
     async def run(self) -> None:
         store = Store.from_url(resolve_url(self.redis_settings.url), self.redis_settings.namespace)
         replies = ReplyListener(store)
+        markers = Markers(store)
         limits = Limits(
             store, self.app.limiters, int(self.settings.lease.ttl * 1000),
-            int(self.settings.messages.idempotency_ttl * 1000), renew=False,
+            int(self.settings.messages.idempotency_ttl * 1000), renew=False, markers=markers,
         )  # fmt: skip
         try:
             shards = await store.shard_count(self.settings.shards, DEFAULT_SHARDS)
             await replies.start()
+            markers.start()
             await limits.start()
             self._services = TurnServices(
-                self.app, store, shards, self.settings.messages, replies, limits,
+                self.app, store, shards, self.settings.messages, replies, limits, markers,
                 max_record_bytes=self.settings.max_record_bytes,
             )  # fmt: skip
             supervisor = Supervisor(
@@ -102,6 +105,7 @@ class Worker:
             for shard in list(self._slots):
                 self._stop_shard(shard)
             await limits.stop()
+            await markers.stop()  # after every shard and dispatcher: the last ones go too
             await replies.stop()
             await store.close()
 

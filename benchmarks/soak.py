@@ -7,9 +7,9 @@ state of every finished order is deleted once it has been idle that long. The dr
 at most ``--window`` orders unfinished, samples Redis's ``used_memory`` and each worker's
 RSS as it goes, and at the end waits for retention to have deleted every finished order.
 
-It prints Redis memory before (the workers running, idle), at its peak and after retention, and the worker RSS over
-time: the targets are memory back to the starting level and an RSS that is a flat line,
-not a ramp. The floor, measured in the same run: pipelined ``XADD`` of the same envelopes
+It prints Redis memory before (the workers running, idle), at its peak and after retention,
+and the worker RSS over time: the targets are memory back to the starting level and an RSS
+that is a flat line, not a ramp. The floor, measured in the same run: pipelined ``XADD`` of the same envelopes
 (the rate Redis takes the orders' messages at, with no work done).
 
 The default (1,000,000 workflows) fits in about 30 minutes on 2 cores; the suite's smoke

@@ -9,7 +9,8 @@
 -- ARGV[1] slot lease ms, ARGV[2] concurrency cap (0: none), ARGV[3] emission interval
 -- ms (0: no rate), ARGV[4] burst tolerance ms, ARGV[5] ms a dispatcher has, after its
 -- rate wait, to append and confirm
--- Returns {1, wait ms, item id, shard, envelope} for an item (append it after the wait);
+-- Returns {1, wait ms, item id, shard, envelope, deadline} for an item (append it after the
+-- wait, and only while the deadline, ms on Redis's clock, is surely ahead: see queues.py);
 -- {0, ms until the earliest slot lease expires} when every slot is held;
 -- {2} when the queue is empty.
 local t = redis.call('TIME')
@@ -72,5 +73,7 @@ if interval > 0 then
   local new_tat = tat + interval
   redis.call('SET', KEYS[2], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now + interval))
 end
-redis.call('ZADD', KEYS[5], now + wait + tonumber(ARGV[5]), id)
-return {1, math.ceil(wait), id, item[1], item[2]}
+-- A whole number of ms: queue_dispatched.lua tells this dispatch from a later one by it.
+local deadline = math.floor(now + wait + tonumber(ARGV[5]))
+redis.call('ZADD', KEYS[5], deadline, id)
+return {1, math.ceil(wait), id, item[1], item[2], deadline}

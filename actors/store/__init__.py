@@ -4,7 +4,8 @@ The store speaks bytes and small typed records (``records``); encoding stays in
 ``codec``. ``Store`` is one object made of parts by what they serve: ``connection``
 (clients, scripts, errors), ``inbox`` (a shard's streams), ``commits`` (a shard's actors:
 state, the commit script, open turns, timers), ``leases`` (membership, leases and the
-LeaseKeeper thread), ``limits`` (limiters and queues).
+LeaseKeeper thread), ``limits`` (limiters and queues), ``markers`` (idempotency markers
+whose protection has ended).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .connection import STALL_TIMEOUT, TRANSIENT_ERRORS, honour_cancel, is_trans
 from .inbox import InboxStore
 from .leases import LOOP_LAG_WARNING, LeaseKeeper, LeaseStore
 from .limits import LimitStore
+from .markers import MarkerStore
 from .records import (
     BACKLOG,
     DONE,
@@ -25,6 +27,7 @@ from .records import (
     RELEASED,
     DeadLetter,
     Deferred,
+    Dispatch,
     Entry,
     LoadedActor,
     OutItem,
@@ -37,13 +40,13 @@ from .records import (
 
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
-    "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "LeaseKeeper",
+    "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Dispatch", "Entry", "LeaseKeeper",
     "LoadedActor", "OutItem", "ShardInfo", "Store", "StoredTurn", "Take", "Write", "honour_cancel",
     "is_transient", "write_bytes",
 ]  # fmt: skip
 
 
-class Store(InboxStore, CommitStore, LeaseStore, LimitStore):
+class Store(InboxStore, CommitStore, LeaseStore, LimitStore, MarkerStore):
     """Typed access to the runtime's Redis keys for one namespace."""
 
     @classmethod

@@ -7,7 +7,7 @@ from typing import cast
 
 from ..codec import FIELD
 from .connection import StoreBase, honours_cancel
-from .records import QUEUED, RELEASED, OutItem, StreamRows, out_item
+from .records import QUEUED, RELEASED, Dispatch, OutItem, StreamRows, out_item
 
 
 @honours_cancel
@@ -64,7 +64,7 @@ class LimitStore(StoreBase):
         k = self.keys
         keys = [k.queue(name, p) for p in ("items", "ready", "vtimes", "last_rounds", "counts")]
         keys.append(k.queue(name, f"dedup:{dedup_id}") if dedup_id else keys[0])
-        keys.append(k.queue(name, f"seen:{item_id}"))
+        keys.append(k.queue_seen(name, item_id))
         args = [
             item_id,
             shard,
@@ -82,9 +82,10 @@ class LimitStore(StoreBase):
 
     async def queue_dispatch(
         self, name: str, lease_ms: int, cap: int, interval_ms: float, tolerance_ms: float, deadline_ms: int
-    ) -> tuple[int, int, tuple[str, int, bytes] | None]:
-        """Take the next queued item with a slot and a token: (1, wait ms, (id, shard, envelope)),
-        (0, ms until a slot lease expires, None) if every slot is held, (2, 0, None) if empty."""
+    ) -> tuple[int, int, Dispatch | None]:
+        """Take the next queued item with a slot and a token: (1, wait ms, the item to append),
+        (0, ms until a slot lease expires, None) if every slot is held, (2, 0, None) if empty.
+        The dispatch lapses ``deadline_ms`` after the wait (``Dispatch.deadline_ms``)."""
         k = self.keys
         keys = [k.limiter_slots(name), k.limiter_tat(name)]
         parts = ("items", "ready", "dispatching", "vtimes", "last_rounds", "counts")
@@ -95,17 +96,23 @@ class LimitStore(StoreBase):
         status = int(reply[0])
         if status != 1:
             return status, int(reply[1]) if status == 0 else 0, None
-        return 1, int(reply[1]), (reply[2].decode(), int(reply[3]), bytes(reply[4]))
+        return 1, int(reply[1]), Dispatch(reply[2].decode(), int(reply[3]), bytes(reply[4]), int(reply[5]))
 
     async def queue_dispatched(
-        self, name: str, item_id: str, entry_id: str = "", actor_id: str = "", check_ms: int = 0
-    ) -> None:
+        self, name: str, item_id: str, entry_id: str = "", actor_id: str = "", check_ms: int = 0,
+        deadline_ms: int = 0,
+    ) -> int:  # fmt: skip
         """The item is in its actor's inbox (at ``entry_id``, '' if unknown): it leaves the
         queue (its slot and dedup id stay). One with a dedup id is recorded in ``out``, its
-        first look at its shard due in ``check_ms`` (``queue_checks``)."""
+        first look at its shard due in ``check_ms`` (``queue_checks``).
+
+        Returns how long (ms) another dispatch of the item than the caller's (whose deadline
+        was ``deadline_ms``; 0: unknown) may still append it: 0 if none may; -1 if the item
+        was confirmed before (then the caller knows nothing about the others)."""
         parts = ("items", "ready", "dispatching", "counts", "last_rounds", "out", "checks")
         keys = [self.keys.queue(name, p) for p in parts]
-        await self._run("queue_dispatched", keys, [item_id, entry_id, actor_id, check_ms])
+        args = [item_id, entry_id, actor_id, check_ms, deadline_ms or ""]
+        return int(await self._run("queue_dispatched", keys, args))
 
     async def queue_done(self, items: Sequence[tuple[str, str, str]]) -> None:
         """(limiter, item id, dedup id) of queued items whose turns ended, in one round trip."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
 
@@ -152,6 +152,17 @@ class DeadLetter:
     reason: str
     detail: str
     at_ms: int
+
+
+class Dispatch(NamedTuple):
+    """A queued item a dispatcher took (``queue_dispatch.lua``), to append to its actor's inbox."""
+
+    item_id: str
+    shard: int
+    envelope: bytes
+    deadline_ms: int
+    """When the dispatch lapses (ms, Redis clock): past it the item may be dispatched again, so
+    it must not be appended after it (see ``queues.append_item``)."""
 
 
 @dataclass(frozen=True, slots=True)
