@@ -175,3 +175,14 @@ def test_journal(tmp_path: Path) -> None:
     ours = data["results"]["ours"]
     assert {"bytes_per_step", "first_ms", "last_ms", "ms_per_step"} <= set(ours)
     assert "floor" in data["results"] and "bytes sent to Redis per step" in out
+
+
+def test_soak(tmp_path: Path) -> None:
+    out, data = run_benchmark(
+        "soak", "--workflows", "200", "--retention", "1", "--sample-every", "1",
+        json_path=tmp_path / "soak.json",
+    )  # fmt: skip
+    result = data["results"]
+    assert result["workflows"] == 200 and result["floor_msgs_per_s"] > 0
+    assert "state" in result["keys_left"] and "Redis used_memory" in out
+    assert not any(kind in result["keys_left"] for kind in ("turns", "journal", "idem", "reply")), result
