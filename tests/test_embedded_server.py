@@ -298,3 +298,72 @@ def _port(url: str) -> int:
     match = re.search(r":(\d+)/0$", url)
     assert match, url
     return int(match.group(1))
+
+
+def test_a_server_started_before_passwords_gets_one_when_adopted(tmp_path: Path) -> None:
+    """A server a previous version started (no password, world-readable files, a record with
+    no version) is secured by the first command that finds it, without a restart."""
+    directory = tmp_path / "server"
+    directory.mkdir(mode=0o755)
+    old_umask = os.umask(0o022)
+    try:
+        port = _free_port()
+        subprocess.run(
+            [find_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+             "--appendonly", "yes", "--save", "", "--logfile", "server.log", "--daemonize", "yes",
+             "--pidfile", str(directory / "server.pid")],
+            cwd=directory, check=True, timeout=30,
+        )  # fmt: skip
+    finally:
+        os.umask(old_umask)
+    env = env_for(directory)
+    with stopped_at_end(directory):
+        pid = _wait_for_pid(directory / "server.pid")
+        (directory / "server.json").write_text(
+            json.dumps({"port": port, "pid": pid, "binary": find_binary()})
+        )
+        with redis.Redis(host="127.0.0.1", port=port) as before:
+            _wait_until_it_answers(before)  # no password yet
+            connected = redis.Redis(host="127.0.0.1", port=port, single_connection_client=True)
+            assert connected.ping()
+
+            status = server_status(env)
+            assert status["running"] is True and status["pid"] == pid, "adopted, not restarted"
+            password = (directory / "password").read_text().strip()
+            assert status["url"] == f"redis://:{password}@127.0.0.1:{port}/0"
+            with redis.Redis(host="127.0.0.1", port=port) as anonymous:
+                with pytest.raises(redis.AuthenticationError):
+                    anonymous.ping()
+            assert connected.ping(), "a client connected before keeps its connection"
+            connected.close()
+        exposed = {name: oct(mode) for name, mode in _modes(directory).items() if mode & 0o077}
+        assert exposed == {}, exposed
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_until_it_answers(client: redis.Redis) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.ping()
+            return
+        except (redis.ConnectionError, redis.BusyLoadingError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _wait_for_pid(pidfile: Path) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            return int(pidfile.read_text().strip())
+        time.sleep(0.05)
+    raise AssertionError(f"no {pidfile}")
