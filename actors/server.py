@@ -143,6 +143,11 @@ class EmbeddedServer:
                 f"the server of {self.directory} (pid {record.pid}, port {record.port}) refuses the "
                 f"password in {self.directory / 'password'}: stop it (kill {record.pid}) and start again"
             )
+        elif state is Probe.LOADING:  # never a second server on the same data
+            raise ServerError(
+                f"the server of {self.directory} (pid {record.pid}) is still loading its data after "
+                f"{READY_TIMEOUT:g} s: try again shortly"
+            )
         elif state is not Probe.READY:
             self.port = self.port or record.port
             return False
@@ -173,11 +178,18 @@ class EmbeddedServer:
             logged = log.stat().st_size if log.exists() else 0
             pidfile.unlink(missing_ok=True)
             if _launch(args, self.directory) and _wait_ready(port, pidfile, self.password):
-                self.port, self.pid, self.binary = port, int(pidfile.read_text().strip()), binary
+                self.port, self.pid, self.binary = port, _pid(pidfile), binary
                 files.write_record(self.directory, files.Record(port, self.pid, binary, version))
                 self.spawned = True
                 return
             said = _log_since(log, logged)
+            if _alive(pid := _pid(pidfile)):  # alive, not answering: recorded, so that the next
+                # command waits for it rather than start a second server on the same data
+                files.write_record(self.directory, files.Record(port, pid, binary, version))
+                raise ServerError(
+                    f"{binary} (pid {pid}) started in {self.directory} but did not answer within "
+                    f"{READY_TIMEOUT:g} s; it may still be loading its data. Its log says:\n{said[-2000:]}"
+                )
             if "Address already in use" not in said:
                 break  # not a port taken meanwhile: another port would fail the same way
         hint = files.start_hint(self.directory, record, binary)
@@ -247,6 +259,14 @@ def _launch(args: list[str], directory: Path) -> bool:
     return done.returncode == 0
 
 
+def _pid(pidfile: Path) -> int:
+    """The pid in ``pidfile``, 0 if there is none yet."""
+    try:
+        return int(pidfile.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def _log_since(log: Path, offset: int) -> str:
     try:
         with open(log, "rb") as fh:
@@ -257,6 +277,8 @@ def _log_since(log: Path, offset: int) -> str:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
