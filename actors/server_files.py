@@ -73,7 +73,9 @@ def make_private(directory: Path) -> None:
     data directories made before passwords and private modes had world-readable files."""
     directory.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     directory.chmod(PRIVATE_DIR)
-    for path in directory.rglob("*"):
+    aof = directory / "appendonlydir"
+    # Its entries and the AOF folder, no deeper: ACTORS_SERVER_DIR may name a folder with more in it.
+    for path in [*directory.iterdir(), *(aof.iterdir() if aof.is_dir() else [])]:
         mode = path.lstat().st_mode
         if not path.is_symlink() and mode & 0o077:
             path.chmod(mode & 0o700)

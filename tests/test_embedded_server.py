@@ -188,6 +188,19 @@ def test_read_only_commands_never_start_a_server_and_writes_that_start_one_say_s
         assert sum(s["length"] for s in shown["shards"]) == 3, "every send is in the inbox"
 
 
+def test_the_counter_demo_says_it_started_a_server_that_keeps_running(tmp_path: Path) -> None:
+    directory = tmp_path / "server"
+    with stopped_at_end(directory):
+        demo = subprocess.run(
+            [sys.executable, "-m", "examples.counter"], cwd=ROOT, env=env_for(directory),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert demo.returncode == 0, demo.stderr
+        [notice] = [line for line in demo.stderr.splitlines() if "embedded server" in line]
+        assert str(directory) in notice and "keeps running" in notice and "actors server stop" in notice
+        assert server_status(env_for(directory))["running"] is True, "as it said"
+
+
 def test_read_only_commands_outside_a_project_create_nothing(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
