@@ -205,11 +205,12 @@ def test_read_only_commands_outside_a_project_create_nothing(tmp_path: Path) -> 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = env_for(None)
-    for args in [["status"], ["waits"], ["server", "status"], ["server", "stop"]]:
-        result = run(*args, env=env, cwd=elsewhere)
-        if args[0] != "server":
-            assert "not running" in failed(result), args
-    assert list(elsewhere.iterdir()) == [], "no .actors folder, no server"
+    with stopped_at_end(elsewhere / ".actors" / "server"):
+        for args in [["status"], ["waits"], ["server", "status"], ["server", "stop"]]:
+            result = run(*args, env=env, cwd=elsewhere)
+            if args[0] != "server":
+                assert "not running" in failed(result), args
+        assert list(elsewhere.iterdir()) == [], "no .actors folder, no server"
 
 
 # ---- a password, and files only their owner reads --------------------------------------------
