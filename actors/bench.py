@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from .actor import Actor, App
 from .client import Client, connect
 from .errors import ConfigurationError
+from .settings import URL_ENV
 
 BATCH = 1_000
 
@@ -113,8 +114,9 @@ async def run(url: str, actors: int, messages: int, processes: int, asks: int, p
 
 def _spawn(url: str, namespace: str) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "actors.cli", "--log-level", "WARNING", "worker", "actors.bench:app",
-            "--redis", url, "--namespace", namespace]  # fmt: skip
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=os.environ.copy())
+            "--namespace", namespace]  # fmt: skip
+    # The URL (its password) in the environment: a command line is readable by every local user.
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, env={**os.environ, URL_ENV: url})
 
 
 async def _wait_for_workers(client: Client, processes: int, workers: list[subprocess.Popen[bytes]]) -> None:

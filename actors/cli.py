@@ -33,7 +33,7 @@ from .cli_worker import cmd_worker, load_app, redis_settings
 from .client import Client, connect
 from .errors import ActorsError
 from .messages import Approval
-from .server import EmbeddedServer, default_dir, resolve_url
+from .server import EmbeddedServer, announce, default_dir, resolve_url
 from .settings import LeaseSettings, RedisSettings, WorkerSettings
 
 # ---- worker ---------------------------------------------------------------------
@@ -202,9 +202,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 # ---- embedded server ---------------------------------------------------------------------
 def cmd_server(args: argparse.Namespace) -> int:
-    server = EmbeddedServer(default_dir())
+    server = EmbeddedServer(default_dir(), binary=args.binary)
     if args.action == "start":
-        print(server.start().url)
+        print(server.start(switch_binary=args.binary is not None).url)
+        if server.spawned:
+            announce(server)
     elif args.action == "stop":
         print("stopped" if server.stop() else "not running")
     else:
@@ -220,11 +222,11 @@ def _with_client(
     if app_required and app is None:
         raise SystemExit("this command needs --app module:app to validate the message")
     settings = redis_settings(args)
+    # Only commands that write may start the embedded server (starts_server, set per command).
+    url = resolve_url(settings.url, may_start=getattr(args, "starts_server", False))
 
     async def run() -> None:
-        async with connect(
-            settings.url, namespace=settings.namespace, app=app, record_shards=writes
-        ) as client:
+        async with connect(url, namespace=settings.namespace, app=app, record_shards=writes) as client:
             await body(client)
 
     asyncio.run(run())
@@ -276,7 +278,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--idempotency-key")
         s.add_argument("--timeout", type=float, default=30.0)
         common(s)
-        s.set_defaults(func=cmd_send)
+        s.set_defaults(func=cmd_send, starts_server=True)
 
     st = sub.add_parser("state", help="print an actor's committed state")
     st.add_argument("ref")
@@ -320,7 +322,7 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--by", default="", metavar="NAME", help="who decided")
     a.add_argument("--comment", default="", metavar="TEXT")
     common(a)
-    a.set_defaults(func=cmd_approve, approved=None)
+    a.set_defaults(func=cmd_approve, approved=None, starts_server=True)
 
     wt = sub.add_parser("waits", help="every open turn: running, sleeping, waiting or parked")
     wt.add_argument("--json", action="store_true")
@@ -347,12 +349,15 @@ def parser() -> argparse.ArgumentParser:
     )
     c.add_argument("ref", help="Type/key")
     common(c)
-    c.set_defaults(func=cmd_cancel)
+    c.set_defaults(func=cmd_cancel, starts_server=True)
 
     cli_dlq.add_parser(sub, common, _with_client)
 
     sv = sub.add_parser("server", help="the project's embedded Redis/Valkey server")
     sv.add_argument("action", choices=["start", "stop", "status"])
+    sv.add_argument(
+        "--binary", metavar="PATH", help="start: open the data with this binary, not the one that wrote it"
+    )
     sv.set_defaults(func=cmd_server)
     return p
 

@@ -38,7 +38,14 @@ def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None], run:
     d.add_argument("--older-than", type=duration, metavar="AGE",
                    help="purge: only dead letters older than this (30d, 12h, 15m, 90s)")  # fmt: skip
     common(d)
-    d.set_defaults(func=lambda args: run(args, lambda client: cmd_dlq(args, client)))
+    d.set_defaults(func=lambda args: run(_starts_server(args), lambda client: cmd_dlq(args, client)))
+
+
+def _starts_server(args: argparse.Namespace) -> argparse.Namespace:
+    """Only replay and drop write; list and show read, and purge has nothing to delete on a
+    server that is not running: neither starts the embedded server."""
+    args.starts_server = args.action in ("replay", "drop")
+    return args
 
 
 async def cmd_dlq(args: argparse.Namespace, client: Client) -> None:

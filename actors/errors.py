@@ -150,6 +150,10 @@ class ServerError(ActorsError):
     """The embedded Redis/Valkey server could not be found, started or stopped."""
 
 
+class ServerNotRunning(ServerError):
+    """A command that only reads found the project's embedded server stopped (it starts none)."""
+
+
 class DuplicateItem(ActorsError):
     """``enqueue`` was given a dedup id that an item still queued or running holds."""
 

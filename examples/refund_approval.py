@@ -163,7 +163,8 @@ async def main(
     async def approve(ref: actors.ActorRef[Refund], request_id: str) -> None:
         command = f"actors approve {ref} --request-id {request_id} --approve --by you --comment ok{where}"
         if wait_for_human:
-            print(f"  approve it from another terminal (or --reject it):\n    {command}")
+            print(f"  approve it from another terminal in this folder (or --reject it):\n    {command}")
+            print("  (`actors` is in .venv/bin: `./dev shell` opens a shell that has it on PATH)")
             return
         print(f"  approving it in {approve_after:g}s, as this command would:\n    {command}")
         await asyncio.sleep(approve_after)

@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator
 
 
 class ReplyDropper:
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, password: str = "") -> None:
         self.target_port = target_port
+        self.password = password
+        """The upstream's (the proxy passes AUTH through; its URL carries it)."""
         self.port = 0
         self.marker: bytes | None = None
         """Drop (once) the first reply chunk that contains this."""
@@ -22,7 +24,11 @@ class ReplyDropper:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        return (
+            f"redis://:{self.password}@127.0.0.1:{self.port}"
+            if self.password
+            else f"redis://127.0.0.1:{self.port}"
+        )
 
     async def start(self) -> ReplyDropper:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -62,8 +68,8 @@ class ReplyDropper:
 
 
 @contextlib.asynccontextmanager
-async def reply_dropper(target_port: int) -> AsyncIterator[ReplyDropper]:
-    proxy = await ReplyDropper(target_port).start()
+async def reply_dropper(target_port: int, password: str = "") -> AsyncIterator[ReplyDropper]:
+    proxy = await ReplyDropper(target_port, password).start()
     try:
         yield proxy
     finally:

@@ -306,7 +306,7 @@ async def test_server_start_status_stop(tmp_path: Path, namespace: str) -> None:
     env = _env(ACTORS_SERVER_DIR=str(directory))
     try:
         url = ok(await actors_cli("server", "start", env=env)).strip()
-        assert re.fullmatch(r"redis://127\.0\.0\.1:\d+/0", url), url
+        assert re.fullmatch(r"redis://:[0-9a-f]{48}@127\.0\.0\.1:\d+/0", url), url
         assert ok(await actors_cli("server", "start", env=env)).strip() == url, "a second start adopts it"
 
         status = json.loads(ok(await actors_cli("server", "status", env=env)))

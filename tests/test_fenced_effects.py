@@ -215,8 +215,7 @@ async def test_a_lost_reply_of_the_timer_script_does_not_strand_a_sleep(
     from .workflow_apps import Nap, Sleeper
     from .workflow_apps import app as workflow_app
 
-    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
-    async with reply_dropper(port) as proxy:
+    async with reply_dropper(redis_server.port, redis_server.password) as proxy:
         await start_worker(workflow_app, url=proxy.url)
         async with actors.connect(proxy.url, namespace=namespace, app=workflow_app) as client:
             ref = Sleeper.ref("strand")
