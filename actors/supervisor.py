@@ -180,6 +180,7 @@ class Supervisor:
 
     def _start_release(self, shard: int) -> None:
         """Drain and release in the background, so renewals go on meanwhile."""
+        log.info("releasing shard %s", shard)
         self._releasing.add(shard)
         task = asyncio.create_task(self._release(shard), name=f"release-{shard}")
         self._release_tasks.add(task)
