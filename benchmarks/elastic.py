@@ -161,8 +161,8 @@ async def run(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         first = Workers.spawn(argv, 1, log)
         second: Workers | None = None
         try:
-            while not all(await lease_owners(client)):
-                await asyncio.sleep(0.05)  # noqa: ASYNC110 (polling Redis, not an event of ours)
+            while not all(await lease_owners(client)):  # noqa: ASYNC110 (polling Redis)
+                await asyncio.sleep(0.05)
             trace.started = time.monotonic()
             sent = [0]
             done = asyncio.Event()
