@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from . import cli_text, top
 from .actor import ActorRef, App
-from .cli_worker import cmd_worker, load_app, redis_settings
+from .cli_worker import cmd_worker, load_app, redis_settings, worker_safety_flags
 from .client import Client, connect
 from .errors import ActorsError
 from .messages import Approval
@@ -291,6 +291,7 @@ def parser() -> argparse.ArgumentParser:
         default=WorkerSettings().max_redeliveries,
         help="runs of a turn interrupted by the end of its worker before it is dead-lettered",
     )
+    worker_safety_flags(w)
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--otel", choices=["console", "otlp", "none"], default=None,
                    help="export traces (default: as OTEL_TRACES_EXPORTER says; off if unset)")  # fmt: skip

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import telemetry
+from . import preflight, sharing, telemetry
 from .actor import App
 from .errors import LeaseLost
 from .lease import Lease
@@ -76,6 +76,7 @@ class Worker:
             int(self.settings.messages.idempotency_ttl * 1000), renew=False,
         )  # fmt: skip
         try:
+            await self._check_server(store)
             shards = await store.shard_count(self.settings.shards, DEFAULT_SHARDS)
             await replies.start()
             await limits.start()
@@ -103,7 +104,22 @@ class Worker:
                 self._stop_shard(shard)
             await limits.stop()
             await replies.stop()
+            await self._withdraw(store)
             await store.close()
+
+    async def _check_server(self, store: Store) -> None:
+        """Before anything is written: the user's rights, the eviction policy, then whether
+        this app may share the namespace with its live workers (each a one-line error)."""
+        await preflight.check_rights(store)
+        await preflight.check_eviction(store, self.settings.allow_eviction)
+        await sharing.claim_namespace(store, self.id, self.app, self.settings.rolling_upgrade)
+
+    async def _withdraw(self, store: Store) -> None:
+        """Delete this worker's app record (``ns:apps``) as it stops."""
+        try:
+            await store.release_app(self.id)
+        except Exception as exc:  # a worker that cannot reach Redis leaves it to the next start
+            log.debug("could not delete the app record of %s: %r", self.id, exc)
 
     def _info(self) -> dict[str, str]:
         """What the heartbeat adds to this worker's info hash, for ``actors status`` and ``top``."""

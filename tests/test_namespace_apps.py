@@ -121,4 +121,3 @@ async def test_an_in_process_worker_of_another_app_raises_configuration_error(
     with pytest.raises(ConfigurationError, match="--namespace"):
         await start_worker(greeters)
     await start_worker(app)  # the same app again is welcome
-
