@@ -197,3 +197,25 @@ def _field(entry: Any, name: str) -> str:
     fields = dict(zip(entry[::2], entry[1::2], strict=True)) if isinstance(entry, list) else entry
     value = fields.get(name.encode(), fields.get(name))
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def test_channels_revoked_while_running_are_reported_once_per_channel_not_in_a_flood(
+    spawn_worker: Callable[..., WorkerProcess],
+    admin: redis.asyncio.Redis,
+    redis_url: str,
+    namespace: str,
+    connect: Callable[..., Any],
+) -> None:
+    user, password = await make_user(admin, f"~{namespace}:*", f"&{namespace}:*", "+@all")
+    worker = spawn_worker(COUNTERS, url=url_of(redis_url, user, password))
+    async with connect(app=app) as client:
+        assert await client.ask(Counter.ref("r"), Get(), timeout=30) == Total(total=0)
+        await admin.execute_command("ACL", "SETUSER", user, "resetchannels")  # drops its subscriptions
+        await asyncio.sleep(8)
+        await admin.execute_command("ACL", "SETUSER", user, f"&{namespace}:*")
+        await client.send(Counter.ref("r"), Add(by=1))
+        assert await client.ask(Counter.ref("r"), Get(), timeout=30) == Total(total=1), "it recovers"
+    text = worker.log.read_text()
+    assert text.count("Traceback") == 0, text[:3000]
+    refusals = [line for line in text.splitlines() if "may not subscribe" in line]
+    assert 1 <= len(refusals) <= 3, refusals  # one per channel: replies, lease events, limiter events
