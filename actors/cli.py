@@ -12,6 +12,7 @@ actors inspect REF [--app APP]        state, open turn (journal, wait, timer), d
 actors cancel REF                     end an actor's open turn (dead-lettered as "cancelled")
 actors dlq list|show|replay|drop
 actors server start|stop|status       the project's embedded server
+actors doctor [--acl-user USER]       check a deployment: one line per check, exit 1 on a fail
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import cli_text, top
+from . import cli_text, doctor, top
 from .actor import ActorRef, App
 from .cli_worker import cmd_worker, load_app, redis_settings, worker_safety_flags
 from .client import Client, connect
@@ -198,8 +199,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         cli_text.print_dead_letters(view.dead_letters)
 
     return _with_client(args, run)
-
-
 
 
 # ---- dead letters ----------------------------------------------------------------------
@@ -387,6 +386,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--count", type=int, default=100)
     common(d)
     d.set_defaults(func=cmd_dlq)
+
+    doctor.add_parser(sub, common)
 
     sv = sub.add_parser("server", help="the project's embedded Redis/Valkey server")
     sv.add_argument("action", choices=["start", "stop", "status"])

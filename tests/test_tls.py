@@ -13,6 +13,7 @@ import actors
 
 from .apps import Add, Counter, Get, Total, app
 from .conftest import WorkerProcess
+from .test_doctor import lines_by_check, run_doctor
 from .tls import TlsServer, Unavailable, tls_server
 
 COUNTERS = "tests.apps:app"
@@ -46,3 +47,9 @@ async def test_the_server_refuses_a_client_without_its_certificate(tls: TlsServe
     with pytest.raises(redis.exceptions.ConnectionError):
         async with actors.connect(tls.url(client_cert=False), namespace=namespace):
             pass
+
+
+async def test_doctor_over_tls_says_the_certificate_is_checked(tls: TlsServer, namespace: str) -> None:
+    result = await run_doctor("--redis", tls.url(), "--namespace", namespace)
+    level, text = lines_by_check(result)["tls"]
+    assert level == "ok" and "rediss://" in text and str(tls.certs.ca) in text, text
