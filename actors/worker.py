@@ -15,7 +15,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from . import preflight, sharing, telemetry
 from .actor import App
@@ -49,8 +49,9 @@ class Worker:
         self.settings = settings or WorkerSettings()
         self.shutdown_grace = shutdown_grace
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.ready = asyncio.Event()
-        """Set once the worker has run its first supervisor tick."""
+        self.ready = Ready()
+        """Set once the worker has run its first supervisor tick; ``await ready.wait()`` raises
+        the worker's error instead if it stopped before (it refused to start)."""
         self._stop = asyncio.Event()
         self._slots: dict[int, _Slot] = {}
         self._services: TurnServices | None = None
@@ -69,6 +70,14 @@ class Worker:
         return [slot.runner for slot in self._slots.values() if slot.runner is not None]
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except Exception as exc:
+            if not self.ready.is_set():
+                self.ready.fail(exc)  # whoever waits for it learns why it never will be
+            raise
+
+    async def _run(self) -> None:
         store = Store.from_url(resolve_url(self.redis_settings.url), self.redis_settings.namespace)
         replies = ReplyListener(store)
         limits = Limits(
@@ -218,6 +227,23 @@ class Worker:
                 slot.runner = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+class Ready(asyncio.Event):
+    """``Worker.ready``: an Event whose ``wait()`` raises the worker's error if it stopped
+    before it was ready, so code that waits for it does not wait for ever."""
+
+    error: Exception | None = None
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.set()
+
+    async def wait(self) -> Literal[True]:
+        await super().wait()
+        if self.error is not None:
+            raise self.error
+        return True
 
 
 @dataclass(slots=True)

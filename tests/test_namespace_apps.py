@@ -5,7 +5,11 @@ namespaces run side by side; a new version that adds a type joins its old one.""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,8 +18,9 @@ import actors
 from actors import ConfigurationError
 
 from .apps import Add, Counter, Get, Total, app
-from .conftest import WorkerProcess, eventually
+from .conftest import ROOT, WorkerProcess, eventually
 from .sharing_apps import Greeter, Greeting, Hello, greeters, greeters_v2
+from .test_server_checks import readme_quick_start
 
 COUNTERS = "tests.apps:app"
 GREETERS = "tests.sharing_apps:greeters"
@@ -121,3 +126,29 @@ async def test_an_in_process_worker_of_another_app_raises_configuration_error(
     with pytest.raises(ConfigurationError, match="--namespace"):
         await start_worker(greeters)
     await start_worker(app)  # the same app again is welcome
+
+
+async def test_the_quick_start_beside_another_app_stops_with_the_reason_instead_of_hanging(
+    spawn_worker: Callable[..., WorkerProcess],
+    connect: Callable[..., Any],
+    redis_url: str,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    """``await worker.ready.wait()`` raises the worker's startup error: the README's Quick start
+    run where another app's workers live exits with it (it waited for ever before)."""
+    spawn_worker(GREETERS)
+    async with connect(app=greeters) as client:
+        await eventually(lambda: _live(client, 1), timeout=30)
+    script = tmp_path / "quick_start.py"
+    script.write_text(readme_quick_start())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACTORS_")}
+    env.update(ACTORS_REDIS_URL=redis_url, ACTORS_NAMESPACE=namespace, PYTHONPATH=str(ROOT))
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("actors.errors.ConfigurationError: namespace"), result.stderr
+    assert "tests.sharing_apps" in last and "quick_start" in last and "--namespace" in last, last

@@ -179,7 +179,9 @@ async def test_the_minimal_acl_user_runs_the_quick_start_with_nothing_refused(
     script = tmp_path / "quick_start.py"
     script.write_text(readme_quick_start())
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACTORS_")}
-    env.update(ACTORS_REDIS_URL=url_of(redis_url, user, password), ACTORS_NAMESPACE=namespace)
+    env.update(
+        ACTORS_REDIS_URL=url_of(redis_url, user, password), ACTORS_NAMESPACE=namespace, PYTHONPATH=str(ROOT)
+    )
     result = await asyncio.to_thread(
         subprocess.run, [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
         text=True, timeout=120,
