@@ -165,3 +165,15 @@ async def test_a_closed_port_is_one_failed_line(namespace: str) -> None:
     [line] = result.stdout.splitlines()
     assert line.split()[:2] == ["fail", "connection"] and "127.0.0.1:1" in line, line
     assert "Traceback" not in result.stderr
+
+
+async def test_with_no_url_it_checks_the_embedded_server_that_runs(tmp_path: Path) -> None:
+    server = EmbeddedServer(tmp_path / "server").start()
+    try:
+        result = await run_doctor(env={"ACTORS_SERVER_DIR": str(server.directory)}, cwd=tmp_path)
+        checks = lines_by_check(result)
+        assert checks["server"][0] == "ok" and f"127.0.0.1:{server.port}" in checks["server"][1]
+        assert checks["persistence"][0] == "ok", checks["persistence"]
+        assert result.returncode == 0, result.stdout
+    finally:
+        server.stop()
