@@ -20,7 +20,7 @@ from . import doctor_text as text
 from .preflight import redis_user
 from .server import EmbeddedServer, default_dir
 from .settings import RedisSettings
-from .store import Store
+from .store import NO_USER, Store
 
 Level = Literal["ok", "warn", "fail"]
 
@@ -161,6 +161,8 @@ async def check_acl(ctx: Context) -> Check:
             return Check("acl", "fail", f"user {user!r} lacks: {missing}. {text.acl_fix(user, ns, [])}")
         return Check("acl", "warn", f"user {user!r} may use the keys, scripts, channels and clock of "
                      f"{ns!r}, but {text.NO_DRYRUN}: {text.ALL_COMMANDS}")  # fmt: skip
+    if refused and refused[0].right == NO_USER:
+        return Check("acl", "fail", f"there is no user {user!r} ({refused[0].error}): {text.NEW_USER}")
     if refused:
         rules = text.missing_rules(refused, ns)
         return Check("acl", "fail", f"user {user!r} lacks {' '.join(rules)}. {text.acl_fix(user, ns, rules)}")

@@ -37,6 +37,7 @@ ALL_COMMANDS = (
     "compare the user with the README's 'Redis users (ACL)', or run doctor with an admin URL and "
     "--acl-user USER"
 )
+NEW_USER = "create it as the README's 'Redis users (ACL)' shows, or check --acl-user and the URL"
 TLS_UNVERIFIED = (
     "on, but the server's certificate is not verified (ssl_cert_reqs=none): whoever is in between can "
     "read and change everything. Give the CA in ssl_ca_certs instead"

@@ -177,3 +177,9 @@ async def test_with_no_url_it_checks_the_embedded_server_that_runs(tmp_path: Pat
         assert result.returncode == 0, result.stdout
     finally:
         server.stop()
+
+
+async def test_an_unknown_acl_user_fails(redis_url: str, namespace: str) -> None:
+    result = await run_doctor("--redis", redis_url, "--namespace", namespace, "--acl-user", "nobody-here")
+    level, text = lines_by_check(result)["acl"]
+    assert result.returncode == 1 and level == "fail" and "not found" in text, text

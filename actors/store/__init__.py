@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 from ..keys import Keys
 from .commits import CommitStore
 from .connection import STALL_TIMEOUT, TRANSIENT_ERRORS, honour_cancel, is_transient, make_client
-from .health import RUNTIME_COMMANDS, HealthStore, Refusal, acl_rules
+from .health import NO_USER, RUNTIME_COMMANDS, HealthStore, Refusal, acl_rules
 from .inbox import InboxStore
 from .leases import LOOP_LAG_WARNING, LeaseKeeper, LeaseStore
 from .limits import LimitStore
@@ -42,7 +42,7 @@ __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
     "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "LeaseKeeper",
     "LoadedActor", "OutItem", "ShardInfo", "Store", "StoredTurn", "Take", "Write", "honour_cancel",
-    "is_transient", "write_bytes", "AppRecord", "Refusal", "RUNTIME_COMMANDS", "acl_rules",
+    "is_transient", "write_bytes", "AppRecord", "NO_USER", "Refusal", "RUNTIME_COMMANDS", "acl_rules",
 ]  # fmt: skip
 
 

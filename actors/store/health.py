@@ -15,6 +15,9 @@ from .connection import StoreBase, honours_cancel
 NO_SCRIPT = "0" * 40
 """The SHA of no script: an EVALSHA of it is refused (NOSCRIPT) after the ACL check passed."""
 
+NO_USER = "user"
+"""The right ``dry_run`` reports when the user does not exist."""
+
 RUNTIME_COMMANDS: dict[str, tuple[str, ...]] = {
     # connection and server
     "ping": (), "time": (), "info": ("memory",), "client|setinfo": ("LIB-NAME", "actors"),
@@ -109,12 +112,16 @@ class HealthStore(StoreBase):
                 filled = (fill.get(a, a) for a in args)
                 pipe.execute_command("ACL", "DRYRUN", user, *command.split("|"), *filled)
             results = await pipe.execute(raise_on_error=False)
-        if any(isinstance(r, ResponseError) for r in results):
+        first = results[0]  # ping, which every server has
+        if isinstance(first, ResponseError):
+            if "not found" in str(first):  # no such user
+                return [Refusal(NO_USER, str(first))]
             return None  # no right to ACL DRYRUN (or a server without it)
         return [
             Refusal(f"+{command}", _text(result))
             for command, result in zip(RUNTIME_COMMANDS, results, strict=True)
-            if _text(result) != "OK"
+            # an error: a command this server does not have (client|setinfo before Redis 7.2)
+            if not isinstance(result, ResponseError) and _text(result) != "OK"
         ]
 
     async def acl_user(self) -> str | None:
