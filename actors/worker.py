@@ -32,6 +32,9 @@ from .turn import TurnServices
 
 log = logging.getLogger("actors.worker")
 
+WITHDRAW_TIMEOUT = 2.0
+"""Seconds a stopping worker gives Redis to delete its app record."""
+
 
 class Worker:
     """Runs ``app``'s actors. ``await worker.run()`` until ``worker.stop()`` (or cancellation)."""
@@ -124,10 +127,12 @@ class Worker:
         await sharing.claim_namespace(store, self.id, self.app, self.settings.rolling_upgrade)
 
     async def _withdraw(self, store: Store) -> None:
-        """Delete this worker's app record (``ns:apps``) as it stops."""
+        """Delete this worker's app record (``ns:apps``) as it stops; if Redis does not answer
+        soon, the next worker to start deletes it."""
         try:
-            await store.release_app(self.id)
-        except Exception as exc:  # a worker that cannot reach Redis leaves it to the next start
+            async with asyncio.timeout(WITHDRAW_TIMEOUT):
+                await store.release_app(self.id)
+        except Exception as exc:
             log.debug("could not delete the app record of %s: %r", self.id, exc)
 
     def _info(self) -> dict[str, str]:
