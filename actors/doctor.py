@@ -90,7 +90,7 @@ async def run(url: str, namespace: str, acl_user: str | None) -> list[Check]:
     store = Store.from_url(url, namespace)
     try:
         try:
-            await store.redis.ping()
+            await store.ping()
         except Exception as exc:
             return [Check("connection", "fail", text.unreachable(url, exc))]
         ctx = Context(store, url, acl_user)
@@ -135,7 +135,8 @@ async def check_persistence(ctx: Context) -> Check:
         return Check("persistence", "warn", "AOF on; its fsync policy is unknown (CONFIG GET refused): "
                      + text.AOF_ADVICE)  # fmt: skip
     level: Level = "warn" if fsync == "no" else "ok"
-    return Check("persistence", level, f"AOF on, appendfsync {fsync}: {text.FSYNC[fsync]}")
+    meaning = text.FSYNC.get(fsync, text.AOF_ADVICE)
+    return Check("persistence", level, f"AOF on, appendfsync {fsync}: {meaning}")
 
 
 async def check_eviction(ctx: Context) -> Check:

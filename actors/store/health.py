@@ -68,6 +68,10 @@ class Refusal:
 
 @honours_cancel
 class HealthStore(StoreBase):
+    async def ping(self) -> None:
+        """Raise if the server cannot be reached (or refuses this login)."""
+        await self.redis.ping()
+
     async def missing_rights(self) -> list[Refusal]:
         """Try, with commands that change nothing, what a worker needs: the namespace's keys
         (read and write), its scripts, its channels (publish and subscribe), the clock."""
