@@ -12,6 +12,7 @@ actors inspect REF [--app APP]        state, open turn (journal, wait, timer), d
 actors cancel REF                     end an actor's open turn (dead-lettered as "cancelled")
 actors dlq list|show|replay|drop|purge [--older-than AGE] [--shard N]
 actors server start|stop|status       the project's embedded server
+actors doctor [--acl-user USER]       check a deployment: one line per check, exit 1 on a fail
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import cli_dlq, cli_text, top
+from . import cli_dlq, cli_text, doctor, top
 from .actor import ActorRef, App
-from .cli_worker import cmd_worker, load_app, redis_settings
+from .cli_worker import cmd_worker, load_app, redis_settings, worker_safety_flags
 from .client import Client, connect
 from .errors import ActorsError
 from .messages import Approval
@@ -263,6 +264,7 @@ def parser() -> argparse.ArgumentParser:
                    help="dead letters kept per shard, the oldest trimmed first (0: no bound)")  # fmt: skip
     w.add_argument("--dlq-max-age", type=float, default=WorkerSettings().dlq_max_age,
                    help="seconds a dead letter is kept (0: no bound; default 30 days)")  # fmt: skip
+    worker_safety_flags(w)
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--otel", choices=["console", "otlp", "none"], default=None,
                    help="export traces (default: as OTEL_TRACES_EXPORTER says; off if unset)")  # fmt: skip
@@ -352,6 +354,8 @@ def parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_cancel, starts_server=True)
 
     cli_dlq.add_parser(sub, common, _with_client)
+
+    doctor.add_parser(sub, common)
 
     sv = sub.add_parser("server", help="the project's embedded Redis/Valkey server")
     sv.add_argument("action", choices=["start", "stop", "status"])

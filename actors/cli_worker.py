@@ -43,6 +43,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         max_redeliveries=args.max_redeliveries,
         dlq_max_len=args.dlq_max_len,
         dlq_max_age=args.dlq_max_age,
+        rolling_upgrade=args.rolling_upgrade,
+        allow_eviction=args.allow_eviction,
         lease=LeaseSettings(
             ttl=args.lease_ttl, renew_interval=args.renew_interval, stall_limit=args.stall_limit
         ),
@@ -78,7 +80,22 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--shards", str(args.shards)]
     if args.otel:
         argv += ["--otel", args.otel]
+    argv += [flag for flag, on in (("--rolling-upgrade", args.rolling_upgrade),
+                                   ("--allow-eviction", args.allow_eviction)) if on]  # fmt: skip
     return argv
+
+
+def worker_safety_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that let a worker start where it would refuse to."""
+    parser.add_argument(
+        "--rolling-upgrade", action="store_true",
+        help="start even if live workers of the namespace serve another app or version with "
+        "types this app lacks (a version that drops a type, a rollback; adding types needs no flag)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-eviction", action="store_true",
+        help="start (with a warning) even if the server's maxmemory-policy is not noeviction",
+    )  # fmt: skip
 
 
 def redis_settings(args: argparse.Namespace) -> RedisSettings:

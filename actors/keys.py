@@ -30,6 +30,18 @@ class Keys:
         """hash: host, pid, started (unix time) of one live worker (expires)."""
         return f"{self.namespace}:worker:{worker_id}"
 
+    def apps(self) -> str:
+        """hash: worker id -> JSON ``{app, types, version, at}``: the app a worker of the namespace
+        serves, written when it starts (before it joins), deleted when it stops or is refused; a
+        dead worker's field is deleted by the next worker that starts (``store/namespace.py``)."""
+        return f"{self.namespace}:apps"
+
+    def probe(self) -> str:
+        """A name in the namespace that is never written: workers and ``actors doctor`` check
+        the Redis user's rights with harmless commands on it (a PEXPIRE of this missing key,
+        a SUBSCRIBE and a PUBLISH on this channel, which nothing listens to)."""
+        return f"{self.namespace}:probe"
+
     def lease_events(self) -> str:
         """pub/sub channel: a lease was released; supervisors look for free shards at once."""
         return f"{self.namespace}:lease-events"

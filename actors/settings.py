@@ -108,6 +108,13 @@ class WorkerSettings(_Frozen):
     """Seconds an attempt of a handler may run, steps and asks included (an actor type may
     set its own); past it the attempt fails with TurnTimeout, is retried by the retry policy,
     then dead-lettered. None: no bound. Each resumption of a suspended turn is an attempt."""
+    rolling_upgrade: bool = False
+    """Start even if live workers of the namespace serve another app or version whose types
+    this worker's app lacks (``--rolling-upgrade``; see ``actors.sharing``): for a version that
+    drops a type, or a rollback. A version that only adds types needs no flag."""
+    allow_eviction: bool = False
+    """Start even if the server's ``maxmemory-policy`` is not ``noeviction`` (with a warning):
+    such a server may delete mailboxes, states and leases when its memory is full."""
     max_redeliveries: int = Field(default=3, ge=1)
     """A turn that was started and then interrupted by the end of its runner (its process
     was killed or exited, or its event loop blocked until the lease moved) is recovered

@@ -15,9 +15,9 @@ import socket
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from . import telemetry
+from . import preflight, sharing, telemetry
 from .actor import App
 from .errors import LeaseLost
 from .lease import Lease
@@ -32,6 +32,9 @@ from .supervisor import Supervisor
 from .turn import TurnServices
 
 log = logging.getLogger("actors.worker")
+
+WITHDRAW_TIMEOUT = 2.0
+"""Seconds a stopping worker gives Redis to delete its app record."""
 
 
 class Worker:
@@ -50,8 +53,9 @@ class Worker:
         self.settings = settings or WorkerSettings()
         self.shutdown_grace = shutdown_grace
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.ready = asyncio.Event()
-        """Set once the worker has run its first supervisor tick."""
+        self.ready = Ready()
+        """Set once the worker has run its first supervisor tick; ``await ready.wait()`` raises
+        the worker's error instead if it stopped before (it refused to start)."""
         self._stop = asyncio.Event()
         self._slots: dict[int, _Slot] = {}
         self._services: TurnServices | None = None
@@ -70,6 +74,14 @@ class Worker:
         return [slot.runner for slot in self._slots.values() if slot.runner is not None]
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        except Exception as exc:
+            if not self.ready.is_set():
+                self.ready.fail(exc)  # whoever waits for it learns why it never will be
+            raise
+
+    async def _run(self) -> None:
         store = Store.from_url(resolve_url(self.redis_settings.url), self.redis_settings.namespace)
         replies = ReplyListener(store)
         markers = Markers(store)
@@ -78,6 +90,7 @@ class Worker:
             int(self.settings.messages.idempotency_ttl * 1000), renew=False, markers=markers,
         )  # fmt: skip
         try:
+            await self._check_server(store)
             shards = await store.shard_count(self.settings.shards, DEFAULT_SHARDS)
             await replies.start()
             markers.start()
@@ -107,7 +120,24 @@ class Worker:
             await limits.stop()
             await markers.stop()  # after every shard and dispatcher: the last ones go too
             await replies.stop()
+            await self._withdraw(store)
             await store.close()
+
+    async def _check_server(self, store: Store) -> None:
+        """Before anything is written: the user's rights, the eviction policy, then whether
+        this app may share the namespace with its live workers (each a one-line error)."""
+        await preflight.check_rights(store)
+        await preflight.check_eviction(store, self.settings.allow_eviction)
+        await sharing.claim_namespace(store, self.id, self.app, self.settings.rolling_upgrade)
+
+    async def _withdraw(self, store: Store) -> None:
+        """Delete this worker's app record (``ns:apps``) as it stops; if Redis does not answer
+        soon, the next worker to start deletes it."""
+        try:
+            async with asyncio.timeout(WITHDRAW_TIMEOUT):
+                await store.release_app(self.id)
+        except Exception as exc:
+            log.debug("could not delete the app record of %s: %r", self.id, exc)
 
     def _info(self) -> dict[str, str]:
         """What the heartbeat adds to this worker's info hash, for ``actors status`` and ``top``."""
@@ -206,6 +236,23 @@ class Worker:
                 slot.runner = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+class Ready(asyncio.Event):
+    """``Worker.ready``: an Event whose ``wait()`` raises the worker's error if it stopped
+    before it was ready, so code that waits for it does not wait for ever."""
+
+    error: Exception | None = None
+
+    def fail(self, error: Exception) -> None:
+        self.error = error
+        self.set()
+
+    async def wait(self) -> Literal[True]:
+        await super().wait()
+        if self.error is not None:
+            raise self.error
+        return True
 
 
 @dataclass(slots=True)

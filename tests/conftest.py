@@ -75,6 +75,8 @@ async def start_worker(
         running.append((worker, task))
         ready = asyncio.create_task(worker.ready.wait())
         await asyncio.wait({ready, task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        if ready.done() and ready.exception() is not None:  # it refused to start: its error, once
+            await asyncio.wait({task}, timeout=20)  # it has cleaned up
         if task.done():
             ready.cancel()
             task.result()  # raises the worker's startup error

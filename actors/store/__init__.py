@@ -5,7 +5,8 @@ The store speaks bytes and small typed records (``records``); encoding stays in
 (clients, scripts, errors), ``inbox`` (a shard's streams), ``commits`` (a shard's actors:
 state, the commit script, open turns, timers), ``leases`` (membership, leases and the
 LeaseKeeper thread), ``limits`` (limiters and queues), ``markers`` (idempotency markers
-whose protection has ended).
+whose protection has ended), ``namespace`` (the app each worker serves), ``health`` (the
+server and the user's rights, for a starting worker and ``doctor``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from redis.exceptions import ResponseError
 from ..keys import Keys
 from .commits import CommitStore
 from .connection import STALL_TIMEOUT, TRANSIENT_ERRORS, honour_cancel, is_transient, make_client
+from .health import NO_USER, RUNTIME_COMMANDS, HealthStore, Refusal, acl_rules
 from .inbox import InboxStore
 from .leases import LOOP_LAG_WARNING, LeaseKeeper, LeaseStore
 from .limits import LimitStore
 from .markers import MarkerStore
+from .namespace import AppRecord, NamespaceStore
 from .records import (
     BACKLOG,
     DONE,
@@ -42,11 +45,11 @@ __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
     "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Dispatch", "Entry", "LeaseKeeper",
     "LoadedActor", "OutItem", "ShardInfo", "Store", "StoredTurn", "Take", "Write", "honour_cancel",
-    "is_transient", "write_bytes",
+    "is_transient", "write_bytes", "AppRecord", "NO_USER", "Refusal", "RUNTIME_COMMANDS", "acl_rules",
 ]  # fmt: skip
 
 
-class Store(InboxStore, CommitStore, LeaseStore, LimitStore, MarkerStore):
+class Store(InboxStore, CommitStore, LeaseStore, LimitStore, MarkerStore, NamespaceStore, HealthStore):
     """Typed access to the runtime's Redis keys for one namespace."""
 
     @classmethod

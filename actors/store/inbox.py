@@ -7,13 +7,16 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from ..codec import FIELD, replayed
 from ..errors import IdempotencyConflict
 from ..keys import GROUP
 from .connection import STALL_TIMEOUT, StoreBase, honours_cancel, is_transient, raw_reply, xread_rows
 from .records import CONFLICT, DeadLetter, Entry, ShardInfo, StreamRows, dead_letter_record, stream_entries
+
+LISTEN_RETRY_MAX = 2.0
+"""Seconds at most between two attempts to subscribe again; after a refusal by the ACL, always."""
 
 log = logging.getLogger("actors.store")
 
@@ -134,23 +137,34 @@ class InboxStore(StoreBase):
         so callers also look at the stored state now and then.
         """
         delay = 0.05
+        refused = False
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(channel)
                 if subscribed is not None:
                     subscribed.set()
-                delay = 0.05
                 async for message in pubsub.listen():
-                    if message.get("type") == "message":
+                    if message.get("type") == "subscribe":  # the server confirmed it
+                        delay, refused = 0.05, False
+                    elif message.get("type") == "message":
                         on_message(message["data"])
             except asyncio.CancelledError:
                 raise
+            except NoPermissionError as exc:  # the user's ACL: said once, retried slowly
+                if not refused:
+                    log.error(
+                        "may not subscribe to %s (%s): the Redis user needs the namespace's "
+                        "channels (&%s:*); trying again every %ss",
+                        channel, exc, self.keys.namespace, LISTEN_RETRY_MAX,
+                    )  # fmt: skip
+                refused, delay = True, LISTEN_RETRY_MAX
+                await asyncio.sleep(delay)
             except Exception as exc:
                 if not is_transient(exc):
                     log.exception("listening on %s failed; subscribing again", channel)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, LISTEN_RETRY_MAX)
             finally:
                 # PubSub.aclose is unannotated in redis-py (it returns None).
                 await asyncio.gather(pubsub.aclose(), return_exceptions=True)
