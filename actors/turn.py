@@ -37,7 +37,7 @@ from .steps import StepInfo, callable_name, run_step, step_result
 
 if TYPE_CHECKING:
     from .lease import StepsInFlight
-    from .store import Store
+    from .store import InboxReader, Store
 
 log = logging.getLogger("actors.turn")
 
@@ -52,6 +52,8 @@ class TurnServices:
     messages: MessageSettings
     replies: ReplyListener
     limits: Limits
+    reader: InboxReader
+    """Where the shard runners wait for new inbox entries (one XREAD for many shards)."""
     stats: TurnStats = field(default_factory=lambda: TurnStats())
     quarantine: asyncio.Lock = field(default_factory=asyncio.Lock)
     """Held by a recovered turn that was interrupted before: such turns run one at a time

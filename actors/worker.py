@@ -26,7 +26,7 @@ from .replies import ReplyListener
 from .server import resolve_url
 from .settings import DEFAULT_SHARDS, RedisSettings, WorkerSettings
 from .shard import ShardRunner
-from .store import Store, is_transient
+from .store import InboxReader, Store, is_transient
 from .supervisor import Supervisor
 from .turn import TurnServices
 
@@ -70,6 +70,7 @@ class Worker:
 
     async def run(self) -> None:
         store = Store.from_url(resolve_url(self.redis_settings.url), self.redis_settings.namespace)
+        reader = InboxReader(store, self.settings.read_count, self.settings.block_ms)
         replies = ReplyListener(store)
         limits = Limits(
             store, self.app.limiters, int(self.settings.lease.ttl * 1000),
@@ -79,7 +80,9 @@ class Worker:
             shards = await store.shard_count(self.settings.shards, DEFAULT_SHARDS)
             await replies.start()
             await limits.start()
-            self._services = TurnServices(self.app, store, shards, self.settings.messages, replies, limits)
+            self._services = TurnServices(
+                self.app, store, shards, self.settings.messages, replies, limits, reader
+            )
             supervisor = Supervisor(
                 store, self.id, shards, self.settings.lease,
                 on_acquired=self._start_shard, on_lost=self._stop_shard, on_release=self._drain_shard,
@@ -98,6 +101,7 @@ class Worker:
         finally:
             for shard in list(self._slots):
                 self._stop_shard(shard)
+            await reader.close()
             await limits.stop()
             await replies.stop()
             await store.close()

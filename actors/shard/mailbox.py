@@ -4,11 +4,12 @@ input goes to the dead-letter stream with its reason), and queue it on its actor
 Entries enter the consumer group (and so a pending list) only through fenced scripts, so
 a paused former owner can never take any. At start the runner claims its pending entries
 and reads with the fenced ``read_new`` until a batch is not full: the group has then
-delivered everything up to its newest entry. From there it blocks on a plain ``XREAD``
-after the newest entry it has seen, and the turns of what that returns start at once; the
-next commit takes those entries into the group first, and effects outside the commit wait
-for that (``Commits.confirmed``). After ``block_ms`` with nothing new, it takes what it has
-seen and reads with ``read_new`` again: one round trip per wake-up."""
+delivered everything up to its newest entry. From there it waits on its feed of the
+worker's inbox reader (``store.reader``: one plain ``XREAD`` for many shards) for entries
+after the newest it has seen, and the turns of what that returns start at once; the next
+commit takes those entries into the group first, and effects outside the commit wait for
+that (``Commits.confirmed``). After ``block_ms`` with nothing new, it takes what it has seen
+and reads with ``read_new`` again: one round trip per wake-up."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ..codec import Envelope, Malformed, decode_envelope
 from ..errors import DecodeError, InvalidEnvelope, TurnCancelled, UnknownActorType, UnknownMessageType
 from ..messages import CANCEL, TICK, Tick
 from ..routing import foreign_reply_to, misplaced
-from ..store import Entry
+from ..store import Entry, InboxFeed
 from ..turn import Queued
 from .state import kept
 
@@ -50,6 +51,13 @@ class Mailbox:
 
     async def read_loop(self) -> None:
         """Read until draining, one round trip per wake-up (see the module docstring)."""
+        feed = self.runner.services.reader.open(self.runner.shard)
+        try:
+            await self._read_until_drained(feed)
+        finally:
+            feed.close()
+
+    async def _read_until_drained(self, feed: InboxFeed) -> None:
         r, s = self.runner, self.runner.settings
         claimed = await r.store.claim_pending(r.shard, r.consumer, s.read_count)
         self.claimed = {entry_id for entry_id, _ in claimed}
@@ -69,7 +77,7 @@ class Mailbox:
                 await self.dispatch(entries)
                 after = None if len(entries) == s.read_count else newest
             else:
-                seen = await self._read_after(after)
+                seen = await self._read_after(feed, after)
                 if seen is None:
                     return
                 if seen:
@@ -96,12 +104,13 @@ class Mailbox:
             for wait in waits:
                 wait.cancel()
 
-    async def _read_after(self, after: str) -> list[Entry] | None:
-        """Entries after ``after``, blocking up to ``block_ms`` for one ([] if none came);
+    async def _read_after(self, feed: InboxFeed, after: str) -> list[Entry] | None:
+        """Entries after ``after``, waiting up to ``block_ms`` for one ([] if none came);
         None if draining began meanwhile."""
-        r, s = self.runner, self.runner.settings
-        # A task of its own, so that draining can cancel the wait and only the wait.
-        self._reading = asyncio.ensure_future(r.store.read_after(r.shard, after, s.read_count, s.block_ms))
+        r = self.runner
+        # A task of its own, so that draining can cancel the wait and only the wait (the
+        # reader's XREAD goes on for the other shards).
+        self._reading = asyncio.ensure_future(feed.read_after(after))
         try:
             return await self._reading
         except asyncio.CancelledError:

@@ -4,7 +4,8 @@ The store speaks bytes and small typed records (``records``); encoding stays in
 ``codec``. ``Store`` is one object made of parts by what they serve: ``connection``
 (clients, scripts, errors), ``inbox`` (a shard's streams), ``commits`` (a shard's actors:
 state, the commit script, open turns, timers), ``leases`` (membership, leases and the
-LeaseKeeper thread), ``limits`` (limiters and queues).
+LeaseKeeper thread), ``limits`` (limiters and queues). ``reader`` is a worker's blocking
+inbox reads, many shards in one ``XREAD``, on connections of its own (``InboxReader``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .connection import STALL_TIMEOUT, TRANSIENT_ERRORS, honour_cancel, is_trans
 from .inbox import InboxStore
 from .leases import LOOP_LAG_WARNING, LeaseKeeper, LeaseStore
 from .limits import LimitStore
+from .reader import InboxFeed, InboxReader
 from .records import (
     BACKLOG,
     DONE,
@@ -35,8 +37,8 @@ from .records import (
 
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
-    "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "LeaseKeeper",
-    "LoadedActor", "OutItem", "ShardInfo", "Store", "Take", "Write", "honour_cancel", "is_transient",
+    "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "InboxFeed", "InboxReader",
+    "LeaseKeeper", "LoadedActor", "OutItem", "ShardInfo", "Store", "Take", "Write", "honour_cancel", "is_transient",
 ]  # fmt: skip
 
 
