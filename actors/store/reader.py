@@ -25,7 +25,7 @@ see nothing (their own Redis calls meet the outage). One the server refuses (a k
 not a stream) fails the waits of every feed it covered, so their runners restart, as they did
 when each read alone.
 
-The streams of one call are grouped in one place (``_streams``): on Redis Cluster an
+The streams of one call are grouped in one place (``InboxReader._command``): on Redis Cluster an
 ``XREAD`` cannot span slots, and that is where calls would be split by slot.
 """
 
@@ -62,6 +62,12 @@ def stream_id(text: str) -> StreamId:
     return int(ms), int(seq or 0)
 
 
+def bulk(value: bytes) -> bytes:
+    """``value`` as a RESP bulk string: the calls are packed here, from each feed's key and
+    cursor packed once (redis-py packs a call of 2,000 arguments in over a millisecond)."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
 class InboxFeed:
     """One runner's wait for new entries of its shard's inbox (see the module docstring).
     Opened with ``InboxReader.open``; ``close`` it when the runner ends."""
@@ -70,14 +76,16 @@ class InboxFeed:
         self.reader = reader
         self.shard = shard
         self.key = key
+        self.key_arg = bulk(key)
         self.cursor: str | None = None
         """The newest entry id known: buffered, or taken by the runner. None until the runner
         first waits (the feed is then read from that id on)."""
-        self._cursor_id: StreamId = (0, 0)
+        self.cursor_id: StreamId = (0, 0)
+        self.cursor_arg = b""
         self.buffer: deque[Entry] = deque()
         """Entries after what the runner took, up to the cursor, in order, with no gap."""
-        self.calls = 0
-        """Calls in flight that cover this feed."""
+        self.catch_ups = 0
+        """Catch-up calls in flight that cover this feed."""
         self.closed = False
         self._wake: asyncio.Future[None] | None = None
         self._error: BaseException | None = None
@@ -109,7 +117,7 @@ class InboxFeed:
                 self._wake = None
                 self.reader.waited(self)
             self._raise_error()
-        taken = self._take()
+        taken = [self.buffer.popleft() for _ in range(min(self.reader.count, len(self.buffer)))]
         if self.readable:
             self.reader.readable(self)
         return taken
@@ -122,39 +130,39 @@ class InboxFeed:
             self.reader.forget(self)
 
     def deliver(self, entries: list[Entry]) -> None:
-        """Entries a call read after the id it was given: keep those after the cursor."""
+        """Entries a call covering this feed read, in order, right after the id it was given
+        (at most this feed's cursor): keep those after the cursor."""
         if self.closed or not entries:
             return
         start = 0
-        while start < len(entries) and stream_id(entries[start][0]) <= self._cursor_id:
+        while start < len(entries) and stream_id(entries[start][0]) <= self.cursor_id:
             start += 1
         if start == len(entries):
             return
         self.buffer.extend(entries[start:] if start else entries)
-        self.cursor = entries[-1][0]
-        self._cursor_id = stream_id(self.cursor)
-        self._wake_up()
+        self._move_cursor(entries[-1][0], stream_id(entries[-1][0]))
+        self.wake()
 
     def fail(self, exc: BaseException) -> None:
         """The server refused a call covering this feed: the runner's wait raises ``exc``."""
         if not self.closed:
             self._error = exc
-            self._wake_up()
+            self.wake()
+
+    def wake(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     def _advance(self, after: str) -> None:
         """Forget what the runner has seen (it may have read it with the fenced script)."""
         after_id = stream_id(after)
         while self.buffer and stream_id(self.buffer[0][0]) <= after_id:
             self.buffer.popleft()
-        if self.cursor is None or after_id > self._cursor_id:
-            self.cursor, self._cursor_id = after, after_id
+        if self.cursor is None or after_id > self.cursor_id:
+            self._move_cursor(after, after_id)
 
-    def _take(self) -> list[Entry]:
-        return [self.buffer.popleft() for _ in range(min(self.reader.count, len(self.buffer)))]
-
-    def _wake_up(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+    def _move_cursor(self, entry_id: str, parsed: StreamId) -> None:
+        self.cursor, self.cursor_id, self.cursor_arg = entry_id, parsed, bulk(entry_id.encode())
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -179,11 +187,15 @@ class InboxReader:
         self._connections = connections
         self._idle: list[AbstractConnection] = []
         self._made: list[AbstractConnection] = []
-        self._feeds: dict[bytes, list[InboxFeed]] = {}
-        self._stranded: set[InboxFeed] = set()
-        """Waiting feeds that no call in flight covers."""
+        self._all: dict[InboxFeed, None] = {}
+        """Every open feed, in the order opened."""
+        self._by_key: dict[bytes, list[InboxFeed]] = {}
+        self._main: set[InboxFeed] = set()
+        """The feeds the main call in flight covers."""
         self._main_busy = False
         self._catch_ups = 0
+        self._stranded: set[InboxFeed] = set()
+        """Waiting feeds that no call in flight covers."""
         self._calls: set[asyncio.Task[None]] = set()
         self._scheduled = False
         self._paused = False
@@ -196,24 +208,27 @@ class InboxReader:
         if self._closed:
             raise RuntimeError("the inbox reader is closed")
         feed = InboxFeed(self, shard, self.keys.inbox(shard).encode())
-        self._feeds.setdefault(feed.key, []).append(feed)
+        self._all[feed] = None
+        self._by_key.setdefault(feed.key, []).append(feed)
         return feed
 
     def forget(self, feed: InboxFeed) -> None:
-        feeds = self._feeds.get(feed.key, [])
-        if feed in feeds:
-            feeds.remove(feed)
-        if not feeds:
-            self._feeds.pop(feed.key, None)
+        self._all.pop(feed, None)
+        sharing = self._by_key.get(feed.key, [])
+        if feed in sharing:
+            sharing.remove(feed)
+        if not sharing:
+            self._by_key.pop(feed.key, None)
         self._stranded.discard(feed)
 
     def readable(self, feed: InboxFeed) -> None:
-        """``feed`` may be read ahead again (its cursor moved or its buffer has room)."""
+        """``feed`` may be read ahead again (its cursor moved or its buffer has room): the
+        next main call covers it."""
         if not self._main_busy:
             self._kick()
 
     def waits(self, feed: InboxFeed) -> None:
-        if feed.calls == 0:
+        if not self._covered(feed):
             self._stranded.add(feed)
             self._kick()
 
@@ -222,7 +237,10 @@ class InboxReader:
 
     @property
     def feeds(self) -> int:
-        return sum(len(feeds) for feeds in self._feeds.values())
+        return len(self._all)
+
+    def _covered(self, feed: InboxFeed) -> bool:
+        return feed in self._main or feed.catch_ups > 0
 
     # ---- calls --------------------------------------------------------------------------
     def _kick(self) -> None:
@@ -237,27 +255,45 @@ class InboxReader:
         if self._closed or self._paused:
             return
         if not self._main_busy:
-            feeds = [f for fs in self._feeds.values() for f in fs if f.readable]
+            count = self.count
+            feeds = [f for f in self._all if f.cursor is not None and len(f.buffer) < count]
             if feeds:
                 self._main_busy = True
-                self._start(feeds, self.block_ms, main=True)
-        stranded = [f for f in self._stranded if f.readable and f.calls == 0]
+                self._main = set(feeds)
+                self._start(feeds, self._main, self.block_ms, main=True)
+        stranded = [f for f in self._stranded if f.readable and not self._covered(f)]
         self._stranded.clear()
-        if stranded:
-            if self._catch_ups < self._connections - 1:
-                self._catch_ups += 1
-                self._start(stranded, min(self.block_ms, CATCH_UP_BLOCK_MS), main=False)
-            else:  # every connection is busy: the first call to end covers them
-                self._stranded.update(stranded)
+        if not stranded:
+            return
+        if self._catch_ups < self._connections - 1:
+            self._catch_ups += 1
+            for feed in stranded:
+                feed.catch_ups += 1
+            self._start(stranded, set(stranded), min(self.block_ms, CATCH_UP_BLOCK_MS), main=False)
+        else:  # every connection is busy: the first call to end covers them
+            self._stranded.update(stranded)
 
-    def _start(self, feeds: list[InboxFeed], block_ms: int, *, main: bool) -> None:
-        for feed in feeds:
-            feed.calls += 1
-        self._stranded.difference_update(feeds)
+    def _start(self, feeds: list[InboxFeed], covered: set[InboxFeed], block_ms: int, *, main: bool) -> None:
+        command = self._command(feeds, block_ms)
         conn = self._idle.pop() if self._idle else self._new_connection()
-        task = asyncio.create_task(self._call(conn, feeds, block_ms, main), name="inbox-reader")
+        task = asyncio.create_task(self._call(conn, command, covered, main), name="inbox-reader")
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
+
+    def _command(self, feeds: list[InboxFeed], block_ms: int) -> bytes:
+        """``XREAD COUNT c BLOCK ms STREAMS k1..kn id1..idn``, packed: each stream once, after
+        the oldest cursor of its feeds. Calls are grouped here (on Redis Cluster an XREAD
+        cannot span slots: this is where they would be split by slot)."""
+        keys = [f.key_arg for f in feeds]
+        ids = [f.cursor_arg for f in feeds]
+        if len(set(keys)) < len(keys):  # two runners of one shard (briefly, at a restart)
+            oldest: dict[bytes, InboxFeed] = {}
+            for feed in feeds:
+                if feed.key_arg not in oldest or feed.cursor_id < oldest[feed.key_arg].cursor_id:
+                    oldest[feed.key_arg] = feed
+            keys, ids = list(oldest), [f.cursor_arg for f in oldest.values()]
+        head = (b"XREAD", b"COUNT", b"%d" % self.count, b"BLOCK", b"%d" % block_ms, b"STREAMS")
+        return b"".join([b"*%d\r\n" % (len(head) + 2 * len(keys)), *map(bulk, head), *keys, *ids])
 
     def _new_connection(self) -> AbstractConnection:
         conn = self._store.new_connection()
@@ -265,40 +301,39 @@ class InboxReader:
         return conn
 
     async def _call(
-        self, conn: AbstractConnection, feeds: list[InboxFeed], block_ms: int, main: bool
+        self, conn: AbstractConnection, command: bytes, covered: set[InboxFeed], main: bool
     ) -> None:
-        keys, ids, by_key = _streams(feeds)
         try:
-            await conn.send_command(
-                "XREAD", "COUNT", self.count, "BLOCK", block_ms, "STREAMS", *keys, *ids, check_health=False
-            )
+            await conn.send_packed_command(command, check_health=False)
             # The pool's connections have no socket timeout (see make_client); a server that
             # stopped answering must not hold these feeds for good.
-            async with asyncio.timeout(block_ms / 1000 + STALL_TIMEOUT):
+            async with asyncio.timeout(self.block_ms / 1000 + STALL_TIMEOUT):
                 reply = await conn.read_response()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._failed(conn, feeds, exc)
+            await self._failed(conn, covered, exc)
         else:
             self._backoff = 0.0
             for key, rows in _stream_rows(reply):
                 entries = stream_entries(rows)
-                for feed in by_key.get(key, ()):
-                    feed.deliver(entries)
+                for feed in self._by_key.get(key, ()):
+                    if feed in covered:  # a feed opened since may have an older cursor
+                        feed.deliver(entries)
         finally:
-            for feed in feeds:
-                feed.calls -= 1
-                if feed.calls == 0 and feed.waiting and not feed.closed:
-                    self._stranded.add(feed)
             self._idle.append(conn)
-            if main:
+            if main:  # its waiting feeds: the next main call covers them
                 self._main_busy = False
+                self._main = set()
             else:
                 self._catch_ups -= 1
+                for feed in covered:
+                    feed.catch_ups -= 1
+                    if feed.waiting and not feed.closed and not self._covered(feed):
+                        self._stranded.add(feed)
             self._kick()
 
-    async def _failed(self, conn: AbstractConnection, feeds: list[InboxFeed], exc: Exception) -> None:
+    async def _failed(self, conn: AbstractConnection, covered: set[InboxFeed], exc: Exception) -> None:
         with contextlib.suppress(Exception):
             await conn.disconnect(nowait=True)
         self._backoff = min(max(self._backoff * 2, 0.05), BACKOFF_MAX_S)
@@ -307,8 +342,8 @@ class InboxReader:
         if is_transient(exc):
             log.warning("inbox reader: Redis error %r; reading again in %.2fs", exc, self._backoff)
             return
-        log.error("inbox reader: the server refused a read of %d shards: %r", len(feeds), exc)
-        for feed in feeds:
+        log.error("inbox reader: the server refused a read of %d shards: %r", len(covered), exc)
+        for feed in covered:
             feed.fail(exc)
 
     def _resume(self) -> None:
@@ -324,23 +359,8 @@ class InboxReader:
         for conn in self._made:
             with contextlib.suppress(Exception):
                 await conn.disconnect()
-        for feeds in self._feeds.values():
-            for feed in feeds:
-                feed._wake_up()
-
-
-def _streams(feeds: list[InboxFeed]) -> tuple[list[bytes], list[str], dict[bytes, list[InboxFeed]]]:
-    """The keys and ids of one call, and its feeds by key: a stream read by two feeds (two
-    runners of one shard, briefly) is read once, after the older of their cursors."""
-    by_key: dict[bytes, list[InboxFeed]] = {}
-    ids: dict[bytes, str] = {}
-    for feed in feeds:
-        assert feed.cursor is not None  # only readable feeds are covered
-        sharing = by_key.setdefault(feed.key, [])
-        sharing.append(feed)
-        if len(sharing) == 1 or stream_id(feed.cursor) < stream_id(ids[feed.key]):
-            ids[feed.key] = feed.cursor
-    return list(by_key), list(ids.values()), by_key
+        for feed in self._all:
+            feed.wake()
 
 
 def _stream_rows(reply: Any) -> list[tuple[bytes, Any]]:
