@@ -38,7 +38,8 @@ from .records import (
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
     "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "InboxFeed", "InboxReader",
-    "LeaseKeeper", "LoadedActor", "OutItem", "ShardInfo", "Store", "Take", "Write", "honour_cancel", "is_transient",
+    "LeaseKeeper", "LoadedActor", "OutItem", "ShardInfo", "Store", "Take", "Write", "honour_cancel",
+    "is_transient",
 ]  # fmt: skip
 
 

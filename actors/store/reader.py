@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections import deque
 from typing import Any
 
@@ -101,7 +102,7 @@ class InboxFeed:
 
     async def read_after(self, after: str) -> list[Entry]:
         """Up to ``count`` entries newer than ``after`` (the newest entry the runner has seen),
-        waiting up to ``block_ms`` for one ([] if none came). Cancelling it cancels this wait
+        waiting about ``block_ms`` for one (``wait_s``; [] if none came). Cancelling it cancels this wait
         only. Raises what the server answered if it refused a read of this feed."""
         self._raise_error()
         self._advance(after)
@@ -109,7 +110,7 @@ class InboxFeed:
             self._wake = asyncio.get_running_loop().create_future()
             self.reader.waits(self)
             try:
-                async with asyncio.timeout(self.reader.block_ms / 1000):
+                async with asyncio.timeout(self.reader.wait_s()):
                     await self._wake
             except TimeoutError:
                 pass
@@ -238,6 +239,13 @@ class InboxReader:
     @property
     def feeds(self) -> int:
         return len(self._all)
+
+    def wait_s(self) -> float:
+        """How long a runner waits for an entry: ``block_ms``, plus up to a quarter more at
+        random. After its wait a runner reads with the fenced script; with a thousand idle
+        shards those reads would otherwise come in one burst per ``block_ms`` (runners that
+        started together stay in step) and hold up every message behind them."""
+        return self.block_ms / 1000 * (1 + random.random() / 4)
 
     def _covered(self, feed: InboxFeed) -> bool:
         return feed in self._main or feed.catch_ups > 0
