@@ -41,17 +41,18 @@ class Mailbox:
         """Entries claimed from a previous runner's pending list, not yet started."""
         self.lag = 0
         """Inbox entries not yet read, as of the last chores (only kept when metrics are on)."""
-        self._reading: asyncio.Future[list[Entry]] | None = None
+        self._feed: InboxFeed | None = None
         self._reply_prefix = runner.store.keys.reply_channel("")
 
     def stop_reading(self) -> None:
-        """Cancel the blocking read in progress, if any (draining)."""
-        if self._reading is not None:
-            self._reading.cancel()
+        """End the wait for new entries in progress, if any (draining): that wait only, the
+        reader's XREAD goes on for the other shards."""
+        if self._feed is not None:
+            self._feed.interrupt()
 
     async def read_loop(self) -> None:
         """Read until draining, one round trip per wake-up (see the module docstring)."""
-        feed = self.runner.services.reader.open(self.runner.shard)
+        self._feed = feed = self.runner.services.reader.open(self.runner.shard)
         try:
             await self._read_until_drained(feed)
         finally:
@@ -105,21 +106,12 @@ class Mailbox:
                 wait.cancel()
 
     async def _read_after(self, feed: InboxFeed, after: str) -> list[Entry] | None:
-        """Entries after ``after``, waiting up to ``block_ms`` for one ([] if none came);
+        """Entries after ``after``, waiting about ``block_ms`` for one ([] if none came);
         None if draining began meanwhile."""
-        r = self.runner
-        # A task of its own, so that draining can cancel the wait and only the wait (the
-        # reader's XREAD goes on for the other shards).
-        self._reading = asyncio.ensure_future(feed.read_after(after))
-        try:
-            return await self._reading
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if r.stopping.is_set() and task is not None and not task.cancelling():
-                return None
-            raise
-        finally:
-            self._reading = None
+        seen = await feed.read_after(after)
+        if not seen and self.runner.stopping.is_set():
+            return None
+        return seen
 
     async def _chores(self) -> None:
         r = self.runner

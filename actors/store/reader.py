@@ -102,8 +102,9 @@ class InboxFeed:
 
     async def read_after(self, after: str) -> list[Entry]:
         """Up to ``count`` entries newer than ``after`` (the newest entry the runner has seen),
-        waiting about ``block_ms`` for one (``wait_s``; [] if none came). Cancelling it cancels this wait
-        only. Raises what the server answered if it refused a read of this feed."""
+        waiting about ``block_ms`` for one (``wait_s``; [] if none came, or if ``interrupt``
+        ended the wait). Cancelling it cancels this wait only. Raises what the server answered
+        if it refused a read of this feed."""
         self._raise_error()
         self._advance(after)
         if not self.buffer:
@@ -153,6 +154,10 @@ class InboxFeed:
     def wake(self) -> None:
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
+
+    def interrupt(self) -> None:
+        """End the runner's wait in progress, if any, now (it returns what is buffered)."""
+        self.wake()
 
     def _advance(self, after: str) -> None:
         """Forget what the runner has seen (it may have read it with the fenced script)."""
