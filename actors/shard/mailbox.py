@@ -25,7 +25,7 @@ from ..messages import CANCEL, TICK, Tick
 from ..routing import foreign_reply_to, misplaced
 from ..store import Entry, InboxFeed
 from ..turn import Queued
-from .state import kept
+from .state import kept, spread
 
 if TYPE_CHECKING:
     from .runner import ShardRunner
@@ -63,7 +63,7 @@ class Mailbox:
         claimed = await r.store.claim_pending(r.shard, r.consumer, s.read_count)
         self.claimed = {entry_id for entry_id, _ in claimed}
         await self.dispatch(claimed)
-        next_chores = time.monotonic() + s.trim_interval
+        next_chores = time.monotonic() + spread(s.trim_interval)
         after: str | None = None
         while not r.stopping.is_set():
             if not r.flow.room.is_set():
@@ -93,7 +93,7 @@ class Mailbox:
                     after = None
             if time.monotonic() >= next_chores:
                 await self._chores()
-                next_chores = time.monotonic() + s.trim_interval
+                next_chores = time.monotonic() + spread(s.trim_interval)
 
     async def _wait_for_room(self, timeout: float) -> None:
         """Until reading may go on, draining begins, or ``timeout`` seconds have passed."""
