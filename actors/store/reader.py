@@ -8,11 +8,11 @@ few hundred shards would starve the pool. Instead every runner waits here, on a 
 
 Per feed the reader keeps a cursor (the newest entry it knows of) and a buffer of entries read
 but not yet taken by the runner. A feed is read ahead while its buffer holds fewer than
-``count`` entries; at most two calls cover a feed at once, each adding at most ``count``, so
-a runner whose reading is paused (``max_inflight``) leaves fewer than ``3 * count`` entries
-buffered. One call, the *main* one, covers every feed that may be
-read; as soon as it returns (an entry arrived, or ``block_ms`` passed) it is issued again, so
-a message to an idle shard is seen in one round trip. A runner that waits while no call in
+``count`` entries; at most two calls cover a feed at once, each adding at most ``count``, so a
+runner whose reading is paused (``max_inflight``) leaves fewer than ``3 * count`` entries
+buffered. One call, the *main* one, covers every feed that may be read; as soon as it returns
+(an entry arrived, or ``block_ms`` passed) it is issued again, so a message to an idle shard is
+seen in one round trip. A runner that waits while no call in
 flight covers its feed (it just started, or its buffer was full when the main call went out)
 gets a *catch-up* call for it and every other such feed, on another of the reader's
 connections, blocking at most ``CATCH_UP_BLOCK_MS``; the next main call covers them too, so
