@@ -27,7 +27,7 @@ from .replies import ReplyListener
 from .server import resolve_url
 from .settings import DEFAULT_SHARDS, RedisSettings, WorkerSettings
 from .shard import ShardRunner
-from .store import Store, is_transient
+from .store import InboxReader, Store, is_transient
 from .supervisor import Supervisor
 from .turn import TurnServices
 
@@ -83,6 +83,7 @@ class Worker:
 
     async def _run(self) -> None:
         store = Store.from_url(resolve_url(self.redis_settings.url), self.redis_settings.namespace)
+        reader = InboxReader(store, self.settings.read_count, self.settings.block_ms)
         replies = ReplyListener(store)
         markers = Markers(store)
         limits = Limits(
@@ -96,7 +97,7 @@ class Worker:
             markers.start()
             await limits.start()
             self._services = TurnServices(
-                self.app, store, shards, self.settings.messages, replies, limits, markers,
+                self.app, store, shards, self.settings.messages, replies, limits, markers, reader,
                 max_record_bytes=self.settings.max_record_bytes,
             )  # fmt: skip
             supervisor = Supervisor(
@@ -117,6 +118,7 @@ class Worker:
         finally:
             for shard in list(self._slots):
                 self._stop_shard(shard)
+            await reader.close()
             await limits.stop()
             await markers.stop()  # after every shard and dispatcher: the last ones go too
             await replies.stop()

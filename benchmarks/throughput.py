@@ -289,12 +289,12 @@ async def all_leased(client: actors.Client, workers: Workers) -> None:
     await poll_until(check, workers, 60, "every shard to be leased")
 
 
-async def outstanding(client: actors.Client) -> int | None:
+async def outstanding(client: actors.Client, shards: int = SHARDS) -> int | None:
     """Messages not yet committed over all shards (lag + pending of each inbox group), or None
     while some shard with messages has no consumer group yet (no worker has leased it)."""
     keys = client.store.keys
     async with client.store.redis.pipeline(transaction=False) as pipe:
-        for s in range(SHARDS):
+        for s in range(shards):
             pipe.xinfo_groups(keys.inbox(s))
         replies = await pipe.execute(raise_on_error=False)
     total = 0
@@ -312,7 +312,9 @@ async def outstanding(client: actors.Client) -> int | None:
     return total
 
 
-async def wait_committed(client: actors.Client, workers: Workers, stall: float) -> float:
+async def wait_committed(
+    client: actors.Client, workers: Workers, stall: float, shards: int = SHARDS
+) -> float:
     """Poll until nothing is outstanding; returns the perf_counter time it was first seen.
 
     Fails if a worker exits, or if the outstanding count does not move for ``stall`` seconds.
@@ -320,7 +322,7 @@ async def wait_committed(client: actors.Client, workers: Workers, stall: float) 
     last: int | None = None
     moved = time.perf_counter()
     while True:
-        left = await outstanding(client)
+        left = await outstanding(client, shards)
         now = time.perf_counter()
         if left == 0:
             return now

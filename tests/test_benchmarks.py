@@ -81,6 +81,19 @@ def test_latency(tmp_path: Path) -> None:
     assert "send RETURNED -> handler start" in out and "tracing overhead" in out
 
 
+def test_shards(tmp_path: Path) -> None:
+    out, data = run_benchmark(
+        "shards", "--shards", "4,64", "--rate", "50", "--seconds", "1", "--idle-seconds", "0.2",
+        json_path=tmp_path / "shards.json",
+    )  # fmt: skip
+    assert [row["shards"] for row in data["rows"]] == [4, 64]
+    for row in data["rows"]:
+        assert row["load"]["n"] == 50 and row["connections_idle"] > 0
+        assert {"p50", "p99", "min", "max"} <= set(row["load"]["from_return_ms"])
+    assert data["floor"]["who"] == "floor" and data["floor"]["n"] == 50
+    assert "64 shards" in out and "floor" in out
+
+
 def test_failover(tmp_path: Path) -> None:
     out, data = run_benchmark(
         "failover", "--kills", "1", "--terms", "1", "--lease-ttl", "1.0", "--renew-interval", "0.2",
@@ -152,7 +165,7 @@ def test_suite_command_lists_every_benchmark(tmp_path: Path) -> None:
     command line is checked here; each benchmark it runs is checked above at a tiny size."""
     out, _ = run_benchmark("__main__", "--help", json_path=None)
     assert "usage: python -m benchmarks" in out and "throughput, latency" in out
-    tested = {"throughput", "latency", "failover", "workflows", "limits", "peers"}
+    tested = {"throughput", "latency", "shards", "failover", "workflows", "limits", "peers"}
     assert set(SUITE) == tested, "a benchmark was added or renamed: give it a smoke test here"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "nosuch", "--results", str(tmp_path)],

@@ -9,7 +9,7 @@ from actors.codec import Envelope, encode_envelope
 from actors.errors import Diverged
 from actors.journal import OpenTurn, Record, encode_record
 from actors.keys import GROUP
-from actors.store import DONE, DUPLICATE, Take, Write
+from actors.store import DONE, DUPLICATE, InboxReader, Take, Write
 
 
 async def test_commit_with_a_stale_epoch_is_refused_and_writes_nothing(connect) -> None:
@@ -85,7 +85,7 @@ async def test_a_journal_write_retried_after_it_was_applied_writes_nothing_twice
 
 
 async def test_entries_seen_with_xread_are_taken_by_the_fenced_commit(connect) -> None:
-    """A runner dispatches what a plain XREAD shows; its next commit takes those entries
+    """A runner dispatches what a plain XREAD (the inbox reader's) shows; its next commit takes those entries
     into the group first. With a stale lease nothing is taken or written; if the entries
     are not the next ones, the commit writes nothing (what it took stays pending)."""
     async with connect() as client:
@@ -97,7 +97,11 @@ async def test_entries_seen_with_xread_are_taken_by_the_fenced_commit(connect) -
         ]
         for raw in raws[:2]:
             await store.append(shard, raw)
-        seen = await store.read_after(shard, "0-0", 10, block_ms=100)
+        reader = InboxReader(store, 10, block_ms=100)
+        try:
+            seen = await reader.open(shard).read_after("0-0")
+        finally:
+            await reader.close()
         assert [e for _, e in seen] == raws[:2]
         (first, _), (second, _) = seen
         commit = Write("c", "Counter/k", "i", first, b"\x81\xa5total\x01")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import LeaseLost
 from ..store import DUPLICATE, Entry, ResponseError, Take, Write, write_bytes
-from .state import ShardReset
+from .state import ShardReset, spread
 
 if TYPE_CHECKING:
     from .runner import ShardRunner
@@ -165,7 +165,7 @@ class Commits:
             try:
                 # The wake-up comes from our own commits; the timeout catches entries
                 # a previous owner committed but never forwarded.
-                await asyncio.wait_for(self._forward_wakeup.wait(), timeout=FORWARD_POLL)
+                await asyncio.wait_for(self._forward_wakeup.wait(), timeout=spread(FORWARD_POLL))
             except TimeoutError:
                 pass
             self._forward_wakeup.clear()

@@ -4,11 +4,12 @@ input goes to the dead-letter stream with its reason), and queue it on its actor
 Entries enter the consumer group (and so a pending list) only through fenced scripts, so
 a paused former owner can never take any. At start the runner claims its pending entries
 and reads with the fenced ``read_new`` until a batch is not full: the group has then
-delivered everything up to its newest entry. From there it blocks on a plain ``XREAD``
-after the newest entry it has seen, and the turns of what that returns start at once; the
-next commit takes those entries into the group first, and effects outside the commit wait
-for that (``Commits.confirmed``). After ``block_ms`` with nothing new, it takes what it has
-seen and reads with ``read_new`` again: one round trip per wake-up."""
+delivered everything up to its newest entry. From there it waits on its feed of the
+worker's inbox reader (``store.reader``: one plain ``XREAD`` for many shards) for entries
+after the newest it has seen, and the turns of what that returns start at once; the next
+commit takes those entries into the group first, and effects outside the commit wait for
+that (``Commits.confirmed``). After ``block_ms`` with nothing new, it takes what it has seen
+and reads with ``read_new`` again: one round trip per wake-up."""
 
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from ..codec import Envelope, Malformed, decode_envelope
 from ..errors import DecodeError, InvalidEnvelope, TurnCancelled, UnknownActorType, UnknownMessageType
 from ..messages import CANCEL, TICK, Tick
 from ..routing import foreign_reply_to, misplaced
-from ..store import Entry
+from ..store import Entry, InboxFeed
 from ..turn import Queued
-from .state import kept
+from .state import kept, spread
 
 if TYPE_CHECKING:
     from .runner import ShardRunner
@@ -40,21 +41,29 @@ class Mailbox:
         """Entries claimed from a previous runner's pending list, not yet started."""
         self.lag = 0
         """Inbox entries not yet read, as of the last chores (only kept when metrics are on)."""
-        self._reading: asyncio.Future[list[Entry]] | None = None
+        self._feed: InboxFeed | None = None
         self._reply_prefix = runner.store.keys.reply_channel("")
 
     def stop_reading(self) -> None:
-        """Cancel the blocking read in progress, if any (draining)."""
-        if self._reading is not None:
-            self._reading.cancel()
+        """End the wait for new entries in progress, if any (draining): that wait only, the
+        reader's XREAD goes on for the other shards."""
+        if self._feed is not None:
+            self._feed.interrupt()
 
     async def read_loop(self) -> None:
         """Read until draining, one round trip per wake-up (see the module docstring)."""
+        self._feed = feed = self.runner.services.reader.open(self.runner.shard)
+        try:
+            await self._read_until_drained(feed)
+        finally:
+            feed.close()
+
+    async def _read_until_drained(self, feed: InboxFeed) -> None:
         r, s = self.runner, self.runner.settings
         claimed = await r.store.claim_pending(r.shard, r.consumer, s.read_count)
         self.claimed = {entry_id for entry_id, _ in claimed}
         await self.dispatch(claimed)
-        next_chores = time.monotonic() + s.trim_interval
+        next_chores = time.monotonic() + spread(s.trim_interval)
         after: str | None = None
         while not r.stopping.is_set():
             if not r.flow.room.is_set():
@@ -69,7 +78,7 @@ class Mailbox:
                 await self.dispatch(entries)
                 after = None if len(entries) == s.read_count else newest
             else:
-                seen = await self._read_after(after)
+                seen = await self._read_after(feed, after)
                 if seen is None:
                     return
                 if seen:
@@ -84,7 +93,7 @@ class Mailbox:
                     after = None
             if time.monotonic() >= next_chores:
                 await self._chores()
-                next_chores = time.monotonic() + s.trim_interval
+                next_chores = time.monotonic() + spread(s.trim_interval)
 
     async def _wait_for_room(self, timeout: float) -> None:
         """Until reading may go on, draining begins, or ``timeout`` seconds have passed."""
@@ -96,21 +105,13 @@ class Mailbox:
             for wait in waits:
                 wait.cancel()
 
-    async def _read_after(self, after: str) -> list[Entry] | None:
-        """Entries after ``after``, blocking up to ``block_ms`` for one ([] if none came);
+    async def _read_after(self, feed: InboxFeed, after: str) -> list[Entry] | None:
+        """Entries after ``after``, waiting about ``block_ms`` for one ([] if none came);
         None if draining began meanwhile."""
-        r, s = self.runner, self.runner.settings
-        # A task of its own, so that draining can cancel the wait and only the wait.
-        self._reading = asyncio.ensure_future(r.store.read_after(r.shard, after, s.read_count, s.block_ms))
-        try:
-            return await self._reading
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if r.stopping.is_set() and task is not None and not task.cancelling():
-                return None
-            raise
-        finally:
-            self._reading = None
+        seen = await feed.read_after(after)
+        if not seen and self.runner.stopping.is_set():
+            return None
+        return seen
 
     async def _chores(self) -> None:
         r = self.runner

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import random
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -165,3 +166,11 @@ def load_state(cls: type[Actor], snapshot: bytes | None) -> Any:
 def kept(raw: bytes | Malformed) -> bytes:
     """What the dead letter of an inbox entry keeps: its envelope, or the first of several."""
     return raw.first if isinstance(raw, Malformed) else raw
+
+
+def spread(seconds: float) -> float:
+    """``seconds`` less up to a quarter, at random: the period of a runner's routine looks
+    (chores, timer and outbox polls). Runners that started together would otherwise stay in
+    step, and a thousand shards' looks would come in one burst every period, holding up every
+    message behind them."""
+    return seconds * (1 - random.random() / 4)

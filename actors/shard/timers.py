@@ -12,6 +12,7 @@ from .. import telemetry
 from ..codec import encode_envelope
 from ..routing import shard_of, tick_envelope
 from ..schedules import Schedule, slot_datetime
+from .state import spread
 
 if TYPE_CHECKING:
     from .runner import ShardRunner
@@ -50,7 +51,8 @@ class Timers:
                 await self._wake(due, recovering=False)
             if len(due) == TIMER_BATCH:
                 continue
-            pause = TIMER_POLL_MAX if later is None else min(TIMER_POLL_MAX, max(0.0, (later - now) / 1000))
+            poll = spread(TIMER_POLL_MAX)
+            pause = poll if later is None else min(poll, max(0.0, (later - now) / 1000))
             self._next_timer_ms = now + int(pause * 1000)
             self.wakeup.clear()
             if r.stopping.is_set():

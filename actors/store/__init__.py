@@ -6,7 +6,8 @@ The store speaks bytes and small typed records (``records``); encoding stays in
 state, the commit script, open turns, timers), ``leases`` (membership, leases and the
 LeaseKeeper thread), ``limits`` (limiters and queues), ``markers`` (idempotency markers
 whose protection has ended), ``namespace`` (the app each worker serves), ``health`` (the
-server and the user's rights, for a starting worker and ``doctor``).
+server and the user's rights, for a starting worker and ``doctor``). ``reader`` is a worker's
+blocking inbox reads, many shards in one ``XREAD``, on connections of its own (``InboxReader``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .leases import LOOP_LAG_WARNING, LeaseKeeper, LeaseStore
 from .limits import LimitStore
 from .markers import MarkerStore
 from .namespace import AppRecord, NamespaceStore
+from .reader import InboxFeed, InboxReader
 from .records import (
     BACKLOG,
     DONE,
@@ -43,9 +45,10 @@ from .records import (
 
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
-    "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Dispatch", "Entry", "LeaseKeeper",
-    "LoadedActor", "OutItem", "ShardInfo", "Store", "StoredTurn", "Take", "Write", "honour_cancel",
-    "is_transient", "write_bytes", "AppRecord", "NO_USER", "Refusal", "RUNTIME_COMMANDS", "acl_rules",
+    "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Dispatch", "Entry", "InboxFeed",
+    "InboxReader", "LeaseKeeper", "LoadedActor", "OutItem", "ShardInfo", "Store", "StoredTurn", "Take",
+    "Write", "honour_cancel", "is_transient", "write_bytes", "AppRecord", "NO_USER", "Refusal",
+    "RUNTIME_COMMANDS", "acl_rules",
 ]  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -61,9 +62,10 @@ def script_text(name: str) -> str:
 T = TypeVar("T")
 
 RAW_REPLY = "actors_raw_reply"
-"""An option of the XREAD and XAUTOCLAIM calls of ``Store``: keep the reply as the server sent
-it. redis-py's own parsing turns an entry's fields into a dict, which keeps only the last of
-two fields with one name."""
+"""An option of the XAUTOCLAIM calls of ``Store``: keep the reply as the server sent it.
+redis-py's own parsing turns an entry's fields into a dict, which keeps only the last of two
+fields with one name. (The inbox reader's XREADs read raw replies from connections of their
+own.)"""
 
 
 def honours_cancel(cls: type[T]) -> type[T]:
@@ -139,15 +141,28 @@ class StoreBase:
                 raise Diverged(f"{name} refused: {exc}") from None
             raise
 
+    def new_connection(self) -> AbstractConnection:
+        """A connection outside the pools, made as the non-retrying client makes its own (same
+        server, credentials, keepalive); its owner closes it."""
+        pool = self._appender.connection_pool
+        return pool.connection_class(**pool.connection_kwargs)
+
     async def server_time_ms(self) -> int:
         seconds, micros = await self.redis.time()
         return int(seconds) * 1000 + int(micros) // 1000
 
 
+POOL_CONNECTIONS = 32
+"""Connections of each client's pool at most. Every call on them is short (the blocking inbox
+reads have connections of their own, ``reader.py``), so a few dozen serve any number of shards;
+a burst of calls beyond them (a thousand shards' runners at once) waits its turn instead of
+opening a connection each and keeping it."""
+
+
 def make_client(url: str, retries: int) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
-        max_connections=256,
+        max_connections=POOL_CONNECTIONS,
         timeout=30,  # wait this long for a free connection rather than fail at once
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
         socket_connect_timeout=5,
@@ -172,9 +187,9 @@ KEEPALIVE = {
 
 
 def allow_raw_replies(client: aioredis.Redis) -> None:
-    """Let XREAD and XAUTOCLAIM calls given the ``RAW_REPLY`` option skip redis-py's parsing
-    (other calls are parsed as before)."""
-    for command in ("XREAD", "XAUTOCLAIM"):
+    """Let XAUTOCLAIM calls given the ``RAW_REPLY`` option skip redis-py's parsing (other calls
+    are parsed as before)."""
+    for command in ("XAUTOCLAIM",):
         parse = client.response_callbacks.get(command)
         if parse is not None and getattr(parse, "func", None) is not raw_or_parsed:
             client.set_response_callback(command, functools.partial(raw_or_parsed, parse))
@@ -190,13 +205,3 @@ def raw_or_parsed(parse: Callable[..., Any], response: Any, **options: Any) -> A
     if options.pop(RAW_REPLY, False):
         return response
     return parse(response, **options)
-
-
-def xread_rows(reply: Any) -> Any:
-    """The entries of a raw XREAD reply for one stream: a map stream -> entries (RESP3), or a
-    list of [stream, entries] (RESP2); nothing when the block timed out."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        return next(iter(reply.values()))
-    return reply[0][1]

@@ -12,7 +12,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from ..codec import FIELD, replayed
 from ..errors import IdempotencyConflict
 from ..keys import GROUP
-from .connection import STALL_TIMEOUT, StoreBase, honours_cancel, is_transient, raw_reply, xread_rows
+from .connection import STALL_TIMEOUT, StoreBase, honours_cancel, is_transient, raw_reply
 from .records import CONFLICT, DeadLetter, Entry, ShardInfo, StreamRows, dead_letter_record, stream_entries
 
 LISTEN_RETRY_MAX = 2.0
@@ -82,16 +82,6 @@ class InboxStore(StoreBase):
             return [], value.decode()
         entries = stream_entries(value)
         return entries, entries[-1][0]
-
-    async def read_after(self, shard: int, after_id: str, count: int, block_ms: int) -> list[Entry]:
-        """Up to ``count`` entries newer than ``after_id``, blocking until one exists (or the
-        time is up: []). Unfenced and outside the group: it only shows what ``read_new``
-        will take next (see ShardRunner._read_loop)."""
-        inbox = self.keys.inbox(shard)
-        reply = await raw_reply(
-            self.redis, "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", inbox, after_id
-        )
-        return stream_entries(xread_rows(reply))
 
     async def claim_pending(self, shard: int, consumer: str, count: int) -> list[Entry]:
         """Take over every pending entry of the shard (the lease makes them ours), oldest first."""

@@ -1,0 +1,386 @@
+"""The blocking inbox reads of one worker process, multiplexed: one ``XREAD`` for many shards.
+
+An idle shard runner waits for entries after the newest it has seen. Were each to wait in an
+``XREAD BLOCK`` of its own, each would hold a pooled connection for up to ``block_ms``, and a
+few hundred shards would starve the pool. Instead every runner waits here, on a feed
+(``InboxFeed``), and the reader waits for all of them with
+``XREAD COUNT c BLOCK ms STREAMS k1..kn id1..idn`` on a few connections of its own.
+
+Per feed the reader keeps a cursor (the newest entry it knows of) and a buffer of entries read
+but not yet taken by the runner. A feed is read ahead while its buffer holds fewer than
+``count`` entries; at most two calls cover a feed at once, each adding at most ``count``, so a
+runner whose reading is paused (``max_inflight``) leaves fewer than ``3 * count`` entries
+buffered. One call, the *main* one, covers every feed that may be read; as soon as it returns
+(an entry arrived, or ``block_ms`` passed) it is issued again, so a message to an idle shard is
+seen in one round trip. A runner that waits while no call in
+flight covers its feed (it just started, or its buffer was full when the main call went out)
+gets a *catch-up* call for it and every other such feed, on another of the reader's
+connections, blocking at most ``CATCH_UP_BLOCK_MS``; the next main call covers them too, so
+the calls merge back into one. A feed covered by two calls sees an entry twice: the results
+of every call are filtered by id against the feed's cursor, so nothing is delivered twice
+and nothing is skipped (a call returns the entries right after the id it was given, in order).
+
+A call that fails on a lost connection is issued again after a backoff; the runners meanwhile
+see nothing (their own Redis calls meet the outage). One the server refuses (a key that is
+not a stream) fails the waits of every feed it covered, so their runners restart, as they did
+when each read alone.
+
+The streams of one call are grouped in one place (``InboxReader._command``): on Redis Cluster an
+``XREAD`` cannot span slots, and that is where calls would be split by slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from typing import Any
+
+from redis.asyncio.connection import AbstractConnection
+
+from .connection import STALL_TIMEOUT, StoreBase, is_transient
+from .records import Entry, stream_entries
+
+log = logging.getLogger("actors.store")
+
+READER_CONNECTIONS = 4
+"""Connections of a reader: one for the main call and the rest for catch-up calls."""
+
+CATCH_UP_BLOCK_MS = 100
+"""A catch-up call blocks at most this long, so a waiting runner left out by every call in
+flight (all connections busy) waits at most about this long for one to cover it."""
+
+BACKOFF_MAX_S = 2.0
+
+StreamId = tuple[int, int]
+
+
+def stream_id(text: str) -> StreamId:
+    """``"<ms>-<seq>"`` as a pair that orders like the server orders ids."""
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def bulk(value: bytes) -> bytes:
+    """``value`` as a RESP bulk string: the calls are packed here, from each feed's key and
+    cursor packed once (redis-py packs a call of 2,000 arguments in over a millisecond)."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+class InboxFeed:
+    """One runner's wait for new entries of its shard's inbox (see the module docstring).
+    Opened with ``InboxReader.open``; ``close`` it when the runner ends."""
+
+    def __init__(self, reader: InboxReader, shard: int, key: bytes) -> None:
+        self.reader = reader
+        self.shard = shard
+        self.key = key
+        self.key_arg = bulk(key)
+        self.cursor: str | None = None
+        """The newest entry id known: buffered, or taken by the runner. None until the runner
+        first waits (the feed is then read from that id on)."""
+        self.cursor_id: StreamId = (0, 0)
+        self.cursor_arg = b""
+        self.buffer: deque[Entry] = deque()
+        """Entries after what the runner took, up to the cursor, in order, with no gap."""
+        self.catch_ups = 0
+        """Catch-up calls in flight that cover this feed."""
+        self.closed = False
+        self._wake: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def readable(self) -> bool:
+        """Whether the next call should read this feed ahead."""
+        return self.cursor is not None and not self.closed and len(self.buffer) < self.reader.count
+
+    @property
+    def waiting(self) -> bool:
+        return self._wake is not None
+
+    async def read_after(self, after: str) -> list[Entry]:
+        """Up to ``count`` entries newer than ``after`` (the newest entry the runner has seen),
+        waiting about ``block_ms`` for one (``wait_s``; [] if none came, or if ``interrupt``
+        ended the wait). Cancelling it cancels this wait only. Raises what the server answered
+        if it refused a read of this feed."""
+        self._raise_error()
+        self._advance(after)
+        if not self.buffer:
+            self._wake = asyncio.get_running_loop().create_future()
+            self.reader.waits(self)
+            try:
+                async with asyncio.timeout(self.reader.wait_s()):
+                    await self._wake
+            except TimeoutError:
+                pass
+            finally:
+                self._wake = None
+                self.reader.waited(self)
+            self._raise_error()
+        taken = [self.buffer.popleft() for _ in range(min(self.reader.count, len(self.buffer)))]
+        if self.readable:
+            self.reader.readable(self)
+        return taken
+
+    def close(self) -> None:
+        """The runner ends: read this shard no more for it."""
+        if not self.closed:
+            self.closed = True
+            self.buffer.clear()
+            self.reader.forget(self)
+
+    def deliver(self, entries: list[Entry]) -> None:
+        """Entries a call covering this feed read, in order, right after the id it was given
+        (at most this feed's cursor): keep those after the cursor."""
+        if self.closed or not entries:
+            return
+        start = 0
+        while start < len(entries) and stream_id(entries[start][0]) <= self.cursor_id:
+            start += 1
+        if start == len(entries):
+            return
+        self.buffer.extend(entries[start:] if start else entries)
+        self._move_cursor(entries[-1][0], stream_id(entries[-1][0]))
+        self.wake()
+
+    def fail(self, exc: BaseException) -> None:
+        """The server refused a call covering this feed: the runner's wait raises ``exc``."""
+        if not self.closed:
+            self._error = exc
+            self.wake()
+
+    def wake(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def interrupt(self) -> None:
+        """End the runner's wait in progress, if any, now (it returns what is buffered)."""
+        self.wake()
+
+    def _advance(self, after: str) -> None:
+        """Forget what the runner has seen (it may have read it with the fenced script)."""
+        after_id = stream_id(after)
+        while self.buffer and stream_id(self.buffer[0][0]) <= after_id:
+            self.buffer.popleft()
+        if self.cursor is None or after_id > self.cursor_id:
+            self._move_cursor(after, after_id)
+
+    def _move_cursor(self, entry_id: str, parsed: StreamId) -> None:
+        self.cursor, self.cursor_id, self.cursor_arg = entry_id, parsed, bulk(entry_id.encode())
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise exc
+
+
+class InboxReader:
+    """The multiplexed inbox reads of one worker process (see the module docstring): ``count``
+    and ``block_ms`` as in ``WorkerSettings``; ``connections`` of its own, made as the
+    store's non-retrying client makes them (same server, credentials and keepalive)."""
+
+    def __init__(
+        self, store: StoreBase, count: int, block_ms: int, connections: int = READER_CONNECTIONS
+    ) -> None:
+        if connections < 2:
+            raise ValueError("an inbox reader needs at least 2 connections (main and catch-up)")
+        self.keys = store.keys
+        self.count = count
+        self.block_ms = block_ms
+        self._store = store
+        self._connections = connections
+        self._idle: list[AbstractConnection] = []
+        self._made: list[AbstractConnection] = []
+        self._all: dict[InboxFeed, None] = {}
+        """Every open feed, in the order opened."""
+        self._by_key: dict[bytes, list[InboxFeed]] = {}
+        self._main: set[InboxFeed] = set()
+        """The feeds the main call in flight covers."""
+        self._main_busy = False
+        self._catch_ups = 0
+        self._stranded: set[InboxFeed] = set()
+        """Waiting feeds that no call in flight covers."""
+        self._calls: set[asyncio.Task[None]] = set()
+        self._scheduled = False
+        self._paused = False
+        """After a failed call, until its backoff has passed."""
+        self._backoff = 0.0
+        self._closed = False
+
+    # ---- feeds --------------------------------------------------------------------------
+    def open(self, shard: int) -> InboxFeed:
+        if self._closed:
+            raise RuntimeError("the inbox reader is closed")
+        feed = InboxFeed(self, shard, self.keys.inbox(shard).encode())
+        self._all[feed] = None
+        self._by_key.setdefault(feed.key, []).append(feed)
+        return feed
+
+    def forget(self, feed: InboxFeed) -> None:
+        self._all.pop(feed, None)
+        sharing = self._by_key.get(feed.key, [])
+        if feed in sharing:
+            sharing.remove(feed)
+        if not sharing:
+            self._by_key.pop(feed.key, None)
+        self._stranded.discard(feed)
+
+    def readable(self, feed: InboxFeed) -> None:
+        """``feed`` may be read ahead again (its cursor moved or its buffer has room): the
+        next main call covers it."""
+        if not self._main_busy:
+            self._kick()
+
+    def waits(self, feed: InboxFeed) -> None:
+        if not self._covered(feed):
+            self._stranded.add(feed)
+            self._kick()
+
+    def waited(self, feed: InboxFeed) -> None:
+        self._stranded.discard(feed)
+
+    @property
+    def feeds(self) -> int:
+        return len(self._all)
+
+    def wait_s(self) -> float:
+        """How long a runner waits for an entry: ``block_ms``, plus up to a quarter more at
+        random. After its wait a runner reads with the fenced script; with a thousand idle
+        shards those reads would otherwise come in one burst per ``block_ms`` (runners that
+        started together stay in step) and hold up every message behind them."""
+        return self.block_ms / 1000 * (1 + random.random() / 4)
+
+    def _covered(self, feed: InboxFeed) -> bool:
+        return feed in self._main or feed.catch_ups > 0
+
+    # ---- calls --------------------------------------------------------------------------
+    def _kick(self) -> None:
+        """Look for a call to start, once per pass of the event loop (so that the feeds of
+        many runners starting at once go out in one call)."""
+        if not self._scheduled and not self._closed:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._schedule)
+
+    def _schedule(self) -> None:
+        self._scheduled = False
+        if self._closed or self._paused:
+            return
+        if not self._main_busy:
+            count = self.count
+            feeds = [f for f in self._all if f.cursor is not None and len(f.buffer) < count]
+            if feeds:
+                self._main_busy = True
+                self._main = set(feeds)
+                self._start(feeds, self._main, self.block_ms, main=True)
+        stranded = [f for f in self._stranded if f.readable and not self._covered(f)]
+        self._stranded.clear()
+        if not stranded:
+            return
+        if self._catch_ups < self._connections - 1:
+            self._catch_ups += 1
+            for feed in stranded:
+                feed.catch_ups += 1
+            self._start(stranded, set(stranded), min(self.block_ms, CATCH_UP_BLOCK_MS), main=False)
+        else:  # every connection is busy: the first call to end covers them
+            self._stranded.update(stranded)
+
+    def _start(self, feeds: list[InboxFeed], covered: set[InboxFeed], block_ms: int, *, main: bool) -> None:
+        command = self._command(feeds, block_ms)
+        conn = self._idle.pop() if self._idle else self._new_connection()
+        task = asyncio.create_task(self._call(conn, command, covered, main), name="inbox-reader")
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    def _command(self, feeds: list[InboxFeed], block_ms: int) -> bytes:
+        """``XREAD COUNT c BLOCK ms STREAMS k1..kn id1..idn``, packed: each stream once, after
+        the oldest cursor of its feeds. Calls are grouped here (on Redis Cluster an XREAD
+        cannot span slots: this is where they would be split by slot)."""
+        keys = [f.key_arg for f in feeds]
+        ids = [f.cursor_arg for f in feeds]
+        if len(set(keys)) < len(keys):  # two runners of one shard (briefly, at a restart)
+            oldest: dict[bytes, InboxFeed] = {}
+            for feed in feeds:
+                if feed.key_arg not in oldest or feed.cursor_id < oldest[feed.key_arg].cursor_id:
+                    oldest[feed.key_arg] = feed
+            keys, ids = list(oldest), [f.cursor_arg for f in oldest.values()]
+        head = (b"XREAD", b"COUNT", b"%d" % self.count, b"BLOCK", b"%d" % block_ms, b"STREAMS")
+        return b"".join([b"*%d\r\n" % (len(head) + 2 * len(keys)), *map(bulk, head), *keys, *ids])
+
+    def _new_connection(self) -> AbstractConnection:
+        conn = self._store.new_connection()
+        self._made.append(conn)
+        return conn
+
+    async def _call(
+        self, conn: AbstractConnection, command: bytes, covered: set[InboxFeed], main: bool
+    ) -> None:
+        try:
+            await conn.send_packed_command(command, check_health=False)
+            # The pool's connections have no socket timeout (see make_client); a server that
+            # stopped answering must not hold these feeds for good.
+            async with asyncio.timeout(self.block_ms / 1000 + STALL_TIMEOUT):
+                reply = await conn.read_response()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._failed(conn, covered, exc)
+        else:
+            self._backoff = 0.0
+            for key, rows in _stream_rows(reply):
+                entries = stream_entries(rows)
+                for feed in self._by_key.get(key, ()):
+                    if feed in covered:  # a feed opened since may have an older cursor
+                        feed.deliver(entries)
+        finally:
+            self._idle.append(conn)
+            if main:  # its waiting feeds: the next main call covers them
+                self._main_busy = False
+                self._main = set()
+            else:
+                self._catch_ups -= 1
+                for feed in covered:
+                    feed.catch_ups -= 1
+                    if feed.waiting and not feed.closed and not self._covered(feed):
+                        self._stranded.add(feed)
+            self._kick()
+
+    async def _failed(self, conn: AbstractConnection, covered: set[InboxFeed], exc: Exception) -> None:
+        with contextlib.suppress(Exception):
+            await conn.disconnect(nowait=True)
+        self._backoff = min(max(self._backoff * 2, 0.05), BACKOFF_MAX_S)
+        self._paused = True
+        asyncio.get_running_loop().call_later(self._backoff, self._resume)
+        if is_transient(exc):
+            log.warning("inbox reader: Redis error %r; reading again in %.2fs", exc, self._backoff)
+            return
+        log.error("inbox reader: the server refused a read of %d shards: %r", len(covered), exc)
+        for feed in covered:
+            feed.fail(exc)
+
+    def _resume(self) -> None:
+        self._paused = False
+        self._kick()
+
+    async def close(self) -> None:
+        """Stop reading: end the calls in flight and close the reader's connections."""
+        self._closed = True
+        for task in list(self._calls):
+            task.cancel()
+        await asyncio.gather(*self._calls, return_exceptions=True)
+        for conn in self._made:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+        for feed in self._all:
+            feed.wake()
+
+
+def _stream_rows(reply: Any) -> list[tuple[bytes, Any]]:
+    """(stream, entries) of a raw multi-stream XREAD reply: a map (RESP3) or a list of pairs
+    (RESP2); nothing when the block timed out."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return list(reply.items())
+    return [(key, rows) for key, rows in reply]
