@@ -36,6 +36,11 @@ class MessageTooLarge(ActorsError):
     """An encoded message is over the configured ``max_message_bytes``."""
 
 
+class MessageNotEncodable(ActorsError, ValueError):
+    """A message holds a value its encoding cannot store: an integer outside the 64-bit range
+    of msgpack (-2**63 to 2**64 - 1). Raised at the send, before anything is written."""
+
+
 class DecodeError(ActorsError):
     """A stream entry or payload could not be decoded."""
 
@@ -110,6 +115,11 @@ class TurnCancelled(ActorsError):
 class Diverged(ActorsError):
     """A shard runner's memory disagrees with its inbox in Redis (the entries it meant to
     take were not the next ones); the runner starts afresh from Redis."""
+
+
+class RedisUnavailable(ActorsError):
+    """A starting worker could not reach Redis within its connect timeout (``actors worker
+    --connect-timeout``); without one it waits for Redis as long as it takes."""
 
 
 class ServerError(ActorsError):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MiB = 1024 * 1024
 DEFAULT_SHARDS = 16
+MAX_SHARDS = 4096
 URL_ENV = "ACTORS_REDIS_URL"
 NAMESPACE_ENV = "ACTORS_NAMESPACE"
 
@@ -29,6 +31,20 @@ class RedisSettings(_Frozen):
             url=url or os.environ.get(URL_ENV) or None,
             namespace=namespace or os.environ.get(NAMESPACE_ENV) or "actors",
         )
+
+
+def redact_url(url: str | None) -> str:
+    """``url`` as it may be printed: its password replaced by ``***`` (None: the embedded server)."""
+    if not url:
+        return "the embedded server"
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 class MessageSettings(_Frozen):
@@ -71,7 +87,7 @@ class RetrySettings(_Frozen):
 class WorkerSettings(_Frozen):
     """How a worker process runs its shards."""
 
-    shards: int | None = Field(default=None, ge=1, le=4096)
+    shards: int | None = Field(default=None, ge=1, le=MAX_SHARDS)
     """None: use the count Redis records (16 if none is recorded yet)."""
     lease: LeaseSettings = LeaseSettings()
     retry: RetrySettings = RetrySettings()

@@ -91,7 +91,9 @@ async def acl_user(redis_url: str) -> AsyncIterator[tuple[str, str]]:
     name, password = f"u{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     admin = redis.asyncio.Redis.from_url(redis_url)
     try:
-        await admin.execute_command("ACL", "SETUSER", name, "on", f">{password}", "~*", "&*", "+@all", "-xadd")
+        await admin.execute_command(
+            "ACL", "SETUSER", name, "on", f">{password}", "~*", "&*", "+@all", "-xadd"
+        )
         yield name, password
     finally:
         await admin.execute_command("ACL", "DELUSER", name)
@@ -105,7 +107,9 @@ async def test_noperm_and_a_failed_authentication_are_one_line(
     host = redis_url.removeprefix("redis://")
     limited = f"redis://{name}:{password}@{host}"
     line = one_line_error(
-        await actors_cli("send", "Counter/k", "Add", "{}", "--app", APP, "--redis", limited, "--namespace", namespace)
+        await actors_cli(
+            "send", "Counter/k", "Add", "{}", "--app", APP, "--redis", limited, "--namespace", namespace
+        )
     )
     assert "NOPERM" in line and "ACL" in line, line
     assert password not in line
@@ -136,7 +140,9 @@ async def test_bad_numbers_are_refused_by_the_parser(redis_url: str, namespace: 
 
 async def test_output_to_a_closed_pipe_is_no_error(redis_url: str, namespace: str) -> None:
     """``actors ... | head`` must not end with a BrokenPipeError: the reader is gone, that is all."""
-    ok = await actors_cli("send", "Counter/k", "Add", "{}", "--app", APP, "--redis", redis_url, "--namespace", namespace)
+    ok = await actors_cli(
+        "send", "Counter/k", "Add", "{}", "--app", APP, "--redis", redis_url, "--namespace", namespace
+    )
     assert ok.returncode == 0, ok.stderr
     read_end, write_end = os.pipe()
     os.close(read_end)  # every write to the pipe now fails with EPIPE

@@ -13,7 +13,16 @@ from redis.exceptions import ResponseError
 
 from ..keys import Keys
 from .commits import CommitStore
-from .connection import STALL_TIMEOUT, TRANSIENT_ERRORS, honour_cancel, is_transient, make_client
+from .connection import (
+    STALL_TIMEOUT,
+    TRANSIENT_ERRORS,
+    describe_error,
+    error_reason,
+    honour_cancel,
+    is_refusal,
+    is_transient,
+    make_client,
+)
 from .inbox import InboxStore
 from .leases import LOOP_LAG_WARNING, LeaseKeeper, LeaseStore
 from .limits import LimitStore
@@ -36,7 +45,8 @@ from .records import (
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
     "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "LeaseKeeper",
-    "LoadedActor", "OutItem", "ShardInfo", "Store", "Take", "Write", "honour_cancel", "is_transient",
+    "LoadedActor", "OutItem", "ShardInfo", "Store", "Take", "Write", "describe_error", "error_reason",
+    "honour_cancel", "is_refusal", "is_transient",
 ]  # fmt: skip
 
 

@@ -164,6 +164,9 @@ class InboxStore(StoreBase):
         rows = cast("StreamRows", found)
         return [dead_letter_record(i, f) for i, f in rows]
 
+    async def dead_letter_count(self, shard: int) -> int:
+        return int(await self.redis.xlen(self.keys.dead_letters(shard)))
+
     async def newest_dead_letters(self, shard: int, count: int) -> list[DeadLetter]:
         """The shard's newest ``count`` dead letters, oldest first."""
         found = await self.redis.xrevrange(self.keys.dead_letters(shard), count=count)
