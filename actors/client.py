@@ -24,7 +24,7 @@ from .queues import QueueItem, enqueue
 from .replies import ReplyListener, reply_value
 from .routing import check_idempotency_key, route, route_control, shard_of
 from .server import resolve_url
-from .settings import DEFAULT_SHARDS, MessageSettings, RedisSettings
+from .settings import DEFAULT_SHARDS, MessageSettings, RedisSettings, check_seconds, check_shard_count
 from .store import DeadLetter, Store
 
 DEAD_LETTER_SCAN = 1000
@@ -87,6 +87,7 @@ class Client:
         for ``send``; a repeated ask gets the first one's reply, which is kept as long as
         the key (``idempotency_ttl``; an un-keyed ask's reply for ``reply_ttl``).
         """
+        timeout = check_seconds(timeout, "an ask's timeout")
         key = None if idempotency_key is None else check_idempotency_key(idempotency_key)
         replies = await self._listener()
         with _sending("ask", ref, msg):
@@ -101,8 +102,15 @@ class Client:
 
     def _route(self, ref: ActorRef[Any], msg: BaseModel, reply_to: str | None = None,
                headers: dict[str, str] | None = None) -> Routed:  # fmt: skip
+        self._check_type(ref)
         max_bytes = self.messages.max_message_bytes
         return route(self.app, ref, msg, self.shards, max_bytes, reply_to=reply_to, headers=headers)
+
+    def _check_type(self, ref: ActorRef[Any]) -> None:
+        """With an app, a message may only go to an actor type the app defines (UnknownActorType):
+        no worker of the app would run it."""
+        if self.app is not None and isinstance(ref, ActorRef):
+            self.app.actor_type(ref.type)
 
     async def state(self, ref: ActorRef[Any]) -> Any:
         """The actor's last committed state: its State model if the class is known,
@@ -133,6 +141,7 @@ class Client:
         if an item with ``dedup_id`` is still queued or running.
         """
         item = QueueItem(priority, dedup_id or "", partition)
+        self._check_type(ref)
         await self._check_queue(queue)
         with _sending("enqueue", ref, msg):
             routed = route(
@@ -163,6 +172,7 @@ class Client:
         """End the actor's open turn: its message goes to the dead-letter stream
         (reason ``cancelled``) and the messages deferred behind it are handled next.
         Does nothing if the actor has no open turn when the cancel arrives."""
+        self._check_type(ref)
         routed = route_control(ref, CANCEL, self.shards)
         await self.store.append(routed.shard, routed.data)
         return routed.envelope.id
@@ -310,6 +320,8 @@ async def connect(
     (default 16) is recorded if nothing is yet (unless ``record_shards`` is False,
     for read-only tools), and must match the record otherwise.
     """
+    if shards is not None:
+        check_shard_count(shards)
     settings = RedisSettings.from_env(url, namespace)
     store = Store.from_url(resolve_url(settings.url), settings.namespace)
     try:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import ConfigurationError, InvalidArgument
 
 MiB = 1024 * 1024
 DEFAULT_SHARDS = 16
@@ -31,6 +34,26 @@ class RedisSettings(_Frozen):
             url=url or os.environ.get(URL_ENV) or None,
             namespace=namespace or os.environ.get(NAMESPACE_ENV) or "actors",
         )
+
+
+def check_shard_count(value: object, where: str = "shards") -> int:
+    """``value`` as a shard count (a whole number from 1 to ``MAX_SHARDS``), else ConfigurationError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SHARDS:
+        raise ConfigurationError(f"{where} must be a whole number from 1 to {MAX_SHARDS}, not {value!r}")
+    return value
+
+
+def check_seconds(value: object, what: str) -> float:
+    """``value`` as a duration: a finite number of seconds above 0, else InvalidArgument (a
+    0 would give up before anything could happen, a NaN would mean no bound at all)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidArgument(f"{what} must be a finite number of seconds above 0, not {value!r}")
+    return float(value)
 
 
 def redact_url(url: str | None) -> str:

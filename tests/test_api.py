@@ -12,6 +12,7 @@ def test_exported_names_are_pinned() -> None:
         "UnknownMessageType", "Approval", "schedule", "Tick", "JournalMismatch", "StepFailed",
         "Limiter", "DuplicateItem", "IdempotencyConflict", "InvalidIdempotencyKey",
         "TurnTimeout", "step_info", "StepInfo", "Reject", "Rejected",
+        "IdleTimeout", "InvalidActorRef", "InvalidArgument", "MessageNotEncodable", "RedisUnavailable",
     ])  # fmt: skip
     for name in actors.__all__:
         assert getattr(actors, name) is not None
