@@ -25,7 +25,10 @@ from .replies import ReplyListener, reply_value
 from .routing import check_idempotency_key, route, route_control, shard_of
 from .server import resolve_url
 from .settings import DEFAULT_SHARDS, MessageSettings, RedisSettings, check_seconds, check_shard_count
-from .store import DeadLetter, Store
+from .store import DeadLetter, KeyedAppend, Store
+
+BatchItem = tuple[ActorRef[Any], BaseModel] | tuple[ActorRef[Any], BaseModel, str | None]
+"""An item of ``send_many``: a message to an actor, with an idempotency key or not."""
 
 DEAD_LETTER_SCAN = 1000
 """``inspect`` looks for an actor's dead letters among its shard's newest this many (a bounded
@@ -63,13 +66,35 @@ class Client:
             )  # fmt: skip
             return env.id if appended else first_id
 
-    async def send_many(self, items: Iterable[tuple[ActorRef[Any], BaseModel]]) -> list[str]:
-        """Send many messages in one pipelined round trip; order is kept per target."""
+    async def send_many(self, items: Iterable[BatchItem]) -> list[str]:
+        """Send many messages in one pipelined round trip; order is kept per target; returns
+        their message ids, in order. Every message is checked (as ``send`` does) before any
+        is written. The batch is not atomic: after a connection error some may be stored.
+
+        An item ``(ref, msg, key)`` carries an idempotency key, as ``send``'s
+        ``idempotency_key``: retrying a batch whose outcome is unknown then has no second
+        effect for its keyed items (their ids are the first sends'). A key used for another
+        message to the same actor raises IdempotencyConflict once the batch has run.
+        """
         with telemetry.span("send_many", kind=SpanKind.PRODUCER):
-            batch = [self._route(ref, msg) for ref, msg in items]
-            if batch:
-                await self.store.append_many([(r.shard, r.data) for r in batch])
-            return [r.envelope.id for r in batch]
+            batch = [self._batch_item(item) for item in items]
+            if not batch:
+                return []
+            ttl_ms = _ms(self.messages.idempotency_ttl)
+            appends = [
+                (r.shard, r.data) if key is None else KeyedAppend(
+                    r.shard, r.envelope.actor_id, key, r.envelope.id, r.data, ttl_ms, message_digest(r.envelope)
+                )
+                for r, key in batch
+            ]  # fmt: skip
+            return await self.store.append_many(appends)
+
+    def _batch_item(self, item: BatchItem) -> tuple[Routed, str | None]:
+        if not isinstance(item, tuple) or len(item) not in (2, 3):
+            raise TypeError(f"send_many takes (ref, message) or (ref, message, idempotency key), not {item!r}")
+        key = item[2] if len(item) == 3 else None
+        checked = None if key is None else check_idempotency_key(key)
+        return self._route(item[0], item[1]), checked
 
     async def ask(
         self,

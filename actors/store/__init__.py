@@ -35,6 +35,7 @@ from .records import (
     DeadLetter,
     Deferred,
     Entry,
+    KeyedAppend,
     LoadedActor,
     OutItem,
     ShardInfo,
@@ -44,7 +45,7 @@ from .records import (
 
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
-    "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "LeaseKeeper",
+    "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "KeyedAppend", "LeaseKeeper",
     "LoadedActor", "OutItem", "ShardInfo", "Store", "Take", "Write", "describe_error", "error_reason",
     "honour_cancel", "is_refusal", "is_transient",
 ]  # fmt: skip

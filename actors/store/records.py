@@ -35,6 +35,19 @@ class Take:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyedAppend:
+    """A message of a batch sent under an idempotency key (see ``InboxStore.append_many``)."""
+
+    shard: int
+    actor_id: str
+    key: str
+    message_id: str
+    envelope: bytes
+    ttl_ms: int
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
 class Deferred:
     """A message in an actor's deferred list, as ``commit.lua`` files it: in the list (arrival
     order) and in its type's index (``Keys.deferred_of_type``), with the inbox entry id it
