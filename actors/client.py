@@ -14,12 +14,13 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 
-from . import telemetry
+from . import progress, telemetry
 from .actor import ActorRef, App
 from .codec import IDEMPOTENCY_HEADER, Routed, actor_id, decode_envelope, decode_state, message_digest
 from .errors import ConfigurationError, DecodeError
 from .journal import FOREVER_MS, OpenTurn
 from .messages import CANCEL, Approval
+from .progress import NamespaceWork
 from .queues import QueueItem, enqueue
 from .replies import ReplyListener, reply_value
 from .routing import check_idempotency_key, route, route_control, shard_of
@@ -81,17 +82,14 @@ class Client:
             if not batch:
                 return []
             ttl_ms = _ms(self.messages.idempotency_ttl)
-            appends = [
-                (r.shard, r.data) if key is None else KeyedAppend(
-                    r.shard, r.envelope.actor_id, key, r.envelope.id, r.data, ttl_ms, message_digest(r.envelope)
-                )
-                for r, key in batch
-            ]  # fmt: skip
+            appends = [(r.shard, r.data) if key is None else _keyed(r, key, ttl_ms) for r, key in batch]
             return await self.store.append_many(appends)
 
     def _batch_item(self, item: BatchItem) -> tuple[Routed, str | None]:
         if not isinstance(item, tuple) or len(item) not in (2, 3):
-            raise TypeError(f"send_many takes (ref, message) or (ref, message, idempotency key), not {item!r}")
+            raise TypeError(
+                f"send_many takes (ref, message) or (ref, message, idempotency key), not {item!r}"
+            )
         key = item[2] if len(item) == 3 else None
         checked = None if key is None else check_idempotency_key(key)
         return self._route(item[0], item[1]), checked
@@ -223,6 +221,18 @@ class Client:
                 break
         return sorted(views, key=lambda v: v.since or datetime.min.replace(tzinfo=UTC))
 
+    async def work(self) -> NamespaceWork:
+        """What is left to do in the namespace, shard by shard: inbox entries unread and
+        pending, outboxes, deferred messages, turns due now and later, queued items."""
+        return await progress.namespace_work(self.store, self.shards)
+
+    async def wait_idle(self, timeout: float | None = None, *, interval: float = 0.2) -> NamespaceWork:
+        """Return once the namespace is idle: every message sent so far is handled (or
+        dead-lettered), forwarded, no turn is due and no item is queued; turns sleeping or
+        waiting until later do not count (see ``actors.progress``). Raises IdleTimeout after
+        ``timeout`` seconds (None: no bound). Nothing is idle without a live worker."""
+        return await progress.wait_idle(self.store, self.shards, timeout, interval)
+
     async def _listener(self) -> ReplyListener:
         if self._replies is None:
             self._replies = ReplyListener(self.store)
@@ -318,6 +328,11 @@ def _sending(verb: str, ref: ActorRef[Any], msg: BaseModel) -> contextlib.Abstra
         return contextlib.nullcontext()  # spare the name and attributes of a span not made
     attributes = {"actor.type": ref.type, "actor.key": ref.key, "message.type": type(msg).__name__}
     return telemetry.span(f"{verb} {type(msg).__name__}", attributes, kind=SpanKind.PRODUCER)
+
+
+def _keyed(routed: Routed, key: str, ttl_ms: int) -> KeyedAppend:
+    env = routed.envelope
+    return KeyedAppend(routed.shard, env.actor_id, key, env.id, routed.data, ttl_ms, message_digest(env))
 
 
 def _datetime(ms: int) -> datetime:

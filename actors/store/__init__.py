@@ -39,19 +39,21 @@ from .records import (
     LoadedActor,
     OutItem,
     ShardInfo,
+    ShardWork,
     Take,
     Write,
 )
+from .work import WorkStore
 
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
     "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Entry", "KeyedAppend", "LeaseKeeper",
-    "LoadedActor", "OutItem", "ShardInfo", "Store", "Take", "Write", "describe_error", "error_reason",
-    "honour_cancel", "is_refusal", "is_transient",
+    "LoadedActor", "OutItem", "ShardInfo", "ShardWork", "Store", "Take", "Write", "describe_error",
+    "error_reason", "honour_cancel", "is_refusal", "is_transient",
 ]  # fmt: skip
 
 
-class Store(InboxStore, CommitStore, LeaseStore, LimitStore):
+class Store(InboxStore, CommitStore, LeaseStore, LimitStore, WorkStore):
     """Typed access to the runtime's Redis keys for one namespace."""
 
     @classmethod
