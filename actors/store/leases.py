@@ -39,7 +39,8 @@ class LeaseStore(StoreBase):
         raw = await self.redis.hget(meta, "shards")
         if raw is None:
             raise ConfigurationError(
-                f"namespace {self.keys.namespace!r} has no shard count yet: no worker or client has used it"
+                f"namespace {self.keys.namespace!r} has no shard count yet: no worker or client has used "
+                "it (is the namespace right?)"
             )
         recorded = _recorded_count(raw, self.keys.namespace)
         if wanted is not None and recorded != wanted:
