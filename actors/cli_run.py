@@ -101,14 +101,14 @@ def explain(exc: BaseException, args: argparse.Namespace) -> tuple[str, int]:
     """The line to print for ``exc``, and the exit status."""
     if isinstance(exc, ValidationError):  # a message that does not fit its model: pydantic says where
         return f"invalid message: {exc}", 2
+    if isinstance(exc, ValueError):  # bad input, e.g. a malformed Type/key reference
+        return _first_line(exc), 2
     if isinstance(exc, ActorsError):
         return _first_line(exc), 1
     where = redact_url(getattr(args, "redis", None) or os.environ.get("ACTORS_REDIS_URL"))
     described = describe_error(exc, where)
     if described is not None:
         return described, 1
-    if isinstance(exc, ValueError):  # e.g. a malformed Type/key reference
-        return _first_line(exc), 2
     if isinstance(exc, OSError) and exc.filename is not None:
         configured = os.environ.get(BIN_ENV)
         named = f"${BIN_ENV} names {exc.filename!r}: " if configured == exc.filename else ""
