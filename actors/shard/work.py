@@ -96,17 +96,21 @@ class Work:
         has received (its write acks them) and the asks of this worker's own turns (their
         askers wait for the reply to finish)."""
         r = self.runner
-        own_asks = r.services.replies.channel
         released = 0
         for act in r.activations.values():
             received = act.running.consumed if act.running is not None else []
-            kept = [q for q in act.queue if q in received or q.envelope.reply_to == own_asks]
+            kept = [q for q in act.queue if q in received or self.keeps(q)]
             released += len(act.queue) - len(kept)
             for _ in range(len(act.queue) - len(kept)):
                 r.flow.finished()
             act.queue.clear()
             act.queue.extend(kept)
         return released
+
+    def keeps(self, queued: Queued) -> bool:
+        """Whether a draining runner still runs this message: an ask of one of this worker's
+        turns (a turn waiting for the reply would otherwise wait until the grace is over)."""
+        return queued.envelope.reply_to == self.runner.services.replies.channel
 
     async def _drain_actor(self, act: Activation) -> None:
         # Draining, an actor finishes the piece of work in progress, and what stays queued.
