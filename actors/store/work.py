@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from redis.exceptions import ResponseError
-
 from ..keys import GROUP
 from .connection import StoreBase, honours_cancel
 from .records import ShardWork
@@ -27,33 +25,35 @@ class WorkStore(StoreBase):
         k = self.keys
         now = await self.server_time_ms()
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xinfo_stream(k.inbox(shard))
             pipe.xinfo_groups(k.inbox(shard))
+            pipe.xlen(k.inbox(shard))
+            # The outbox's first and last entries come with it: it is empty most of the time
+            # (forwarding deletes what it forwarded), where the inbox keeps handled entries.
             pipe.xinfo_stream(k.outbox(shard))
             pipe.xlen(k.outbox(shard))
             pipe.zcount(k.timers(shard), "-inf", now)
             pipe.zcount(k.timers(shard), f"({now}", "+inf")
-            inbox, groups, outbox, outbox_len, due, later = await pipe.execute(raise_on_error=False)
-        unread, pending = await self._unread(shard, _group(groups))
+            groups, inbox_len, outbox, outbox_len, due, later = await pipe.execute(raise_on_error=False)
+        unread, pending, added = await self._inbox(shard, _group(groups), _int(inbox_len))
         deferred = await self._deferred(shard) if count_deferred else -1
-        added = _added(inbox) + _added(outbox)
-        return ShardWork(shard, unread, pending, int(outbox_len), deferred, int(due), int(later), added, now)
+        added += _added(outbox)
+        left = _int(outbox_len)
+        return ShardWork(shard, unread, pending, left, deferred, _int(due), _int(later), added, now)
 
-    async def _unread(self, shard: int, group: dict[Any, Any] | None) -> tuple[int, int]:
-        """Entries the group has not delivered yet, and entries delivered and not acked."""
-        if group is None:  # no group yet: no worker ever held the shard
-            try:
-                return int(await self.redis.xlen(self.keys.inbox(shard))), 0
-            except ResponseError:
-                return 0, 0
+    async def _inbox(self, shard: int, group: dict[Any, Any] | None, length: int) -> tuple[int, int, int]:
+        """Inbox entries not delivered yet, delivered and not acked, and ever added."""
+        if group is None:  # no worker ever held the shard: nothing was delivered, or deleted
+            return length, 0, length
         pending = int(group["pending"])
-        if group.get("lag") is not None:
-            return int(group["lag"]), pending
+        lag, read = group.get("lag"), group.get("entries-read")
+        if lag is not None and read is not None:
+            return int(lag), pending, int(read) + int(lag)
         # The group cannot tell (entries were deleted): count what follows its last delivery.
         last = group["last-delivered-id"]
         last = last.decode() if isinstance(last, bytes) else str(last)
         after = await self.redis.xrange(self.keys.inbox(shard), min=f"({last}", count=UNREAD_SCAN)
-        return len(after or []), pending
+        info = await self.redis.xinfo_stream(self.keys.inbox(shard))
+        return len(after or []), pending, _added(info)
 
     async def _deferred(self, shard: int) -> int:
         """Messages in the deferred lists of the shard's actors. Only an actor in ``timers`` can
@@ -82,6 +82,10 @@ def _group(groups: Any) -> dict[Any, Any] | None:
         if (name.decode() if isinstance(name, bytes) else name) == GROUP:
             return dict(group)
     return None
+
+
+def _int(reply: Any) -> int:
+    return 0 if isinstance(reply, Exception) else int(reply)
 
 
 def _added(info: Any) -> int:
