@@ -116,7 +116,8 @@ async def test_sigterm_logs_the_drain_and_leaves_read_ahead_messages_to_the_next
         assert leaving.proc is not None and leaving.proc.wait(timeout=30) == 0
         done_by_first = await _total(client, ref, at_least=0)
         [draining] = log_lines(leaving, "stopping: draining")
-        assert "draining 1 running turn on 1 shards" in draining, draining
+        # One nap runs at a time (none, if the signal came while one was committing).
+        assert re.search(r"draining [01] running turns? on 1 shards", draining), draining
         left = int(re.search(r"(\d+) messages? read ahead left in Redis", draining).group(1))  # type: ignore[union-attr]
         assert left > 100, draining
         assert log_lines(leaving, "SIGTERM: stopping gracefully")
