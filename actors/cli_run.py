@@ -99,6 +99,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 def explain(exc: BaseException, args: argparse.Namespace) -> tuple[str, int]:
     """The line to print for ``exc``, and the exit status."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]  # a task group's one failure: say what it was
     if isinstance(exc, ValidationError):  # a message that does not fit its model: pydantic says where
         return f"invalid message: {exc}", 2
     if isinstance(exc, ValueError):  # bad input, e.g. a malformed Type/key reference
