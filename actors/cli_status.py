@@ -46,6 +46,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     async def run(client: Client) -> None:
         late: IdleTimeout | None = None
         if args.wait_idle:
+            if not await client.store.live_workers():
+                print(f"warning: no live worker in namespace {client.store.keys.namespace!r}: nothing "
+                      "is done until one starts", file=sys.stderr)  # fmt: skip
             try:
                 await client.wait_idle(args.timeout)
             except IdleTimeout as exc:
