@@ -17,11 +17,12 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel
 
-from .errors import DefinitionError, UnknownActorType, UnknownMessageType
+from .errors import DefinitionError, InvalidActorRef, UnknownActorType, UnknownMessageType
 from .limiter import Limiter, check_limiters
 from .messages import Approval, Tick
 from .queues import QueueItem
 from .schedules import SCHEDULE_ATTR, Schedule
+from .settings import check_seconds
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
@@ -52,6 +53,12 @@ class ActorRef(Generic[A]):
     key: str
     cls: builtins.type[A] | None = None  # builtins: the field ``type`` shadows it here
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.type, str) or not self.type or "/" in self.type:
+            raise InvalidActorRef(f"an actor type must be a non-empty name without '/', not {self.type!r}")
+        if not isinstance(self.key, str) or not self.key:
+            raise InvalidActorRef(f"an actor key must be a non-empty string, not {self.key!r}")
+
     @property
     def id(self) -> str:
         return f"{self.type}/{self.key}"
@@ -64,7 +71,7 @@ class ActorRef(Generic[A]):
         """Parse ``Type/key`` (the key may itself contain slashes)."""
         actor_type, sep, key = text.partition("/")
         if not sep or not actor_type or not key:
-            raise ValueError(f"actor reference must look like 'Type/key', got {text!r}")
+            raise InvalidActorRef(f"actor reference must look like 'Type/key', got {text!r}")
         return ActorRef(actor_type, key)
 
 
@@ -198,8 +205,6 @@ class Actor:
 
     @classmethod
     def ref(cls: type[A], key: str) -> ActorRef[A]:
-        if not isinstance(key, str) or not key:
-            raise ValueError("an actor key must be a non-empty string")
         return ActorRef(cls.type_name, key, cls)
 
     @classmethod
@@ -250,7 +255,7 @@ class Actor:
         reply was recorded is deduplicated by the target. Two actors asking each other
         wait until the timeout; use ``send`` for cycles.
         """
-        return await self._context().ask(ref, msg, timeout)
+        return await self._context().ask(ref, msg, check_seconds(timeout, "an ask's timeout"))
 
     async def enqueue(
         self,

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from datetime import datetime
 from typing import Any
 
 from .client import DEAD_LETTER_SCAN, DeadLetterView, TurnView
 from .codec import decode_envelope
 from .errors import DecodeError
+from .settings import MAX_SHARDS
 
+NAME_WIDTH = 120
+"""Characters of a message type or an actor id printed in a list (an entry may be megabytes)."""
 INSPECT_DEAD_LETTERS = 10
 """``inspect`` lists this many of an actor's newest dead letters (``--json`` lists them all)."""
 
@@ -75,14 +79,49 @@ def describe(raw: bytes) -> str:
         env = decode_envelope(raw)
     except DecodeError:
         return "(undecodable entry)"
-    return f"{env.type} -> {env.actor_id}"
+    return f"{clip(env.type, NAME_WIDTH)} -> {clip(env.actor_id, NAME_WIDTH)}"
 
 
 def positive(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"invalid value: must be a whole number, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"invalid value: must be at least 1, got {value}")
+    return value
+
+
+def shard_count(text: str) -> int:
+    value = positive(text)
+    if value > MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"invalid value: must be at most {MAX_SHARDS}, got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A duration in seconds: a finite number above 0."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid value: must be more than 0 seconds, got {text!r}")
+    return value
+
+
+def seconds_or_none(text: str) -> float:
+    """A duration in seconds that may be 0 (none at all)."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid value: must be 0 or more seconds, got {text!r}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid value: must be a number of seconds, got {text!r}"
+        ) from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"invalid value: must be a finite number of seconds, got {text!r}")
     return value

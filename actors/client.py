@@ -14,18 +14,22 @@ from typing import Any
 from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 
-from . import telemetry
+from . import progress, telemetry
 from .actor import ActorRef, App
 from .codec import IDEMPOTENCY_HEADER, Routed, actor_id, decode_envelope, decode_state, message_digest
 from .errors import ConfigurationError, DecodeError
 from .journal import FOREVER_MS, OpenTurn
 from .messages import CANCEL, Approval
+from .progress import NamespaceWork
 from .queues import QueueItem, enqueue_from_client
 from .replies import ReplyListener, reply_value
 from .routing import check_idempotency_key, route, route_control, shard_of
 from .server import resolve_url
-from .settings import DEFAULT_SHARDS, MessageSettings, RedisSettings
-from .store import DeadLetter, Store
+from .settings import DEFAULT_SHARDS, MessageSettings, RedisSettings, check_seconds, check_shard_count
+from .store import DeadLetter, KeyedAppend, Store
+
+BatchItem = tuple[ActorRef[Any], BaseModel] | tuple[ActorRef[Any], BaseModel, str | None]
+"""An item of ``send_many``: a message to an actor, with an idempotency key or not."""
 
 DEAD_LETTER_SCAN = 1000
 """``inspect`` looks for an actor's dead letters among its shard's newest this many (a bounded
@@ -63,13 +67,32 @@ class Client:
             )  # fmt: skip
             return env.id if appended else first_id
 
-    async def send_many(self, items: Iterable[tuple[ActorRef[Any], BaseModel]]) -> list[str]:
-        """Send many messages in one pipelined round trip; order is kept per target."""
+    async def send_many(self, items: Iterable[BatchItem]) -> list[str]:
+        """Send many messages in one pipelined round trip; order is kept per target; returns
+        their message ids, in order. Every message is checked (as ``send`` does) before any
+        is written. The batch is not atomic: after a connection error some may be stored.
+
+        An item ``(ref, msg, key)`` carries an idempotency key, as ``send``'s
+        ``idempotency_key``: retrying a batch whose outcome is unknown then has no second
+        effect for its keyed items (their ids are the first sends'). A key used for another
+        message to the same actor raises IdempotencyConflict once the batch has run.
+        """
         with telemetry.span("send_many", kind=SpanKind.PRODUCER):
-            batch = [self._route(ref, msg) for ref, msg in items]
-            if batch:
-                await self.store.append_many([(r.shard, r.data) for r in batch])
-            return [r.envelope.id for r in batch]
+            batch = [self._batch_item(item) for item in items]
+            if not batch:
+                return []
+            ttl_ms = _ms(self.messages.idempotency_ttl)
+            appends = [(r.shard, r.data) if key is None else _keyed(r, key, ttl_ms) for r, key in batch]
+            return await self.store.append_many(appends)
+
+    def _batch_item(self, item: BatchItem) -> tuple[Routed, str | None]:
+        if not isinstance(item, tuple) or len(item) not in (2, 3):
+            raise TypeError(
+                f"send_many takes (ref, message) or (ref, message, idempotency key), not {item!r}"
+            )
+        key = item[2] if len(item) == 3 else None
+        checked = None if key is None else check_idempotency_key(key)
+        return self._route(item[0], item[1]), checked
 
     async def ask(
         self,
@@ -87,6 +110,7 @@ class Client:
         for ``send``; a repeated ask gets the first one's reply, which is kept as long as
         the key (``idempotency_ttl``; an un-keyed ask's reply for ``reply_ttl``).
         """
+        timeout = check_seconds(timeout, "an ask's timeout")
         key = None if idempotency_key is None else check_idempotency_key(idempotency_key)
         replies = await self._listener()
         with _sending("ask", ref, msg):
@@ -101,8 +125,15 @@ class Client:
 
     def _route(self, ref: ActorRef[Any], msg: BaseModel, reply_to: str | None = None,
                headers: dict[str, str] | None = None) -> Routed:  # fmt: skip
+        self._check_type(ref)
         max_bytes = self.messages.max_message_bytes
         return route(self.app, ref, msg, self.shards, max_bytes, reply_to=reply_to, headers=headers)
+
+    def _check_type(self, ref: ActorRef[Any]) -> None:
+        """With an app, a message may only go to an actor type the app defines (UnknownActorType):
+        no worker of the app would run it."""
+        if self.app is not None and isinstance(ref, ActorRef):
+            self.app.actor_type(ref.type)
 
     async def state(self, ref: ActorRef[Any]) -> Any:
         """The actor's last committed state: its State model if the class is known,
@@ -133,6 +164,7 @@ class Client:
         if an item with ``dedup_id`` is still queued or running.
         """
         item = QueueItem(priority, dedup_id or "", partition)
+        self._check_type(ref)
         await self._check_queue(queue)
         with _sending("enqueue", ref, msg):
             routed = route(
@@ -164,6 +196,7 @@ class Client:
         """End the actor's open turn: its message goes to the dead-letter stream
         (reason ``cancelled``) and the messages deferred behind it are handled next.
         Does nothing if the actor has no open turn when the cancel arrives."""
+        self._check_type(ref)
         routed = route_control(ref, CANCEL, self.shards)
         await self.store.append(routed.shard, routed.data)
         return routed.envelope.id
@@ -188,6 +221,18 @@ class Client:
             if len(views) >= limit:
                 break
         return sorted(views, key=lambda v: v.since or datetime.min.replace(tzinfo=UTC))
+
+    async def work(self) -> NamespaceWork:
+        """What is left to do in the namespace, shard by shard: inbox entries unread and
+        pending, outboxes, deferred messages, turns due now and later, queued items."""
+        return await progress.namespace_work(self.store, self.shards)
+
+    async def wait_idle(self, timeout: float | None = None, *, interval: float = 0.2) -> NamespaceWork:
+        """Return once the namespace is idle: every message sent so far is handled (or
+        dead-lettered), forwarded, no turn is due and no item is queued; turns sleeping or
+        waiting until later do not count (see ``actors.progress``). Raises IdleTimeout after
+        ``timeout`` seconds (None: no bound). Nothing is idle without a live worker."""
+        return await progress.wait_idle(self.store, self.shards, timeout, interval)
 
     async def _listener(self) -> ReplyListener:
         if self._replies is None:
@@ -286,6 +331,11 @@ def _sending(verb: str, ref: ActorRef[Any], msg: BaseModel) -> contextlib.Abstra
     return telemetry.span(f"{verb} {type(msg).__name__}", attributes, kind=SpanKind.PRODUCER)
 
 
+def _keyed(routed: Routed, key: str, ttl_ms: int) -> KeyedAppend:
+    env = routed.envelope
+    return KeyedAppend(routed.shard, env.actor_id, key, env.id, routed.data, ttl_ms, message_digest(env))
+
+
 def _datetime(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
@@ -311,6 +361,8 @@ async def connect(
     (default 16) is recorded if nothing is yet (unless ``record_shards`` is False,
     for read-only tools), and must match the record otherwise.
     """
+    if shards is not None:
+        check_shard_count(shards)
     settings = RedisSettings.from_env(url, namespace)
     store = Store.from_url(resolve_url(settings.url), settings.namespace)
     try:

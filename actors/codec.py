@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import sys
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
 from pydantic import BaseModel
 
-from .errors import DecodeError, InvalidEnvelope, MessageTooLarge, StateTooLarge
+from .errors import DecodeError, InvalidEnvelope, MessageNotEncodable, MessageTooLarge, StateTooLarge
 
 ENVELOPE_VERSION = 1
 FIELD = b"e"
@@ -146,11 +147,40 @@ def dump_model(model: BaseModel) -> Any:
     return model.model_dump(mode="json", warnings=False)
 
 
+M = TypeVar("M", bound=BaseModel)
+
+_VALIDATE_TAKES_EXTRA = "extra" in inspect.signature(BaseModel.model_validate_json).parameters
+"""pydantic 2.12 and later can forbid extra fields for one call, at every depth."""
+
+
+def validate_json(model: type[M], text: str) -> M:
+    """``text`` (JSON) validated as ``model``, refusing a field the model does not have (a
+    misspelt field would otherwise be dropped, and its default used), unless the model itself
+    allows extra fields. Raises pydantic's ValidationError."""
+    if model.model_config.get("extra") == "allow":
+        return model.model_validate_json(text)
+    if _VALIDATE_TAKES_EXTRA:
+        return model.model_validate_json(text, extra="forbid")
+    value = model.model_validate_json(text)
+    data = json.loads(text)  # valid: it just validated
+    names = {n for name, f in model.model_fields.items() for n in (name, f.alias) if n}
+    unknown = sorted(set(data) - names) if isinstance(data, dict) else []
+    if unknown:
+        raise ValueError(f"{model.__name__} has no field {unknown[0]!r}")
+    return value
+
+
 def encode_envelope(env: Envelope, max_bytes: int) -> bytes:
-    data: bytes = msgpack.packb(
-        [ENVELOPE_VERSION, env.id, env.actor, env.key, env.type, env.payload, env.headers, env.reply_to],
-        use_bin_type=True,
-    )
+    try:
+        data: bytes = msgpack.packb(
+            [ENVELOPE_VERSION, env.id, env.actor, env.key, env.type, env.payload, env.headers, env.reply_to],
+            use_bin_type=True,
+        )
+    except OverflowError:  # the one thing a JSON dump holds that msgpack cannot
+        raise MessageNotEncodable(
+            f"message {env.type} to {env.actor_id} holds an integer outside the range msgpack "
+            f"stores ({-(2**63)} to {2**64 - 1})"
+        ) from None
     if len(data) > max_bytes:
         raise MessageTooLarge(
             f"message {env.type} to {env.actor_id} is {len(data)} bytes encoded; "

@@ -24,6 +24,16 @@ class DefinitionError(ActorsError):
     two handlers for one message type, two actor types with one name)."""
 
 
+class InvalidArgument(ActorsError, ValueError):
+    """A call was given a value it cannot act on, such as an ``ask`` timeout that is not a
+    finite number of seconds above 0. Raised at the call, before anything is written."""
+
+
+class InvalidActorRef(ActorsError, ValueError):
+    """An actor reference with an empty or non-text key, or a type name that is empty or
+    holds ``/`` (the actor id is ``Type/key``)."""
+
+
 class UnknownActorType(ActorsError):
     """A message names an actor type that the app does not define."""
 
@@ -70,6 +80,11 @@ class RecordTooLarge(TooLarge):
         self.limit = limit
 
 
+class MessageNotEncodable(ActorsError, ValueError):
+    """A message holds a value its encoding cannot store: an integer outside the 64-bit range
+    of msgpack (-2**63 to 2**64 - 1). Raised at the send, before anything is written."""
+
+
 class DecodeError(ActorsError):
     """A stream entry or payload could not be decoded."""
 
@@ -89,6 +104,15 @@ class InvalidEnvelope(DecodeError):
 
 class AskTimeout(ActorsError, TimeoutError):
     """``ask`` got no reply within its timeout. The message may still be handled."""
+
+
+class IdleTimeout(ActorsError, TimeoutError):
+    """``Client.wait_idle`` (``actors status --wait-idle``) saw work left when its timeout came.
+    ``work`` is what it saw last (a ``NamespaceWork``)."""
+
+    def __init__(self, message: str, work: Any) -> None:
+        super().__init__(message)
+        self.work = work
 
 
 class HandlerError(ActorsError):
@@ -144,6 +168,11 @@ class TurnCancelled(ActorsError):
 class Diverged(ActorsError):
     """A shard runner's memory disagrees with its inbox in Redis (the entries it meant to
     take were not the next ones); the runner starts afresh from Redis."""
+
+
+class RedisUnavailable(ActorsError):
+    """A starting worker could not reach Redis within its connect timeout (``actors worker
+    --connect-timeout``); without one it waits for Redis as long as it takes."""
 
 
 class ServerError(ActorsError):

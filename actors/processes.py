@@ -52,12 +52,21 @@ def run_parent(argv: Sequence[str], processes: int, url: str | None) -> int:
     command = [sys.executable, "-m", "actors.cli", *argv, "--parent-pid", str(os.getpid())]
 
     def spawn() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(command, env=env)
+        # A session of its own: a Ctrl-C in the terminal reaches the child once, through us.
+        return subprocess.Popen(command, env=env, start_new_session=True)
 
     children = [_Child(spawn(), time.monotonic()) for _ in range(processes)]
     stopping = threading.Event()
 
     def stop(signum: int, _frame: Any) -> None:
+        # Each signal goes on to every child: the first drains them, the next stops them now.
+        name = signal.Signals(signum).name
+        if stopping.is_set():
+            log.warning("%s again: stopping the worker processes now", name)
+        else:
+            log.info(
+                "%s: stopping %d worker processes gracefully (send it again to stop now)", name, processes
+            )
         stopping.set()
         for child in children:
             if child.proc is not None and child.proc.poll() is None:

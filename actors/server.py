@@ -193,9 +193,10 @@ class EmbeddedServer:
             if "Address already in use" not in said:
                 break  # not a port taken meanwhile: another port would fail the same way
         hint = files.start_hint(self.directory, record, binary)
+        # The first line says what went wrong and what to do (the CLI prints only that).
         raise ServerError(
-            f"could not start {binary} ({version}) in {self.directory}; its log says:\n"
-            f"{said[-2000:].rstrip() or '(nothing)'}\n{hint}".rstrip()
+            f"could not start {binary} ({version}) in {self.directory}: {_last_error(said)}. {hint}".rstrip()
+            + f"\nits log says:\n{said[-2000:].rstrip() or '(nothing)'}"
         )
 
     def _signal_and_wait(self, sig: signal.Signals, timeout: float) -> bool:
@@ -371,3 +372,11 @@ def _wait_ready(port: int, pidfile: Path, password: str) -> bool:
                 return True
         time.sleep(0.02)
     return False
+
+
+def _last_error(log: str) -> str:
+    """The server's last complaint, for the first line of an error (the CLI prints only that):
+    its last line marked as a warning (``#``), else its last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    marked = [line.partition("# ")[2] for line in lines if line.startswith("# ") or " # " in line]
+    return (marked or lines or ["its log is empty"])[-1]

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .errors import ConfigurationError, InvalidArgument
 
 MiB = 1024 * 1024
 DEFAULT_SHARDS = 16
 DAY = 24 * 3600.0
+MAX_SHARDS = 4096
 URL_ENV = "ACTORS_REDIS_URL"
 NAMESPACE_ENV = "ACTORS_NAMESPACE"
 
@@ -30,6 +35,40 @@ class RedisSettings(_Frozen):
             url=url or os.environ.get(URL_ENV) or None,
             namespace=namespace or os.environ.get(NAMESPACE_ENV) or "actors",
         )
+
+
+def check_shard_count(value: object, where: str = "shards") -> int:
+    """``value`` as a shard count (a whole number from 1 to ``MAX_SHARDS``), else ConfigurationError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SHARDS:
+        raise ConfigurationError(f"{where} must be a whole number from 1 to {MAX_SHARDS}, not {value!r}")
+    return value
+
+
+def check_seconds(value: object, what: str) -> float:
+    """``value`` as a duration: a finite number of seconds above 0, else InvalidArgument (a
+    0 would give up before anything could happen, a NaN would mean no bound at all)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise InvalidArgument(f"{what} must be a finite number of seconds above 0, not {value!r}")
+    return float(value)
+
+
+def redact_url(url: str | None) -> str:
+    """``url`` as it may be printed: its password replaced by ``***`` (None: the embedded server)."""
+    if not url:
+        return "the embedded server"
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
 class MessageSettings(_Frozen):
@@ -72,7 +111,7 @@ class RetrySettings(_Frozen):
 class WorkerSettings(_Frozen):
     """How a worker process runs its shards."""
 
-    shards: int | None = Field(default=None, ge=1, le=4096)
+    shards: int | None = Field(default=None, ge=1, le=MAX_SHARDS)
     """None: use the count Redis records (16 if none is recorded yet)."""
     lease: LeaseSettings = LeaseSettings()
     retry: RetrySettings = RetrySettings()

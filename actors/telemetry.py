@@ -24,6 +24,8 @@ from opentelemetry import metrics, propagate, trace
 from opentelemetry.metrics import Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
+from .errors import ConfigurationError
+
 TRACER_NAME = "actors"
 _tracer: trace.Tracer | None = None
 _instruments: _Instruments | None = None
@@ -105,12 +107,12 @@ def configure(exporter: str | None = None) -> bool:
                 OTLPSpanExporter,
             )
         except ImportError as exc:
-            raise RuntimeError(
+            raise ConfigurationError(
                 "OTLP export needs the exporter package: pip install opentelemetry-exporter-otlp-proto-http"
             ) from exc
         span_exporter = OTLPSpanExporter()
     else:
-        raise ValueError(f"unknown trace exporter {choice!r} (use console, otlp or none)")
+        raise ConfigurationError(f"unknown trace exporter {choice!r} (use console, otlp or none)")
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "actors")})
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(span_exporter))
@@ -140,7 +142,7 @@ def _meter_provider(traces: str, resource: Any) -> metrics.MeterProvider | None:
                 OTLPMetricExporter,
             )
         except ImportError as exc:
-            raise RuntimeError(
+            raise ConfigurationError(
                 "OTLP export needs the exporter package: pip install opentelemetry-exporter-otlp-proto-http"
             ) from exc
 

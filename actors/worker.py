@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,15 +21,15 @@ from typing import Any, Literal
 
 from . import preflight, sharing, telemetry
 from .actor import App
-from .errors import LeaseLost
+from .errors import LeaseLost, RedisUnavailable
 from .lease import Lease
 from .limits import Limits
 from .markers import Markers
 from .replies import ReplyListener
 from .server import resolve_url
-from .settings import DEFAULT_SHARDS, RedisSettings, WorkerSettings
+from .settings import DEFAULT_SHARDS, RedisSettings, WorkerSettings, redact_url
 from .shard import ShardRunner
-from .store import InboxReader, Store, is_transient
+from .store import InboxReader, Store, error_reason, is_refusal, is_transient
 from .supervisor import Supervisor
 from .turn import TurnServices
 
@@ -35,6 +37,10 @@ log = logging.getLogger("actors.worker")
 
 WITHDRAW_TIMEOUT = 2.0
 """Seconds a stopping worker gives Redis to delete its app record."""
+
+CONNECT_BACKOFF_FIRST = 0.5
+CONNECT_BACKOFF_MAX = 10.0
+"""Seconds between a starting worker's attempts to reach Redis: doubling from the first to the max."""
 
 
 class Worker:
@@ -47,11 +53,15 @@ class Worker:
         settings: WorkerSettings | None = None,
         *,
         shutdown_grace: float = 10.0,
+        connect_timeout: float | None = None,
     ) -> None:
         self.app = app
         self.redis_settings = redis or RedisSettings.from_env()
         self.settings = settings or WorkerSettings()
         self.shutdown_grace = shutdown_grace
+        self.connect_timeout = connect_timeout
+        """Seconds ``run`` waits for Redis to answer at start before it raises RedisUnavailable
+        (None: until it answers or the worker is stopped)."""
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ready = Ready()
         """Set once the worker has run its first supervisor tick; ``await ready.wait()`` raises
@@ -62,8 +72,37 @@ class Worker:
         self._supervisor: Supervisor | None = None
 
     def stop(self) -> None:
-        """Begin a graceful stop: drain in-flight turns, release every lease."""
+        """Begin a graceful stop: start no turn, let the turns in progress end (up to
+        ``shutdown_grace``), release every lease. Messages read ahead and not started stay in
+        Redis for the next owner. Logs what it drains; a second call does nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
+        running = self.running_turns()
+        left = 0
+        for slot in self._slots.values():
+            slot.draining = True  # a runner that fails now is not started again
+            left += slot.runner.drain() if slot.runner is not None else 0
+        log.info(
+            "stopping: draining %d running turn%s on %d shards (at most %gs); %d message%s read ahead "
+            "left in Redis for the next owner",
+            running, "" if running == 1 else "s", len(self._slots), self.shutdown_grace,
+            left, "" if left == 1 else "s",
+        )  # fmt: skip
+
+    @property
+    def stopping(self) -> bool:
+        """``stop`` was called."""
+        return self._stop.is_set()
+
+    async def forgive_running(self) -> None:
+        """Mark the turns running now forgiven: their next start, by the next owner of their
+        shard, is not counted toward ``max_redeliveries`` (a stop, not a crash, ended them)."""
+        await asyncio.gather(*(r.forgive_running() for r in self.runners), return_exceptions=True)
+
+    def running_turns(self) -> int:
+        """Turns whose handler runs now, on every shard this worker holds."""
+        return sum(len(r.turns.running()) for r in self.runners)
 
     @property
     def shards(self) -> list[int]:
@@ -91,8 +130,9 @@ class Worker:
             int(self.settings.messages.idempotency_ttl * 1000), renew=False, markers=markers,
         )  # fmt: skip
         try:
-            await self._check_server(store)
-            shards = await store.shard_count(self.settings.shards, DEFAULT_SHARDS)
+            shards = await self._first_contact(store)
+            if shards is None:
+                return  # stopped while waiting for Redis
             await replies.start()
             markers.start()
             await limits.start()
@@ -140,6 +180,40 @@ class Worker:
                 await store.release_app(self.id)
         except Exception as exc:
             log.debug("could not delete the app record of %s: %r", self.id, exc)
+
+    async def _first_contact(self, store: Store) -> int | None:
+        """The namespace's shard count, once Redis answers. A worker that starts while Redis
+        is unreachable waits for it, one log line per attempt, the delay doubling up to
+        ``CONNECT_BACKOFF_MAX``; past ``connect_timeout`` it gives up (RedisUnavailable).
+        None if stopped meanwhile. Refused credentials or commands are not waited out."""
+        started = time.monotonic()
+        delay = CONNECT_BACKOFF_FIRST
+        where = redact_url(self.redis_settings.url)
+        for attempt in itertools.count(1):
+            try:
+                await self._check_server(store)
+                return await store.shard_count(self.settings.shards, DEFAULT_SHARDS)
+            except Exception as exc:
+                if not is_transient(exc) or is_refusal(exc):
+                    raise
+                waited = time.monotonic() - started
+                if self.connect_timeout is not None and waited >= self.connect_timeout:
+                    raise RedisUnavailable(
+                        f"Redis at {where} could not be reached for {waited:.1f}s ({error_reason(exc)}); "
+                        f"gave up (connect timeout {self.connect_timeout:g}s)"
+                    ) from exc
+                if self.connect_timeout is not None:
+                    delay = max(0.0, min(delay, self.connect_timeout - waited))
+                log.warning(
+                    "Redis at %s is not reachable (%s); attempt %d, trying again in %.1fs",
+                    where, error_reason(exc), attempt, delay,
+                )  # fmt: skip
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                if self._stop.is_set():
+                    return None
+                delay = min(delay * 2, CONNECT_BACKOFF_MAX)
+        raise AssertionError("unreachable")  # itertools.count never ends
 
     def _info(self) -> dict[str, str]:
         """What the heartbeat adds to this worker's info hash, for ``actors status`` and ``top``."""

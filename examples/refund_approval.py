@@ -164,6 +164,8 @@ async def main(
         command = f"actors approve {ref} --request-id {request_id} --approve --by you --comment ok{where}"
         if wait_for_human:
             print(f"  approve it from another terminal in this folder (or --reject it):\n    {command}")
+            inspect = f"actors inspect {ref}{where} --app examples.refund_approval:app"
+            print(f"  see its wait, journal and state:\n    {inspect}")
             print("  (`actors` is in .venv/bin: `./dev shell` opens a shell that has it on PATH)")
             return
         print(f"  approving it in {approve_after:g}s, as this command would:\n    {command}")

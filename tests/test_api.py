@@ -13,6 +13,7 @@ def test_exported_names_are_pinned() -> None:
         "Limiter", "DuplicateItem", "IdempotencyConflict", "InvalidIdempotencyKey",
         "TurnTimeout", "step_info", "StepInfo", "Reject", "Rejected",
         "TooLarge", "StateTooLarge", "RecordTooLarge",
+        "IdleTimeout", "InvalidActorRef", "InvalidArgument", "MessageNotEncodable", "RedisUnavailable",
     ])  # fmt: skip
     for name in actors.__all__:
         assert getattr(actors, name) is not None

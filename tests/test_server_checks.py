@@ -192,7 +192,7 @@ async def test_the_minimal_acl_user_runs_the_quick_start_with_nothing_refused(
         text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["total=4", "total=4"], result.stdout
+    assert result.stdout.split() == ["total=4", "total=4", "total=1"], result.stdout
     assert "maxmemory-policy" not in result.stderr, "the minimal user may read the eviction policy"
     log = await admin.execute_command("ACL", "LOG")
     refused = [entry for entry in log if _field(entry, "username") == user]

@@ -136,6 +136,11 @@ class Mailbox:
                 await r.commits.write(write)
         ids = [q.envelope.actor_id for q in accepted]
         await r.work.activate({aid: q.envelope.actor for aid, q in zip(ids, accepted, strict=True)})
+        if r.stopping.is_set():  # draining began meanwhile: as Work.release_queued does
+            accepted = [q for q in accepted if r.work.keeps(q)]
+            for _ in range(len(ids) - len(accepted)):
+                r.flow.finished()
+            ids = [q.envelope.actor_id for q in accepted]
         for aid, queued in zip(ids, accepted, strict=True):
             act = r.activations[aid]
             act.queue.append(queued)

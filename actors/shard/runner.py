@@ -88,11 +88,16 @@ class ShardRunner:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def drain(self) -> None:
-        """Stop reading; ``run`` returns once every read message is committed."""
+    def drain(self) -> int:
+        """Stop reading and starting turns; ``run`` returns once the turns in progress have
+        ended. Messages read ahead and not started are left to the next owner in Redis (see
+        ``Work.release_queued``); returns how many."""
+        if self.stopping.is_set():
+            return 0
         self.stopping.set()
         self.timers.wakeup.set()
         self.mailbox.stop_reading()
+        return self.work.release_queued()
 
     async def forgive_running(self) -> None:
         """A graceful hand-over gives up the turns still running (see ``Turns.forgive_running``)."""

@@ -110,8 +110,34 @@ class Work:
             if n < excess or now - last_used > r.settings.idle_timeout:
                 del r.activations[aid]
 
+    def release_queued(self) -> int:
+        """Draining: forget the messages queued in memory whose turns have not started, and
+        return how many. Redis keeps each: an entry seen by ``read_after`` and not yet taken
+        is still undelivered in the group (the next owner reads it), a taken one is pending
+        (the next owner claims it), in order either way. Kept: the messages a running turn
+        has received (its write acks them) and the asks of this worker's own turns (their
+        askers wait for the reply to finish)."""
+        r = self.runner
+        released = 0
+        for act in r.activations.values():
+            received = act.running.consumed if act.running is not None else []
+            kept = [q for q in act.queue if q in received or self.keeps(q)]
+            released += len(act.queue) - len(kept)
+            for _ in range(len(act.queue) - len(kept)):
+                r.flow.finished()
+            act.queue.clear()
+            act.queue.extend(kept)
+        return released
+
+    def keeps(self, queued: Queued) -> bool:
+        """Whether a draining runner still runs this message: an ask of one of this worker's
+        turns (a turn waiting for the reply would otherwise wait until the grace is over)."""
+        return queued.envelope.reply_to == self.runner.services.replies.channel
+
     async def _drain_actor(self, act: Activation) -> None:
-        while await self._advance(act):
+        # Draining, an actor finishes the piece of work in progress, and what stays queued.
+        stopping = self.runner.stopping
+        while (not stopping.is_set() or act.queue) and await self._advance(act):
             pass
         act.task = None
         act.last_used = time.monotonic()

@@ -16,7 +16,16 @@ from redis.exceptions import ResponseError
 
 from ..keys import Keys
 from .commits import CommitStore
-from .connection import STALL_TIMEOUT, TRANSIENT_ERRORS, honour_cancel, is_transient, make_client
+from .connection import (
+    STALL_TIMEOUT,
+    TRANSIENT_ERRORS,
+    describe_error,
+    error_reason,
+    honour_cancel,
+    is_refusal,
+    is_transient,
+    make_client,
+)
 from .health import NO_USER, RUNTIME_COMMANDS, HealthStore, Refusal, acl_rules
 from .inbox import InboxStore
 from .leases import LOOP_LAG_WARNING, LeaseKeeper, LeaseStore
@@ -34,25 +43,30 @@ from .records import (
     Deferred,
     Dispatch,
     Entry,
+    KeyedAppend,
     LoadedActor,
     OutItem,
     ShardInfo,
+    ShardWork,
     StoredTurn,
     Take,
     Write,
     write_bytes,
 )
+from .work import WorkStore
 
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
     "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Dispatch", "Entry", "InboxFeed",
-    "InboxReader", "LeaseKeeper", "LoadedActor", "OutItem", "ShardInfo", "Store", "StoredTurn", "Take",
-    "Write", "honour_cancel", "is_transient", "write_bytes", "AppRecord", "NO_USER", "Refusal",
+    "InboxReader", "KeyedAppend", "LeaseKeeper", "LoadedActor", "OutItem", "ShardInfo", "ShardWork",
+    "Store", "StoredTurn", "Take", "Write", "describe_error", "error_reason", "honour_cancel",
+    "is_refusal", "is_transient", "write_bytes", "AppRecord", "NO_USER", "Refusal",
     "RUNTIME_COMMANDS", "acl_rules",
 ]  # fmt: skip
 
 
-class Store(InboxStore, CommitStore, LeaseStore, LimitStore, MarkerStore, NamespaceStore, HealthStore):
+class Store(InboxStore, CommitStore, LeaseStore, LimitStore, MarkerStore, NamespaceStore, HealthStore,
+            WorkStore):  # fmt: skip
     """Typed access to the runtime's Redis keys for one namespace."""
 
     @classmethod

@@ -9,6 +9,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
@@ -18,8 +19,15 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT
 
@@ -40,6 +48,58 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT_ERRORS) or (
         isinstance(exc, ResponseError) and str(exc).startswith(("LOADING", "BUSY", "TRYAGAIN"))
     )
+
+
+REFUSALS: tuple[type[BaseException], ...] = (
+    AuthenticationError,
+    AuthenticationWrongNumberOfArgsError,
+    AuthorizationError,
+    NoPermissionError,
+)
+"""Errors that waiting will not cure: the server refused these credentials or this command.
+(redis-py makes a failed authentication a ConnectionError, so ``is_transient`` takes it too.)"""
+
+
+def is_refusal(exc: BaseException) -> bool:
+    return isinstance(exc, REFUSALS)
+
+
+def describe_error(exc: BaseException, where: str) -> str | None:
+    """One line a person can act on for a Redis error, or None for anything else. ``where``
+    names the server (a URL without its password)."""
+    if isinstance(exc, AuthenticationError | AuthenticationWrongNumberOfArgsError):
+        return (
+            f"authentication failed at Redis at {where} ({_text(exc)}): check the user and password "
+            "in the URL (--redis, ACTORS_REDIS_URL)"
+        )
+    if isinstance(exc, NoPermissionError | AuthorizationError):
+        return (
+            f"Redis at {where} refused a command: NOPERM {_text(exc)}; the ACL user of the URL needs "
+            "the commands, keys and channels of the namespace (ACL SETUSER ... ~<ns>:* &<ns>:* +@all)"
+        )
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError) or (
+        isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError)
+    ):
+        return (
+            f"cannot reach Redis at {where} ({error_reason(exc)}): is the server running, and is the "
+            "URL right? (--redis, ACTORS_REDIS_URL; --debug for the traceback)"
+        )
+    if isinstance(exc, ResponseError):
+        return f"Redis at {where} refused a command: {_text(exc)} (--debug for the traceback)"
+    if isinstance(exc, RedisError):
+        return f"Redis error at {where}: {_text(exc)} (--debug for the traceback)"
+    return None
+
+
+def error_reason(exc: BaseException) -> str:
+    """Why a connection failed, briefly: the system's words for its OSError (``Connection
+    refused``), else the error's text."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+    return os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else _text(exc)
+
+
+def _text(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def honour_cancel() -> None:

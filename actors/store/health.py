@@ -23,6 +23,8 @@ RUNTIME_COMMANDS: dict[str, tuple[str, ...]] = {
     "ping": (), "time": (), "info": ("memory",), "client|setinfo": ("LIB-NAME", "actors"),
     # scripts (every atomic step is a script, called by SHA, loaded again if the server lost it)
     "evalsha": (NO_SCRIPT, "1", "{k}"), "script|load": ("return 1",), "script|exists": (NO_SCRIPT,),
+    # transactions: one shard's keys read at one moment (``wait_idle``, ``actors status``)
+    "multi": (), "exec": (),
     # pub/sub: replies to ask, lease hand-overs, limiter slots
     "publish": ("{c}", "x"), "subscribe": ("{c}",),
     # strings
@@ -43,6 +45,7 @@ RUNTIME_COMMANDS: dict[str, tuple[str, ...]] = {
     # streams
     "xadd": ("{k}", "*", "f", "x"), "xack": ("{k}", "g", "0-1"), "xautoclaim": ("{k}", "g", "c", "0", "0-0"),
     "xdel": ("{k}", "0-1"), "xgroup|create": ("{k}", "g", "0"), "xinfo|groups": ("{k}",),
+    "xinfo|stream": ("{k}",),
     "xlen": ("{k}",), "xpending": ("{k}", "g"), "xrange": ("{k}", "-", "+"),
     "xread": ("STREAMS", "{k}", "0"), "xreadgroup": ("GROUP", "g", "c", "STREAMS", "{k}", ">"),
     "xrevrange": ("{k}", "+", "-"), "xtrim": ("{k}", "MAXLEN", "0"),

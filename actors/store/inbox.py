@@ -13,7 +13,16 @@ from ..codec import FIELD, replayed
 from ..errors import IdempotencyConflict
 from ..keys import GROUP
 from .connection import STALL_TIMEOUT, StoreBase, honours_cancel, is_transient, raw_reply
-from .records import CONFLICT, DeadLetter, Entry, ShardInfo, StreamRows, dead_letter_record, stream_entries
+from .records import (
+    CONFLICT,
+    DeadLetter,
+    Entry,
+    KeyedAppend,
+    ShardInfo,
+    StreamRows,
+    dead_letter_record,
+    stream_entries,
+)
 
 LISTEN_RETRY_MAX = 2.0
 """Seconds at most between two attempts to subscribe again; after a refusal by the ACL, always."""
@@ -30,13 +39,34 @@ class InboxStore(StoreBase):
             entry_id = cast(bytes, await self._appender.xadd(self.keys.inbox(shard), {FIELD: envelope}))
         return str(entry_id.decode())
 
-    async def append_many(self, items: Sequence[tuple[int, bytes]]) -> list[str]:
-        """Append many envelopes in one pipelined round trip, in order (bounded as ``append``)."""
+    async def append_many(self, items: Sequence[tuple[int, bytes] | KeyedAppend]) -> list[str]:
+        """Append many envelopes in one pipelined round trip, in order (bounded as ``append``).
+        A ``KeyedAppend`` goes through ``enqueue_once.lua`` as in ``append_once``: its id is its
+        entry id when appended, else the first message's id. A conflicting key raises
+        IdempotencyConflict once the batch has run (the batch is not atomic: the others went)."""
+        once = self._scripts["enqueue_once"]
         async with asyncio.timeout(STALL_TIMEOUT), self._appender.pipeline(transaction=False) as pipe:
-            for shard, envelope in items:
-                pipe.xadd(self.keys.inbox(shard), {FIELD: envelope})
-            ids = await pipe.execute()
-        return [i.decode() for i in ids]
+            for item in items:
+                if isinstance(item, KeyedAppend):
+                    marker = self.keys.idempotency(item.shard, item.actor_id, item.key)
+                    args = (item.envelope, item.message_id, item.ttl_ms, item.digest)
+                    await once(keys=[self.keys.inbox(item.shard), marker], args=args, client=pipe)
+                else:
+                    pipe.xadd(self.keys.inbox(item[0]), {FIELD: item[1]})
+            replies = await pipe.execute()
+        ids: list[str] = []
+        conflict: IdempotencyConflict | None = None
+        for item, reply in zip(items, replies, strict=True):
+            if not isinstance(item, KeyedAppend):
+                ids.append(reply.decode())
+                continue
+            status, value = reply
+            if status == CONFLICT and conflict is None:
+                conflict = IdempotencyConflict(item.key, item.actor_id, value.decode())
+            ids.append(item.message_id if status == 1 else value.decode())
+        if conflict is not None:
+            raise conflict
+        return ids
 
     async def append_once(
         self, shard: int, actor_id: str, idempotency_key: str, message_id: str, envelope: bytes, ttl_ms: int,
@@ -167,6 +197,9 @@ class InboxStore(StoreBase):
         found = await self.redis.xrange(self.keys.dead_letters(shard), min=start, count=count)
         rows = cast("StreamRows", found)
         return [dead_letter_record(i, f) for i, f in rows]
+
+    async def dead_letter_count(self, shard: int) -> int:
+        return int(await self.redis.xlen(self.keys.dead_letters(shard)))
 
     async def newest_dead_letters(self, shard: int, count: int) -> list[DeadLetter]:
         """The shard's newest ``count`` dead letters, oldest first."""

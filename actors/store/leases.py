@@ -15,6 +15,7 @@ from redis.typing import EncodableT, FieldT
 from ..errors import ConfigurationError
 from ..keys import Keys
 from ..lease import Lease
+from ..settings import MAX_SHARDS, check_shard_count
 from .connection import StoreBase, honours_cancel, script_text
 
 log = logging.getLogger("actors.store")
@@ -38,9 +39,10 @@ class LeaseStore(StoreBase):
         raw = await self.redis.hget(meta, "shards")
         if raw is None:
             raise ConfigurationError(
-                f"namespace {self.keys.namespace!r} has no shard count yet: no worker or client has used it"
+                f"namespace {self.keys.namespace!r} has no shard count yet: no worker or client has used "
+                "it (is the namespace right?)"
             )
-        recorded = int(raw)
+        recorded = _recorded_count(raw, self.keys.namespace)
         if wanted is not None and recorded != wanted:
             raise ConfigurationError(
                 f"Redis records {recorded} shards for namespace {self.keys.namespace!r}, "
@@ -209,3 +211,16 @@ class LeaseKeeper:
                 lost[shard] = lease
         if lost:
             self._lost(lost)
+
+
+def _recorded_count(raw: bytes | str, namespace: str) -> int:
+    """The shard count a namespace records, refused unless 1 to MAX_SHARDS (an older version let
+    ``connect(shards=0)`` record 0, which every later client divided by)."""
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    try:
+        return check_shard_count(int(text))
+    except (ValueError, ConfigurationError):
+        raise ConfigurationError(
+            f"namespace {namespace!r} records an invalid shard count {text!r} (1 to {MAX_SHARDS}); "
+            f"if you know the count its data was written with, set it: HSET {namespace}:meta shards N"
+        ) from None

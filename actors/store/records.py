@@ -35,6 +35,19 @@ class Take:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyedAppend:
+    """A message of a batch sent under an idempotency key (see ``InboxStore.append_many``)."""
+
+    shard: int
+    actor_id: str
+    key: str
+    message_id: str
+    envelope: bytes
+    ttl_ms: int
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
 class Deferred:
     """A message in an actor's deferred list, as ``commit.lua`` files it: in the list (arrival
     order) and in its type's index (``Keys.deferred_of_type``), with the inbox entry id it
@@ -195,6 +208,34 @@ class ShardInfo:
     read: int = 0
     """Entries ever delivered to the workers' group (handled = read - pending)."""
     open_turns: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ShardWork:
+    """What a shard has left to do (``WorkStore.shard_work``)."""
+
+    shard: int
+    unread: int
+    """Inbox entries the workers' group has not delivered yet."""
+    pending: int
+    """Inbox entries delivered and not acked: their turns run, or wait for a new owner."""
+    outbox: int
+    """Committed sends to other shards, not forwarded yet."""
+    deferred: int
+    """Messages in the deferred lists of its actors (-1: not counted)."""
+    due: int
+    """Actors whose timer is due: a turn running or to recover, a sleep or a wait that ended,
+    deferred messages to run."""
+    suspended: int
+    """Actors whose timer is later: turns sleeping, waiting or parked (not work to do now)."""
+    added: int
+    """Entries ever added to its inbox and outbox: equal in two looks, nothing moved between."""
+    at_ms: int
+    """When it was read (Redis's clock)."""
+
+    @property
+    def idle(self) -> bool:
+        return not (self.unread or self.pending or self.outbox or self.due) and self.deferred <= 0
 
 
 def stream_entries(rows: Any) -> list[Entry]:
