@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import cli_dlq, cli_text, top
+from . import cli_dlq, cli_text, health, top
 from .actor import ActorRef, App
 from .cli_worker import cmd_worker, load_app, redis_settings
 from .client import Client, connect
@@ -263,6 +263,7 @@ def parser() -> argparse.ArgumentParser:
                    help="dead letters kept per shard, the oldest trimmed first (0: no bound)")  # fmt: skip
     w.add_argument("--dlq-max-age", type=float, default=WorkerSettings().dlq_max_age,
                    help="seconds a dead letter is kept (0: no bound; default 30 days)")  # fmt: skip
+    health.add_arguments(w)
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--otel", choices=["console", "otlp", "none"], default=None,
                    help="export traces (default: as OTEL_TRACES_EXPORTER says; off if unset)")  # fmt: skip

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from . import processes, telemetry
+from . import health, processes, telemetry
 from .actor import App
 from .settings import LeaseSettings, RedisSettings, WorkerSettings
 from .worker import Worker
@@ -31,7 +31,7 @@ def load_app(spec: str) -> App:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     if args.processes > 1:
-        return processes.run_parent(_child_argv(args), args.processes, args.redis)
+        return processes.run_parent(_child_argv(args), args.processes, args.redis, health.endpoint(args))
     app = load_app(args.app)
     telemetry.configure(args.otel)
     # A worker allocates many short-lived objects; with the default thresholds, full
@@ -55,7 +55,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, worker.stop)
         if args.parent_pid:  # a child of --processes N ends with its parent
             processes.watch_parent(args.parent_pid, lambda: loop.call_soon_threadsafe(worker.stop))
-        await worker.run()
+        with health.watching(worker, health.endpoint(args), args.health_fd):  # --health-port
+            await worker.run()
 
     logging.getLogger("actors").info("worker %s starting", worker.id)
     try:
