@@ -12,12 +12,14 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import actors
 from actors import cli, health
 from actors.server_files import find_binary
 
@@ -212,3 +214,50 @@ def test_the_valkey_startup_command_runs_a_server_with_the_password_and_the_aof(
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+READ_ONLY_ROOT = "mount --rbind / /mnt && mount -o remount,bind,ro /mnt"
+"""In a private user and mount namespace (``unshare -rm``): /mnt, a read-only copy of the root."""
+
+
+def start_on_a_read_only_root(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``argv`` run from the repository, chrooted into a read-only copy of this root."""
+    check = subprocess.run(["unshare", "-rm", "sh", "-c", READ_ONLY_ROOT], capture_output=True, timeout=30)
+    if check.returncode != 0 or not Path("/mnt").is_dir():
+        pytest.skip(f"no private read-only root here: {check.stderr.decode().strip()}")
+    command = shlex.join(["env", "-C", str(ROOT), *argv])
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            ["unshare", "-rm", "sh", "-c", f"{READ_ONLY_ROOT} && exec chroot /mnt {command}"],
+            env=env, stdout=out, stderr=out,
+        )  # fmt: skip
+
+
+async def test_a_worker_runs_on_a_read_only_root_file_system(
+    redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """As the manifest runs it (readOnlyRootFilesystem): --processes 2 and the health port, a
+    message handled, a clean drain. The image sets PYTHONDONTWRITEBYTECODE, as here."""
+    from .apps import Counter, Get, Total
+    from .apps import app as counter_app
+    from .conftest import eventually
+    from .test_health import answers, free_port
+
+    assert "PYTHONDONTWRITEBYTECODE=1" in (ROOT / "Dockerfile").read_text()
+    port, log = free_port(), tmp_path / "worker.log"
+    argv = [sys.executable, "-m", "actors.cli", "--log-level", "WARNING", "worker", "tests.apps:app",
+            "--namespace", namespace, "--processes", "2", "--health-port", str(port),
+            "--health-host", "127.0.0.1"]  # fmt: skip
+    env = {**os.environ, "ACTORS_REDIS_URL": redis_url, "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = start_on_a_read_only_root(argv, env, log)
+    try:
+        await eventually(lambda: answers(port, "/readyz", 200), timeout=30)
+        async with actors.connect(redis_url, namespace=namespace, app=counter_app) as client:
+            assert await client.ask(Counter.ref("ro"), Get(), timeout=20) == Total(total=0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Read-only file system" not in log.read_text()
