@@ -20,8 +20,6 @@ from .conftest import ROOT, eventually
 from .fenced_apps import Block, Blocker
 from .fenced_apps import app as blocker_app
 
-pytestmark = pytest.mark.chaos
-
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -61,6 +59,7 @@ def held_started(tmp_path: Path) -> bool:
     return log.exists() and "start" in log.read_text()
 
 
+@pytest.mark.chaos
 async def test_a_worker_is_ready_once_registered_and_not_ready_while_it_drains(
     spawn_worker, connect, tmp_path
 ) -> None:
@@ -84,6 +83,7 @@ async def test_a_worker_is_ready_once_registered_and_not_ready_while_it_drains(
         assert worker.proc.wait(30) == 0
 
 
+@pytest.mark.chaos
 async def test_a_worker_whose_event_loop_is_blocked_is_not_live(spawn_worker, connect) -> None:
     port = free_port()
     worker = spawn_worker("tests.fenced_apps:app", *health_args(port), "--stall-limit", "1.0")
@@ -97,6 +97,7 @@ async def test_a_worker_whose_event_loop_is_blocked_is_not_live(spawn_worker, co
     assert worker.stop(timeout=30) == 0
 
 
+@pytest.mark.chaos
 async def test_processes_n_answer_for_every_process(spawn_worker, connect, tmp_path) -> None:
     """With --processes N the parent answers: ready once every process is, not ready while
     they drain, not live while one of them is stuck."""
@@ -125,6 +126,7 @@ async def test_processes_n_answer_for_every_process(spawn_worker, connect, tmp_p
         assert drained.proc is not None and drained.proc.wait(30) == 0
 
 
+@pytest.mark.chaos
 async def test_a_worker_that_cannot_reach_redis_is_live_but_not_ready(spawn_worker, tmp_path) -> None:
     server = EmbeddedServer(tmp_path / "redis").start()
     try:
