@@ -27,7 +27,7 @@ import os
 import sys
 from typing import Any
 
-from . import cli_dlq, cli_status, cli_text, cli_workflows, doctor, top
+from . import cli_dlq, cli_status, cli_text, cli_workflows, doctor, health, top
 from .actor import ActorRef, App
 from .cli_run import add_debug, run_command, with_client
 from .cli_worker import cmd_worker, worker_safety_flags
@@ -137,6 +137,7 @@ def parser() -> argparse.ArgumentParser:
     w.add_argument("--dlq-max-age", type=float, default=WorkerSettings().dlq_max_age,
                    help="seconds a dead letter is kept (0: no bound; default 30 days)")  # fmt: skip
     worker_safety_flags(w)
+    health.add_arguments(w)
     w.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
     w.add_argument("--otel", choices=["console", "otlp", "none"], default=None,
                    help="export traces (default: as OTEL_TRACES_EXPORTER says; off if unset)")  # fmt: skip

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from . import processes, telemetry
+from . import health, processes, telemetry
 from .cli_run import load_app, redis_settings
 from .settings import LeaseSettings, WorkerSettings
 from .worker import Worker
@@ -32,7 +32,7 @@ _exiting: set[asyncio.Future[None]] = set()
 def cmd_worker(args: argparse.Namespace) -> int:
     load_app(args.app)  # a typo in APP fails here, once, rather than in every child
     if args.processes > 1:
-        return processes.run_parent(_child_argv(args), args.processes, args.redis)
+        return processes.run_parent(_child_argv(args), args.processes, args.redis, health.endpoint(args))
     app = load_app(args.app)
     telemetry.configure(args.otel)
     # A worker allocates many short-lived objects; with the default thresholds, full
@@ -60,7 +60,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, _on_signal, worker, sig)
         if args.parent_pid:  # a child of --processes N ends with its parent
             processes.watch_parent(args.parent_pid, lambda: loop.call_soon_threadsafe(worker.stop))
-        await worker.run()
+        with health.watching(worker, health.endpoint(args), args.health_fd):  # --health-port
+            await worker.run()
 
     log.info("worker %s starting", worker.id)
     try:

@@ -13,6 +13,7 @@ which every local user can read (a password would show in ``ps``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .health import Board, Endpoint, serving
 from .settings import URL_ENV
 
 log = logging.getLogger("actors")
@@ -43,20 +45,32 @@ class _Child:
     restart_at: float = 0.0
 
 
-def run_parent(argv: Sequence[str], processes: int, url: str | None) -> int:
+def run_parent(argv: Sequence[str], processes: int, url: str | None, health: Endpoint | None = None) -> int:
     """Start ``processes`` children running ``python -m actors.cli <argv>`` and restart any
-    that exits, until SIGTERM or SIGINT; then stop them all and wait for them."""
+    that exits, until SIGTERM or SIGINT; then stop them all and wait for them. With ``health``,
+    serve /livez and /readyz for them all (see actors/health.py)."""
     env = dict(os.environ)
     if url:
         env[URL_ENV] = url
     command = [sys.executable, "-m", "actors.cli", *argv, "--parent-pid", str(os.getpid())]
+    stopping = threading.Event()
+    if health is None:
+        return _supervise(command, env, processes, stopping, None)
+    board = Board(processes, health, stopping)
+    with serving(health, board.verdict):  # before any child: a port in use fails at once
+        return _supervise(command, env, processes, stopping, board)
 
-    def spawn() -> subprocess.Popen[bytes]:
+
+def _supervise(
+    command: list[str], env: dict[str, str], processes: int, stopping: threading.Event, board: Board | None
+) -> int:
+    def spawn(slot: int) -> subprocess.Popen[bytes]:
+        if board is not None:
+            return board.spawn(slot, command, env)
         # A session of its own: a Ctrl-C in the terminal reaches the child once, through us.
         return subprocess.Popen(command, env=env, start_new_session=True)
 
-    children = [_Child(spawn(), time.monotonic()) for _ in range(processes)]
-    stopping = threading.Event()
+    children = [_Child(spawn(slot), time.monotonic()) for slot in range(processes)]
 
     def stop(signum: int, _frame: Any) -> None:
         # Each signal goes on to every child: the first drains them, the next stops them now.
@@ -75,8 +89,8 @@ def run_parent(argv: Sequence[str], processes: int, url: str | None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     while not stopping.is_set():
-        for child in children:
-            _tend(child, spawn, stopping)
+        for slot, child in enumerate(children):
+            _tend(child, functools.partial(spawn, slot), stopping)
         stopping.wait(0.1)
     for child in children:
         if child.proc is not None:

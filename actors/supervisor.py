@@ -71,6 +71,8 @@ class Supervisor:
         """When this event loop last ran (the LeaseKeeper renews only while it is recent)."""
         self._keeper: LeaseKeeper | None = None
         """While ``run`` runs: the thread that renews the leases (the tick then does not)."""
+        self.last_tick: float | None = None
+        """When (monotonic) a tick last succeeded: heartbeat, renewals, acquisitions (health probes)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep leases until ``stop`` is set; then release them all (after draining)."""
@@ -159,6 +161,7 @@ class Supervisor:
                 self._start_release(shard)
         elif extra < 0 and not self._releasing:
             await self._acquire(-extra)
+        self.last_tick = time.monotonic()
 
     async def _renew(self) -> None:
         """Renew every held lease, draining ones included (a drain may outlast a TTL), unless

@@ -108,6 +108,17 @@ class Worker:
     def shards(self) -> list[int]:
         return sorted(self._slots)
 
+    # ---- what the health probes read (actors/health.py), from a thread of their own --------------
+    # (and ``stopping``, above)
+    @property
+    def last_tick(self) -> float | None:
+        """When (``time.monotonic()``) its supervisor last ticked successfully; None before it first did."""
+        return None if self._supervisor is None else self._supervisor.last_tick
+
+    @property
+    def held_shards(self) -> int:
+        return len(self._slots)
+
     @property
     def runners(self) -> list[ShardRunner]:
         return [slot.runner for slot in self._slots.values() if slot.runner is not None]

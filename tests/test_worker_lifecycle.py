@@ -64,7 +64,11 @@ async def test_a_worker_started_before_redis_waits_for_it(
     worker_at_info: Callable[..., WorkerProcess], namespace: str, tmp_path: Path
 ) -> None:
     port = free_port()
-    url = f"redis://127.0.0.1:{port}/0"
+    # The embedded server keeps its password in its directory: made now, so the URL knows it.
+    server_dir = tmp_path / "late-redis"
+    server_dir.mkdir(mode=0o700)
+    (server_dir / "password").write_text("late-secret\n")
+    url = f"redis://:late-secret@127.0.0.1:{port}/0"
     worker = worker_at_info(url)
     attempts = await eventually(
         lambda: len(log_lines(worker, "not reachable")) >= 3 and log_lines(worker, "not reachable")
@@ -75,7 +79,7 @@ async def test_a_worker_started_before_redis_waits_for_it(
     assert delays[:3] == sorted(delays[:3]) and delays[2] > delays[0], f"backoff grows: {attempts}"
     assert all(f"attempt {n}" in line for n, line in enumerate(attempts[:3], 1))
 
-    server = EmbeddedServer(tmp_path / "late-redis", port=port).start()
+    server = EmbeddedServer(server_dir, port=port).start()
     try:
         assert server.port == port, "the port was taken meanwhile"
         async with actors.connect(url, namespace=namespace, app=app) as client:
