@@ -34,7 +34,7 @@ from .client import Client, connect
 from .errors import ActorsError
 from .messages import Approval
 from .server import EmbeddedServer, announce, default_dir, resolve_url
-from .settings import LeaseSettings, RedisSettings, WorkerSettings
+from .settings import DURABILITY_LEVELS, LeaseSettings, RedisSettings, WorkerSettings
 
 # ---- worker ---------------------------------------------------------------------
 
@@ -226,7 +226,9 @@ def _with_client(
     url = resolve_url(settings.url, may_start=getattr(args, "starts_server", False))
 
     async def run() -> None:
-        async with connect(url, namespace=settings.namespace, app=app, record_shards=writes) as client:
+        async with connect(
+            url, namespace=settings.namespace, app=app, record_shards=writes, durability=settings.durability
+        ) as client:
             await body(client)
 
     asyncio.run(run())
@@ -243,6 +245,9 @@ def parser() -> argparse.ArgumentParser:
             "--redis", help="redis:// or rediss:// URL (default: $ACTORS_REDIS_URL, else embedded)"
         )
         sp.add_argument("--namespace", help="key prefix (default: $ACTORS_NAMESPACE, else 'actors')")
+        sp.add_argument("--durability", choices=DURABILITY_LEVELS, default=None,
+                        help="the namespace's durability level, recorded by its first user "
+                             "(default: as recorded, else everysec)")  # fmt: skip
 
     w = sub.add_parser("worker", help="run worker processes for an app")
     w.add_argument("app", help="module:attribute of an actors.App")

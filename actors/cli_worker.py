@@ -78,8 +78,10 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--shards", str(args.shards)]
     if args.otel:
         argv += ["--otel", args.otel]
+    if args.durability:
+        argv += ["--durability", args.durability]
     return argv
 
 
 def redis_settings(args: argparse.Namespace) -> RedisSettings:
-    return RedisSettings.from_env(args.redis, args.namespace)
+    return RedisSettings.from_env(args.redis, args.namespace, getattr(args, "durability", None))

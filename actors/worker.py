@@ -25,7 +25,7 @@ from .limits import Limits
 from .markers import Markers
 from .replies import ReplyListener
 from .server import resolve_url
-from .settings import DEFAULT_SHARDS, RedisSettings, WorkerSettings
+from .settings import DEFAULT_DURABILITY, DEFAULT_SHARDS, RedisSettings, WorkerSettings
 from .shard import ShardRunner
 from .store import Store, is_transient
 from .supervisor import Supervisor
@@ -79,6 +79,8 @@ class Worker:
         )  # fmt: skip
         try:
             shards = await store.shard_count(self.settings.shards, DEFAULT_SHARDS)
+            redis = self.redis_settings
+            await store.durability(redis.durability, DEFAULT_DURABILITY, redis.durability_timeout)
             await replies.start()
             markers.start()
             await limits.start()

@@ -5,7 +5,8 @@ The store speaks bytes and small typed records (``records``); encoding stays in
 (clients, scripts, errors), ``inbox`` (a shard's streams), ``commits`` (a shard's actors:
 state, the commit script, open turns, timers), ``leases`` (membership, leases and the
 LeaseKeeper thread), ``limits`` (limiters and queues), ``markers`` (idempotency markers
-whose protection has ended).
+whose protection has ended), ``durability`` and ``acks`` (the namespace's durability level,
+and the wait it adds to every write that tells someone it happened).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from redis.exceptions import ResponseError
 from ..keys import Keys
 from .commits import CommitStore
 from .connection import STALL_TIMEOUT, TRANSIENT_ERRORS, honour_cancel, is_transient, make_client
+from .durability import DurabilityStore
 from .inbox import InboxStore
 from .leases import LOOP_LAG_WARNING, LeaseKeeper, LeaseStore
 from .limits import LimitStore
@@ -46,7 +48,7 @@ __all__ = [
 ]  # fmt: skip
 
 
-class Store(InboxStore, CommitStore, LeaseStore, LimitStore, MarkerStore):
+class Store(InboxStore, CommitStore, LeaseStore, LimitStore, MarkerStore, DurabilityStore):
     """Typed access to the runtime's Redis keys for one namespace."""
 
     @classmethod

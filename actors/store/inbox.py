@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from redis.asyncio.client import Pipeline
 from redis.exceptions import ResponseError
 
 from ..codec import FIELD, replayed
@@ -17,22 +18,37 @@ from .records import CONFLICT, DeadLetter, Entry, ShardInfo, StreamRows, dead_le
 
 log = logging.getLogger("actors.store")
 
+FENCE_TTL_MS = 1_000
+"""How long a ``durable_read``'s own write lives (it only needs to be replicated or fsynced)."""
+
 
 @honours_cancel
 class InboxStore(StoreBase):
     async def append(self, shard: int, envelope: bytes) -> str:
         """XADD; a server that does not answer within STALL_TIMEOUT raises TimeoutError
-        (the outcome is then unknown: the entry may or may not be stored)."""
+        (the outcome is then unknown: the entry may or may not be stored). With a durability
+        level it returns once the level holds (DurabilityTimeout otherwise)."""
+        if self.ack.waits:
+            return (await self.append_many([(shard, envelope)]))[0]
         async with asyncio.timeout(STALL_TIMEOUT):
             entry_id = cast(bytes, await self._appender.xadd(self.keys.inbox(shard), {FIELD: envelope}))
         return str(entry_id.decode())
 
     async def append_many(self, items: Sequence[tuple[int, bytes]]) -> list[str]:
-        """Append many envelopes in one pipelined round trip, in order (bounded as ``append``)."""
-        async with asyncio.timeout(STALL_TIMEOUT), self._appender.pipeline(transaction=False) as pipe:
+        """Append many envelopes in one pipelined round trip, in order (bounded as ``append``),
+        followed on its connection by the durability level's wait, if any: one wait for all."""
+
+        def queue(pipe: Pipeline) -> None:
             for shard, envelope in items:
                 pipe.xadd(self.keys.inbox(shard), {FIELD: envelope})
-            ids = await pipe.execute()
+
+        async with asyncio.timeout(STALL_TIMEOUT + self.ack.wait_seconds):
+            if self.ack.waits:
+                ids = await self._acknowledged(self._appender, queue)
+            else:
+                async with self._appender.pipeline(transaction=False) as pipe:
+                    queue(pipe)
+                    ids = await pipe.execute()
         return [i.decode() for i in ids]
 
     async def append_once(
@@ -47,7 +63,7 @@ class InboxStore(StoreBase):
         An empty digest accepts whatever the first message held (the runtime's own keys,
         which are message or item ids).
         """
-        status, value = await self._run(
+        status, value = await self._run_acknowledged(
             "enqueue_once",
             [self.keys.inbox(shard), self.keys.idempotency(shard, actor_id, idempotency_key)],
             [envelope, message_id, ttl_ms, digest],
@@ -156,8 +172,23 @@ class InboxStore(StoreBase):
                 await asyncio.gather(pubsub.aclose(), return_exceptions=True)
 
     async def get_reply(self, shard: int, message_id: str) -> bytes | None:
+        """The stored reply to an ask (None: none yet). With a durability level, one found is
+        returned only once the level holds for the commit that stored it (``durable_read``)."""
         value = cast("bytes | None", await self.redis.get(self.keys.reply(shard, message_id)))
+        if value is not None and self.ack.waits:
+            await self.durable_read(shard)
         return value if value is None else bytes(value)
+
+    async def durable_read(self, shard: int) -> None:
+        """Return once the durability level holds for every write the caller has read on the
+        shard. WAIT and WAITAOF wait only for their own connection's writes, so this writes one
+        of its own (``Keys.fence``, gone after a second), which the server orders after what was
+        read, and waits for that."""
+
+        def queue(pipe: Pipeline) -> None:
+            pipe.set(self.keys.fence(shard), b"", px=FENCE_TTL_MS)
+
+        await self._acknowledged(self.redis, queue)
 
     async def dead_letters(self, shard: int, count: int, start: str = "-") -> list[DeadLetter]:
         found = await self.redis.xrange(self.keys.dead_letters(shard), min=start, count=count)
@@ -177,7 +208,7 @@ class InboxStore(StoreBase):
         found = await self.dead_letters(shard, 1, start=dlq_id)
         if not found or found[0].id != dlq_id:
             return None
-        new_id = await self._run(
+        new_id = await self._run_acknowledged(
             "replay_dead_letter",
             [self.keys.dead_letters(shard), self.keys.inbox(shard)],
             [dlq_id, replayed(found[0].envelope)],
