@@ -4,7 +4,6 @@ server, then waited for after every write that tells someone it happened (``acks
 from __future__ import annotations
 
 import logging
-from typing import cast
 
 from redis.exceptions import ResponseError
 
@@ -28,6 +27,8 @@ class DurabilityStore(StoreBase):
         than ``always``)."""
         meta = self.keys.meta()
         proposal = wanted or default
+        if proposal == FSYNC:  # before it is recorded: a server that cannot give it records nothing
+            await self._check_fsync()
         if proposal is not None:
             await self.redis.hsetnx(meta, LEVEL_FIELD, proposal)
         raw = await self.redis.hget(meta, LEVEL_FIELD)
@@ -38,7 +39,7 @@ class DurabilityStore(StoreBase):
                 f"process is configured with {wanted!r}; use --durability {recorded} (the durability "
                 "of a namespace cannot change)"
             )
-        if recorded == FSYNC:
+        if recorded == FSYNC and proposal != FSYNC:
             await self._check_fsync()
         self.ack = Acknowledgment(recorded, max(1, int(timeout * 1000)))
         return recorded
@@ -64,12 +65,11 @@ class DurabilityStore(StoreBase):
                 f"durability 'fsync' needs the server's AOF; WAITAOF says: {exc}"
             ) from None
         try:
-            # Our clients never decode responses: the reply maps bytes to bytes.
-            policy = cast("dict[bytes, bytes]", await self.redis.config_get("appendfsync"))
+            policy = await self.redis.config_get("appendfsync")
         except ResponseError as exc:
             log.warning("cannot read the server's appendfsync (%s); durability 'fsync' trusts WAITAOF", exc)
             return
-        fsync = policy.get(b"appendfsync", b"").decode()
+        fsync = next((_text(v) for k, v in policy.items() if _text(k) == "appendfsync"), "")
         if fsync != "always":
             raise ConfigurationError(
                 f"durability 'fsync' needs the server's `appendfsync always` (it is {fsync!r}): with "
@@ -83,3 +83,8 @@ class DurabilityStore(StoreBase):
         if "valkey_version" in info:
             return f"Valkey {info['valkey_version']}"
         return f"Redis {info.get('redis_version', 'of unknown version')}"
+
+
+def _text(value: object) -> str:
+    """A reply's key or value as text (redis-py decodes CONFIG GET's keys, not its values)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
