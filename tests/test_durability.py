@@ -84,7 +84,7 @@ async def follow(replica: EmbeddedServer, primary: EmbeddedServer) -> None:
     """Make ``replica`` a replica of ``primary`` and wait until it has synced."""
     p = aioredis.Redis.from_url(primary.url)
     try:
-        await p.config_set("repl-diskless-sync-delay", 0)  # sync at once (default: wait 5 s for more replicas)
+        await p.config_set("repl-diskless-sync-delay", 0)  # sync now, not after 5 s waiting for more
     finally:
         await p.aclose()
     r = aioredis.Redis.from_url(replica.url)
