@@ -43,6 +43,11 @@ class Client:
         self.messages = messages
         self._replies: ReplyListener | None = None
 
+    @property
+    def durability(self) -> str:
+        """The namespace's durability level, as Redis records it (see ``connect``)."""
+        return self.store.ack.level
+
     async def send(self, ref: ActorRef[Any], msg: BaseModel, *, idempotency_key: str | None = None) -> str:
         """Send ``msg`` to ``ref``; returns its message id once it is stored in Redis.
 

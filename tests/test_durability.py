@@ -159,9 +159,9 @@ async def test_the_level_is_recorded_once_and_another_one_is_refused(
     redis_url: str, namespace: str, start_worker: Callable[..., Any]
 ) -> None:
     async with actors.connect(redis_url, namespace=namespace, durability="replica") as client:
-        assert client.store.ack.level == "replica"
+        assert client.durability == "replica"
     async with actors.connect(redis_url, namespace=namespace) as client:  # no level: the record's
-        assert client.store.ack.level == "replica"
+        assert client.durability == "replica"
         assert await client.store.redis.hget(client.store.keys.meta(), "durability") == b"replica"
     with pytest.raises(ConfigurationError, match=r"records durability 'replica'.*--durability replica"):
         async with actors.connect(redis_url, namespace=namespace, durability="everysec"):
@@ -175,7 +175,7 @@ async def test_a_namespace_records_everysec_by_default_and_adds_no_wait(
     redis_url: str, namespace: str
 ) -> None:
     async with actors.connect(redis_url, namespace=namespace) as client:
-        assert client.store.ack.level == "everysec" and not client.store.ack.waits
+        assert client.durability == "everysec" and not client.store.ack.waits
         assert await client.store.redis.hget(client.store.keys.meta(), "durability") == b"everysec"
 
 
@@ -203,7 +203,7 @@ async def test_fsync_is_refused_by_a_server_that_fsyncs_every_second(redis_url: 
         async with actors.connect(redis_url, namespace=namespace, durability="fsync"):
             pass
     async with actors.connect(redis_url, namespace=namespace) as client:
-        assert client.store.ack.level == "everysec"
+        assert client.durability == "everysec"
 
 
 async def test_fsync_is_refused_without_waitaof_or_without_aof(tmp_path: Path, namespace: str) -> None:
