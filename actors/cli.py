@@ -34,7 +34,7 @@ from .cli_worker import cmd_worker, worker_safety_flags
 from .client import Client
 from .codec import validate_json
 from .server import EmbeddedServer, announce, default_dir, resolve_url
-from .settings import LeaseSettings, RedisSettings, WorkerSettings
+from .settings import DURABILITY_LEVELS, LeaseSettings, RedisSettings, WorkerSettings
 
 
 # ---- messages ---------------------------------------------------------------------
@@ -112,6 +112,9 @@ def parser() -> argparse.ArgumentParser:
             "--redis", help="redis:// or rediss:// URL (default: $ACTORS_REDIS_URL, else embedded)"
         )
         sp.add_argument("--namespace", help="key prefix (default: $ACTORS_NAMESPACE, else 'actors')")
+        sp.add_argument("--durability", choices=DURABILITY_LEVELS, default=None,
+                        help="the namespace's durability level, recorded by its first user "
+                             "(default: as recorded, else everysec)")  # fmt: skip
 
     w = sub.add_parser("worker", help="run worker processes for an app")
     w.add_argument("app", help="module:attribute of an actors.App")

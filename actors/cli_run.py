@@ -52,7 +52,7 @@ def load_app(spec: str) -> App:
 
 
 def redis_settings(args: argparse.Namespace) -> RedisSettings:
-    return RedisSettings.from_env(args.redis, args.namespace)
+    return RedisSettings.from_env(args.redis, args.namespace, getattr(args, "durability", None))
 
 
 def with_client(
@@ -67,7 +67,9 @@ def with_client(
     url = resolve_url(settings.url, may_start=getattr(args, "starts_server", False))
 
     async def run() -> None:
-        async with connect(url, namespace=settings.namespace, app=app, record_shards=writes) as client:
+        async with connect(
+            url, namespace=settings.namespace, app=app, record_shards=writes, durability=settings.durability
+        ) as client:
             await body(client)
 
     asyncio.run(run())

@@ -118,6 +118,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
                                    ("--allow-eviction", args.allow_eviction)) if on]  # fmt: skip
     if args.connect_timeout:
         argv += ["--connect-timeout", str(args.connect_timeout)]
+    if args.durability:
+        argv += ["--durability", args.durability]
     return argv
 
 

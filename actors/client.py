@@ -1,6 +1,7 @@
 """Talking to actors from outside: send, ask, and read state.
 
-``send`` returns once the message is in Redis (and so, with AOF, durable).
+``send`` returns once the message is in Redis, durable as the namespace's level says
+(``RedisSettings.durability``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from .queues import QueueItem, enqueue_from_client
 from .replies import ReplyListener, reply_value
 from .routing import check_idempotency_key, route, route_control, shard_of
 from .server import resolve_url
-from .settings import DEFAULT_SHARDS, MessageSettings, RedisSettings, check_seconds, check_shard_count
+from .settings import (
+    DEFAULT_DURABILITY,
+    DEFAULT_SHARDS,
+    Durability,
+    MessageSettings,
+    RedisSettings,
+    check_seconds,
+    check_shard_count,
+)
 from .store import DeadLetter, KeyedAppend, Store
 
 BatchItem = tuple[ActorRef[Any], BaseModel] | tuple[ActorRef[Any], BaseModel, str | None]
@@ -45,6 +54,11 @@ class Client:
         self.app = app
         self.messages = messages
         self._replies: ReplyListener | None = None
+
+    @property
+    def durability(self) -> str:
+        """The namespace's durability level, as Redis records it (see ``connect``)."""
+        return self.store.ack.level
 
     async def send(self, ref: ActorRef[Any], msg: BaseModel, *, idempotency_key: str | None = None) -> str:
         """Send ``msg`` to ``ref``; returns its message id once it is stored in Redis.
@@ -353,20 +367,30 @@ async def connect(
     shards: int | None = None,
     messages: MessageSettings | None = None,
     record_shards: bool = True,
+    durability: Durability | None = None,
+    durability_timeout: float | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to the runtime's Redis.
 
     ``url=None`` uses ``ACTORS_REDIS_URL`` if set, else the project's embedded
     server (started if needed). The shard count is read from Redis; ``shards``
     (default 16) is recorded if nothing is yet (unless ``record_shards`` is False,
-    for read-only tools), and must match the record otherwise.
+    for read-only tools), and must match the record otherwise. So is the namespace's
+    ``durability`` level (``everysec``, ``fsync`` or ``replica``; see ``RedisSettings``):
+    a send returns once it holds, or raises DurabilityTimeout after ``durability_timeout``
+    seconds (default 5).
     """
     if shards is not None:
         check_shard_count(shards)
-    settings = RedisSettings.from_env(url, namespace)
+    settings = RedisSettings.from_env(url, namespace, durability)
+    if durability_timeout is not None:
+        settings = RedisSettings(**{**settings.model_dump(), "durability_timeout": durability_timeout})
     store = Store.from_url(resolve_url(settings.url), settings.namespace)
     try:
         count = await store.shard_count(shards, DEFAULT_SHARDS if record_shards else None)
+        await store.durability(
+            settings.durability, DEFAULT_DURABILITY if record_shards else None, settings.durability_timeout
+        )
     except BaseException:
         await store.close()
         raise

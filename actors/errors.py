@@ -165,6 +165,15 @@ class TurnCancelled(ActorsError):
     dead-lettered with reason ``cancelled``, and an asker gets a HandlerError."""
 
 
+class DurabilityTimeout(ActorsError, TimeoutError):
+    """A write was applied by the server, but the namespace's durability level was not reached
+    within ``RedisSettings.durability_timeout``: with ``fsync`` the server did not report its
+    AOF fsynced (``WAITAOF``), with ``replica`` no replica acknowledged it (``WAIT``; none may be
+    connected). Its outcome is unknown, as after a lost connection: the message may still be
+    handled, or lost with the server; retry with an idempotency key. A worker whose commit
+    fails so restarts the shard's runner from Redis."""
+
+
 class Diverged(ActorsError):
     """A shard runner's memory disagrees with its inbox in Redis (the entries it meant to
     take were not the next ones); the runner starts afresh from Redis."""

@@ -128,6 +128,11 @@ class Keys:
         """string with TTL: the encoded reply to an ``ask`` (kept for late readers)."""
         return f"{self._tag(shard)}:reply:{message_id}"
 
+    def fence(self, shard: int) -> str:
+        """string, PX 1 s: written by a process of a namespace with a durability level that read
+        a stored reply of the shard, so that its WAIT / WAITAOF covers the commit it read."""
+        return f"{self._tag(shard)}:fence"
+
     def deliveries(self, shard: int) -> str:
         """hash: actor id -> ``<delivery>#<n>``: a recovered turn was started ``n`` times
         without ending (its worker died, exited or lost the lease mid-turn); deleted when

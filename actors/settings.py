@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -17,6 +18,14 @@ MAX_SHARDS = 4096
 URL_ENV = "ACTORS_REDIS_URL"
 NAMESPACE_ENV = "ACTORS_NAMESPACE"
 
+Durability = Literal["everysec", "fsync", "replica"]
+"""When a write that tells someone it happened (a send, a turn's commit) is acknowledged:
+``everysec`` once the server applied it (its AOF is fsynced every second: a crash of the
+server's machine can lose the last second or two), ``fsync`` once the server's AOF holds it
+on disk (``WAITAOF 1 0``), ``replica`` once at least one replica has it (``WAIT 1``)."""
+DURABILITY_LEVELS: tuple[Durability, ...] = ("everysec", "fsync", "replica")
+DEFAULT_DURABILITY: Durability = "everysec"
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -27,13 +36,23 @@ class RedisSettings(_Frozen):
 
     url: str | None = None
     namespace: str = Field(default="actors", pattern=r"^[A-Za-z0-9_.\-]+$")
+    durability: Durability | None = None
+    """The namespace's durability level (see ``Durability``), recorded in Redis like the shard
+    count by the first process that uses the namespace; every later one must name the same
+    level or None (then it follows the record; ``everysec`` if there is none yet)."""
+    durability_timeout: float = Field(default=5.0, gt=0)
+    """Seconds a write waits for the level (an fsync, a replica's acknowledgement) before it
+    fails with ``DurabilityTimeout`` (the write was applied; its durability is unknown)."""
 
     @classmethod
-    def from_env(cls, url: str | None = None, namespace: str | None = None) -> RedisSettings:
+    def from_env(
+        cls, url: str | None = None, namespace: str | None = None, durability: Durability | None = None
+    ) -> RedisSettings:
         """Explicit arguments win over ``ACTORS_REDIS_URL`` / ``ACTORS_NAMESPACE``."""
         return cls(
             url=url or os.environ.get(URL_ENV) or None,
             namespace=namespace or os.environ.get(NAMESPACE_ENV) or "actors",
+            durability=durability,
         )
 
 

@@ -27,7 +27,7 @@ from .limits import Limits
 from .markers import Markers
 from .replies import ReplyListener
 from .server import resolve_url
-from .settings import DEFAULT_SHARDS, RedisSettings, WorkerSettings, redact_url
+from .settings import DEFAULT_DURABILITY, DEFAULT_SHARDS, RedisSettings, WorkerSettings, redact_url
 from .shard import ShardRunner
 from .store import InboxReader, Store, error_reason, is_refusal, is_transient
 from .supervisor import Supervisor
@@ -144,6 +144,8 @@ class Worker:
             shards = await self._first_contact(store)
             if shards is None:
                 return  # stopped while waiting for Redis
+            redis = self.redis_settings
+            await store.durability(redis.durability, DEFAULT_DURABILITY, redis.durability_timeout)
             await replies.start()
             markers.start()
             await limits.start()

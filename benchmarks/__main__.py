@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE = ["throughput", "latency", "shards", "failover", "workflows", "limits", "peers"]
+SUITE = ["throughput", "latency", "shards", "durability", "failover", "workflows", "limits", "peers"]
 """In this order; ``peers`` prints why it skips a system whose package is missing."""
 
 

@@ -94,6 +94,20 @@ def test_shards(tmp_path: Path) -> None:
     assert "64 shards" in out and "floor" in out
 
 
+def test_durability(tmp_path: Path) -> None:
+    out, data = run_benchmark(
+        "durability", "--messages", "300", "--actors", "20", "--sends", "30", "--asks", "10",
+        json_path=tmp_path / "durability.json",
+    )  # fmt: skip
+    results = data["results"]
+    assert set(results) == {"everysec", "fsync", "replica"}
+    for level, figures in results.items():
+        assert {"drain", "send_many", "floor_xadd"} <= set(figures["rates"]), level
+        assert {"send", "ask", "floor_xadd"} <= set(figures["latency"]), level
+        assert ("floor_xadd_wait" in figures["latency"]) == (level != "everysec"), level
+    assert data["everysec_waitaof"]["p50_ms"] > 0 and "WAITAOF 1 0 on the everysec server" in out
+
+
 def test_failover(tmp_path: Path) -> None:
     out, data = run_benchmark(
         "failover", "--kills", "1", "--terms", "1", "--lease-ttl", "1.0", "--renew-interval", "0.2",
@@ -165,7 +179,7 @@ def test_suite_command_lists_every_benchmark(tmp_path: Path) -> None:
     command line is checked here; each benchmark it runs is checked above at a tiny size."""
     out, _ = run_benchmark("__main__", "--help", json_path=None)
     assert "usage: python -m benchmarks" in out and "throughput, latency" in out
-    tested = {"throughput", "latency", "shards", "failover", "workflows", "limits", "peers"}
+    tested = {"throughput", "latency", "shards", "durability", "failover", "workflows", "limits", "peers"}
     assert set(SUITE) == tested, "a benchmark was added or renamed: give it a smoke test here"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "nosuch", "--results", str(tmp_path)],

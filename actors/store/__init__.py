@@ -6,8 +6,10 @@ The store speaks bytes and small typed records (``records``); encoding stays in
 state, the commit script, open turns, timers), ``leases`` (membership, leases and the
 LeaseKeeper thread), ``limits`` (limiters and queues), ``markers`` (idempotency markers
 whose protection has ended), ``namespace`` (the app each worker serves), ``health`` (the
-server and the user's rights, for a starting worker and ``doctor``). ``reader`` is a worker's
-blocking inbox reads, many shards in one ``XREAD``, on connections of its own (``InboxReader``).
+server and the user's rights, for a starting worker and ``doctor``), ``durability`` and ``acks``
+(the namespace's durability level, and the wait it adds to every write that tells someone it
+happened). ``reader`` is a worker's blocking inbox reads, many shards in one ``XREAD``, on
+connections of its own (``InboxReader``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .connection import (
     is_transient,
     make_client,
 )
+from .durability import DurabilityStore
 from .health import NO_USER, RUNTIME_COMMANDS, HealthStore, Refusal, acl_rules
 from .inbox import InboxStore
 from .leases import LOOP_LAG_WARNING, LeaseKeeper, LeaseStore
@@ -66,7 +69,7 @@ __all__ = [
 
 
 class Store(InboxStore, CommitStore, LeaseStore, LimitStore, MarkerStore, NamespaceStore, HealthStore,
-            WorkStore):  # fmt: skip
+            WorkStore, DurabilityStore):  # fmt: skip
     """Typed access to the runtime's Redis keys for one namespace."""
 
     @classmethod

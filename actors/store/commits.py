@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
@@ -9,8 +10,10 @@ import msgpack  # type: ignore[import-untyped]  # msgpack ships no type informat
 
 from ..codec import decode_envelope
 from ..errors import DecodeError
-from .connection import StoreBase, honours_cancel
-from .records import LoadedActor, StoredTurn, Take, Write
+from .connection import StoreBase, honours_cancel, is_transient
+from .records import DUPLICATE, LoadedActor, StoredTurn, Take, Write
+
+log = logging.getLogger("actors.store")
 
 
 @honours_cancel
@@ -56,11 +59,16 @@ class CommitStore(StoreBase):
 
         Raises LeaseLost if the lease is not held at ``lease`` (nothing is taken or written),
         Diverged if the entries to take are not the next ones in the group (no write is
-        applied; what the script's read took stays pending, for the restarted runner).
+        applied; what the script's read took stays pending, for the restarted runner). With a
+        durability level it returns once the level holds for the batch, and only then are its
+        replies published; DurabilityTimeout if it does not hold in time (the batch is applied).
         """
         k = self.keys
         keys = [k.lease(shard), k.inbox(shard), k.state(shard), k.outbox(shard)]
         keys += [k.turns(shard), k.timers(shard), k.dead_letters(shard), k.deliveries(shard)]
+        # With a durability level an asker must not hear of a commit before it is durable: the
+        # script stores the replies, and they are published once the level holds (below).
+        publish_late = self.ack.waits
         values: list[Any] = []
         idle: dict[str, int] = {}  # actor type -> KEYS position of its idle set
         for w in writes:
@@ -83,7 +91,8 @@ class CommitStore(StoreBase):
                 if w.reply_marker is not None:
                     keys.append(w.reply_marker)
                 marker_index = len(keys) if w.reply_marker is not None else 0
-                effects.append(["Y", reply_index, marker_index, w.reply_channel or "", w.reply])
+                channel = "" if publish_late else w.reply_channel or ""
+                effects.append(["Y", reply_index, marker_index, channel, w.reply])
             if w.op == "j":
                 keys.append(k.journal(shard, w.actor_id))
                 effects.append(["J", w.open_turn, w.score, len(keys), w.journal_keep,
@@ -106,8 +115,30 @@ class CommitStore(StoreBase):
         packed = msgpack.packb(values, use_bin_type=False)
         taking = [take.consumer, take.newest, take.count] if take else ["", "", 0]
         args = [lease, reply_ttl_ms, len(writes), packed, *taking, dead_letters_max]
-        results = await self._run("commit", keys, args)
-        return [int(r) for r in results]
+        results = [int(r) for r in await self._run_acknowledged("commit", keys, args)]
+        if publish_late:
+            await self._publish_replies(
+                [(w.reply_channel, w.reply) for w, r in zip(writes, results, strict=True)
+                 if r != DUPLICATE and w.reply_key is not None and w.reply_channel]
+            )  # fmt: skip
+        return results
+
+    async def _publish_replies(self, replies: Sequence[tuple[str, bytes]]) -> None:
+        """Publish the replies of durable commits, best effort like the script's own publish: an
+        asker that misses one reads the stored reply (``get_reply``) within a second."""
+        if not replies:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for channel, reply in replies:
+                    pipe.publish(channel, reply)
+                await pipe.execute(raise_on_error=False)  # a refused channel (ACL) refuses only its reply
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning(
+                "could not publish %d replies (%r); their askers read them from Redis", len(replies), exc
+            )
 
     def _idle_index(self, shard: int, actor_id: str, keys: list[str], idle: dict[str, int]) -> int:
         """The KEYS position of the idle set of the actor's type (added to ``keys`` once per batch)."""

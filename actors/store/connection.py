@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
@@ -24,6 +25,7 @@ from redis.exceptions import (
     AuthenticationWrongNumberOfArgsError,
     AuthorizationError,
     NoPermissionError,
+    NoScriptError,
     RedisError,
     ResponseError,
 )
@@ -33,6 +35,7 @@ from redis.typing import EncodableT
 
 from ..errors import Diverged, LeaseLost
 from ..keys import Keys
+from .acks import Acknowledgment
 
 log = logging.getLogger("actors.store")
 
@@ -177,6 +180,9 @@ class StoreBase:
         self.url = url
         """Where the clients connect, if known (a LeaseKeeper needs it)."""
         self._scripts = {name: client.register_script(script_text(name)) for name in SCRIPTS}
+        self.ack = Acknowledgment()
+        """What a write that tells someone it happened waits for: the namespace's durability
+        level (``DurabilityStore.durability``; nothing until then)."""
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -195,11 +201,45 @@ class StoreBase:
         try:
             return await self._scripts[name](keys=list(keys), args=list(args), client=client)
         except ResponseError as exc:
-            if str(exc).startswith("FENCED"):
-                raise LeaseLost(f"{name} refused: {keys[0]} is no longer held at {args[0]!r}") from None
-            if str(exc).startswith("DIVERGED"):
-                raise Diverged(f"{name} refused: {exc}") from None
-            raise
+            raise _script_error(name, exc, keys, args) from None
+
+    async def _run_acknowledged(
+        self, name: str, keys: Sequence[str], args: Sequence[Any], client: aioredis.Redis | None = None
+    ) -> Any:
+        """``_run`` for a script whose write tells someone it happened: with a durability level,
+        the level's wait follows it on its connection (``_acknowledged``)."""
+        if not self.ack.waits:
+            return await self._run(name, keys, args, client)
+        script, target = self._scripts[name], client or self.redis
+
+        def call(pipe: Pipeline) -> None:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+        try:
+            try:
+                [result] = await self._acknowledged(target, call)
+            except NoScriptError:  # the server lost it (a restart): the script did not run
+                await target.script_load(script.script)
+                [result] = await self._acknowledged(target, call)
+        except ResponseError as exc:
+            raise _script_error(name, exc, keys, args) from None
+        return result
+
+    async def _acknowledged(self, client: aioredis.Redis, queue: Callable[[Pipeline], object]) -> list[Any]:
+        """Send the commands ``queue`` adds and then the durability level's wait in one pipeline,
+        so on one connection; returns the commands' replies once the wait says the level holds
+        (the first error among them raised; DurabilityTimeout if the level was not reached)."""
+        async with client.pipeline(transaction=False) as pipe:
+            queued = queue(pipe)
+            if inspect.isawaitable(queued):  # a script call in a pipeline is queued by awaiting it
+                await queued
+            self.ack.queue(pipe)
+            *replies, waited = await pipe.execute(raise_on_error=False)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        self.ack.check(waited)
+        return replies
 
     def new_connection(self) -> AbstractConnection:
         """A connection outside the pools, made as the non-retrying client makes its own (same
@@ -217,6 +257,15 @@ POOL_CONNECTIONS = 32
 reads have connections of their own, ``reader.py``), so a few dozen serve any number of shards;
 a burst of calls beyond them (a thousand shards' runners at once) waits its turn instead of
 opening a connection each and keeping it."""
+
+
+def _script_error(name: str, exc: ResponseError, keys: Sequence[str], args: Sequence[Any]) -> Exception:
+    """A fenced script's FENCED (its first key is the lease) as LeaseLost, DIVERGED as Diverged."""
+    if str(exc).startswith("FENCED"):
+        return LeaseLost(f"{name} refused: {keys[0]} is no longer held at {args[0]!r}")
+    if str(exc).startswith("DIVERGED"):
+        return Diverged(f"{name} refused: {exc}")
+    return exc
 
 
 def make_client(url: str, retries: int) -> aioredis.Redis:

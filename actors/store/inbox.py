@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from redis.asyncio.client import Pipeline
 from redis.exceptions import NoPermissionError, ResponseError
 
 from ..codec import FIELD, replayed
@@ -29,23 +30,31 @@ LISTEN_RETRY_MAX = 2.0
 
 log = logging.getLogger("actors.store")
 
+FENCE_TTL_MS = 1_000
+"""How long a ``durable_read``'s own write lives (it only needs to be replicated or fsynced)."""
+
 
 @honours_cancel
 class InboxStore(StoreBase):
     async def append(self, shard: int, envelope: bytes) -> str:
         """XADD; a server that does not answer within STALL_TIMEOUT raises TimeoutError
-        (the outcome is then unknown: the entry may or may not be stored)."""
+        (the outcome is then unknown: the entry may or may not be stored). With a durability
+        level it returns once the level holds (DurabilityTimeout otherwise)."""
+        if self.ack.waits:
+            return (await self.append_many([(shard, envelope)]))[0]
         async with asyncio.timeout(STALL_TIMEOUT):
             entry_id = cast(bytes, await self._appender.xadd(self.keys.inbox(shard), {FIELD: envelope}))
         return str(entry_id.decode())
 
     async def append_many(self, items: Sequence[tuple[int, bytes] | KeyedAppend]) -> list[str]:
-        """Append many envelopes in one pipelined round trip, in order (bounded as ``append``).
+        """Append many envelopes in one pipelined round trip, in order (bounded as ``append``),
+        followed on its connection by the durability level's wait, if any: one wait for all.
         A ``KeyedAppend`` goes through ``enqueue_once.lua`` as in ``append_once``: its id is its
         entry id when appended, else the first message's id. A conflicting key raises
         IdempotencyConflict once the batch has run (the batch is not atomic: the others went)."""
         once = self._scripts["enqueue_once"]
-        async with asyncio.timeout(STALL_TIMEOUT), self._appender.pipeline(transaction=False) as pipe:
+
+        async def queue(pipe: Pipeline) -> None:
             for item in items:
                 if isinstance(item, KeyedAppend):
                     marker = self.keys.idempotency(item.shard, item.actor_id, item.key)
@@ -53,7 +62,14 @@ class InboxStore(StoreBase):
                     await once(keys=[self.keys.inbox(item.shard), marker], args=args, client=pipe)
                 else:
                     pipe.xadd(self.keys.inbox(item[0]), {FIELD: item[1]})
-            replies = await pipe.execute()
+
+        async with asyncio.timeout(STALL_TIMEOUT + self.ack.wait_seconds):
+            if self.ack.waits:
+                replies = await self._acknowledged(self._appender, queue)
+            else:
+                async with self._appender.pipeline(transaction=False) as pipe:
+                    await queue(pipe)
+                    replies = await pipe.execute()
         ids: list[str] = []
         conflict: IdempotencyConflict | None = None
         for item, reply in zip(items, replies, strict=True):
@@ -80,7 +96,7 @@ class InboxStore(StoreBase):
         An empty digest accepts whatever the first message held (the runtime's own keys,
         which are message or item ids).
         """
-        status, value = await self._run(
+        status, value = await self._run_acknowledged(
             "enqueue_once",
             [self.keys.inbox(shard), self.keys.idempotency(shard, actor_id, idempotency_key)],
             [envelope, message_id, ttl_ms, digest],
@@ -190,8 +206,23 @@ class InboxStore(StoreBase):
                 await asyncio.gather(pubsub.aclose(), return_exceptions=True)
 
     async def get_reply(self, shard: int, message_id: str) -> bytes | None:
+        """The stored reply to an ask (None: none yet). With a durability level, one found is
+        returned only once the level holds for the commit that stored it (``durable_read``)."""
         value = cast("bytes | None", await self.redis.get(self.keys.reply(shard, message_id)))
+        if value is not None and self.ack.waits:
+            await self.durable_read(shard)
         return value if value is None else bytes(value)
+
+    async def durable_read(self, shard: int) -> None:
+        """Return once the durability level holds for every write the caller has read on the
+        shard. WAIT and WAITAOF wait only for their own connection's writes, so this writes one
+        of its own (``Keys.fence``, gone after a second), which the server orders after what was
+        read, and waits for that."""
+
+        def queue(pipe: Pipeline) -> None:
+            pipe.set(self.keys.fence(shard), b"", px=FENCE_TTL_MS)
+
+        await self._acknowledged(self.redis, queue)
 
     async def dead_letters(self, shard: int, count: int, start: str = "-") -> list[DeadLetter]:
         found = await self.redis.xrange(self.keys.dead_letters(shard), min=start, count=count)
@@ -214,7 +245,7 @@ class InboxStore(StoreBase):
         found = await self.dead_letters(shard, 1, start=dlq_id)
         if not found or found[0].id != dlq_id:
             return None
-        new_id = await self._run(
+        new_id = await self._run_acknowledged(
             "replay_dead_letter",
             [self.keys.dead_letters(shard), self.keys.inbox(shard)],
             [dlq_id, replayed(found[0].envelope)],

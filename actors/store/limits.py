@@ -77,7 +77,7 @@ class LimitStore(StoreBase):
             f"{QUEUED}{name}",
             seen_ttl_ms,
         ]
-        queued, holder = await self._run("queue_enqueue", keys, args)
+        queued, holder = await self._run_acknowledged("queue_enqueue", keys, args)
         return bool(queued), holder.decode()
 
     async def queue_dispatch(
