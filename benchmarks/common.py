@@ -178,6 +178,18 @@ class Workers:
                     f"worker {p.pid} exited with {p.returncode}; {self.log}:\n{self.log_tail()}"
                 )
 
+    def rss_mib(self) -> list[float]:
+        """Resident memory of each worker process (MiB), from /proc; 0 where unreadable."""
+        sizes = []
+        for p in self.procs:
+            try:
+                status = Path(f"/proc/{p.pid}/status").read_text()
+                kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+            except (OSError, StopIteration, ValueError):
+                kib = 0
+            sizes.append(kib / 1024)
+        return sizes
+
     def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:

@@ -82,18 +82,6 @@ app = actors.App(Order, Tally)
 APP_SPEC = "benchmarks.soak:app"
 
 
-def rss_mib(workers: Workers) -> list[float]:
-    sizes = []
-    for p in workers.procs:
-        try:
-            status = Path(f"/proc/{p.pid}/status").read_text()
-            kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-        except (OSError, StopIteration, ValueError):
-            kib = 0
-        sizes.append(kib / 1024)
-    return sizes
-
-
 async def finished(client: actors.Client) -> int:
     states = [await client.state(Tally.ref(str(i))) for i in range(TALLIES)]
     return sum(s.finished for s in states if s is not None)
@@ -129,7 +117,7 @@ class Samples:
 
     async def take(self, r: aioredis.Redis, workers: Workers, done: int) -> dict[str, Any]:
         row = {"t": time.monotonic() - self.started, "done": done, "used_memory": await used_memory(r),
-               "rss_mib": rss_mib(workers)}  # fmt: skip
+               "rss_mib": workers.rss_mib()}  # fmt: skip
         self.rows.append(row)
         return row
 

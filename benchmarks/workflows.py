@@ -198,18 +198,6 @@ class PartWorkers(Workers):
             "errors": sum(" ERROR " in line for line in lines),
         }
 
-    def rss_mib(self) -> list[float]:
-        """Resident memory of each worker process (MiB), from /proc; 0 where unreadable."""
-        sizes = []
-        for p in self.procs:
-            try:
-                status = Path(f"/proc/{p.pid}/status").read_text()
-                kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-            except (OSError, StopIteration, ValueError):
-                kib = 0
-            sizes.append(kib / 1024)
-        return sizes
-
 
 def spawn_workers(url: str, ns: str, count: int, log: Path) -> PartWorkers:
     return PartWorkers.spawn(worker_argv(APP_SPEC, url, ns), count, log)
