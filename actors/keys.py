@@ -133,6 +133,11 @@ class Keys:
         a stored reply of the shard, so that its WAIT / WAITAOF covers the commit it read."""
         return f"{self._tag(shard)}:fence"
 
+    def handover(self, shard: int) -> str:
+        """set: inbox entries the last owner took and never started (a graceful drain left them
+        pending): the next owner's runner takes them as fresh messages, and deletes the set."""
+        return f"{self._tag(shard)}:handover"
+
     def deliveries(self, shard: int) -> str:
         """hash: actor id -> ``<delivery>#<n>``: a recovered turn was started ``n`` times
         without ending (its worker died, exited or lost the lease mid-turn); deleted when

@@ -28,7 +28,8 @@ log = logging.getLogger("actors.supervisor")
 
 OnAcquired = Callable[[Lease], None]
 OnLost = Callable[[int], None]
-OnRelease = Callable[[int], Awaitable[None]]
+OnRelease = Callable[[int], Awaitable[list[str]]]
+"""Drains a shard; returns the inbox entries it leaves that no one started (handed over)."""
 
 
 class Supervisor:
@@ -207,11 +208,16 @@ class Supervisor:
 
     async def _release(self, shard: int) -> None:
         try:
-            await self._on_release(shard)
+            fresh = await self._on_release(shard)
             lease = self.held.pop(shard, None)
             if lease is not None:
-                await self.store.release_lease(shard, lease.value)
-                log.info("released shard %s (epoch %s)", shard, lease.epoch)
+                await self.store.release_lease(shard, lease.value, fresh)
+                log.info(
+                    "released shard %s (epoch %s), %d never-started entries handed over",
+                    shard,
+                    lease.epoch,
+                    len(fresh),
+                )
         except Exception as exc:
             if not is_transient(exc):
                 log.exception("releasing shard %s failed", shard)

@@ -265,13 +265,16 @@ class Worker:
         if slot is not None and slot.task is not None:
             slot.task.cancel()
 
-    async def _drain_shard(self, shard: int) -> None:
+    async def _drain_shard(self, shard: int) -> list[str]:
+        """Drain the shard's runner; returns the inbox entries it leaves to the next owner
+        that no one started (``ShardRunner.handed_over``)."""
         slot = self._slots.get(shard)
         if slot is None or slot.task is None:
-            return
+            return []
         slot.draining = True
-        if slot.runner is not None:
-            slot.runner.drain()
+        runner = slot.runner  # the slot forgets its runner once the runner has ended
+        if runner is not None:
+            runner.drain()
         try:
             await asyncio.wait_for(asyncio.shield(slot.task), timeout=self.shutdown_grace)
         except TimeoutError:
@@ -288,6 +291,7 @@ class Worker:
         self._stop_shard(shard)
         with contextlib.suppress(asyncio.CancelledError):
             await slot.task
+        return [] if runner is None else runner.handed_over
 
     async def _run_shard(self, slot: _Slot) -> None:
         assert self._services is not None

@@ -21,7 +21,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE = ["throughput", "latency", "shards", "durability", "failover", "workflows", "limits", "peers"]
+SUITE = [
+    "throughput", "latency", "shards", "durability", "failover", "elastic", "workflows", "journal", "soak",
+    "limits", "peers",
+]  # fmt: skip
 """In this order; ``peers`` prints why it skips a system whose package is missing."""
 
 

@@ -179,7 +179,8 @@ def test_suite_command_lists_every_benchmark(tmp_path: Path) -> None:
     command line is checked here; each benchmark it runs is checked above at a tiny size."""
     out, _ = run_benchmark("__main__", "--help", json_path=None)
     assert "usage: python -m benchmarks" in out and "throughput, latency" in out
-    tested = {"throughput", "latency", "shards", "durability", "failover", "workflows", "limits", "peers"}
+    tested = {"throughput", "latency", "shards", "durability", "failover", "elastic", "workflows",
+              "journal", "soak", "limits", "peers"}  # fmt: skip
     assert set(SUITE) == tested, "a benchmark was added or renamed: give it a smoke test here"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "nosuch", "--results", str(tmp_path)],
@@ -213,3 +214,13 @@ def test_soak(tmp_path: Path) -> None:
     assert result["workflows"] == 200 and result["floor_msgs_per_s"] > 0
     assert "state" in result["keys_left"] and "Redis used_memory" in out
     assert not any(kind in result["keys_left"] for kind in ("turns", "journal", "idem", "reply")), result
+
+
+def test_elastic(tmp_path: Path) -> None:
+    out, data = run_benchmark(
+        "elastic", "--rate", "300", "--actors", "20", "--join", "1", "--leave", "2", "--duration", "3",
+        json_path=tmp_path / "elastic.json",
+    )  # fmt: skip
+    result = data["results"]
+    assert "== N" in result["verdict"] and result["handovers"] > 0, result["verdict"]
+    assert {"p50", "p99", "max"} <= set(result["handover_ms"]) and "floor" in out

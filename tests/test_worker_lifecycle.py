@@ -257,3 +257,27 @@ def _ask_queued(worker: Worker) -> bool:
         if act is not None and any(q.envelope.type == "Answer" for q in act.queue):
             return True
     return False
+
+
+async def test_a_graceful_drain_hands_its_read_ahead_over_as_fresh_messages(
+    worker_at_info: Callable[..., WorkerProcess], redis_url: str, connect: Callable[..., Any]
+) -> None:
+    """The messages a drain leaves pending (read ahead, never started) are not recovered
+    turns for the next owner: it counts no start of theirs (no ``deliveries`` field, two round
+    trips each) and runs them as the fresh messages they are, each once."""
+    leaving = worker_at_info(redis_url, "--shards", "1", "--grace", "30")
+    async with connect(app=app, shards=1) as client:
+        ref = Counter.ref("napper")
+        await client.send_many([(ref, Nap(seconds=0.05)) for _ in range(100)])
+        await eventually(lambda: _total(client, ref, at_least=3), timeout=30)
+        leaving.signal(signal.SIGTERM)
+        assert leaving.proc is not None and leaving.proc.wait(timeout=30) == 0
+        assert (await client.store.shard_info(0)).pending > 20, "the drain left its read-ahead pending"
+
+        worker_at_info(redis_url, "--shards", "1")
+        deliveries, counted = client.store.keys.deliveries(0), 0
+        while await _total(client, ref, at_least=0) < 100:
+            counted = max(counted, await client.store.redis.hlen(deliveries))
+            await asyncio.sleep(0.005)
+        assert counted == 0, "the next owner counted the starts of messages no one had started"
+        assert await client.ask(ref, Get(), timeout=30) == Total(total=100), "each nap once"

@@ -1,9 +1,19 @@
--- Give a lease up at once (graceful shutdown, rebalancing) if we still hold it.
+-- Give a lease up at once (graceful shutdown, rebalancing) if we still hold it, naming the
+-- inbox entries its runner took and never started (messages read ahead, left pending by the
+-- drain): the next owner takes those as fresh messages, not as turns a crash interrupted.
 -- KEYS[1] lease      string "<worker>|<epoch>"
+-- KEYS[2] handover   set of entry ids (replaced)
 -- ARGV[1] expected lease value "<worker>|<epoch>"
--- Returns 1 if released, 0 if it was not ours any more.
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
+-- ARGV[2] how long the hand-over set lives (ms); ARGV[3..] the entry ids
+-- Returns 1 if released, 0 if it was not ours any more (nothing is written then).
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
 end
-return 0
+redis.call('DEL', KEYS[1], KEYS[2])
+for first = 3, #ARGV, 500 do
+  redis.call('SADD', KEYS[2], unpack(ARGV, first, math.min(first + 499, #ARGV)))
+end
+if #ARGV >= 3 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return 1

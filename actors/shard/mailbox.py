@@ -60,8 +60,9 @@ class Mailbox:
 
     async def _read_until_drained(self, feed: InboxFeed) -> None:
         r, s = self.runner, self.runner.settings
+        fresh = await r.store.take_handover(r.shard)  # never started by the last owner
         claimed = await r.store.claim_pending(r.shard, r.consumer, s.read_count)
-        self.claimed = {entry_id for entry_id, _ in claimed}
+        self.claimed = {entry_id for entry_id, _ in claimed if entry_id not in fresh}
         await self.dispatch(claimed)
         next_chores = time.monotonic() + spread(s.trim_interval)
         after: str | None = None

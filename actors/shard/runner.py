@@ -43,6 +43,9 @@ class ShardRunner:
         self.activations: dict[str, Activation] = {}
         self.stopping = asyncio.Event()
         """Set when draining begins: read nothing new, finish what was read."""
+        self.handed_over: list[str] = []
+        """Inbox entries a drain left to the next owner that no one started (released with the
+        lease, so the next owner takes them as fresh messages, not as interrupted turns)."""
         self.flow = Flow(settings.max_inflight)
         self.commits = Commits(self)
         self.mailbox = Mailbox(self)

@@ -123,6 +123,9 @@ class Work:
             received = act.running.consumed if act.running is not None else []
             kept = [q for q in act.queue if q in received or self.keeps(q)]
             released += len(act.queue) - len(kept)
+            # Never started here, nor (unless claimed) by anyone: the next owner's to take as fresh.
+            r.handed_over += [q.entry_id for q in act.queue if q not in kept and q.entry_id
+                              and q.entry_id not in r.mailbox.claimed]  # fmt: skip
             for _ in range(len(act.queue) - len(kept)):
                 r.flow.finished()
             act.queue.clear()

@@ -37,6 +37,8 @@ RUNTIME_COMMANDS: dict[str, tuple[str, ...]] = {
     # lists
     "rpush": ("{k}", "x"), "lpop": ("{k}",), "lrange": ("{k}", "0", "-1"), "llen": ("{k}",),
     "lindex": ("{k}", "0"), "lpos": ("{k}", "x"), "lrem": ("{k}", "0", "x"), "ltrim": ("{k}", "0", "-1"),
+    # sets (the entries a drain hands over)
+    "sadd": ("{k}", "m"), "smembers": ("{k}",),
     # sorted sets
     "zadd": ("{k}", "1", "m"), "zrem": ("{k}", "m"), "zcard": ("{k}",), "zcount": ("{k}", "0", "1"),
     "zrange": ("{k}", "0", "-1"), "zrangebyscore": ("{k}", "0", "1"),

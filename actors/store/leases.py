@@ -20,6 +20,9 @@ from .connection import StoreBase, honours_cancel, script_text
 
 log = logging.getLogger("actors.store")
 
+HANDOVER_TTL_MS = 60_000
+"""How long the entries a graceful drain handed over as never started are kept for the next
+owner (who takes them at once): a shard no one takes within this counts them as recovered."""
 LOOP_LAG_WARNING = 1.0
 """Seconds beyond a renew interval that the event loop may not run before it is reported."""
 
@@ -97,8 +100,10 @@ class LeaseStore(StoreBase):
             results = await pipe.execute()
         return {shard: bool(r) for shard, r in zip(shards, results, strict=True)}
 
-    async def release_lease(self, shard: int, lease: str) -> bool:
-        released = bool(await self._run("release_lease", [self.keys.lease(shard)], [lease]))
+    async def release_lease(self, shard: int, lease: str, fresh: Sequence[str] = ()) -> bool:
+        """Give the lease up, naming the entries its runner took and never started (``fresh``)."""
+        keys = [self.keys.lease(shard), self.keys.handover(shard)]
+        released = bool(await self._run("release_lease", keys, [lease, HANDOVER_TTL_MS, *fresh]))
         if released:
             try:
                 await self.redis.publish(self.keys.lease_events(), str(shard))
@@ -106,6 +111,15 @@ class LeaseStore(StoreBase):
                 # all the same; the other supervisors see the free shard at their next tick.
                 log.warning("could not announce the release of shard %s: %s", shard, exc)
         return released
+
+    async def take_handover(self, shard: int) -> set[str]:
+        """The entries the last owner handed over as never started, once: the set is deleted
+        (a runner that restarts later counts them as it would any claimed entry)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.smembers(self.keys.handover(shard))
+            pipe.delete(self.keys.handover(shard))
+            members, _ = await pipe.execute()
+        return {m.decode() for m in members}
 
     def lease_keeper(self, worker_id: str, ttl_ms: int, interval: float, stall_limit: float,
                      leases: Callable[[], dict[int, Lease]], alive: Callable[[], float],
