@@ -107,7 +107,7 @@ async def test_processes_n_answer_for_every_process(spawn_worker, connect, tmp_p
     body = await eventually(lambda: answers(port, "/readyz", 200), timeout=30)
     assert body.count("shards") == 2, body
     async with connect(app=blocker_app) as client:
-        await client.send(Blocker.ref("b"), Block(seconds=6.0))
+        await client.send(Blocker.ref("b"), Block(seconds=3.0))
         body = await eventually(lambda: answers(port, "/livez", 503), timeout=6)
         assert "event loop has not run" in body, body
     await eventually(lambda: answers(port, "/readyz", 200), timeout=30)

@@ -109,12 +109,12 @@ async def test_a_connect_timeout_ends_the_wait_with_one_line(
 async def test_sigterm_logs_the_drain_and_leaves_read_ahead_messages_to_the_next_owner(
     worker_at_info: Callable[..., WorkerProcess], redis_url: str, connect: Callable[..., Any]
 ) -> None:
-    """200 naps of 0.1 s for one actor: 20 s of work, read ahead at once. On SIGTERM only the
+    """200 naps of 0.05 s for one actor: 10 s of work, read ahead at once. On SIGTERM only the
     nap in progress finishes; the rest stay in Redis, and the next worker does each once."""
     leaving = worker_at_info(redis_url, "--shards", "1", "--grace", "30")
     async with connect(app=app, shards=1) as client:
         ref = Counter.ref("napper")
-        await client.send_many([(ref, Nap(seconds=0.1)) for _ in range(200)])
+        await client.send_many([(ref, Nap(seconds=0.05)) for _ in range(200)])
         await eventually(lambda: _total(client, ref, at_least=3), timeout=30)
         leaving.signal(signal.SIGTERM)
         assert leaving.proc is not None and leaving.proc.wait(timeout=30) == 0
