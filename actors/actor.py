@@ -1,4 +1,4 @@
-"""The Actor base class, handler discovery, references and the App that groups actor types.
+"""The Actor base class, references and the App that groups actor types (how a class is read: ``definition``).
 
 A handler is a public async method with exactly one parameter besides ``self``,
 annotated with a pydantic model: the message type. Its return annotation (a
@@ -8,7 +8,6 @@ model or None) is the reply type for ``ask``.
 from __future__ import annotations
 
 import builtins
-import inspect
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -17,28 +16,24 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from pydantic import BaseModel
 
+from .definition import (
+    Handler,
+    discover_handlers,
+    discover_schedules,
+    duration_seconds,
+    positive_seconds,
+    waitable_types,
+)
 from .errors import DefinitionError, InvalidActorRef, UnknownActorType, UnknownMessageType
 from .limiter import Limiter, check_limiters
-from .messages import Approval, Tick
+from .messages import Approval
 from .queues import QueueItem
-from .schedules import SCHEDULE_ATTR, Schedule
+from .schedules import Schedule
 from .settings import check_seconds
 
 M = TypeVar("M", bound=BaseModel)
 R = TypeVar("R", bound=BaseModel)
 A = TypeVar("A", bound="Actor")
-
-HandlerFn = Callable[[Any, Any], Awaitable[Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class Handler:
-    """One handler of an actor type."""
-
-    name: str
-    message: type[BaseModel]
-    reply: type[BaseModel] | None
-    fn: HandlerFn
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +118,6 @@ class _NoState(BaseModel):
     """The state of an actor that declares none."""
 
 
-_RESERVED = frozenset({"ref", "send", "ask", "state", "key", "turn", "step", "sleep", "wait_for", "enqueue"})
 T = TypeVar("T")
 
 
@@ -184,19 +178,16 @@ class Actor:
         if limiter is not None:
             cls.limiter = limiter
         if turn_timeout is not None:
-            seconds = _seconds(turn_timeout)
-            if seconds is None or not seconds > 0:
-                raise DefinitionError(f"{cls.__name__}: turn_timeout must be positive, not {turn_timeout!r}")
-            cls.turn_timeout = seconds
+            cls.turn_timeout = positive_seconds(cls, "turn_timeout", turn_timeout)
         if retention is not None:
-            cls.retention = _positive_seconds(cls, "retention", retention)
-        cls.waitable = {**cls.waitable, **_waitable(cls, waits_for)}
+            cls.retention = positive_seconds(cls, "retention", retention)
+        cls.waitable = {**cls.waitable, **waitable_types(cls, waits_for)}
         if "/" in cls.type_name:
             raise DefinitionError(f"actor type name {cls.type_name!r} must not contain '/'")
         if not (isinstance(cls.State, type) and issubclass(cls.State, BaseModel)):
             raise DefinitionError(f"{cls.__name__}.State must be a pydantic BaseModel subclass")
-        cls.handlers = _discover_handlers(cls)
-        cls.schedules = _discover_schedules(cls)
+        cls.handlers = discover_handlers(cls)
+        cls.schedules = discover_schedules(cls)
 
     def __init__(self, key: str, state: BaseModel) -> None:
         self.key = key
@@ -297,7 +288,7 @@ class Actor:
         while turns are open. With ``limiter``, each attempt first waits for a token
         (and a slot) of that limiter of the app.
         """
-        options = StepOptions(name, retries, backoff, max_backoff, _seconds(timeout), limiter)
+        options = StepOptions(name, retries, backoff, max_backoff, duration_seconds(timeout), limiter)
         return typing.cast(T, await self._context().step(fn, args, kwargs, options))
 
     async def sleep(self, delay: timedelta | float | None = None, *, until: datetime | None = None) -> None:
@@ -312,7 +303,7 @@ class Actor:
         if (delay is None) == (until is None):
             raise TypeError("sleep needs exactly one of delay or until")
         until_ms = None if until is None else _epoch_ms(until)
-        delay_ms = None if delay is None else int(_seconds(delay) * 1000)  # type: ignore[operator]
+        delay_ms = None if delay is None else int(duration_seconds(delay) * 1000)  # type: ignore[operator]
         await self._context().sleep(delay_ms, until_ms)
 
     async def wait_for(
@@ -336,99 +327,14 @@ class Actor:
                 f"{cls.__name__} cannot wait for {message.__name__}: declare it with "
                 f"class {cls.__name__}(Actor, waits_for=[{message.__name__}]) so workers accept it"
             )
-        timeout_ms = None if timeout is None else int(_seconds(timeout) * 1000)  # type: ignore[operator]
+        timeout_ms = None if timeout is None else int(duration_seconds(timeout) * 1000)  # type: ignore[operator]
         return typing.cast("M | None", await self._context().wait_for(message, timeout_ms, where))
-
-
-def _seconds(value: timedelta | float | None) -> float | None:
-    if value is None or isinstance(value, int | float):
-        return value
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    raise TypeError(f"expected a timedelta or a number of seconds, not {type(value).__name__}")
-
-
-def _positive_seconds(cls: type, keyword: str, value: timedelta | float) -> float:
-    """A class keyword's duration in seconds, refused unless positive."""
-    try:
-        seconds = _seconds(value)
-    except TypeError as exc:
-        raise DefinitionError(f"{cls.__name__}: {keyword} {exc}") from None
-    if seconds is None or not seconds > 0:
-        raise DefinitionError(f"{cls.__name__}: {keyword} must be positive, not {value!r}")
-    return float(seconds)
 
 
 def _epoch_ms(when: datetime) -> int:
     if when.tzinfo is None:
         raise ValueError("sleep(until=...) needs a timezone-aware datetime (e.g. datetime.now(UTC))")
     return int(when.astimezone(UTC).timestamp() * 1000)
-
-
-def _waitable(cls: type[Actor], types: Sequence[type[BaseModel]]) -> dict[str, type[BaseModel]]:
-    found: dict[str, type[BaseModel]] = {}
-    for model in types:
-        if not (isinstance(model, type) and issubclass(model, BaseModel)):
-            raise DefinitionError(f"{cls.__name__}: waits_for takes pydantic models, not {model!r}")
-        found[model.__name__] = model
-    return found
-
-
-def _discover_schedules(cls: type[Actor]) -> dict[str, tuple[Schedule, Handler]]:
-    found: dict[str, tuple[Schedule, Handler]] = {}
-    for attr in dir(cls):
-        fn = getattr(cls, attr, None)
-        spec = getattr(fn, SCHEDULE_ATTR, None)
-        if not isinstance(spec, Schedule):
-            continue
-        handler = _as_handler(cls, attr, fn) if inspect.iscoroutinefunction(fn) else None
-        if handler is None or handler.message is not Tick:
-            raise DefinitionError(
-                f"{cls.__name__}.{attr} is scheduled: it must be `async def {attr}(self, tick: Tick)`"
-            )
-        if spec.name in found:
-            raise DefinitionError(f"{cls.__name__} has two schedules named {spec.name!r}")
-        found[spec.name] = (spec, handler)
-    return found
-
-
-def _discover_handlers(cls: type[Actor]) -> dict[str, Handler]:
-    handlers: dict[str, Handler] = {}
-    for attr in dir(cls):
-        if attr.startswith("_") or attr in _RESERVED:
-            continue
-        fn = getattr(cls, attr)
-        if not inspect.iscoroutinefunction(fn) or hasattr(fn, SCHEDULE_ATTR):
-            continue
-        handler = _as_handler(cls, attr, fn)
-        if handler is None:
-            continue
-        name = handler.message.__name__
-        if name in handlers:
-            raise DefinitionError(
-                f"{cls.__name__} has two handlers for message type {name}: {handlers[name].name} and {attr}"
-            )
-        handlers[name] = handler
-    return handlers
-
-
-def _as_handler(cls: type[Actor], attr: str, fn: HandlerFn) -> Handler | None:
-    params = list(inspect.signature(fn).parameters.values())[1:]
-    if len(params) != 1:
-        return None
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception as exc:
-        raise DefinitionError(f"cannot resolve annotations of {cls.__name__}.{attr}: {exc}") from exc
-    message = hints.get(params[0].name)
-    if not (isinstance(message, type) and issubclass(message, BaseModel)):
-        return None
-    reply = hints.get("return")
-    if reply is type(None):
-        reply = None
-    if reply is not None and not (isinstance(reply, type) and issubclass(reply, BaseModel)):
-        raise DefinitionError(f"{cls.__name__}.{attr} must return a pydantic model or None, not {reply!r}")
-    return Handler(attr, message, reply, fn)
 
 
 class App:

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..actor import Actor, Handler
+from ..actor import Actor
 from ..codec import Envelope, Malformed, decode_state, reply_marker_key
+from ..definition import Handler
 from ..errors import ActorsError, Diverged, LeaseLost
 from ..journal import OpenTurn, Record
 from ..keys import Keys

@@ -16,8 +16,9 @@ from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 
 from .. import telemetry
-from ..actor import Actor, Handler, TurnInfo
+from ..actor import Actor, TurnInfo
 from ..codec import REJECTION, Envelope, Reply, dump_model, encode_reply, encode_state
+from ..definition import Handler
 from ..errors import RecordTooLarge, Reject, StateTooLarge, TurnCancelled, TurnTimeout
 from ..journal import Journal, JournalMismatch, Suspend
 from ..queues import queued_item
