@@ -130,8 +130,10 @@ def spawn_worker(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[Cal
     """Factory: start ``actors worker APP`` as a real process on the test's namespace."""
     procs: list[WorkerProcess] = []
 
-    def factory(app: str = "tests.apps:app", *extra: str, url: str | None = None) -> WorkerProcess:
-        argv = [sys.executable, "-m", "actors.cli", "--log-level", "WARNING", "worker", app,
+    def factory(
+        app: str = "tests.apps:app", *extra: str, url: str | None = None, log_level: str = "WARNING"
+    ) -> WorkerProcess:
+        argv = [sys.executable, "-m", "actors.cli", "--log-level", log_level, "worker", app,
                 "--redis", url or redis_url, "--namespace", namespace,
                 "--lease-ttl", "1.0", "--renew-interval", "0.2", *extra]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT), "ACTORS_TEST_DIR": str(tmp_path)}

@@ -10,15 +10,13 @@ the process held hundreds of connections. Now the runners wait on the worker's i
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-from pathlib import Path
 
 import redis.asyncio as aioredis
 
 from actors.routing import shard_of
 from actors.store.connection import POOL_CONNECTIONS
 from actors.store.reader import READER_CONNECTIONS
+from benchmarks.shards import connections_of
 from tests.apps import Add, Counter, Get, app
 
 SHARDS = 1024
@@ -28,30 +26,6 @@ that retries, one that does not), its inbox reader's connections, and the lease 
 (Its pub/sub listeners take theirs from the first pool.)"""
 DEADLINE_S = 60.0
 """Generous: the whole test takes a few seconds; starved, it took minutes."""
-
-
-def socket_ports(pid: int) -> set[int]:
-    """The local TCP ports of the sockets process ``pid`` holds (Linux ``/proc``)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                inodes.add(target[len("socket:[") : -1])
-    ports = set()
-    for table in ("tcp", "tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-                fields = line.split()
-                if fields[9] in inodes:
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-async def connections_of(r: aioredis.Redis, pid: int) -> int:
-    """The server's clients (``CLIENT LIST``) whose address is a socket of process ``pid``."""
-    ports = socket_ports(pid)
-    return sum(1 for c in await r.client_list() if int(str(c["addr"]).rsplit(":", 1)[1]) in ports)
 
 
 def key_per_shard(shards: int) -> list[str]:

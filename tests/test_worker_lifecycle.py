@@ -6,12 +6,10 @@ signal, losing nothing. Real ``actors worker`` processes, real servers, real sig
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import socket
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,28 +20,19 @@ import actors
 from actors import EmbeddedServer, RedisSettings, Worker, WorkerSettings
 
 from .apps import Counter, Get, Held, Hold, Nap, Total, app
-from .conftest import ROOT, WorkerProcess, eventually
+from .conftest import WorkerProcess, eventually
 
 pytestmark = pytest.mark.chaos
 
 
 @pytest.fixture
-def worker_at_info(namespace: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """Factory: ``actors worker tests.apps:app`` as a real process, logging at INFO."""
-    procs: list[WorkerProcess] = []
+def worker_at_info(spawn_worker: Callable[..., WorkerProcess]) -> Callable[..., WorkerProcess]:
+    """Factory: ``actors worker tests.apps:app`` as a real process at URL, logging at INFO."""
 
     def factory(url: str, *extra: str) -> WorkerProcess:
-        argv = [sys.executable, "-m", "actors.cli", "--log-level", "INFO", "worker", "tests.apps:app",
-                "--redis", url, "--namespace", namespace, "--lease-ttl", "1.0", "--renew-interval", "0.2",
-                *extra]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "ACTORS_TEST_DIR": str(tmp_path)}
-        proc = WorkerProcess(argv, env, tmp_path / f"worker-{len(procs)}.log").start()
-        procs.append(proc)
-        return proc
+        return spawn_worker("tests.apps:app", *extra, url=url, log_level="INFO")
 
-    yield factory
-    for proc in procs:
-        proc.kill()
+    return factory
 
 
 def log_lines(proc: WorkerProcess, pattern: str) -> list[str]:
