@@ -76,17 +76,17 @@ async def handled(client: actors.Client) -> int:
     return total
 
 
-async def produce(client: actors.Client, rate: int, duration: float, actor_count: int, trace: Trace) -> int:
-    """Send ``rate`` increments a second in chunks every 10 ms until ``duration``; returns how many."""
-    sent, tick = 0, 0.01
-    while trace.now() < duration:
-        due = int(trace.now() * rate)
-        if due > sent:
-            await client.send_many(increments(sent, due, actor_count))
-            sent = due
-        await asyncio.sleep(tick)
+async def produce(client: actors.Client, args: argparse.Namespace, trace: Trace, sent: list[int]) -> int:
+    """Send ``--rate`` increments a second in chunks every 10 ms until ``--duration``, keeping
+    the count sent so far in ``sent[0]`` for the observer; returns how many."""
+    while trace.now() < args.duration:
+        due = int(trace.now() * args.rate)
+        if due > sent[0]:
+            await client.send_many(increments(sent[0], due, args.actors))
+            sent[0] = due
+        await asyncio.sleep(0.01)
     trace.events["stop"] = trace.now()
-    return sent
+    return sent[0]
 
 
 async def observe(client: actors.Client, trace: Trace, sent: list[int], until: asyncio.Event) -> None:
@@ -167,7 +167,7 @@ async def run(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
             sent = [0]
             done = asyncio.Event()
             watcher = asyncio.create_task(observe(client, trace, sent, done))
-            producer = asyncio.create_task(produce_into(client, args, trace, sent))
+            producer = asyncio.create_task(produce(client, args, trace, sent))
             await asyncio.sleep(args.join)
             trace.events["join"] = trace.now()
             second = Workers.spawn(argv, 1, log)
@@ -200,20 +200,6 @@ async def run(url: str, tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         "events": trace.events,
         "trace": trace.rows,
     }
-
-
-async def produce_into(client: actors.Client, args: argparse.Namespace, trace: Trace, sent: list[int]) -> int:
-    """``produce``, publishing the running count in ``sent`` for the observer."""
-
-    async def counting() -> int:
-        return await produce(client, args.rate, args.duration, args.actors, trace)
-
-    task = asyncio.create_task(counting())
-    while not task.done():
-        sent[0] = int(min(trace.now(), args.duration) * args.rate)
-        await asyncio.sleep(0.01)
-    sent[0] = task.result()
-    return sent[0]
 
 
 async def floor(url: str, args: argparse.Namespace) -> float:
