@@ -38,7 +38,7 @@ from .steps import StepInfo, bounded, callable_name, run_step, step_result
 
 if TYPE_CHECKING:
     from .lease import StepsInFlight
-    from .store import InboxReader, Store
+    from .store import Reader, Store
 
 log = logging.getLogger("actors.turn")
 
@@ -55,7 +55,7 @@ class TurnServices:
     limits: Limits
     markers: Markers
     """Where a turn leaves the markers its journal writes made useless."""
-    reader: InboxReader
+    reader: Reader
     """Where the shard runners wait for new inbox entries (one XREAD for many shards)."""
     stats: TurnStats = field(default_factory=lambda: TurnStats())
     quarantine: asyncio.Lock = field(default_factory=asyncio.Lock)

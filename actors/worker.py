@@ -29,7 +29,7 @@ from .replies import ReplyListener
 from .server import resolve_url
 from .settings import DEFAULT_DURABILITY, DEFAULT_SHARDS, RedisSettings, WorkerSettings, redact_url
 from .shard import ShardRunner
-from .store import InboxReader, Store, error_reason, is_refusal, is_transient
+from .store import Store, error_reason, is_refusal, is_transient
 from .supervisor import Supervisor
 from .turn import TurnServices
 
@@ -133,7 +133,7 @@ class Worker:
 
     async def _run(self) -> None:
         store = Store.from_url(resolve_url(self.redis_settings.url), self.redis_settings.namespace)
-        reader = InboxReader(store, self.settings.read_count, self.settings.block_ms)
+        reader = store.inbox_reader(self.settings.read_count, self.settings.block_ms)
         replies = ReplyListener(store)
         markers = Markers(store)
         limits = Limits(

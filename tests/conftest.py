@@ -18,6 +18,7 @@ import pytest
 
 import actors
 from actors import App, EmbeddedServer, RedisSettings, Worker, WorkerSettings
+from actors.cluster_server import LocalCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,9 +30,39 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS
     server.stop()
 
 
+CLUSTER_MODULES = {"test_core", "test_workflows", "test_limits", "test_cluster"}
+"""Modules whose tests run against a cluster as well as a single server. ``ACTORS_TEST_CLUSTER=all``
+runs every test that takes ``redis_url`` on both (a longer run than CI's)."""
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_url" not in metafunc.fixturenames:
+        return
+    module = metafunc.module.__name__.rpartition(".")[2]
+    both = module in CLUSTER_MODULES or os.environ.get("ACTORS_TEST_CLUSTER") == "all"
+    metafunc.parametrize("backend", ["single", "cluster"] if both else ["single"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real 3 + 3 cluster from the shipped server binary, started once, when first asked for."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
-def redis_url(redis_server: EmbeddedServer) -> str:
-    return redis_server.url
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture
+def redis_url(backend: str, request: pytest.FixtureRequest) -> str:
+    if backend == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    server: EmbeddedServer = request.getfixturevalue("redis_server")
+    return server.url
 
 
 @pytest.fixture

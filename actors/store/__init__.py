@@ -17,6 +17,8 @@ from __future__ import annotations
 from redis.exceptions import ResponseError
 
 from ..keys import Keys
+from .cluster import is_cluster
+from .cluster_reader import ClusterInboxReader
 from .commits import CommitStore
 from .connection import (
     STALL_TIMEOUT,
@@ -61,16 +63,26 @@ from .work import WorkStore
 __all__ = [
     "BACKLOG", "DONE", "DUPLICATE", "LOOP_LAG_WARNING", "QUEUED", "RELEASED", "ResponseError",
     "STALL_TIMEOUT", "TRANSIENT_ERRORS", "DeadLetter", "Deferred", "Dispatch", "Entry", "InboxFeed",
-    "InboxReader", "KeyedAppend", "LeaseKeeper", "LoadedActor", "OutItem", "ShardInfo", "ShardWork",
+    "InboxReader", "Reader", "KeyedAppend", "LeaseKeeper", "LoadedActor", "OutItem", "ShardInfo", "ShardWork",
     "Store", "StoredTurn", "Take", "Write", "describe_error", "error_reason", "honour_cancel",
     "is_refusal", "is_transient", "write_bytes", "AppRecord", "NO_USER", "Refusal",
     "RUNTIME_COMMANDS", "acl_rules",
 ]  # fmt: skip
 
 
+Reader = InboxReader | ClusterInboxReader
+
+
 class Store(InboxStore, CommitStore, LeaseStore, LimitStore, MarkerStore, NamespaceStore, HealthStore,
             WorkStore, DurabilityStore):  # fmt: skip
     """Typed access to the runtime's Redis keys for one namespace."""
+
+    def inbox_reader(self, count: int, block_ms: int) -> Reader:
+        """The worker's blocking inbox reads: one ``XREAD`` for many shards on a server, a
+        call per shard on a cluster (where one call cannot span slots)."""
+        if is_cluster(self.redis):
+            return ClusterInboxReader(self, count, block_ms)
+        return InboxReader(self, count, block_ms)
 
     @classmethod
     def from_url(cls, url: str, namespace: str) -> Store:

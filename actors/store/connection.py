@@ -35,6 +35,7 @@ from redis.typing import EncodableT
 
 from ..errors import Diverged, LeaseLost
 from ..keys import Keys
+from . import cluster
 from .acks import Acknowledgment
 
 log = logging.getLogger("actors.store")
@@ -48,7 +49,7 @@ no socket timeout of their own)."""
 
 
 def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT_ERRORS) or (
+    return isinstance(exc, TRANSIENT_ERRORS + cluster.CLUSTER_ERRORS) or (
         isinstance(exc, ResponseError) and str(exc).startswith(("LOADING", "BUSY", "TRYAGAIN"))
     )
 
@@ -125,7 +126,7 @@ def script_text(name: str) -> str:
 T = TypeVar("T")
 
 RAW_REPLY = "actors_raw_reply"
-"""An option of the XAUTOCLAIM calls of ``Store``: keep the reply as the server sent it.
+"""An option of the XAUTOCLAIM and cluster XREAD calls of ``Store``: keep the reply as the server sent it.
 redis-py's own parsing turns an entry's fields into a dict, which keeps only the last of two
 fields with one name. (The inbox reader's XREADs read raw replies from connections of their
 own.)"""
@@ -269,6 +270,8 @@ def _script_error(name: str, exc: ResponseError, keys: Sequence[str], args: Sequ
 
 
 def make_client(url: str, retries: int) -> aioredis.Redis:
+    if (seed := cluster.seed_url(url)) is not None:
+        return cluster.make_cluster_client(seed, retries, KEEPALIVE)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=POOL_CONNECTIONS,
@@ -296,9 +299,9 @@ KEEPALIVE = {
 
 
 def allow_raw_replies(client: aioredis.Redis) -> None:
-    """Let XAUTOCLAIM calls given the ``RAW_REPLY`` option skip redis-py's parsing (other calls
+    """Let XAUTOCLAIM and XREAD calls given the ``RAW_REPLY`` option skip redis-py's parsing (other calls
     are parsed as before)."""
-    for command in ("XAUTOCLAIM",):
+    for command in ("XAUTOCLAIM", "XREAD"):
         parse = client.response_callbacks.get(command)
         if parse is not None and getattr(parse, "func", None) is not raw_or_parsed:
             client.set_response_callback(command, functools.partial(raw_or_parsed, parse))

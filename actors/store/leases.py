@@ -9,13 +9,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import cast
 
 import redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT, FieldT
 
 from ..errors import ConfigurationError
 from ..keys import Keys
 from ..lease import Lease
 from ..settings import MAX_SHARDS, check_shard_count
+from .cluster import make_sync_client
 from .connection import StoreBase, honours_cancel, script_text
 
 log = logging.getLogger("actors.store")
@@ -117,7 +118,7 @@ class LeaseStore(StoreBase):
         (a runner that restarts later counts them as it would any claimed entry)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.smembers(self.keys.handover(shard))
-            pipe.delete(self.keys.handover(shard))
+            pipe.execute_command("DEL", self.keys.handover(shard))  # a cluster pipe.delete is not queued
             members, _ = await pipe.execute()
         return {m.decode() for m in members}
 
@@ -155,7 +156,7 @@ class LeaseKeeper:
                  slots: Callable[[], list[tuple[str, str]]] = list,
                  describe: Callable[[], str] = str) -> None:  # fmt: skip
         # A blocking client: the thread has no event loop. Its timeout bounds a stuck server.
-        self._redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=ttl_ms / 1000)
+        self._redis = make_sync_client(url, socket_timeout=ttl_ms / 1000)
         self._renew = self._redis.register_script(script_text("renew_lease"))
         self._keys, self._worker_id, self._ttl_ms = keys, worker_id, ttl_ms
         self._interval, self._stall_limit = interval, stall_limit
@@ -182,7 +183,7 @@ class LeaseKeeper:
             if stalled:  # the loop is stuck: let its leases expire, unless a step still runs
                 leases = {shard: lease for shard, lease in leases.items() if lease.steps.running}
             try:
-                self._keep(leases, self._slots(), membership=not stalled)
+                self._keep_loaded(leases, self._slots(), membership=not stalled)
             except redis.RedisError as exc:  # the loop's own tick sees and reports Redis trouble
                 log.debug("lease keeper: %r", exc)
             except Exception:  # the thread must outlive any surprise; the loop's tick renews too
@@ -203,6 +204,16 @@ class LeaseKeeper:
                 "the event loop has not run for %.1fs; it is blocked in %s (past %ss its shards move)",
                 lag, where, self._stall_limit,
             )  # fmt: skip
+
+    def _keep_loaded(self, leases: dict[int, Lease], slots: list[tuple[str, str]], membership: bool) -> None:
+        """``_keep``, loading the renewal script first where a server lacks it: a cluster's
+        pipeline does not load scripts as a server's does, and a promoted replica or a
+        restarted server may not have it."""
+        try:
+            self._keep(leases, slots, membership)
+        except NoScriptError:
+            self._redis.script_load(self._renew.script)  # on every primary of a cluster
+            self._keep(leases, slots, membership)
 
     def _keep(self, leases: dict[int, Lease], slots: list[tuple[str, str]], membership: bool) -> None:
         seconds, micros = self._redis.time()

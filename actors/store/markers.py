@@ -23,5 +23,7 @@ class MarkerStore(StoreBase):
                 else:
                     doomed.setdefault(hash_tag(key), []).append(key)
             for keys in doomed.values():
-                pipe.unlink(*keys)
+                # As a command, not pipe.unlink: a cluster pipeline's unlink is a coroutine
+                # that splits keys by slot instead of a queued command.
+                pipe.execute_command("UNLINK", *keys)
             await pipe.execute()

@@ -36,7 +36,7 @@ import contextlib
 import logging
 import random
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio.connection import AbstractConnection
 
@@ -69,11 +69,31 @@ def bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
+def spread_wait(block_ms: int) -> float:
+    """How long a runner waits for an entry: ``block_ms``, plus up to a quarter more at
+    random. After its wait a runner reads with the fenced script; with a thousand idle
+    shards those reads would otherwise come in one burst per ``block_ms`` (runners that
+    started together stay in step) and hold up every message behind them."""
+    return block_ms / 1000 * (1 + random.random() / 4)
+
+
+class FeedSource(Protocol):
+    """What a feed asks of the reader that serves it (``InboxReader``, ``ClusterInboxReader``)."""
+
+    count: int
+
+    def readable(self, feed: InboxFeed) -> None: ...
+    def waits(self, feed: InboxFeed) -> None: ...
+    def waited(self, feed: InboxFeed) -> None: ...
+    def forget(self, feed: InboxFeed) -> None: ...
+    def wait_s(self) -> float: ...
+
+
 class InboxFeed:
     """One runner's wait for new entries of its shard's inbox (see the module docstring).
     Opened with ``InboxReader.open``; ``close`` it when the runner ends."""
 
-    def __init__(self, reader: InboxReader, shard: int, key: bytes) -> None:
+    def __init__(self, reader: FeedSource, shard: int, key: bytes) -> None:
         self.reader = reader
         self.shard = shard
         self.key = key
@@ -246,11 +266,7 @@ class InboxReader:
         return len(self._all)
 
     def wait_s(self) -> float:
-        """How long a runner waits for an entry: ``block_ms``, plus up to a quarter more at
-        random. After its wait a runner reads with the fenced script; with a thousand idle
-        shards those reads would otherwise come in one burst per ``block_ms`` (runners that
-        started together stay in step) and hold up every message behind them."""
-        return self.block_ms / 1000 * (1 + random.random() / 4)
+        return spread_wait(self.block_ms)
 
     def _covered(self, feed: InboxFeed) -> bool:
         return feed in self._main or feed.catch_ups > 0
@@ -328,7 +344,7 @@ class InboxReader:
             await self._failed(conn, covered, exc)
         else:
             self._backoff = 0.0
-            for key, rows in _stream_rows(reply):
+            for key, rows in stream_rows(reply):
                 entries = stream_entries(rows)
                 for feed in self._by_key.get(key, ()):
                     if feed in covered:  # a feed opened since may have an older cursor
@@ -376,7 +392,7 @@ class InboxReader:
             feed.wake()
 
 
-def _stream_rows(reply: Any) -> list[tuple[bytes, Any]]:
+def stream_rows(reply: Any) -> list[tuple[bytes, Any]]:
     """(stream, entries) of a raw multi-stream XREAD reply: a map (RESP3) or a list of pairs
     (RESP2); nothing when the block timed out."""
     if not reply:

@@ -1,0 +1,84 @@
+"""Redis Cluster and Valkey cluster: the URL that names one, and the clients made for it.
+
+A cluster is named by its URL's scheme: ``redis+cluster://`` (or ``valkey+cluster://``;
+``rediss+cluster://`` / ``valkeys+cluster://`` with TLS), with any node as the seed. The rest
+of the URL (password, user, TLS options) reads as for one server.
+
+redis-py's cluster client offers what the store uses: commands routed by key (every script's
+keys share one hash tag, so each script runs on the primary of that slot), pipelines split by
+node (one connection per node, in order), transactions within one slot, scripts loaded on every
+primary, and pub/sub. It follows MOVED and ASK and refreshes its map of the slots after a
+failover. What differs is kept here and asked for with ``is_cluster``:
+
+- a pool per node that opens a connection when every one is busy, up to
+  ``NODE_CONNECTIONS`` (redis-py's cluster client has no blocking pool);
+- classic pub/sub: a ``PUBLISH`` on any node reaches subscribers on every node, so replies,
+  lease and limiter events need nothing of their own;
+- the inbox reader's ``XREAD`` names streams of one slot only (``reader.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.cluster import RedisCluster as SyncRedisCluster
+from redis.exceptions import ClusterDownError, MovedError, TryAgainError
+
+SCHEMES = {
+    "redis+cluster": "redis",
+    "valkey+cluster": "redis",
+    "rediss+cluster": "rediss",
+    "valkeys+cluster": "rediss",
+}
+"""A cluster URL's scheme → the scheme of its seed node's URL."""
+
+NODE_CONNECTIONS = 1024
+"""Connections per node at most. A burst of calls beyond the idle ones opens more (the cluster
+client cannot wait for a busy one), so this is a ceiling, not a pool size."""
+
+CLUSTER_ERRORS: tuple[type[BaseException], ...] = (ClusterDownError, MovedError, TryAgainError)
+"""Errors a failover brings for a moment: the call's outcome is known (not run) or it is retried."""
+
+
+def seed_url(url: str) -> str | None:
+    """The seed node's plain URL if ``url`` names a cluster, else None."""
+    parts = urlsplit(url)
+    scheme = SCHEMES.get(parts.scheme.lower())
+    return None if scheme is None else urlunsplit(parts._replace(scheme=scheme))
+
+
+def is_cluster(client: object) -> bool:
+    return isinstance(client, RedisCluster | SyncRedisCluster)
+
+
+def make_cluster_client(url: str, retries: int, keepalive: dict[int, int]) -> aioredis.Redis:
+    """An asyncio cluster client seeded by ``url`` (a plain node URL, see ``seed_url``)."""
+    client = RedisCluster.from_url(
+        url,
+        max_connections=NODE_CONNECTIONS,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
+        socket_connect_timeout=5,
+        socket_timeout=None,  # as make_client: keepalive finds a dead peer
+        socket_keepalive=True,
+        socket_keepalive_options=keepalive,
+        health_check_interval=30,
+    )
+    # The store's modules are typed against the single-server client; the cluster client has
+    # the same commands, pipelines, scripts and pub/sub, and where it differs they ask
+    # ``is_cluster``.
+    return cast(aioredis.Redis, client)
+
+
+def make_sync_client(url: str, socket_timeout: float) -> redis.Redis:
+    """A blocking client (the LeaseKeeper's thread) for a server or a cluster URL."""
+    seed = seed_url(url)
+    if seed is None:
+        return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=socket_timeout)
+    client: Any = SyncRedisCluster.from_url(seed, socket_connect_timeout=5, socket_timeout=socket_timeout)
+    return cast(redis.Redis, client)
