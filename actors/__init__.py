@@ -9,6 +9,7 @@ the embedded default Redis/Valkey; ``cli`` is the ``actors`` command.
 
 from .actor import Actor, ActorRef, App
 from .client import Client, connect
+from .cluster_server import LocalCluster
 from .errors import (
     ActorsError,
     AskTimeout,
@@ -16,6 +17,7 @@ from .errors import (
     DecodeError,
     DefinitionError,
     DuplicateItem,
+    DurabilityTimeout,
     HandlerError,
     IdempotencyConflict,
     IdleTimeout,
@@ -62,6 +64,7 @@ __all__ = [
     # running them
     "Worker",
     "EmbeddedServer",
+    "LocalCluster",
     # settings
     "RedisSettings",
     "WorkerSettings",
@@ -76,6 +79,7 @@ __all__ = [
     "DefinitionError",
     "HandlerError",
     "DuplicateItem",
+    "DurabilityTimeout",
     "IdempotencyConflict",
     "IdleTimeout",
     "InvalidActorRef",

@@ -101,27 +101,26 @@ class LocalCluster:
 
     def master_of(self, key: str) -> ClusterNode:
         """The live primary that serves ``key``'s slot now."""
-        seed = self._live()
-        slot = int(self.cli(seed, "CLUSTER", "KEYSLOT", key))
-        for line in self.cli(seed, "CLUSTER", "NODES").splitlines():
-            parts = line.split()
-            if "master" not in parts[2] or "fail" in parts[2]:
-                continue
-            port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
-            for span in parts[8:]:
-                low, _, high = span.partition("-")
-                if low.isdigit() and int(low) <= slot <= int(high or low):
-                    return next(node for node in self.nodes if node.port == port)
+        slot = int(self.cli(self._live(), "CLUSTER", "KEYSLOT", key))
+        for row in self._rows():
+            if "master" in row.flags and "fail" not in row.flags and row.serves(slot):
+                return self._node(row.port)
         raise ServerError(f"no live primary serves slot {slot}")
+
+    def primaries(self) -> list[ClusterNode]:
+        return [self._node(r.port) for r in self._rows() if "master" in r.flags and "fail" not in r.flags]
+
+    def replica_of(self, primary: ClusterNode) -> ClusterNode:
+        rows = self._rows()
+        ident = next(r.ident for r in rows if r.port == primary.port)
+        return self._node(next(r.port for r in rows if r.master == ident))
 
     def wait_failover(self, dead: ClusterNode, timeout: float = READY_TIMEOUT) -> None:
         """Wait until a replica has taken ``dead``'s slots and the cluster is ok again."""
 
         def promoted() -> bool:
-            nodes = self.cli(self._live(), "CLUSTER", "NODES")
-            lines = [line.split() for line in nodes.splitlines()]
-            dead_line = next((p for p in lines if p[1].startswith(f"127.0.0.1:{dead.port}@")), None)
-            return (dead_line is None or len(dead_line) <= 8) and self._state_ok()
+            row = next((r for r in self._rows() if r.port == dead.port), None)
+            return (row is None or not row.spans) and self._state_ok()
 
         self._wait(promoted, f"a replica to take the slots of node {dead.port}", timeout)
 
@@ -181,6 +180,12 @@ class LocalCluster:
     def _state_ok(self) -> bool:
         return all("cluster_state:ok" in self.cli(n, "CLUSTER", "INFO") for n in self.nodes if n.alive)
 
+    def _rows(self) -> list[_Row]:
+        return [_Row.parse(line) for line in self.cli(self._live(), "CLUSTER", "NODES").splitlines()]
+
+    def _node(self, port: int) -> ClusterNode:
+        return next(node for node in self.nodes if node.port == port)
+
     def _live(self) -> ClusterNode:
         return next(node for node in self.nodes if node.alive)
 
@@ -201,6 +206,31 @@ class LocalCluster:
                 return
             time.sleep(0.05)
         raise ServerError(f"gave up waiting {timeout:g} s for {what} (logs in {self.directory})")
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One line of CLUSTER NODES: id, port, flags, its primary's id ('-' for a primary), slots."""
+
+    ident: str
+    port: int
+    flags: str
+    master: str
+    spans: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def parse(cls, line: str) -> _Row:
+        parts = line.split()
+        spans = []
+        for span in parts[8:]:
+            low, _, high = span.partition("-")
+            if low.isdigit():
+                spans.append((int(low), int(high or low)))
+        port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
+        return cls(parts[0], port, parts[2], parts[3], tuple(spans))
+
+    def serves(self, slot: int) -> bool:
+        return any(low <= slot <= high for low, high in self.spans)
 
 
 def _free_port() -> int:

@@ -30,7 +30,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedS
     server.stop()
 
 
-CLUSTER_MODULES = {"test_core", "test_workflows", "test_limits", "test_cluster"}
+CLUSTER_MODULES = {"test_core", "test_workflows", "test_limits"}
 """Modules whose tests run against a cluster as well as a single server. ``ACTORS_TEST_CLUSTER=all``
 runs every test that takes ``redis_url`` on both (a longer run than CI's)."""
 
@@ -40,7 +40,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     module = metafunc.module.__name__.rpartition(".")[2]
     both = module in CLUSTER_MODULES or os.environ.get("ACTORS_TEST_CLUSTER") == "all"
-    metafunc.parametrize("backend", ["single", "cluster"] if both else ["single"], indirect=True)
+    if metafunc.definition.get_closest_marker("cluster") is not None:
+        backends = ["cluster"]
+    else:
+        backends = ["single", "cluster"] if both else ["single"]
+    metafunc.parametrize("backend", backends, indirect=True)
 
 
 @pytest.fixture(scope="session")

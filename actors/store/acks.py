@@ -33,12 +33,14 @@ class Acknowledgment:
         """How long a write may wait for the level at most (0: it does not wait)."""
         return self.timeout_ms / 1000 if self.waits else 0.0
 
-    def queue(self, pipe: Pipeline) -> None:
-        """Queue the command that waits for the level, after the pipeline's writes."""
+    def queue(self, pipe: Pipeline, node: object = None) -> None:
+        """Queue the command that waits for the level, after the pipeline's writes; ``node``:
+        the cluster node it must run on (that of the writes)."""
+        target = {} if node is None else {"target_nodes": node}
         if self.level == FSYNC:
-            pipe.execute_command("WAITAOF", 1, 0, self.timeout_ms)
+            pipe.execute_command("WAITAOF", 1, 0, self.timeout_ms, **target)
         elif self.level == REPLICA:
-            pipe.execute_command("WAIT", 1, self.timeout_ms)
+            pipe.execute_command("WAIT", 1, self.timeout_ms, **target)
 
     def check(self, reply: Any) -> None:
         """Raise DurabilityTimeout unless ``reply`` (of the queued command) says the level holds."""

@@ -19,6 +19,7 @@ failover. What differs is kept here and asked for with ``is_cluster``:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -55,6 +56,29 @@ def seed_url(url: str) -> str | None:
 
 def is_cluster(client: object) -> bool:
     return isinstance(client, RedisCluster | SyncRedisCluster)
+
+
+async def primaries_of(client: aioredis.Redis, keys: Sequence[str]) -> list[object]:
+    """The primaries that serve ``keys`` now, each once (the nodes a durability wait must run
+    on, see ``StoreBase._acknowledged``)."""
+    cluster = cast(RedisCluster, client)
+    await cluster.initialize()  # the slot map (a no-op once known)
+    nodes = {}
+    for key in keys:
+        node = cluster.get_node_from_key(key)
+        if node is None:
+            raise ClusterDownError(f"no node serves the slot of {key!r}")
+        nodes[node.name] = node
+    return list(nodes.values())
+
+
+async def each_primary(client: aioredis.Redis, *command: str) -> list[Any]:
+    """``command``'s reply from every primary of a cluster, or from the one server."""
+    if not is_cluster(client):
+        # execute_command is unannotated in redis-py's asyncio client.
+        return [await client.execute_command(*command)]  # type: ignore[no-untyped-call]
+    replies = await cast(RedisCluster, client).execute_command(*command, target_nodes=RedisCluster.PRIMARIES)
+    return list(replies.values()) if isinstance(replies, dict) else [replies]
 
 
 def make_cluster_client(url: str, retries: int, keepalive: dict[int, int]) -> aioredis.Redis:

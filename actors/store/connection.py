@@ -218,28 +218,41 @@ class StoreBase:
 
         try:
             try:
-                [result] = await self._acknowledged(target, call)
+                [result] = await self._acknowledged(target, call, keys[:1])
             except NoScriptError:  # the server lost it (a restart): the script did not run
                 await target.script_load(script.script)
-                [result] = await self._acknowledged(target, call)
+                [result] = await self._acknowledged(target, call, keys[:1])
         except ResponseError as exc:
             raise _script_error(name, exc, keys, args) from None
         return result
 
-    async def _acknowledged(self, client: aioredis.Redis, queue: Callable[[Pipeline], object]) -> list[Any]:
+    async def _acknowledged(
+        self, client: aioredis.Redis, queue: Callable[[Pipeline], object], written: Sequence[str]
+    ) -> list[Any]:
         """Send the commands ``queue`` adds and then the durability level's wait in one pipeline,
         so on one connection; returns the commands' replies once the wait says the level holds
-        (the first error among them raised; DurabilityTimeout if the level was not reached)."""
+        (the first error among them raised; DurabilityTimeout if the level was not reached).
+        On a cluster the wait goes to the node of each key in ``written`` (the keys the
+        commands write), after that node's commands on its connection; a write sent to a node
+        that no longer serves its slot fails with MOVED rather than follow it (its wait would
+        stay behind on the old node)."""
+        waits = await cluster.primaries_of(client, written) if cluster.is_cluster(client) else [None]
         async with client.pipeline(transaction=False) as pipe:
             queued = queue(pipe)
             if inspect.isawaitable(queued):  # a script call in a pipeline is queued by awaiting it
                 await queued
-            self.ack.queue(pipe)
-            *replies, waited = await pipe.execute(raise_on_error=False)
+            for node in waits:
+                self.ack.queue(pipe, node)
+            if waits == [None]:
+                replies = await pipe.execute(raise_on_error=False)
+            else:  # a cluster pipeline
+                replies = await pipe.execute(raise_on_error=False, allow_redirections=False)  # type: ignore[call-arg]
+        replies, waited = replies[: -len(waits)], replies[-len(waits) :]
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        self.ack.check(waited)
+        for reply in waited:
+            self.ack.check(reply)
         return replies
 
     def new_connection(self) -> AbstractConnection:

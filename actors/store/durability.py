@@ -9,6 +9,7 @@ from redis.exceptions import ResponseError
 
 from ..errors import ConfigurationError
 from .acks import EVERYSEC, FSYNC, Acknowledgment
+from .cluster import each_primary
 from .connection import StoreBase, honours_cancel
 
 log = logging.getLogger("actors.store")
@@ -53,8 +54,7 @@ class DurabilityStore(StoreBase):
         its AOF is fsynced once a second. Where CONFIG is refused (a managed service) the
         policy cannot be read: the level is then trusted to WAITAOF, with a warning."""
         try:
-            # execute_command is unannotated in redis-py's asyncio client.
-            await self.redis.execute_command("WAITAOF", 1, 0, 1)  # type: ignore[no-untyped-call]
+            await each_primary(self.redis, "WAITAOF", "1", "0", "1")
         except ResponseError as exc:
             version = await self._server_version()
             if "unknown command" in str(exc).lower():
@@ -65,11 +65,15 @@ class DurabilityStore(StoreBase):
                 f"durability 'fsync' needs the server's AOF; WAITAOF says: {exc}"
             ) from None
         try:
-            policy = await self.redis.config_get("appendfsync")
+            policies = await each_primary(self.redis, "CONFIG GET", "appendfsync")
         except ResponseError as exc:
             log.warning("cannot read the server's appendfsync (%s); durability 'fsync' trusts WAITAOF", exc)
             return
-        fsync = next((_text(v) for k, v in policy.items() if _text(k) == "appendfsync"), "")
+        for policy in policies:  # one per primary of a cluster
+            self._check_policy(next((_text(v) for k, v in policy.items() if _text(k) == "appendfsync"), ""))
+
+    @staticmethod
+    def _check_policy(fsync: str) -> None:
         if fsync != "always":
             raise ConfigurationError(
                 f"durability 'fsync' needs the server's `appendfsync always` (it is {fsync!r}): with "

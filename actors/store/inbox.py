@@ -65,7 +65,8 @@ class InboxStore(StoreBase):
 
         async with asyncio.timeout(STALL_TIMEOUT + self.ack.wait_seconds):
             if self.ack.waits:
-                replies = await self._acknowledged(self._appender, queue)
+                written = [self.keys.inbox(i.shard if isinstance(i, KeyedAppend) else i[0]) for i in items]
+                replies = await self._acknowledged(self._appender, queue, written)
             else:
                 async with self._appender.pipeline(transaction=False) as pipe:
                     await queue(pipe)
@@ -222,7 +223,7 @@ class InboxStore(StoreBase):
         def queue(pipe: Pipeline) -> None:
             pipe.set(self.keys.fence(shard), b"", px=FENCE_TTL_MS)
 
-        await self._acknowledged(self.redis, queue)
+        await self._acknowledged(self.redis, queue, [self.keys.fence(shard)])
 
     async def dead_letters(self, shard: int, count: int, start: str = "-") -> list[DeadLetter]:
         found = await self.redis.xrange(self.keys.dead_letters(shard), min=start, count=count)
