@@ -130,11 +130,20 @@ class Supervisor:
             except Exception as exc:
                 if not is_transient(exc):
                     log.exception("supervisor tick failed")
-                if time.monotonic() - last_ok > self.settings.ttl and self.held:
-                    log.warning("Redis unreachable for a whole lease TTL: dropping %d shards", len(self.held))
-                    self._lose(list(self.held))
+                if time.monotonic() - last_ok > self.settings.ttl and (expired := self._expired()):
+                    log.warning(
+                        "Redis unreachable for a whole lease TTL: dropping %d shards whose leases were not "
+                        "renewed", len(expired),
+                    )  # fmt: skip
+                    self._lose(expired)
                 delay = min(delay * 2, self.settings.ttl / 2)
             await self._sleep(stop, delay)
+
+    def _expired(self) -> list[int]:
+        """Held shards whose leases may be gone: not renewed for a whole TTL. On one server
+        that is every shard once Redis is unreachable; on a cluster only those whose lease
+        lives on a primary that is down (the LeaseKeeper renews the others meanwhile)."""
+        return [shard for shard, lease in self.held.items() if lease.remaining() < 0]
 
     async def _sleep(self, stop: asyncio.Event, delay: float) -> None:
         """Until the next tick: ``delay``, or sooner if stopping or a lease was released."""

@@ -8,6 +8,8 @@ their own."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -23,6 +25,8 @@ from actors.routing import shard_of
 from actors.store.cluster import seed_url
 
 from .apps import Add, Counter, Get, Total, app
+from .conftest import WorkerProcess, eventually
+from .test_chaos import assert_held_by_one_process_at_a_time
 
 pytestmark = pytest.mark.chaos
 
@@ -93,3 +97,57 @@ async def test_replica_durability_waits_for_the_replica_of_the_node_that_wrote(
             await client.send(Counter.ref(healthy), Add(by=1))
         finally:
             replica.process.send_signal(signal.SIGCONT)
+
+
+async def test_a_primary_killed_under_load_loses_nothing_acknowledged_and_fencing_holds(
+    own_cluster: LocalCluster, spawn_worker: Callable[..., WorkerProcess], namespace: str
+) -> None:
+    """Two worker processes and a sender with durability ``replica``; the primary of one
+    actor's shard is SIGKILLed and its replica takes over. The workers ride the failover (no
+    restart), every acknowledged send is handled exactly once and in order, and no actor is
+    ever held by two processes at once (its lease key was on the dead primary)."""
+    victim = own_cluster.primaries()[0]
+    names = [_actor_on(own_cluster, namespace, victim.port)] + [f"k{n}" for n in range(7)]
+    workers = [spawn_worker(url=own_cluster.url) for _ in range(2)]
+    async with actors.connect(own_cluster.url, namespace=namespace, app=app, durability="replica") as client:
+
+        async def answered() -> bool:
+            with contextlib.suppress(actors.AskTimeout):
+                return await client.ask(Counter.ref(names[0]), Get(), timeout=2.0) is not None
+            return False
+
+        await eventually(answered, timeout=30)
+        acked: list[int] = []
+        stop = asyncio.Event()
+
+        async def load() -> None:
+            seq = 0
+            while not stop.is_set():
+                with contextlib.suppress(Exception):  # the dead primary's shard refuses for a while
+                    await client.send(Counter.ref(names[seq % len(names)]), Add(sender="s", seq=seq))
+                    acked.append(seq)
+                seq += 1
+                await asyncio.sleep(0.005)
+
+        sender = asyncio.create_task(load())
+        await asyncio.sleep(1.0)
+        before = len(acked)
+        own_cluster.kill(victim)
+        await asyncio.to_thread(own_cluster.wait_failover, victim)
+        await eventually(lambda: len(acked) > before + 50, timeout=30)
+        stop.set()
+        await sender
+
+        async def handled() -> bool:
+            states = await asyncio.gather(*(client.state(Counter.ref(n)) for n in names))
+            seen = [seq for s in states if s is not None for seq in s.seqs.get("s", [])]
+            assert len(seen) == len(set(seen)), "a message was handled twice"
+            return set(acked) <= set(seen)
+
+        await eventually(handled, timeout=60, interval=0.2)
+        for state in await asyncio.gather(*(client.state(Counter.ref(n)) for n in names)):
+            assert state is not None
+            assert state.seqs["s"] == sorted(state.seqs["s"]), "per-sender order held"
+            assert state.epochs == sorted(set(state.epochs)), "no commit under an older epoch"
+            assert_held_by_one_process_at_a_time(state.held)
+    assert all(w.proc is not None and w.proc.poll() is None for w in workers), "the workers rode the failover"

@@ -19,7 +19,8 @@ failover. What differs is kept here and asked for with ``is_cluster``:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,9 +28,10 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.cluster import RedisCluster as SyncRedisCluster
-from redis.exceptions import ClusterDownError, MovedError, TryAgainError
+from redis.exceptions import ClusterDownError, MovedError, RedisError, TryAgainError
+from redis.retry import Retry as SyncRetry
 
 SCHEMES = {
     "redis+cluster": "redis",
@@ -100,9 +102,49 @@ def make_cluster_client(url: str, retries: int, keepalive: dict[int, int]) -> ai
 
 
 def make_sync_client(url: str, socket_timeout: float) -> redis.Redis:
-    """A blocking client (the LeaseKeeper's thread) for a server or a cluster URL."""
+    """A blocking client (the LeaseKeeper's thread) for a server or a cluster URL. On a
+    cluster it never retries: a call to a primary that is down fails at once rather than
+    hold up the renewals of the others until the failover ends (``pipelined_by_node``)."""
     seed = seed_url(url)
     if seed is None:
         return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=socket_timeout)
-    client: Any = SyncRedisCluster.from_url(seed, socket_connect_timeout=5, socket_timeout=socket_timeout)
+    client: Any = SyncRedisCluster.from_url(
+        seed, socket_connect_timeout=min(5.0, socket_timeout), socket_timeout=socket_timeout,
+        retry=SyncRetry(NoBackoff(), 0),
+    )  # fmt: skip
     return cast(redis.Redis, client)
+
+
+def pipelined_by_node(
+    client: redis.Redis, commands: Sequence[tuple[str, Callable[[Any], object]]]
+) -> list[Any]:
+    """Run ``commands`` (a key each, and what queues the command in a pipeline) with their
+    replies in order, errors as replies. On a cluster each primary's commands go in a
+    pipeline of their own: one primary that is down fails only its own (each reply the
+    error), and the map of slots is read again so the next call finds its replacement."""
+    if not is_cluster(client):
+        with client.pipeline(transaction=False) as pipe:
+            for _, queue in commands:
+                queue(pipe)
+            return list(pipe.execute(raise_on_error=False))
+    cluster = cast(SyncRedisCluster, client)
+    groups: dict[str, list[int]] = {}
+    for index, (key, _) in enumerate(commands):
+        node = cluster.get_node_from_key(key)  # type: ignore[no-untyped-call]  # unannotated in redis-py
+        groups.setdefault(node.name if node is not None else "", []).append(index)
+    replies: list[Any] = [None] * len(commands)
+    failed = False
+    for indexes in groups.values():
+        try:
+            with cluster.pipeline(transaction=False) as pipe:  # type: ignore[no-untyped-call]
+                for index in indexes:
+                    commands[index][1](pipe)
+                done = pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            done, failed = [exc] * len(indexes), True
+        for index, reply in zip(indexes, done, strict=True):
+            replies[index] = reply
+    if failed:
+        with contextlib.suppress(RedisError):
+            cluster.nodes_manager.initialize()
+    return replies

@@ -131,7 +131,9 @@ class CommitStore(StoreBase):
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for channel, reply in replies:
-                    pipe.publish(channel, reply)
+                    # A command, not pipe.publish: a cluster pipeline refuses that method (a
+                    # PUBLISH on any node reaches subscribers on every node).
+                    pipe.execute_command("PUBLISH", channel, reply)
                 await pipe.execute(raise_on_error=False)  # a refused channel (ACL) refuses only its reply
         except Exception as exc:
             if not is_transient(exc):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import redis
 from redis.exceptions import NoScriptError, ResponseError
@@ -16,7 +17,7 @@ from ..errors import ConfigurationError
 from ..keys import Keys
 from ..lease import Lease
 from ..settings import MAX_SHARDS, check_shard_count
-from .cluster import make_sync_client
+from .cluster import is_cluster, make_sync_client, pipelined_by_node
 from .connection import StoreBase, honours_cancel, script_text
 
 log = logging.getLogger("actors.store")
@@ -216,26 +217,57 @@ class LeaseKeeper:
             self._keep(leases, slots, membership)
 
     def _keep(self, leases: dict[int, Lease], slots: list[tuple[str, str]], membership: bool) -> None:
-        seconds, micros = self._redis.time()
-        now_ms = seconds * 1000 + micros // 1000
+        now_ms = self._now_ms()
+        if now_ms is None:  # a cluster whose node answering TIME is down: leases need no clock
+            membership, slots = False, []
         sent = time.monotonic()
-        with self._redis.pipeline(transaction=False) as pipe:
-            if membership:
-                pipe.zadd(self._keys.workers(), {self._worker_id: now_ms + self._ttl_ms})
-            for shard, lease in leases.items():
-                self._renew(keys=[self._keys.lease(shard)], args=[lease.value, self._ttl_ms], client=pipe)
-            for name, holder in slots:
-                pipe.zadd(self._keys.limiter_slots(name), {holder: now_ms + self._ttl_ms}, xx=True)
-            replies = pipe.execute()
+        commands: list[tuple[str, Callable[[Any], object]]] = []
+        if membership and now_ms is not None:
+            workers = self._keys.workers()
+            expiry = now_ms + self._ttl_ms
+            commands.append((workers, functools.partial(_queue_member, workers, self._worker_id, expiry)))
+        for shard, lease in leases.items():
+            key = self._keys.lease(shard)
+            commands.append((key, functools.partial(self._queue_renewal, key, lease.value)))
+        for name, holder in slots:
+            key = self._keys.limiter_slots(name)
+            commands.append((key, functools.partial(_queue_slot, key, holder, (now_ms or 0) + self._ttl_ms)))
+        # Each reply on its own: on a cluster a primary that is down fails only the renewals
+        # of its shards (neither renewed nor known lost: they run out).
+        replies = pipelined_by_node(self._redis, commands)
         renewed = replies[int(membership) : int(membership) + len(leases)]
         lost = {}
         for (shard, lease), ok in zip(leases.items(), renewed, strict=True):
+            if isinstance(ok, Exception):
+                if isinstance(ok, NoScriptError):
+                    raise ok
+                continue
             if ok:
                 lease.renewed(sent)
             else:
                 lost[shard] = lease
         if lost:
             self._lost(lost)
+
+    def _queue_renewal(self, key: str, value: str, pipe: Any) -> None:
+        self._renew(keys=[key], args=[value, self._ttl_ms], client=pipe)
+
+    def _now_ms(self) -> int | None:
+        try:
+            seconds, micros = self._redis.time()
+        except redis.RedisError:
+            if not is_cluster(self._redis):
+                raise
+            return None
+        return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _queue_slot(key: str, holder: str, expiry_ms: int, pipe: Any) -> None:
+    pipe.zadd(key, {holder: expiry_ms}, xx=True)
+
+
+def _queue_member(key: str, worker_id: str, expiry_ms: int, pipe: Any) -> None:
+    pipe.zadd(key, {worker_id: expiry_ms})
 
 
 def _recorded_count(raw: bytes | str, namespace: str) -> int:
