@@ -53,3 +53,14 @@ async def check_eviction(store: Store, allow_eviction: bool) -> None:
     if not allow_eviction:
         raise ConfigurationError(f"{message}, or pass --allow-eviction to run anyway")
     log.warning("--allow-eviction: starting although %s", message)
+
+
+async def check_cluster_coverage(store: Store) -> None:
+    """Warn where one primary's failure would stop every shard of a cluster, not only its own."""
+    if await store.full_coverage_required():
+        log.warning(
+            "the cluster has cluster-require-full-coverage yes: while a failed primary's slots wait "
+            "for a replica, every primary refuses every command, and every worker loses every lease "
+            "held longer than that. Set it to no (CONFIG SET cluster-require-full-coverage no on each "
+            "node, and in their configuration)"
+        )

@@ -183,6 +183,7 @@ class Worker:
         this app may share the namespace with its live workers (each a one-line error)."""
         await preflight.check_rights(store)
         await preflight.check_eviction(store, self.settings.allow_eviction)
+        await preflight.check_cluster_coverage(store)
         await sharing.claim_namespace(store, self.id, self.app, self.settings.rolling_upgrade)
 
     async def _withdraw(self, store: Store) -> None:

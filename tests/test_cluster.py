@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,6 +31,7 @@ from .conftest import WorkerProcess, eventually
 from .test_chaos import assert_held_by_one_process_at_a_time
 
 pytestmark = pytest.mark.chaos
+LOG_LEVEL = os.environ.get("ACTORS_TEST_LOG", "WARNING")
 
 
 def test_a_cluster_url_names_its_seed_node() -> None:
@@ -99,6 +102,28 @@ async def test_replica_durability_waits_for_the_replica_of_the_node_that_wrote(
             replica.process.send_signal(signal.SIGCONT)
 
 
+async def test_a_worker_warns_when_the_cluster_requires_full_coverage(
+    own_cluster: LocalCluster,
+    namespace: str,
+    fast_settings: actors.WorkerSettings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With full coverage required, a primary's failure stops every shard: the worker says so."""
+    for node in own_cluster.primaries():
+        own_cluster.cli(node, "CONFIG", "SET", "cluster-require-full-coverage", "yes")
+    try:
+        where = actors.RedisSettings(url=own_cluster.url, namespace=namespace)
+        worker = actors.Worker(app, where, fast_settings)
+        task = asyncio.create_task(worker.run())
+        await asyncio.wait_for(worker.ready.wait(), 15)
+        worker.stop()
+        await asyncio.wait_for(task, 20)
+    finally:
+        for node in own_cluster.primaries():
+            own_cluster.cli(node, "CONFIG", "SET", "cluster-require-full-coverage", "no")
+    assert any("cluster-require-full-coverage yes" in r.getMessage() for r in caplog.records)
+
+
 async def test_a_primary_killed_under_load_loses_nothing_acknowledged_and_fencing_holds(
     own_cluster: LocalCluster, spawn_worker: Callable[..., WorkerProcess], namespace: str
 ) -> None:
@@ -108,7 +133,7 @@ async def test_a_primary_killed_under_load_loses_nothing_acknowledged_and_fencin
     ever held by two processes at once (its lease key was on the dead primary)."""
     victim = own_cluster.primaries()[0]
     names = [_actor_on(own_cluster, namespace, victim.port)] + [f"k{n}" for n in range(7)]
-    workers = [spawn_worker(url=own_cluster.url) for _ in range(2)]
+    workers = [spawn_worker(url=own_cluster.url, log_level=LOG_LEVEL) for _ in range(2)]
     async with actors.connect(own_cluster.url, namespace=namespace, app=app, durability="replica") as client:
 
         async def answered() -> bool:
@@ -132,6 +157,7 @@ async def test_a_primary_killed_under_load_loses_nothing_acknowledged_and_fencin
         sender = asyncio.create_task(load())
         await asyncio.sleep(1.0)
         before = len(acked)
+        promoted = own_cluster.replica_of(victim)
         own_cluster.kill(victim)
         await asyncio.to_thread(own_cluster.wait_failover, victim)
         await eventually(lambda: len(acked) > before + 50, timeout=30)
@@ -151,3 +177,7 @@ async def test_a_primary_killed_under_load_loses_nothing_acknowledged_and_fencin
             assert state.epochs == sorted(set(state.epochs)), "no commit under an older epoch"
             assert_held_by_one_process_at_a_time(state.held)
     assert all(w.proc is not None and w.proc.poll() is None for w in workers), "the workers rode the failover"
+    keys = Keys(namespace)
+    on_victim = {s for s in range(16) if own_cluster.master_of(keys.inbox(s)).port == promoted.port}
+    lost = {int(m) for w in workers for m in re.findall(r"lost the lease on shard (\d+)", w.log.read_text())}
+    assert lost <= on_victim, "only the shards of the dead primary lost their leases"

@@ -88,6 +88,7 @@ def make_cluster_client(url: str, retries: int, keepalive: dict[int, int]) -> ai
     client = RedisCluster.from_url(
         url,
         max_connections=NODE_CONNECTIONS,
+        require_full_coverage=False,  # a client may start while a failover leaves slots uncovered
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries),
         socket_connect_timeout=5,
         socket_timeout=None,  # as make_client: keepalive finds a dead peer
@@ -110,7 +111,7 @@ def make_sync_client(url: str, socket_timeout: float) -> redis.Redis:
         return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=socket_timeout)
     client: Any = SyncRedisCluster.from_url(
         seed, socket_connect_timeout=min(5.0, socket_timeout), socket_timeout=socket_timeout,
-        retry=SyncRetry(NoBackoff(), 0),
+        retry=SyncRetry(NoBackoff(), 0), require_full_coverage=False,
     )  # fmt: skip
     return cast(redis.Redis, client)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from redis.exceptions import NoPermissionError, ResponseError
 
+from .cluster import each_primary, is_cluster
 from .connection import StoreBase, honours_cancel
 
 NO_SCRIPT = "0" * 40
@@ -155,6 +156,20 @@ class HealthStore(StoreBase):
             return None
         value = found.get(name)
         return None if value is None else _text(value)
+
+    async def full_coverage_required(self) -> bool:
+        """Whether a cluster stops serving every slot while one primary's slots are uncovered
+        (``cluster-require-full-coverage yes`` on any primary); False for one server, or where
+        CONFIG is refused."""
+        if not is_cluster(self.redis):
+            return False
+        try:
+            found = await each_primary(self.redis, "CONFIG GET", "cluster-require-full-coverage")
+        except ResponseError:
+            return False
+        return any(
+            _text(v) == "yes" for reply in found for k, v in reply.items() if _text(k).endswith("coverage")
+        )
 
     async def eviction_policy(self) -> str | None:
         """The server's ``maxmemory-policy`` (from ``INFO memory``, else ``CONFIG GET``); None if

@@ -246,6 +246,10 @@ class LeaseKeeper:
                 lease.renewed(sent)
             else:
                 lost[shard] = lease
+        if lost or len(renewed) != sum(1 for ok in renewed if ok is True or ok == 1):
+            log.debug(
+                "lease keeper: renewals %s", {s: repr(ok) for s, ok in zip(leases, renewed, strict=True)}
+            )
         if lost:
             self._lost(lost)
 
