@@ -98,6 +98,7 @@ class LocalCluster:
         its slots meanwhile)."""
         self._spawn(self.binary or find_binary(), node)
         self._wait_answer(node)
+        self._wait(self._all_ok, f"node {node.port} to rejoin and every replica to sync")
 
     def master_of(self, key: str) -> ClusterNode:
         """The live primary that serves ``key``'s slot now."""

@@ -160,6 +160,7 @@ async def test_a_primary_killed_under_load_loses_nothing_acknowledged_and_fencin
         promoted = own_cluster.replica_of(victim)
         own_cluster.kill(victim)
         await asyncio.to_thread(own_cluster.wait_failover, victim)
+        restarted = asyncio.create_task(asyncio.to_thread(own_cluster.restart, victim))  # for the next test
         await eventually(lambda: len(acked) > before + 50, timeout=30)
         stop.set()
         await sender
@@ -181,3 +182,29 @@ async def test_a_primary_killed_under_load_loses_nothing_acknowledged_and_fencin
     on_victim = {s for s in range(16) if own_cluster.master_of(keys.inbox(s)).port == promoted.port}
     lost = {int(m) for w in workers for m in re.findall(r"lost the lease on shard (\d+)", w.log.read_text())}
     assert lost <= on_victim, "only the shards of the dead primary lost their leases"
+    await restarted
+
+
+async def test_a_client_subscribes_again_after_its_reply_channels_primary_fails(
+    own_cluster: LocalCluster, start_worker: Callable[..., Any], namespace: str
+) -> None:
+    """A subscription does not follow a failover by itself: the listener reads the map of
+    slots again, and the client's reply channel has a subscriber again once a replica took
+    over (before, it kept trying the dead node and every ask waited for the stored reply)."""
+    await start_worker(app, url=own_cluster.url)
+    async with actors.connect(own_cluster.url, namespace=namespace, app=app) as client:
+        assert await client.ask(Counter.ref("a"), Get()) == Total(total=0)
+        channel = client._replies.channel  # type: ignore[union-attr]
+        victim = own_cluster.master_of(channel)
+        own_cluster.kill(victim)
+        try:
+            await asyncio.to_thread(own_cluster.wait_failover, victim)
+
+            def subscribers() -> int:
+                live = [n for n in own_cluster.nodes if n.alive]
+                return sum(int(own_cluster.cli(n, "PUBSUB", "NUMSUB", channel).split()[-1]) for n in live)
+
+            await eventually(subscribers, timeout=30)
+            assert await client.ask(Counter.ref("b"), Get()) == Total(total=0)
+        finally:
+            await asyncio.to_thread(own_cluster.restart, victim)

@@ -83,6 +83,14 @@ async def each_primary(client: aioredis.Redis, *command: str) -> list[Any]:
     return list(replies.values()) if isinstance(replies, dict) else [replies]
 
 
+async def refresh(client: aioredis.Redis) -> None:
+    """Read a cluster's map of slots again (a no-op for one server). Commands do it when a
+    node fails them; a pub/sub subscription does not, and would keep trying a dead node."""
+    if is_cluster(client):
+        with contextlib.suppress(RedisError):
+            await cast(RedisCluster, client).nodes_manager.initialize()
+
+
 def make_cluster_client(url: str, retries: int, keepalive: dict[int, int]) -> aioredis.Redis:
     """An asyncio cluster client seeded by ``url`` (a plain node URL, see ``seed_url``)."""
     client = RedisCluster.from_url(

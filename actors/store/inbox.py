@@ -13,6 +13,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from ..codec import FIELD, replayed
 from ..errors import IdempotencyConflict
 from ..keys import GROUP
+from . import cluster
 from .connection import STALL_TIMEOUT, StoreBase, honours_cancel, is_transient, raw_reply
 from .records import (
     CONFLICT,
@@ -200,7 +201,9 @@ class InboxStore(StoreBase):
             except Exception as exc:
                 if not is_transient(exc):
                     log.exception("listening on %s failed; subscribing again", channel)
+                log.debug("listening on %s: %r; subscribing again in %.2fs", channel, exc, delay)
                 await asyncio.sleep(delay)
+                await cluster.refresh(self.redis)  # the channel's node may have failed over
                 delay = min(delay * 2, LISTEN_RETRY_MAX)
             finally:
                 # PubSub.aclose is unannotated in redis-py (it returns None).
