@@ -28,6 +28,7 @@ from actors.store.cluster import seed_url
 
 from .apps import Add, Counter, Get, Total, app
 from .conftest import WorkerProcess, eventually
+from .test_cli import actors_cli, ok
 from .test_chaos import assert_held_by_one_process_at_a_time
 
 pytestmark = pytest.mark.chaos
@@ -76,6 +77,23 @@ async def test_shards_spread_over_the_primaries_and_each_serves_its_actors(
         for name in names:
             assert await client.ask(Counter.ref(name), Get()) == Total(total=2)
 
+
+
+@pytest.mark.cluster
+async def test_the_cli_reads_and_writes_a_namespace_on_a_cluster(
+    redis_url: str, start_worker: Callable[..., Any], namespace: str
+) -> None:
+    await start_worker(app)
+
+    async def run(*args: str) -> str:
+        return ok(await actors_cli(*args, "--redis", redis_url, "--namespace", namespace))
+
+    await run("send", "Counter/c", "Add", '{"by": 5}', "--app", "tests.apps:app")
+    assert '"total": 5' in await run("ask", "Counter/c", "Get", "{}", "--app", "tests.apps:app")
+    status = await run("status", "--wait-idle")
+    assert "4 shards, 1 live workers" in status and "shards [0, 1, 2, 3]" in status, status
+    doctor = await run("doctor")
+    assert "4 shards" in doctor and "1 live" in doctor, doctor
 
 async def test_replica_durability_waits_for_the_replica_of_the_node_that_wrote(
     own_cluster: LocalCluster, namespace: str
