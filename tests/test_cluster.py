@@ -28,8 +28,8 @@ from actors.store.cluster import seed_url
 
 from .apps import Add, Counter, Get, Total, app
 from .conftest import WorkerProcess, eventually
-from .test_cli import actors_cli, ok
 from .test_chaos import assert_held_by_one_process_at_a_time
+from .test_cli import actors_cli, ok
 
 pytestmark = pytest.mark.chaos
 LOG_LEVEL = os.environ.get("ACTORS_TEST_LOG", "WARNING")
@@ -78,7 +78,6 @@ async def test_shards_spread_over_the_primaries_and_each_serves_its_actors(
             assert await client.ask(Counter.ref(name), Get()) == Total(total=2)
 
 
-
 @pytest.mark.cluster
 async def test_the_cli_reads_and_writes_a_namespace_on_a_cluster(
     redis_url: str, start_worker: Callable[..., Any], namespace: str
@@ -94,6 +93,7 @@ async def test_the_cli_reads_and_writes_a_namespace_on_a_cluster(
     assert "4 shards, 1 live workers" in status and "shards [0, 1, 2, 3]" in status, status
     doctor = await run("doctor")
     assert "4 shards" in doctor and "1 live" in doctor, doctor
+
 
 async def test_replica_durability_waits_for_the_replica_of_the_node_that_wrote(
     own_cluster: LocalCluster, namespace: str
