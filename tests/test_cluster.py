@@ -93,3 +93,20 @@ async def test_replica_durability_waits_for_the_replica_of_the_node_that_wrote(
             await client.send(Counter.ref(healthy), Add(by=1))
         finally:
             replica.process.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.cluster
+async def test_a_durable_commit_publishes_its_replies_on_a_cluster(
+    start_worker: Callable[..., Any], connect: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a durability level the replies are published after the wait, by the worker's
+    client: a cluster pipeline refuses PUBLISH (no key to route it by), which failed every such
+    commit after it was applied (its runner restarted, the asker read the stored reply a second
+    later)."""
+    async with connect(app=app, durability="replica", shards=4) as client:
+        await start_worker(app)
+        for n in range(1, 4):
+            await client.send(Counter.ref("durable"), Add(by=1))
+            assert await client.ask(Counter.ref("durable"), Get()) == Total(total=n)
+    assert "runner failed" not in caplog.text, caplog.text[-3000:]
+    assert "blocked when running redis in cluster mode" not in caplog.text
