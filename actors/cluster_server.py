@@ -124,6 +124,11 @@ class LocalCluster:
 
         self._wait(promoted, f"a replica to take the slots of node {dead.port}", timeout)
 
+    def wait_ok(self, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until every live node says the cluster is ok and every replica has synced (after
+        ``start``, or a ``restart`` that made a node a replica again)."""
+        self._wait(self._all_ok, "every node to say the cluster is ok and every replica to sync", timeout)
+
     def cli(self, node: ClusterNode, *command: str) -> str:
         """One command on one node, through the CLI (so this module needs no client)."""
         out = subprocess.run(
@@ -163,13 +168,13 @@ class LocalCluster:
         )  # fmt: skip
         if out.returncode != 0:
             raise ServerError(f"could not create the cluster with {binary}: {out.stdout[-2000:]}{out.stderr}")
-        self._wait(self._all_ok, "every node to say the cluster is ok and every replica to sync")
+        self.wait_ok()
 
     def _wait_answer(self, node: ClusterNode) -> None:
         self._wait(lambda: self.cli(node, "PING") == "PONG", f"node {node.port} to answer")
 
     def _all_ok(self) -> bool:
-        for node in self.nodes:
+        for node in (n for n in self.nodes if n.alive):
             if "cluster_state:ok" not in self.cli(node, "CLUSTER", "INFO"):
                 return False
             info = self.cli(node, "INFO", "replication")
