@@ -39,9 +39,6 @@ import asyncio
 import contextlib
 import os
 import platform
-import shutil
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -53,7 +50,16 @@ import redis.asyncio as aioredis
 
 import actors
 
-from .common import SHARDS, Workers, argument_parser, lease_owners, load_average, median_of, worker_argv
+from .common import (
+    SHARDS,
+    Workers,
+    argument_parser,
+    lease_owners,
+    load_average,
+    median_of,
+    scratch_dir,
+    worker_argv,
+)
 from .common import write_json as write_json_file
 from .latency import percentile
 from .throughput import (
@@ -355,18 +361,13 @@ async def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     load_before = load_average()
-    tmp = Path(tempfile.mkdtemp(prefix="actors-durability-"))
     results: dict[str, dict[str, Any]] = {}
     waitaof: dict[str, float] | None = None
-    try:
+    with scratch_dir("durability") as tmp:
         for level in args.levels:
             figures, found = await measure(level, tmp, args)
             results[level] = figures.summary()
             waitaof = found or waitaof
-    except BaseException:
-        print(f"benchmark failed; worker logs and server data kept in {tmp}", file=sys.stderr)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
 
     header = [
         f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, {server_version()}, loopback, "

@@ -141,8 +141,11 @@ async def test_a_primary_failover_leaves_the_leases_on_the_other_primaries_alone
             own_cluster.wait_failover(victim)
             # a send on a connection to the dead node raises (its outcome unknown): the key
             # makes the retries one message
-            await eventually(lambda: _sent(client.send(Counter.ref(on_victim), Add(by=1), idempotency_key="k")))
-            assert await eventually(lambda: _sent(client.ask(Counter.ref(on_victim), Get()))) == Total(total=1)
+            await eventually(
+                lambda: _sent(client.send(Counter.ref(on_victim), Add(by=1), idempotency_key="k"))
+            )
+            reply = await eventually(lambda: _sent(client.ask(Counter.ref(on_victim), Get())))
+            assert reply == Total(total=1)
             after = [await client.store.redis.get(keys.lease(s)) for s in healthy]
         finally:
             own_cluster.restart(victim)
