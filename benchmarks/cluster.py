@@ -84,12 +84,11 @@ def topology(kind: str, tmp: Path) -> Iterator[Topology]:
         return
     cluster = LocalCluster(tmp / kind, masters=int(kind.removeprefix("cluster")), replicas=0).start()
     try:
-        ports = shard_primaries(cluster, "any")  # a shard's hash tag is its number, whatever the namespace
-        nodes = [
-            Node(f":{n.port}", node_url(cluster, n))
-            for n in sorted(cluster.primaries(), key=lambda n: n.port)
-        ]
-        yield Topology(kind, cluster.url, nodes, {n.label: ports.count(int(n.label[1:])) for n in nodes})
+        served = shard_primaries(cluster, "any")  # a shard's hash tag is its number, whatever the namespace
+        primaries = sorted(cluster.primaries(), key=lambda n: n.port)
+        nodes = [Node(f":{n.port}", node_url(cluster, n)) for n in primaries]
+        shards_on = {f":{n.port}": served.count(n.port) for n in primaries}
+        yield Topology(kind, cluster.url, nodes, shards_on)
     finally:
         cluster.stop()
 
@@ -111,24 +110,20 @@ async def floor(top: Topology, n: int, actor_count: int, counters: ServerCounter
         await counters.close(None)
     finally:
         await r.aclose()
-    assert counters.cost is not None
     result = Result("floor", "floor: XADD to the 16 inboxes, pipelines of 100", n, seconds)
-    return Run(result, counters.cost.per_message(n))
+    return Run(result, counters.per_message(n))
 
 
 async def one_round(top: Topology, tmp: Path, args: argparse.Namespace) -> list[Run]:
+    """The floor, a drain and a ``send_many`` run, each with its cost per message."""
+    n, actor_count, processes = args.messages, args.actors, args.processes
     counters = ServerCounters(top.nodes)
-    runs = [await floor(top, args.messages, args.actors, counters)]
     try:
-        for e2e in (False, True):
-            if e2e:
-                result = await run_e2e(
-                    top.url, tmp, args.processes, args.messages, args.actors, False, counters
-                )
-            else:
-                result = await run_drain(top.url, tmp, args.processes, args.messages, args.actors, counters)
-            assert counters.cost is not None
-            runs.append(Run(result, counters.cost.per_message(result.messages)))
+        runs = [await floor(top, n, actor_count, counters)]
+        drained = await run_drain(top.url, tmp, processes, n, actor_count, counters)
+        runs.append(Run(drained, counters.per_message(n)))
+        sent = await run_e2e(top.url, tmp, processes, n, actor_count, False, counters)
+        runs.append(Run(sent, counters.per_message(n)))
     finally:
         await counters.aclose()
     return runs

@@ -116,6 +116,12 @@ class ServerCounters:
             nodes.append(NodeCost(node.label, commands, after.cpu_s - before.cpu_s, held))
         self.cost = WindowCost(nodes, worker_cpu)
 
+    def per_message(self, messages: int) -> dict[str, Any]:
+        """The last window's ``WindowCost.per_message``."""
+        if self.cost is None:
+            raise RuntimeError("no window has closed yet")
+        return self.cost.per_message(messages)
+
     async def aclose(self) -> None:
         for client in self._clients:
             await client.aclose()
