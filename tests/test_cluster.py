@@ -9,11 +9,11 @@ their own."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 import actors
 from actors import DurabilityTimeout
@@ -21,10 +21,9 @@ from actors.cluster_server import LocalCluster
 from actors.codec import actor_id
 from actors.keys import Keys
 from actors.routing import shard_of
-from actors.store.cluster import CLUSTER_ERRORS, seed_url
+from actors.store.cluster import seed_url
 
 from .apps import Add, Counter, Get, Total, app
-from .conftest import eventually
 
 pytestmark = pytest.mark.chaos
 
@@ -102,7 +101,7 @@ async def test_a_durable_commit_publishes_its_replies_on_a_cluster(
     start_worker: Callable[..., Any], connect: Callable[..., Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     """With a durability level the replies are published after the wait, by the worker's
-    client: a cluster pipeline refuses PUBLISH (no key to route it by), which failed every such
+    client: a cluster pipeline refuses its ``publish`` method, which failed every such
     commit after it was applied (its runner restarted, the asker read the stored reply a second
     later)."""
     async with connect(app=app, durability="replica", shards=4) as client:
@@ -114,48 +113,14 @@ async def test_a_durable_commit_publishes_its_replies_on_a_cluster(
     assert "blocked when running redis in cluster mode" not in caplog.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a worker drops or loses every lease when one primary fails: the LeaseKeeper renews all "
-    "leases in one cluster pipeline, which raises if any node is down, and past a TTL of failed "
-    "ticks the supervisor drops every shard (tell the lead: not fixed here)",
-)
-async def test_a_primary_failover_leaves_the_leases_on_the_other_primaries_alone(
-    own_cluster: LocalCluster, start_worker: Callable[..., Any], fast_settings: Any, namespace: str
-) -> None:
-    """Only the shards of the killed primary pause: a shard whose keys live on a surviving
-    primary keeps its lease (same epoch) through the failover."""
-    keys = Keys(namespace)
-    settings = fast_settings.model_copy(update={"shards": 16})
-    served = [own_cluster.master_of(keys.inbox(s)).port for s in range(16)]
-    membership = own_cluster.master_of(keys.workers()).port
-    victim = next(n for n in own_cluster.primaries() if n.port in served and n.port != membership)
-    healthy = [s for s in range(16) if served[s] != victim.port]
-    async with actors.connect(own_cluster.url, namespace=namespace, app=app, shards=16) as client:
-        await start_worker(app, settings, url=own_cluster.url)
-        on_victim = _actor_on(own_cluster, namespace, victim.port)
-        await client.ask(Counter.ref(on_victim), Get())
-        before = [await client.store.redis.get(keys.lease(s)) for s in healthy]
-        own_cluster.kill(victim)
-        try:
-            own_cluster.wait_failover(victim)
-            # a send on a connection to the dead node raises (its outcome unknown): the key
-            # makes the retries one message
-            await eventually(
-                lambda: _sent(client.send(Counter.ref(on_victim), Add(by=1), idempotency_key="k"))
-            )
-            reply = await eventually(lambda: _sent(client.ask(Counter.ref(on_victim), Get())))
-            assert reply == Total(total=1)
-            after = [await client.store.redis.get(keys.lease(s)) for s in healthy]
-        finally:
-            own_cluster.restart(victim)
-            own_cluster.wait_ok()
-    assert after == before, "a lease on a surviving primary was lost and taken again"
-
-
-async def _sent(call: Awaitable[Any]) -> Any:
-    """``call``'s result, or None if it raised a connection error (a node just failed)."""
+async def test_fsync_durability_on_a_cluster_of_one_primary(tmp_path: Path, namespace: str) -> None:
+    """Its checks ask every primary for ``appendfsync``: with one primary the cluster client
+    returns that node's reply bare, not by node, and a ``CONFIG GET`` reply (a dict) was taken
+    for replies by node (AttributeError)."""
+    cluster = LocalCluster(tmp_path / "one", masters=1, replicas=0, appendfsync="always").start()
     try:
-        return await call
-    except (RedisConnectionError, *CLUSTER_ERRORS):
-        return None
+        async with actors.connect(cluster.url, namespace=namespace, app=app, durability="fsync") as client:
+            assert client.durability == "fsync"
+            await client.send(Counter.ref("a"), Add(by=1))
+    finally:
+        cluster.stop()

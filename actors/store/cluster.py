@@ -19,6 +19,7 @@ failover. What differs is kept here and asked for with ``is_cluster``:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -77,8 +78,12 @@ async def each_primary(client: aioredis.Redis, *command: str) -> list[Any]:
     if not is_cluster(client):
         # execute_command is unannotated in redis-py's asyncio client.
         return [await client.execute_command(*command)]  # type: ignore[no-untyped-call]
-    replies = await cast(RedisCluster, client).execute_command(*command, target_nodes=RedisCluster.PRIMARIES)
-    return list(replies.values()) if isinstance(replies, dict) else [replies]
+    cluster = cast(RedisCluster, client)
+    await cluster.initialize()  # the map of nodes (a no-op once known)
+    # One call per primary: a call to several returns their replies by node, but one node's
+    # reply bare, and a reply that is itself a dict (CONFIG GET) cannot be told from those.
+    calls = (cluster.execute_command(*command, target_nodes=node) for node in cluster.get_primaries())
+    return list(await asyncio.gather(*calls))
 
 
 def make_cluster_client(url: str, retries: int, keepalive: dict[int, int]) -> aioredis.Redis:
