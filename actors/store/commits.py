@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type information
-from redis.exceptions import ResponseError
 
 from ..codec import decode_envelope
 from ..errors import DecodeError
-from . import cluster
 from .connection import StoreBase, honours_cancel, is_transient
 from .records import DUPLICATE, LoadedActor, StoredTurn, Take, Write
 
@@ -132,12 +129,11 @@ class CommitStore(StoreBase):
         if not replies:
             return
         try:
-            if cluster.is_cluster(self.redis):
-                await self._publish_each(replies)
-                return
             async with self.redis.pipeline(transaction=False) as pipe:
                 for channel, reply in replies:
-                    pipe.publish(channel, reply)
+                    # A command, not pipe.publish: a cluster pipeline refuses that method (a
+                    # PUBLISH on any node reaches subscribers on every node).
+                    pipe.execute_command("PUBLISH", channel, reply)
                 await pipe.execute(raise_on_error=False)  # a refused channel (ACL) refuses only its reply
         except Exception as exc:
             if not is_transient(exc):
@@ -145,17 +141,6 @@ class CommitStore(StoreBase):
             log.warning(
                 "could not publish %d replies (%r); their askers read them from Redis", len(replies), exc
             )
-
-    async def _publish_each(self, replies: Sequence[tuple[str, bytes]]) -> None:
-        """One PUBLISH per reply, all at once: a cluster pipeline refuses PUBLISH (it has no key
-        to route it by), and any node passes it on to the subscribers of every node."""
-        published = await asyncio.gather(
-            *(self.redis.publish(channel, reply) for channel, reply in replies), return_exceptions=True
-        )
-        for outcome in published:
-            # a refused channel (ACL) refuses only its reply, as in the pipeline
-            if isinstance(outcome, Exception) and not isinstance(outcome, ResponseError):
-                raise outcome
 
     def _idle_index(self, shard: int, actor_id: str, keys: list[str], idle: dict[str, int]) -> int:
         """The KEYS position of the idle set of the actor's type (added to ``keys`` once per batch)."""
