@@ -22,8 +22,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = [
-    "throughput", "latency", "shards", "durability", "failover", "elastic", "workflows", "journal", "soak",
-    "limits", "peers",
+    "throughput", "latency", "shards", "durability", "failover", "cluster", "elastic", "workflows", "journal",
+    "soak", "limits", "peers",
 ]  # fmt: skip
 """In this order; ``peers`` prints why it skips a system whose package is missing."""
 

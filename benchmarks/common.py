@@ -96,6 +96,19 @@ def private_server(name: str, kept: str = "server data and worker logs") -> Iter
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def scratch_dir(name: str, kept: str = "worker logs and server data") -> Iterator[Path]:
+    """A new temporary directory ``actors-NAME-*``, removed at the end unless the block fails
+    (then stderr says where it is and that ``kept`` is in it)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"actors-{name}-"))
+    try:
+        yield tmp
+    except BaseException:
+        print(f"benchmark failed; {kept} kept in {tmp}", file=sys.stderr)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ---- repeated runs ---------------------------------------------------------------------------
 S = TypeVar("S")
 

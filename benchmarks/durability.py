@@ -39,9 +39,6 @@ import asyncio
 import contextlib
 import os
 import platform
-import shutil
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -53,7 +50,16 @@ import redis.asyncio as aioredis
 
 import actors
 
-from .common import SHARDS, Workers, argument_parser, lease_owners, load_average, median_of, worker_argv
+from .common import (
+    SHARDS,
+    Workers,
+    argument_parser,
+    lease_owners,
+    load_average,
+    median_of,
+    scratch_dir,
+    worker_argv,
+)
 from .common import write_json as write_json_file
 from .latency import percentile
 from .throughput import (
@@ -156,15 +162,16 @@ def wait_command(level: str) -> tuple[Any, ...] | None:
     return {"fsync": ("WAITAOF", 1, 0, 5000), "replica": ("WAIT", 1, 5000)}.get(level)
 
 
-async def floor(url: str, level: str, n: int, figures: Figures) -> None:
-    """Awaited XADDs alone, then each with the level's wait in one pipeline."""
+async def floor(url: str, level: str, n: int, figures: Figures, stream: str | None = None) -> None:
+    """Awaited XADDs alone, then each with the level's wait in one pipeline, to ``stream`` (a
+    new key by default) on the one server at ``url``."""
     r = aioredis.Redis.from_url(url)
     body = b"x" * BODY_BYTES
     try:
         for key, command in (("floor_xadd", None), ("floor_xadd_wait", wait_command(level))):
             if key == "floor_xadd_wait" and command is None:
                 continue
-            times = await _timed_xadds(r, f"floor:{uuid.uuid4().hex[:6]}", body, n, command)
+            times = await _timed_xadds(r, stream or f"floor:{uuid.uuid4().hex[:6]}", body, n, command)
             figures.samples(key, times)
             figures.rate(key, n / (sum(times) / 1000))
     finally:
@@ -283,14 +290,26 @@ async def check_sum(client: actors.Client, expected: int, actor_count: int) -> N
         raise RuntimeError(f"exactly-once check FAILED: totals {total} != {expected}, {dead} dead letters")
 
 
+async def rounds(
+    url: str, level: str, tmp: Path, args: argparse.Namespace, floor_at: tuple[str, str | None] | None = None
+) -> Figures:
+    """``args.rounds`` times the floor, drain and live runs of one level at ``url``. The floor
+    runs on the server at ``url``, or at ``floor_at``'s URL on its stream (on a cluster: a
+    primary and a key it serves)."""
+    figures = Figures()
+    floor_url, stream = floor_at or (url, None)
+    for _ in range(args.rounds):
+        await floor(floor_url, level, args.sends, figures, stream)
+        await drain(url, level, tmp, args.messages, args.actors, figures)
+        await live(url, level, tmp, args, figures)
+    return figures
+
+
 async def measure(level: str, tmp: Path, args: argparse.Namespace) -> tuple[Figures, dict[str, float] | None]:
     deployment = await start_deployment(level, tmp)
-    figures, waitaof = Figures(), None
+    waitaof = None
     try:
-        for _ in range(args.rounds):
-            await floor(deployment.url, level, args.sends, figures)
-            await drain(deployment.url, level, tmp, args.messages, args.actors, figures)
-            await live(deployment.url, level, tmp, args, figures)
+        figures = await rounds(deployment.url, level, tmp, args)
         if level == "everysec":
             waitaof = await everysec_waitaof(deployment.url)
     finally:
@@ -342,18 +361,13 @@ async def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     load_before = load_average()
-    tmp = Path(tempfile.mkdtemp(prefix="actors-durability-"))
     results: dict[str, dict[str, Any]] = {}
     waitaof: dict[str, float] | None = None
-    try:
+    with scratch_dir("durability") as tmp:
         for level in args.levels:
             figures, found = await measure(level, tmp, args)
             results[level] = figures.summary()
             waitaof = found or waitaof
-    except BaseException:
-        print(f"benchmark failed; worker logs and server data kept in {tmp}", file=sys.stderr)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
 
     header = [
         f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, {server_version()}, loopback, "

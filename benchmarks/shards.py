@@ -66,13 +66,13 @@ class ShardsResult:
     load: LoadResult
 
 
-def probe_keys(shards: int) -> list[str]:
-    """One Probe key per shard, the key of shard s at index s."""
+def probe_keys(shards: int, actor_type: str = "Probe") -> list[str]:
+    """One key of ``actor_type`` per shard, the key of shard s at index s."""
     keys: dict[int, str] = {}
     for i in count():
         if len(keys) == shards:
             return [keys[s] for s in range(shards)]
-        keys.setdefault(shard_of(f"Probe/p{i}", shards), f"p{i}")
+        keys.setdefault(shard_of(f"{actor_type}/p{i}", shards), f"p{i}")
     raise AssertionError("unreachable")
 
 

@@ -51,7 +51,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
@@ -153,12 +153,16 @@ async def floor_produce(r: aioredis.Redis, key: str, n: int, actor_count: int) -
     return time.perf_counter() - started
 
 
-async def floor_produce_pipelined(r: aioredis.Redis, key: str, n: int, actor_count: int) -> float:
+async def floor_produce_pipelined(
+    r: aioredis.Redis, key: str | Sequence[str], n: int, actor_count: int
+) -> float:
+    """``n`` XADDs in pipelines of FLOOR_BATCH; to ``key``, or entry i to ``key[i % len(key)]``."""
+    keys = [key] if isinstance(key, str) else key
     started = time.perf_counter()
     for first in range(0, n, FLOOR_BATCH):
         async with r.pipeline(transaction=False) as pipe:
             for i in range(first, min(n, first + FLOOR_BATCH)):
-                pipe.xadd(key, {"e": floor_body(i, actor_count)})
+                pipe.xadd(keys[i % len(keys)], {"e": floor_body(i, actor_count)})
             await pipe.execute()
     return time.perf_counter() - started
 
@@ -364,7 +368,18 @@ async def send_chunks(client: actors.Client, n: int, actor_count: int, chunk: in
 
 
 # ---- ours --------------------------------------------------------------------------------
-async def run_drain(url: str, tmp: Path, processes: int, n: int, actor_count: int) -> Result:
+class Window(Protocol):
+    """Told when a run's timed window opens and closes, the workers running (``benchmarks.cluster``
+    reads the servers' counters and the workers' CPU there)."""
+
+    async def open(self, workers: Workers) -> None: ...
+
+    async def close(self, workers: Workers) -> None: ...
+
+
+async def run_drain(
+    url: str, tmp: Path, processes: int, n: int, actor_count: int, window: Window | None = None
+) -> Result:
     ns = f"drain{processes}-{uuid.uuid4().hex[:6]}"
     async with actors.connect(url, namespace=ns, app=app, shards=SHARDS) as client:
         await send_chunks(client, n, actor_count, PREFILL_CHUNK)
@@ -375,7 +390,11 @@ async def run_drain(url: str, tmp: Path, processes: int, n: int, actor_count: in
                 return any(await lease_owners(client))
 
             first_lease = await poll_until(any_lease, workers, 60, "a first lease")
+            if window is not None:
+                await window.open(workers)
             done = await wait_committed(client, workers, STALL_S)
+            if window is not None:
+                await window.close(workers)
             owners = await lease_owners(client)
             verdict = await check_totals(client, n, actor_count)
         finally:
@@ -390,12 +409,16 @@ async def run_drain(url: str, tmp: Path, processes: int, n: int, actor_count: in
     return Result(f"drain_{processes}p", label, n, done - first_lease, note)
 
 
-async def run_e2e(url: str, tmp: Path, processes: int, n: int, actor_count: int, awaited: bool) -> Result:
+async def run_e2e(
+    url: str, tmp: Path, processes: int, n: int, actor_count: int, awaited: bool, window: Window | None = None
+) -> Result:
     ns = f"e2e{'a' if awaited else 'p'}-{uuid.uuid4().hex[:6]}"
     async with actors.connect(url, namespace=ns, app=app, shards=SHARDS) as client:
         workers = Workers.spawn(worker_argv(APP_SPEC, url, ns), processes, tmp / f"{ns}.log")
         try:
             await all_leased(client, workers)
+            if window is not None:
+                await window.open(workers)
             started = time.perf_counter()
             if awaited:
                 for i in range(n):
@@ -404,6 +427,8 @@ async def run_e2e(url: str, tmp: Path, processes: int, n: int, actor_count: int,
                 await send_chunks(client, n, actor_count, E2E_CHUNK)
             sent = time.perf_counter()
             done = await wait_committed(client, workers, STALL_S)
+            if window is not None:
+                await window.close(workers)
             verdict = await check_totals(client, n, actor_count)
         finally:
             workers.stop()

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -266,3 +267,33 @@ async def test_a_client_subscribes_again_after_its_reply_channels_primary_fails(
             assert await client.ask(Counter.ref(elsewhere), Get()) == Total(total=0)
         finally:
             await asyncio.to_thread(own_cluster.restart, victim)
+
+
+@pytest.mark.cluster
+async def test_a_durable_commit_publishes_its_replies_on_a_cluster(
+    start_worker: Callable[..., Any], connect: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With a durability level the replies are published after the wait, by the worker's
+    client: a cluster pipeline refuses its ``publish`` method, which failed every such
+    commit after it was applied (its runner restarted, the asker read the stored reply a second
+    later)."""
+    async with connect(app=app, durability="replica", shards=4) as client:
+        await start_worker(app)
+        for n in range(1, 4):
+            await client.send(Counter.ref("durable"), Add(by=1))
+            assert await client.ask(Counter.ref("durable"), Get()) == Total(total=n)
+    assert "runner failed" not in caplog.text, caplog.text[-3000:]
+    assert "blocked when running redis in cluster mode" not in caplog.text
+
+
+async def test_fsync_durability_on_a_cluster_of_one_primary(tmp_path: Path, namespace: str) -> None:
+    """Its checks ask every primary for ``appendfsync``: with one primary the cluster client
+    returns that node's reply bare, not by node, and a ``CONFIG GET`` reply (a dict) was taken
+    for replies by node (AttributeError)."""
+    cluster = LocalCluster(tmp_path / "one", masters=1, replicas=0, appendfsync="always").start()
+    try:
+        async with actors.connect(cluster.url, namespace=namespace, app=app, durability="fsync") as client:
+            assert client.durability == "fsync"
+            await client.send(Counter.ref("a"), Add(by=1))
+    finally:
+        cluster.stop()

@@ -19,6 +19,7 @@ failover. What differs is kept here and asked for with ``is_cluster``:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -79,8 +80,24 @@ async def each_primary(client: aioredis.Redis, *command: str) -> list[Any]:
     if not is_cluster(client):
         # execute_command is unannotated in redis-py's asyncio client.
         return [await client.execute_command(*command)]  # type: ignore[no-untyped-call]
-    replies = await cast(RedisCluster, client).execute_command(*command, target_nodes=RedisCluster.PRIMARIES)
-    return list(replies.values()) if isinstance(replies, dict) else [replies]
+    cluster = cast(RedisCluster, client)
+    await cluster.initialize()  # the map of nodes (a no-op once known)
+    # One call per primary: a call to several returns their replies by node, but one node's
+    # reply bare, and a reply that is itself a dict (CONFIG GET) cannot be told from those.
+    calls = (cluster.execute_command(*command, target_nodes=node) for node in cluster.get_primaries())
+    return list(await asyncio.gather(*calls))
+
+
+async def node_of(client: aioredis.Redis, key: str) -> object:
+    """The primary that serves ``key`` as far as the client knows: a call sent there with
+    ``target_nodes`` needs no ``COMMAND GETKEYS`` round trip, which redis-py makes first for a
+    command whose keys it cannot find by itself (``XREAD``)."""
+    cluster = cast(RedisCluster, client)
+    await cluster.initialize()
+    node = cluster.get_node_from_key(key)
+    if node is None:
+        raise ClusterDownError(f"no node serves the slot of {key!r}")
+    return node
 
 
 async def refresh(client: aioredis.Redis) -> None:

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 
+from .cluster import node_of, refresh
 from .connection import STALL_TIMEOUT, StoreBase, is_transient, raw_reply
 from .reader import BACKOFF_MAX_S, InboxFeed, spread_wait, stream_rows
 from .records import stream_entries
@@ -92,11 +93,13 @@ class ClusterInboxReader:
                 ready.clear()
                 await ready.wait()
                 continue
+            client = self._store.redis
             try:
                 async with asyncio.timeout(self.block_ms / 1000 + STALL_TIMEOUT):
+                    node = await node_of(client, feed.key.decode())
                     reply = await raw_reply(
-                        self._store.redis, "XREAD", "COUNT", self.count, "BLOCK", self.block_ms,
-                        "STREAMS", feed.key, feed.cursor or "$",
+                        client, "XREAD", "COUNT", self.count, "BLOCK", self.block_ms,
+                        "STREAMS", feed.key, feed.cursor or "$", target_nodes=node,
                     )  # fmt: skip
             except asyncio.CancelledError:
                 raise
@@ -104,6 +107,7 @@ class ClusterInboxReader:
                 backoff = min(max(backoff * 2, 0.05), BACKOFF_MAX_S)
                 self._failed(feed, exc, backoff)
                 await asyncio.sleep(backoff)
+                await refresh(client)  # a call sent to a node chosen by hand does not do it
                 continue
             backoff = 0.0
             for _key, rows in stream_rows(reply):

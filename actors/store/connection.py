@@ -320,10 +320,10 @@ def allow_raw_replies(client: aioredis.Redis) -> None:
             client.set_response_callback(command, functools.partial(raw_or_parsed, parse))
 
 
-async def raw_reply(client: aioredis.Redis, *args: EncodableT) -> Any:
+async def raw_reply(client: aioredis.Redis, *args: EncodableT, **options: Any) -> Any:
     """Run a command whose reply redis-py leaves as the server sent it (see ``RAW_REPLY``)."""
     # execute_command is unannotated in redis-py's asyncio client.
-    return await client.execute_command(*args, **{RAW_REPLY: True})  # type: ignore[no-untyped-call]
+    return await client.execute_command(*args, **options, **{RAW_REPLY: True})  # type: ignore[no-untyped-call]
 
 
 def raw_or_parsed(parse: Callable[..., Any], response: Any, **options: Any) -> Any:
