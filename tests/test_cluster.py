@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redis.exceptions import NoScriptError
 
 import actors
 from actors import DurabilityTimeout
@@ -25,6 +26,7 @@ from actors.cluster_server import ClusterNode, LocalCluster
 from actors.codec import actor_id
 from actors.keys import Keys
 from actors.routing import shard_of
+from actors.store import Store
 from actors.store.cluster import seed_url
 
 from .apps import Add, Counter, Get, Total, app
@@ -94,6 +96,27 @@ async def test_the_cli_reads_and_writes_a_namespace_on_a_cluster(
     assert "4 shards, 1 live workers" in status and "shards [0, 1, 2, 3]" in status, status
     doctor = await run("doctor")
     assert "4 shards" in doctor and "1 live" in doctor, doctor
+
+
+async def test_pipelines_of_scripts_load_them_on_primaries_that_lack_them(
+    own_cluster: LocalCluster, namespace: str
+) -> None:
+    """A cluster's pipeline does not load a script a node lacks, and a promoted replica lacks
+    every script (they are not replicated): a pipeline of script calls loads them first on every
+    primary not known to hold them; one that lost them (restarted) fails one call."""
+    store = Store.from_url(own_cluster.url, namespace)
+    unheld = dict.fromkeys(range(16), False)
+    try:
+        for node in own_cluster.primaries():
+            own_cluster.cli(node, "SCRIPT", "FLUSH")
+        assert await store.renew_leases(dict.fromkeys(range(16), "nobody|1"), 1000) == unheld
+        for node in own_cluster.primaries():
+            own_cluster.cli(node, "SCRIPT", "FLUSH")
+        with pytest.raises(NoScriptError):
+            await store.renew_leases(dict.fromkeys(range(16), "nobody|1"), 1000)
+        assert await store.renew_leases(dict.fromkeys(range(16), "nobody|1"), 1000) == unheld
+    finally:
+        await store.close()
 
 
 async def test_replica_durability_waits_for_the_replica_of_the_node_that_wrote(

@@ -100,6 +100,13 @@ async def node_of(client: aioredis.Redis, key: str) -> object:
     return node
 
 
+async def primary_names(client: aioredis.Redis) -> set[str]:
+    """The primaries the cluster client knows of (it reads the map first if it has none)."""
+    cluster = cast(RedisCluster, client)
+    await cluster.initialize()  # a no-op once the map is known
+    return {node.name for node in cluster.get_primaries()}
+
+
 async def refresh(client: aioredis.Redis) -> None:
     """Read a cluster's map of slots again (a no-op for one server). Commands do it when a
     node fails them; a pub/sub subscription does not, and would keep trying a dead node."""

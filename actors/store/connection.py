@@ -6,12 +6,13 @@ Scripts are ``.lua`` files in ``actors/scripts``, registered once and called by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -181,6 +182,8 @@ class StoreBase:
         self.url = url
         """Where the clients connect, if known (a LeaseKeeper needs it)."""
         self._scripts = {name: client.register_script(script_text(name)) for name in SCRIPTS}
+        self._scripts_on: set[str] = set()
+        """The cluster primaries known to hold every script (see ``_script_pipeline``)."""
         self.ack = Acknowledgment()
         """What a write that tells someone it happened waits for: the namespace's durability
         level (``DurabilityStore.durability``; nothing until then)."""
@@ -203,6 +206,28 @@ class StoreBase:
             return await self._scripts[name](keys=list(keys), args=list(args), client=client)
         except ResponseError as exc:
             raise _script_error(name, exc, keys, args) from None
+
+    @contextlib.asynccontextmanager
+    async def _script_pipeline(self, client: aioredis.Redis | None = None) -> AsyncIterator[Pipeline]:
+        """A non-transactional pipeline for script calls. A server's pipeline loads the scripts
+        it lacks before it runs; a cluster's does not, and a primary holds only the scripts
+        loaded on it (a promoted replica has none: they are not replicated). So on a cluster
+        every script is loaded on every primary not known to hold them first; a primary that
+        lost them (restarted) fails the call with NoScriptError, and every primary is loaded
+        again before the next."""
+        target = client or self.redis
+        if cluster.is_cluster(target):
+            primaries = await cluster.primary_names(target)
+            if not primaries <= self._scripts_on:
+                for script in self._scripts.values():
+                    await target.script_load(script.script)  # on every primary of a cluster
+                self._scripts_on = primaries
+        try:
+            async with target.pipeline(transaction=False) as pipe:
+                yield pipe
+        except NoScriptError:
+            self._scripts_on = set()
+            raise
 
     async def _run_acknowledged(
         self, name: str, keys: Sequence[str], args: Sequence[Any], client: aioredis.Redis | None = None
@@ -237,7 +262,7 @@ class StoreBase:
         that no longer serves its slot fails with MOVED rather than follow it (its wait would
         stay behind on the old node)."""
         waits = await cluster.primaries_of(client, written) if cluster.is_cluster(client) else [None]
-        async with client.pipeline(transaction=False) as pipe:
+        async with self._script_pipeline(client) as pipe:
             queued = queue(pipe)
             if inspect.isawaitable(queued):  # a script call in a pipeline is queued by awaiting it
                 await queued
@@ -249,6 +274,8 @@ class StoreBase:
                 replies = await pipe.execute(raise_on_error=False, allow_redirections=False)  # type: ignore[call-arg]
         replies, waited = replies[: -len(waits)], replies[-len(waits) :]
         for reply in replies:
+            if isinstance(reply, NoScriptError):
+                self._scripts_on = set()
             if isinstance(reply, Exception):
                 raise reply
         for reply in waited:

@@ -69,7 +69,7 @@ class InboxStore(StoreBase):
                 written = [self.keys.inbox(i.shard if isinstance(i, KeyedAppend) else i[0]) for i in items]
                 replies = await self._acknowledged(self._appender, queue, written)
             else:
-                async with self._appender.pipeline(transaction=False) as pipe:
+                async with self._script_pipeline(self._appender) as pipe:
                     await queue(pipe)
                     replies = await pipe.execute()
         ids: list[str] = []

@@ -96,7 +96,7 @@ class LeaseStore(StoreBase):
         """Renew many leases in one round trip; returns shard -> still held."""
         shards = list(leases)
         script = self._scripts["renew_lease"]
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._script_pipeline() as pipe:
             for shard in shards:
                 await script(keys=[self.keys.lease(shard)], args=[leases[shard], ttl_ms], client=pipe)
             results = await pipe.execute()

@@ -118,7 +118,7 @@ class LimitStore(StoreBase):
         """(limiter, item id, dedup id) of queued items whose turns ended, in one round trip."""
         k = self.keys
         script = self._scripts["queue_done"]
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._script_pipeline() as pipe:
             for name, item_id, dedup_id in items:
                 slots = k.limiter_slots(name)
                 dedup = k.queue(name, f"dedup:{dedup_id}") if dedup_id else slots
@@ -157,7 +157,7 @@ class LimitStore(StoreBase):
         round trip. Each look is one script on one shard's keys."""
         k = self.keys
         script = self._scripts["item_alive"]
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self._script_pipeline() as pipe:
             for item in items:
                 keys = [k.inbox(item.shard), k.turns(item.shard), k.deferred(item.shard, item.actor_id),
                         k.journal(item.shard, item.actor_id)]  # fmt: skip
