@@ -15,6 +15,11 @@ from actors.store import InboxFeed, InboxReader, Store
 from actors.store.reader import READER_CONNECTIONS
 from tests.conftest import eventually
 
+pytestmark = pytest.mark.single(
+    "the one-server InboxReader: one XREAD over many shards' streams, which a cluster refuses "
+    "(CROSSSLOT; a cluster has ClusterInboxReader), and CLIENT LIST counts of one server"
+)
+
 LONG_BLOCK_MS = 60_000
 """Longer than any deadline below: a read that waited for it would fail the test."""
 
