@@ -76,6 +76,7 @@ def log_lines(proc: WorkerProcess) -> list[str]:
 # ---- eviction policy -------------------------------------------------------------------------------------
 
 
+@pytest.mark.single("its own evicting server")
 async def test_a_worker_refuses_a_server_that_evicts_keys(
     spawn_worker: Callable[..., WorkerProcess], evicting_server: EmbeddedServer, namespace: str
 ) -> None:
@@ -88,6 +89,7 @@ async def test_a_worker_refuses_a_server_that_evicts_keys(
         assert await admin.keys(f"{namespace}:*") == [], "a refused worker writes nothing"
 
 
+@pytest.mark.single("its own evicting server")
 async def test_allow_eviction_starts_with_a_warning(
     spawn_worker: Callable[..., WorkerProcess], evicting_server: EmbeddedServer, namespace: str
 ) -> None:
