@@ -79,14 +79,6 @@ async def raw_redis_of(url: str, key: str) -> redis.asyncio.Redis:
     return redis.asyncio.Redis.from_url(urlunsplit(parts._replace(netloc=netloc)))
 
 
-async def server_time(client: redis.asyncio.Redis) -> float:
-    """The server's clock in seconds (TIME; a cluster answers from one node, and every node of a
-    local cluster shares this machine's clock). Not in a pipeline: a cluster pipeline refuses
-    TIME, which has no key."""
-    seconds, micros = await client.time()
-    return int(seconds) + int(micros) / 1e6
-
-
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A real 3 + 3 cluster from the shipped server binary, started once, when first asked for."""
