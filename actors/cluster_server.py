@@ -31,6 +31,8 @@ from .server_files import find_binary
 __all__ = ["ClusterNode", "LocalCluster"]
 
 READY_TIMEOUT = 60.0
+START_ATTEMPTS = 5
+"""Ports a new node is started on at most (see ``_answering``)."""
 
 
 @dataclass
@@ -71,7 +73,7 @@ class LocalCluster:
             self.nodes.append(node)
             self._spawn(binary, node)
         for node in self.nodes:
-            self._wait_answer(node)
+            self._answering(binary, node)
         self._create(binary)
         return self
 
@@ -99,7 +101,8 @@ class LocalCluster:
         """Start a killed node again on its port and data (it rejoins, as a replica if it lost
         its slots meanwhile)."""
         self._spawn(self.binary or find_binary(), node)
-        self._wait_answer(node)
+        if not self._wait_answer(node):
+            raise ServerError(f"node {node.port} exited at restart (logs in {node.directory})")
         self._wait(self._all_ok, f"node {node.port} to rejoin and every replica to sync")
 
     def master_of(self, key: str) -> ClusterNode:
@@ -179,8 +182,25 @@ class LocalCluster:
             raise ServerError(f"could not create the cluster with {binary}: {out.stdout[-2000:]}{out.stderr}")
         self.wait_ok()
 
-    def _wait_answer(self, node: ClusterNode) -> None:
-        self._wait(lambda: self.cli(node, "PING") == "PONG", f"node {node.port} to answer")
+    def _answering(self, binary: str, node: ClusterNode) -> None:
+        """Wait until a new node answers. Its ports were free when ``_free_port`` picked them,
+        but another process may take one before the node binds it (on a busy machine an
+        outgoing connection's ephemeral port lands there): the node exits, and is started
+        again on other ports, afresh."""
+        for _ in range(START_ATTEMPTS):
+            if self._wait_answer(node):
+                return
+            (node.directory / "nodes.conf").unlink(missing_ok=True)  # it names the old port
+            node.port = _free_port()
+            self._spawn(binary, node)
+        raise ServerError(
+            f"node {node.port} exited at start {START_ATTEMPTS} times (logs in {node.directory})"
+        )
+
+    def _wait_answer(self, node: ClusterNode) -> bool:
+        """Wait until ``node`` answers PING; False at once if its process exited."""
+        self._wait(lambda: not node.alive or self.cli(node, "PING") == "PONG", f"node {node.port} to answer")
+        return node.alive
 
     def _all_ok(self) -> bool:
         for node in (n for n in self.nodes if n.alive):

@@ -12,13 +12,17 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis.asyncio
+from redis.asyncio.cluster import RedisCluster
 
 import actors
 from actors import App, EmbeddedServer, RedisSettings, Worker, WorkerSettings
 from actors.cluster_server import LocalCluster
+from actors.store.cluster import seed_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,9 +46,37 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     both = module in CLUSTER_MODULES or os.environ.get("ACTORS_TEST_CLUSTER") == "all"
     if metafunc.definition.get_closest_marker("cluster") is not None:
         backends = ["cluster"]
+    elif metafunc.definition.get_closest_marker("single") is not None:
+        backends = ["single"]  # single-server by nature (its reason is the marker's argument)
     else:
         backends = ["single", "cluster"] if both else ["single"]
     metafunc.parametrize("backend", backends, indirect=True)
+
+
+def raw_redis(url: str) -> redis.asyncio.Redis:
+    """A plain client for a test's own Redis calls: a cluster client for a cluster URL (a
+    ``redis+cluster://`` URL is refused by ``Redis.from_url``), else a one-server client. Use it
+    as ``async with raw_redis(url) as r`` or close it with ``aclose()``."""
+    if (seed := seed_url(url)) is None:
+        return redis.asyncio.Redis.from_url(url)
+    # Typed as the one-server client, as the store does (the commands the tests use are shared).
+    return cast(redis.asyncio.Redis, RedisCluster.from_url(seed))
+
+
+async def raw_redis_of(url: str, key: str) -> redis.asyncio.Redis:
+    """A one-server client to the server that holds ``key``: the server itself, or the primary of
+    its slot on a cluster. A transaction there may mix ``key`` with keyless commands (``TIME``),
+    which a cluster client refuses: a test that reads Redis's clock and a key at one instant."""
+    if (seed := seed_url(url)) is None:
+        return redis.asyncio.Redis.from_url(url)
+    async with RedisCluster.from_url(seed) as cluster:
+        await cluster.initialize()
+        node = cluster.get_node_from_key(key)
+    assert node is not None, f"no node serves {key!r}"
+    parts = urlsplit(seed)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@{node.host}:{node.port}" if credentials else f"{node.host}:{node.port}"
+    return redis.asyncio.Redis.from_url(urlunsplit(parts._replace(netloc=netloc)))
 
 
 @pytest.fixture(scope="session")

@@ -683,6 +683,7 @@ async def test_a_reply_to_outside_the_namespace_gets_no_reply(start_worker, conn
         await counter_still_counts(client, KEY, 1)
 
 
+@pytest.mark.single("an ACL user made on the one server (a cluster's nodes each have their own ACL)")
 async def test_a_refused_reply_publish_loses_no_message(
     redis_server, namespace, fast_settings, connect
 ) -> None:

@@ -12,14 +12,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-import redis.asyncio
 
 import actors
 from actors import EmbeddedServer
 from actors.routing import shard_of
 
 from .apps import Boom, Counter, Flaky, Get, Total, app
-from .conftest import ROOT, eventually
+from .conftest import ROOT, eventually, raw_redis
 
 APP = "tests.apps:app"
 
@@ -379,7 +378,7 @@ async def test_bench_measures_with_real_workers_and_cleans_up(redis_url: str) ->
     assert figures["exactly_once"] is True and figures["messages"] == 3000 and figures["processes"] == 2
     assert figures["msgs_per_s"] > 0 and 0 < figures["ask_p50_ms"] <= figures["ask_p99_ms"]
     assert figures["commands_per_message"] > 1
-    client = redis.asyncio.Redis.from_url(redis_url)
+    client = raw_redis(redis_url)
     try:
         assert [k async for k in client.scan_iter(match="bench-*")] == [], "its namespace was deleted"
     finally:

@@ -101,6 +101,7 @@ async def acl_user(redis_url: str) -> AsyncIterator[tuple[str, str]]:
         await admin.aclose()
 
 
+@pytest.mark.single("an ACL user made on one server (a cluster's nodes each have their own ACL)")
 async def test_noperm_and_a_failed_authentication_are_one_line(
     redis_url: str, namespace: str, acl_user: tuple[str, str]
 ) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 from redis.exceptions import NoScriptError
 
 import actors
-from actors import DurabilityTimeout
+from actors import DurabilityTimeout, cluster_server
 from actors.cluster_server import ClusterNode, LocalCluster
 from actors.codec import actor_id
 from actors.keys import Keys
@@ -320,3 +321,26 @@ async def test_fsync_durability_on_a_cluster_of_one_primary(tmp_path: Path, name
             await client.send(Counter.ref("a"), Add(by=1))
     finally:
         cluster.stop()
+
+
+def test_a_node_whose_bus_port_was_taken_meanwhile_starts_on_other_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ports a node gets were free when picked, but another process may take one before
+    the node binds it (an outgoing connection's ephemeral port, on a busy machine): that node
+    exits at once. The cluster starts on other ports; it used to wait 60 s for the dead node
+    to answer, and fail (seen under ACTORS_TEST_CLUSTER=all)."""
+    port = cluster_server._free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taker:
+        taker.bind(("127.0.0.1", port + 10_000))  # the node's cluster bus port
+        taker.listen()
+        picks = iter([port])
+        real = cluster_server._free_port
+        monkeypatch.setattr(cluster_server, "_free_port", lambda: next(picks, None) or real())
+        cluster = LocalCluster(tmp_path / "c", masters=1, replicas=0)
+        try:
+            [node] = cluster.start().nodes
+            assert node.alive and node.port != port
+            assert "cluster_state:ok" in cluster.cli(node, "CLUSTER", "INFO")
+        finally:
+            cluster.stop()

@@ -17,7 +17,7 @@ import redis.asyncio
 
 from actors import EmbeddedServer
 
-from .conftest import ROOT, WorkerProcess, eventually
+from .conftest import ROOT, WorkerProcess, eventually, raw_redis
 
 CHECKS = ["server", "persistence", "eviction", "acl", "tls", "clock", "namespace", "workers", "memory"]
 
@@ -50,8 +50,13 @@ def lines_by_check(result: subprocess.CompletedProcess[str]) -> dict[str, tuple[
 
 @pytest.fixture
 async def admin(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    async with redis.asyncio.Redis.from_url(redis_url) as client:
+    async with raw_redis(redis_url) as client:
         yield client
+
+
+async def keys_like(client: redis.asyncio.Redis, pattern: str) -> list[bytes]:
+    """The keys matching ``pattern`` (SCAN: on a cluster it visits every primary)."""
+    return sorted([key async for key in client.scan_iter(match=pattern)])
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +82,11 @@ async def test_a_healthy_deployment_is_all_ok_with_the_live_app(
     spawn_worker("tests.apps:app")
 
     async def settled() -> bool:  # live, holding every shard: its keys stay the same
-        leases = await admin.keys(f"{namespace}:{{*}}:lease")
+        leases = await keys_like(admin, f"{namespace}:{{*}}:lease")
         return bool(await admin.zcard(f"{namespace}:workers")) and len(leases) == 16
 
     await eventually(settled, timeout=30)
-    keys_before = sorted(await admin.keys(f"{namespace}:*"))
+    keys_before = await keys_like(admin, f"{namespace}:*")
     result = await run_doctor("--redis", redis_url, "--namespace", namespace)
     assert result.returncode == 0, result.stdout + result.stderr
     checks = lines_by_check(result)
@@ -93,7 +98,7 @@ async def test_a_healthy_deployment_is_all_ok_with_the_live_app(
     assert "16 shards" in checks["namespace"][1]
     assert "1 live" in checks["workers"][1] and "tests.apps" in checks["workers"][1]
     assert "more actors" in checks["memory"][1]
-    assert sorted(await admin.keys(f"{namespace}:*")) == keys_before, "doctor writes nothing"
+    assert await keys_like(admin, f"{namespace}:*") == keys_before, "doctor writes nothing"
     assert not await admin.exists(f"{namespace}:probe")
 
 
@@ -111,6 +116,7 @@ async def test_a_server_that_loses_data_fails_and_says_what_to_do(
     assert checks["workers"][0] == "warn" and "no live worker" in checks["workers"][1]
 
 
+@pytest.mark.single("an ACL user made on one server (a cluster's nodes each have their own ACL)")
 async def test_a_user_without_the_channels_fails_the_acl_check(
     admin: redis.asyncio.Redis, redis_server: EmbeddedServer, namespace: str
 ) -> None:
@@ -124,6 +130,7 @@ async def test_a_user_without_the_channels_fails_the_acl_check(
     assert level == "fail" and user in text and f"&{namespace}:*" in text, text
 
 
+@pytest.mark.single("an ACL user made on one server (a cluster's nodes each have their own ACL)")
 async def test_an_admin_checks_every_command_of_another_user(
     admin: redis.asyncio.Redis, redis_url: str, namespace: str
 ) -> None:

@@ -276,6 +276,7 @@ async def _monitored(url: str, body: Callable[[], Any]) -> list[tuple[str, str, 
     return seen
 
 
+@pytest.mark.single("its own appendfsync-always server, watched by MONITOR")
 async def test_fsync_waits_for_waitaof_after_every_acknowledged_write_on_its_connection(
     always_server: EmbeddedServer, namespace: str, start_worker: Callable[..., Any]
 ) -> None:
@@ -303,6 +304,7 @@ async def test_fsync_waits_for_waitaof_after_every_acknowledged_write_on_its_con
     assert any(c == "EVALSHA" for _, c, _ in seen) and not any(c == "WAIT" for _, c, _ in seen)
 
 
+@pytest.mark.single("MONITOR of the one server")
 async def test_everysec_adds_no_wait_to_any_write(
     redis_server: EmbeddedServer, namespace: str, start_worker: Callable[..., Any]
 ) -> None:
@@ -316,6 +318,7 @@ async def test_everysec_adds_no_wait_to_any_write(
 
 
 @pytest.mark.chaos
+@pytest.mark.single("its own appendfsync-always server, SIGKILLed")
 async def test_with_fsync_a_server_crash_loses_nothing_acknowledged(
     always_server: EmbeddedServer, spawn_worker: Callable[..., WorkerProcess], namespace: str
 ) -> None:
@@ -377,6 +380,7 @@ async def test_without_a_replica_writes_fail_with_durability_timeout_rather_than
             assert time.monotonic() - started >= 0.9, "it waited for the replica for its timeout"
 
 
+@pytest.mark.single("its own primary and replica pair")
 async def test_an_ask_is_answered_only_once_its_commit_is_on_a_replica(
     replicated: tuple[EmbeddedServer, EmbeddedServer], namespace: str, start_worker: Callable[..., Any]
 ) -> None:
@@ -399,6 +403,7 @@ async def test_an_ask_is_answered_only_once_its_commit_is_on_a_replica(
 
 
 @pytest.mark.chaos
+@pytest.mark.single("its own primary and replica pair")
 async def test_with_replica_nothing_acknowledged_is_lost_when_the_primary_dies(
     replicated: tuple[EmbeddedServer, EmbeddedServer],
     spawn_worker: Callable[..., WorkerProcess],

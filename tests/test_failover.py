@@ -44,12 +44,14 @@ def private_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
 
 
 async def _leases(client: actors.Client, shards: list[int]) -> tuple[dict[int, str | None], int]:
-    """The lease values of ``shards`` and Redis's time (ms), read in one round trip."""
+    """The lease values of ``shards`` and Redis's time (ms) just after they were read: never
+    earlier than what they show. (Not TIME in the same pipeline: a cluster pipeline refuses it,
+    and its nodes answer in no set order.)"""
     async with client.store.redis.pipeline(transaction=False) as pipe:
         for shard in shards:
             pipe.get(client.store.keys.lease(shard))
-        pipe.time()
-        *values, (seconds, micros) = await pipe.execute()
+        values = await pipe.execute()
+    seconds, micros = await client.store.redis.time()
     leases = {s: v.decode() if v is not None else None for s, v in zip(shards, values, strict=True)}
     return leases, seconds * 1000 + micros // 1000
 
@@ -142,6 +144,7 @@ async def _states_exact(client: actors.Client, keys: int, sent: dict[str, list[i
     return got == sent
 
 
+@pytest.mark.single("its own server, stopped and restarted (a cluster's failover: test_cluster)")
 async def test_redis_unreachable_for_a_ttl_workers_drop_their_shards_and_resume(
     private_server: EmbeddedServer, start_worker: Callable[..., Any], namespace: str
 ) -> None:
@@ -185,6 +188,7 @@ async def test_redis_unreachable_for_a_ttl_workers_drop_their_shards_and_resume(
 
 
 @pytest.mark.chaos
+@pytest.mark.single("its own server, SIGKILLed and restarted (a cluster's failover: test_cluster)")
 async def test_redis_sigkill_keeps_what_was_acknowledged_before_the_last_fsync(
     private_server: EmbeddedServer, spawn_worker: Callable[..., WorkerProcess], namespace: str
 ) -> None:

@@ -205,6 +205,7 @@ async def _done(client: actors.Client, key: str) -> bool:
     return state is not None and state.done == 1
 
 
+@pytest.mark.single("a proxy in front of the one server drops a reply")
 async def test_a_lost_reply_of_the_timer_script_does_not_strand_a_sleep(
     redis_server, start_worker, namespace
 ) -> None:

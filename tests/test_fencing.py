@@ -9,7 +9,7 @@ from actors.codec import Envelope, encode_envelope
 from actors.errors import Diverged
 from actors.journal import OpenTurn, Record, encode_record
 from actors.keys import GROUP
-from actors.store import DONE, DUPLICATE, InboxReader, Take, Write
+from actors.store import DONE, DUPLICATE, Take, Write
 
 
 async def test_commit_with_a_stale_epoch_is_refused_and_writes_nothing(connect) -> None:
@@ -97,7 +97,7 @@ async def test_entries_seen_with_xread_are_taken_by_the_fenced_commit(connect) -
         ]
         for raw in raws[:2]:
             await store.append(shard, raw)
-        reader = InboxReader(store, 10, block_ms=100)
+        reader = store.inbox_reader(10, block_ms=100)
         try:
             seen = await reader.open(shard).read_after("0-0")
         finally:

@@ -11,14 +11,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-import redis.asyncio
 
 import actors
 from actors.codec import Envelope, encode_envelope, new_message_id
 from actors.routing import shard_of
 
 from .apps import Add, Counter, Get, Mirror, Tally, Total
-from .conftest import eventually
+from .conftest import eventually, raw_redis
 from .test_cli import actors_cli, failed, ok
 from .workflow_apps import Approver, Nap, Note, Refund, Sleeper
 
@@ -91,7 +90,7 @@ async def test_an_outbox_a_dead_worker_left_is_work_until_forwarded(
         target = shard_of("Tally/t-x", client.shards)
         source = (target + 1) % client.shards
         env = Envelope(id=new_message_id(), actor="Tally", key="t-x", type="Add", payload={"by": 5})
-        raw = redis.asyncio.Redis.from_url(redis_url)
+        raw = raw_redis(redis_url)
         try:
             await raw.xadd(
                 client.store.keys.outbox(source), {"s": str(target), "e": encode_envelope(env, 1 << 20)}

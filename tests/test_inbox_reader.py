@@ -15,6 +15,11 @@ from actors.store import InboxFeed, InboxReader, Store
 from actors.store.reader import READER_CONNECTIONS
 from tests.conftest import eventually
 
+SHARED_CALL = (
+    "the one-server InboxReader's shared XREAD over many shards (a cluster refuses it: CROSSSLOT; "
+    "its ClusterInboxReader reads each shard alone) and CLIENT LIST of one server"
+)
+
 LONG_BLOCK_MS = 60_000
 """Longer than any deadline below: a read that waited for it would fail the test."""
 
@@ -40,6 +45,7 @@ async def blocked_xreads(r: aioredis.Redis) -> int:
     return sum(1 for c in await r.client_list() if c["cmd"] == "xread" and "b" in str(c["flags"]))
 
 
+@pytest.mark.single(SHARED_CALL)
 async def test_many_runners_wait_in_one_xread_on_a_few_connections(store: Store, raw: aioredis.Redis) -> None:
     reader = InboxReader(store, count=10, block_ms=LONG_BLOCK_MS)
     try:
@@ -61,7 +67,7 @@ async def test_a_runner_that_takes_nothing_has_a_bounded_buffer_and_then_every_e
 ) -> None:
     """Its reading paused (``max_inflight``), a runner does not call; the reader reads it
     ahead only while its buffer holds fewer than ``count``."""
-    reader = InboxReader(store, count=10, block_ms=50)
+    reader = store.inbox_reader(count=10, block_ms=50)
     try:
         feed = reader.open(0)
         other = reader.open(1)  # keeps the main call going out
@@ -85,7 +91,7 @@ async def test_a_runner_that_takes_nothing_has_a_bounded_buffer_and_then_every_e
 async def test_what_the_runner_read_elsewhere_is_not_delivered_again(store: Store) -> None:
     """After the fenced read (``read_new``) the runner waits after a newer id than the
     reader's cursor: buffered entries up to it are dropped, the rest follow in order."""
-    reader = InboxReader(store, count=100, block_ms=LONG_BLOCK_MS)
+    reader = store.inbox_reader(count=100, block_ms=LONG_BLOCK_MS)
     try:
         feed = reader.open(0)
         wait = asyncio.create_task(feed.read_after("0-0"))
@@ -105,7 +111,7 @@ async def test_what_the_runner_read_elsewhere_is_not_delivered_again(store: Stor
 async def test_a_runner_ahead_of_what_the_reader_read_waits_after_its_own_id(store: Store) -> None:
     """The fenced read took more than the reader had buffered (its buffer was full): the
     cursor moves to the runner's id, and nothing up to it comes again."""
-    reader = InboxReader(store, count=2, block_ms=LONG_BLOCK_MS)
+    reader = store.inbox_reader(count=2, block_ms=LONG_BLOCK_MS)
     try:
         feed = reader.open(0)
         wait = asyncio.create_task(feed.read_after("0-0"))
@@ -121,6 +127,7 @@ async def test_a_runner_ahead_of_what_the_reader_read_waits_after_its_own_id(sto
         await reader.close()
 
 
+@pytest.mark.single(SHARED_CALL)
 async def test_a_runner_left_out_of_the_blocked_call_does_not_wait_for_its_timeout(
     store: Store, raw: aioredis.Redis
 ) -> None:
@@ -140,6 +147,7 @@ async def test_a_runner_left_out_of_the_blocked_call_does_not_wait_for_its_timeo
         await reader.close()
 
 
+@pytest.mark.single(SHARED_CALL)
 async def test_cancelling_one_wait_leaves_the_others_and_the_shared_call(
     store: Store, raw: aioredis.Redis
 ) -> None:
@@ -165,7 +173,7 @@ async def test_cancelling_one_wait_leaves_the_others_and_the_shared_call(
 
 async def test_two_runners_of_one_shard_each_see_every_entry_after_their_own_cursor(store: Store) -> None:
     """A shard's old runner may still wait while its new one starts: both read one stream."""
-    reader = InboxReader(store, count=10, block_ms=LONG_BLOCK_MS)
+    reader = store.inbox_reader(count=10, block_ms=LONG_BLOCK_MS)
     try:
         ids = await append(store, 0, 3)
         old, new = reader.open(0), reader.open(0)
@@ -180,6 +188,7 @@ async def test_two_runners_of_one_shard_each_see_every_entry_after_their_own_cur
         await reader.close()
 
 
+@pytest.mark.single(SHARED_CALL)
 async def test_a_read_the_server_refuses_fails_the_waits_it_covered(
     store: Store, raw: aioredis.Redis
 ) -> None:

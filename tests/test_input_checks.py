@@ -8,12 +8,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import redis.asyncio
 
 import actors
 from actors import ActorRef
 
 from .apps import Add, Counter, Get, Tally, Total, app
+from .conftest import raw_redis
 from .test_cli import actors_cli, failed, ok
 
 APP = "tests.apps:app"
@@ -116,7 +116,7 @@ async def test_connect_refuses_a_shard_count_outside_1_to_4096(
 async def test_a_bad_recorded_shard_count_is_a_clear_error(redis_url: str, namespace: str) -> None:
     """A namespace whose record an older version let be 0: every client gets a ConfigurationError
     naming the record, not a ZeroDivisionError at its first send."""
-    raw = redis.asyncio.Redis.from_url(redis_url)
+    raw = raw_redis(redis_url)
     try:
         await raw.hset(f"{namespace}:meta", "shards", "0")
     finally:

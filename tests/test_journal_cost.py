@@ -10,7 +10,8 @@ from pydantic import BaseModel
 import actors
 from actors.keys import Keys
 from actors.routing import route
-from tests.conftest import eventually
+from actors.store.cluster import each_primary
+from tests.conftest import eventually, raw_redis
 
 STEPS = 300
 RESULT = 2048
@@ -68,14 +69,15 @@ app = actors.App(Agent, Legacy, Napper)
 
 
 async def _input_bytes(r: aioredis.Redis) -> int:
-    return int((await r.info("stats"))["total_net_input_bytes"])
+    """Bytes the server (every primary of a cluster) has read from its clients."""
+    return sum(int(stats["total_net_input_bytes"]) for stats in await each_primary(r, "INFO", "stats"))
 
 
 async def test_bytes_written_per_step_are_that_steps_record(
     redis_url, namespace, connect, start_worker
 ) -> None:
     await start_worker(app)
-    r = aioredis.from_url(redis_url)
+    r = raw_redis(redis_url)
     try:
         async with connect(app=app) as client:
             await client.ask(Agent.ref("warm"), Loop(steps=1), timeout=20)
@@ -103,7 +105,7 @@ async def test_a_turn_written_whole_by_an_older_version_resumes(
     aid, k = routed.envelope.actor_id, Keys(namespace)
     record = ["step", "tool", ["ok", "from the old journal"]]
     blob = msgpack.packb([2, routed.data, [record], None, 1, "", 1, []], use_bin_type=True)
-    r = aioredis.from_url(redis_url)
+    r = raw_redis(redis_url)
     try:
         await r.hset(k.turns(routed.shard), aid, b"1:" + blob)
         await r.zadd(k.timers(routed.shard), {aid: 1})  # its sleep is long due
@@ -129,7 +131,7 @@ async def test_a_small_journal_lives_in_its_header_and_a_long_one_in_its_list(
     waiting workflows); one whose journal outgrows the header moves to its list."""
     await start_worker(app)
     k = Keys(namespace)
-    r = aioredis.from_url(redis_url)
+    r = raw_redis(redis_url)
     try:
         async with connect(app=app) as client:
             short, long = Napper.ref("short"), Napper.ref("long")

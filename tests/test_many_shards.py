@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import redis.asyncio as aioredis
 
 from actors.routing import shard_of
@@ -37,6 +38,10 @@ def key_per_shard(shards: int) -> list[str]:
     return [keys[s] for s in range(shards)]
 
 
+@pytest.mark.single(
+    "CLIENT LIST of one server, and the one-server bound: on a cluster a worker holds a blocked "
+    "XREAD per shard (ClusterInboxReader), spread over the primaries"
+)
 async def test_a_worker_holding_1024_shards_serves_each_with_a_bounded_number_of_connections(
     spawn_worker, connect, redis_url
 ) -> None:

@@ -406,6 +406,7 @@ async def test_a_dedup_id_is_free_a_lease_ttl_after_a_graceful_hand_over_right_a
     assert events(job_log, "start").count("h1") == 1, "the item ran once"
 
 
+@pytest.mark.single("an ACL user made on the one server (a cluster's nodes each have their own ACL)")
 async def test_a_dedup_id_is_free_a_lease_ttl_after_its_worker_died_between_commit_and_queue_done(
     redis_server, namespace, connect, spawn_worker, start_worker, job_log
 ) -> None:

@@ -21,6 +21,7 @@ def private_server(tmp_path) -> Iterator[EmbeddedServer]:
     server.stop()
 
 
+@pytest.mark.single("its own server, restarted (a cluster's failover: test_cluster)")
 async def test_worker_carries_on_after_redis_restarts(private_server, start_worker, namespace) -> None:
     url = private_server.url
     await start_worker(app, url=url)

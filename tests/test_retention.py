@@ -13,7 +13,7 @@ import actors
 from actors import LeaseLost, WorkerSettings
 from actors.routing import shard_of
 
-from .conftest import eventually
+from .conftest import eventually, raw_redis_of
 from .retention_apps import Add, Flow, Forever, Get, Hold, Kept, Proceed, Waiter, app
 
 SHARDS = 4
@@ -67,7 +67,9 @@ def test_retention_must_be_positive() -> None:
                 pass
 
 
-async def test_an_idle_actor_is_deleted_after_its_retention_and_not_before(start_worker, connect) -> None:
+async def test_an_idle_actor_is_deleted_after_its_retention_and_not_before(
+    start_worker, connect, redis_url
+) -> None:
     await start_worker(app, settings())
     async with connect(app=app) as client:
         store, ref = client.store, Kept.ref("a")
@@ -76,10 +78,12 @@ async def test_an_idle_actor_is_deleted_after_its_retention_and_not_before(start
         mark = await store.redis.zscore(store.keys.idle(shard, "Kept"), ref.id)
         assert mark is not None, "its commit marked it, on Redis's clock"
         due = int(mark) + 1000
+        # Redis's clock and the snapshot at one instant, on the server (primary) that holds it.
+        node = await raw_redis_of(redis_url, store.keys.state(shard))
 
         async def gone() -> bool:
-            # Redis's clock and the snapshot at one instant: present whenever before its due time.
-            async with store.redis.pipeline(transaction=True) as pipe:
+            # Present whenever before its due time.
+            async with node.pipeline(transaction=True) as pipe:
                 pipe.time()
                 pipe.hexists(store.keys.state(shard), ref.id)
                 (seconds, micros), present = await pipe.execute()
@@ -87,7 +91,10 @@ async def test_an_idle_actor_is_deleted_after_its_retention_and_not_before(start
             assert present or now >= due, f"deleted at {now}, before its due time {due}"
             return not present
 
-        await eventually(gone, timeout=30, interval=0.02)
+        try:
+            await eventually(gone, timeout=30, interval=0.02)
+        finally:
+            await node.aclose()
         assert await store.redis.zscore(store.keys.idle(shard, "Kept"), ref.id) is None
         # The next message starts it afresh, as a new actor (no stale state kept in memory).
         assert (await client.ask(ref, Get())).total == 0
@@ -225,7 +232,7 @@ async def _equal(value: Any, expected: Any) -> bool:
     return bool(await value == expected)
 
 
-async def test_the_dead_letter_stream_stays_within_its_age(start_worker, connect) -> None:
+async def test_the_dead_letter_stream_stays_within_its_age(start_worker, connect, redis_url) -> None:
     await start_worker(app, settings(dlq_max_age=1.0))
     async with connect(app=app) as client:
         store, key = client.store, client.store.keys.dead_letters(1)
@@ -233,9 +240,10 @@ async def test_the_dead_letter_stream_stays_within_its_age(start_worker, connect
         await eventually(lambda: _equal(newest_dead_letter_of(store, 1), last), timeout=30)
         made = [int(i.decode().partition("-")[0]) for i, _ in await store.redis.xrange(key)]
         assert len(made) == 5
+        node = await raw_redis_of(redis_url, key)  # its clock and the stream at one instant
 
         async def trimmed() -> bool:
-            async with store.redis.pipeline(transaction=True) as pipe:
+            async with node.pipeline(transaction=True) as pipe:
                 pipe.time()
                 pipe.xrange(key)
                 (seconds, micros), rows = await pipe.execute()
@@ -245,7 +253,10 @@ async def test_the_dead_letter_stream_stays_within_its_age(start_worker, connect
                 assert at in left or now >= at + 1000, f"trimmed at {now}, made at {at}"
             return not left
 
-        await eventually(trimmed, timeout=30, interval=0.02)
+        try:
+            await eventually(trimmed, timeout=30, interval=0.02)
+        finally:
+            await node.aclose()
 
 
 async def test_actors_worker_bounds_the_dead_letters_as_told(spawn_worker, connect) -> None:

@@ -27,6 +27,7 @@ from .apps import Add, Counter, Get, Total, app
 from .conftest import ROOT, WorkerProcess
 
 COUNTERS = "tests.apps:app"
+ACL_ON_ONE_SERVER = "an ACL user made on the one server (a cluster's nodes each have their own ACL)"
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,7 @@ def log_lines(proc: WorkerProcess) -> list[str]:
 # ---- eviction policy -------------------------------------------------------------------------------------
 
 
+@pytest.mark.single("its own evicting server")
 async def test_a_worker_refuses_a_server_that_evicts_keys(
     spawn_worker: Callable[..., WorkerProcess], evicting_server: EmbeddedServer, namespace: str
 ) -> None:
@@ -88,6 +90,7 @@ async def test_a_worker_refuses_a_server_that_evicts_keys(
         assert await admin.keys(f"{namespace}:*") == [], "a refused worker writes nothing"
 
 
+@pytest.mark.single("its own evicting server")
 async def test_allow_eviction_starts_with_a_warning(
     spawn_worker: Callable[..., WorkerProcess], evicting_server: EmbeddedServer, namespace: str
 ) -> None:
@@ -109,6 +112,7 @@ async def test_an_in_process_worker_raises_configuration_error_on_an_evicting_se
         await asyncio.wait_for(worker.run(), timeout=30)
 
 
+@pytest.mark.single(ACL_ON_ONE_SERVER)
 async def test_a_policy_the_user_may_not_read_is_one_warning(
     spawn_worker: Callable[..., WorkerProcess],
     admin: redis.asyncio.Redis,
@@ -129,6 +133,7 @@ async def test_a_policy_the_user_may_not_read_is_one_warning(
 # ---- rights ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.single(ACL_ON_ONE_SERVER)
 async def test_a_user_without_the_channels_gets_one_clear_error_not_a_flood(
     spawn_worker: Callable[..., WorkerProcess], admin: redis.asyncio.Redis, redis_url: str, namespace: str
 ) -> None:
@@ -142,6 +147,7 @@ async def test_a_user_without_the_channels_gets_one_clear_error_not_a_flood(
     assert await admin.exists(f"{namespace}:meta") == 0, "refused before it recorded anything"
 
 
+@pytest.mark.single(ACL_ON_ONE_SERVER)
 async def test_a_user_missing_a_command_is_named(
     admin: redis.asyncio.Redis, redis_url: str, namespace: str
 ) -> None:
@@ -174,6 +180,7 @@ def test_the_readme_acl_user_is_the_one_the_runtime_needs() -> None:
     assert rules == acl_rules("actors").split()
 
 
+@pytest.mark.single(ACL_ON_ONE_SERVER)
 async def test_the_minimal_acl_user_runs_the_quick_start_with_nothing_refused(
     admin: redis.asyncio.Redis, redis_url: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -206,6 +213,7 @@ def _field(entry: Any, name: str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+@pytest.mark.single(ACL_ON_ONE_SERVER)
 async def test_channels_revoked_while_running_are_reported_once_per_channel_not_in_a_flood(
     spawn_worker: Callable[..., WorkerProcess],
     admin: redis.asyncio.Redis,

@@ -123,6 +123,7 @@ async def _dead_letters(client: actors.Client) -> list[Any]:
     return list(await client.store.dead_letters(0, 100))
 
 
+@pytest.mark.single("its own server with a small bulk limit")
 async def test_a_state_over_max_state_bytes_is_dead_lettered_at_once(
     start_worker: Any, client: Any, small_server: EmbeddedServer
 ) -> None:
@@ -145,6 +146,7 @@ async def test_a_state_over_max_state_bytes_is_dead_lettered_at_once(
     assert len(await _dead_letters(client)) == 1
 
 
+@pytest.mark.single("its own server with a small bulk limit")
 async def test_a_step_result_over_max_record_bytes_is_journaled_as_the_steps_error(
     start_worker: Any, client: Any, small_server: EmbeddedServer
 ) -> None:
@@ -165,6 +167,7 @@ async def test_a_step_result_over_max_record_bytes_is_journaled_as_the_steps_err
     assert await client.ask(Hoarder.ref("bystander"), Ping(), timeout=10) == Pong()
 
 
+@pytest.mark.single("its own server with a small bulk limit")
 async def test_a_reply_over_max_record_bytes_is_dead_lettered_and_the_asker_told(
     start_worker: Any, client: Any, small_server: EmbeddedServer
 ) -> None:
@@ -180,6 +183,7 @@ async def test_a_reply_over_max_record_bytes_is_dead_lettered_and_the_asker_told
     assert await client.ask(Hoarder.ref("fetcher"), Fetch(size=10), timeout=10) == Blob(data="x" * 10)
 
 
+@pytest.mark.single("its own server with a small bulk limit")
 async def test_big_writes_of_many_actors_are_committed_in_several_batches(
     start_worker: Any, client: Any, small_server: EmbeddedServer
 ) -> None:

@@ -28,6 +28,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
         pytest.skip(str(why))
 
 
+@pytest.mark.single("its own TLS server")
 async def test_a_worker_and_a_client_run_a_message_over_mutual_tls(
     tls: TlsServer, spawn_worker: Callable[..., WorkerProcess], namespace: str
 ) -> None:

@@ -130,6 +130,7 @@ def private_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
 
 
 @pytest.mark.chaos
+@pytest.mark.single("its own server, stopped and restarted")
 async def test_a_sleep_outlasts_a_full_stop_of_workers_and_redis_and_never_wakes_early(
     private_server: EmbeddedServer, spawn_worker, namespace: str
 ) -> None:
