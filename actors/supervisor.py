@@ -1,19 +1,23 @@
 """Membership and shard leases: who runs which shard, and the epoch that fences it.
 
 Every ``renew_interval`` the supervisor heartbeats, renews the leases it
-holds, and moves toward an even share of the shards over the live workers:
-it gives up its extras (after draining them) and takes free shards while it
-holds fewer than its share. A lease it cannot renew is lost at once; if Redis
-cannot be reached for a whole lease TTL, every lease is treated as lost. A
-LeaseKeeper thread does the renewing while ``run`` runs, so a busy event loop
-does not lose them.
+holds, and moves toward its share of the shards (``share``: the live workers,
+sorted, each hold shards // workers, the first shards % workers one more): it
+gives up its extras (after draining them) and takes free shards while it holds
+fewer than its share. It also ticks at once when told on ``ns:lease-events``
+that a lease was released or a worker joined or is leaving, and tells the others
+when it joins and leaves, so a change of membership moves shards in a hand-over's
+time, not a tick's. A lease it cannot renew is lost at once; if Redis cannot be
+reached for a whole lease TTL, every lease is treated as lost. A LeaseKeeper
+thread does the renewing while ``run`` runs, so a busy event loop does not lose
+them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import math
 import os
 import random
 import socket
@@ -25,6 +29,10 @@ from .settings import LeaseSettings
 from .store import STALL_TIMEOUT, LeaseKeeper, Store, is_transient
 
 log = logging.getLogger("actors.supervisor")
+
+SUBSCRIBE_WAIT = 1.0
+"""Seconds a starting supervisor waits for its subscription to ``ns:lease-events`` before its
+first heartbeat (a worker that joins just after must be heard, or seen by that heartbeat)."""
 
 OnAcquired = Callable[[Lease], None]
 OnLost = Callable[[int], None]
@@ -75,9 +83,21 @@ class Supervisor:
         self.last_tick: float | None = None
         """When (monotonic) a tick last succeeded: heartbeat, renewals, acquisitions (health probes)."""
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Keep leases until ``stop`` is set; then release them all (after draining)."""
-        listener = asyncio.create_task(self._listen_for_releases(), name="lease-events")
+    async def run(self, stop: asyncio.Event, ready: Callable[[], object] = lambda: None) -> None:
+        """Join (listen to ``ns:lease-events``, then the first tick, whose error ends ``run``),
+        call ``ready``, and keep leases until ``stop`` is set; then release them all (after
+        draining)."""
+        subscribed = asyncio.Event()
+        listener = asyncio.create_task(self._listen_for_events(subscribed), name="lease-events")
+        try:
+            with contextlib.suppress(TimeoutError):  # then the ticks alone see the others
+                await asyncio.wait_for(subscribed.wait(), SUBSCRIBE_WAIT)
+            await self.tick()
+        except BaseException:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+            raise
+        ready()
         self._keeper = self._new_keeper()
         if self._keeper is not None:
             self._keeper.start()
@@ -145,17 +165,19 @@ class Supervisor:
             for w in waits:
                 w.cancel()
 
-    async def _listen_for_releases(self) -> None:
-        """Wake the tick when any worker releases a lease (graceful hand-over in one round trip)."""
-        await self.store.listen(self.store.keys.lease_events(), lambda _: self._released.set())
+    async def _listen_for_events(self, subscribed: asyncio.Event) -> None:
+        """Wake the tick when any worker releases a lease, joins or is leaving (a graceful
+        hand-over in one round trip)."""
+        await self.store.listen(self.store.keys.lease_events(), lambda _: self._released.set(), subscribed)
 
     async def tick(self) -> None:
         info = self._info if self._more_info is None else {**self._info, **self._more_info()}
-        live = await self.store.heartbeat(self.worker_id, self._ttl_ms, info)
+        live, joined = await self.store.heartbeat(self.worker_id, self._ttl_ms, info)
+        if joined:  # the others move toward their new share now, not at their next tick
+            await self.store.announce(f"joined {self.worker_id}")
         await self._renew()
-        share = math.ceil(self.shards / max(1, len(live)))
         keeping = [s for s in self.held if s not in self._releasing]
-        extra = len(keeping) - share
+        extra = len(keeping) - share(self.shards, live, self.worker_id)
         if extra > 0:
             # The idlest first: a shard with work in flight is the last one given up.
             for shard in sorted(keeping, key=lambda s: (self._load(s), -s))[:extra]:
@@ -239,7 +261,15 @@ class Supervisor:
                 self._on_lost(shard)
 
     async def release_all(self) -> None:
-        """Graceful exit: drain every shard (renewing meanwhile), release, leave membership."""
+        """Graceful exit: leave the membership first (the others count this worker out of
+        their shares, and take each shard as soon as it is released), then drain every shard
+        (renewing meanwhile) and release it."""
+        try:
+            await self.store.leave(self.worker_id, info=False)
+            await self.store.announce(f"leaving {self.worker_id}")
+        except Exception as exc:  # they see it go when its membership expires
+            if not is_transient(exc):
+                raise
         for shard in list(self.held):
             if shard not in self._releasing:
                 self._start_release(shard)
@@ -255,3 +285,12 @@ class Supervisor:
         except Exception as exc:
             if not is_transient(exc):
                 raise
+
+
+def share(shards: int, live: list[str], worker_id: str) -> int:
+    """How many shards ``worker_id`` should hold: ``shards // workers``, one more for the
+    first ``shards % workers`` of the live workers sorted by id. Every worker computes the
+    same split, so the shards end evenly spread (16 over 3: 6, 5, 5, never 6, 6, 4)."""
+    members = live if worker_id in live else sorted([*live, worker_id])
+    low, more = divmod(shards, len(members))
+    return low + (1 if members.index(worker_id) < more else 0)

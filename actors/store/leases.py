@@ -54,22 +54,34 @@ class LeaseStore(StoreBase):
             )
         return recorded
 
-    async def heartbeat(self, worker_id: str, ttl_ms: int, info: dict[str, str]) -> list[str]:
-        """Refresh this worker's membership; returns every live worker id (sorted)."""
+    async def heartbeat(self, worker_id: str, ttl_ms: int, info: dict[str, str]) -> tuple[list[str], bool]:
+        """Refresh this worker's membership; returns every live worker id (sorted), and
+        whether this one was not a member before (it joins, or comes back after expiring)."""
         now = await self.server_time_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.workers(), {worker_id: now + ttl_ms})
             pipe.zremrangebyscore(self.keys.workers(), "-inf", now)
+            pipe.zadd(self.keys.workers(), {worker_id: now + ttl_ms})
             # redis-py's Mapping[FieldT, ...] is invariant in its key, so dict[str, str] needs the cast.
             pipe.hset(self.keys.worker_info(worker_id), mapping=cast("Mapping[FieldT, EncodableT]", info))
             pipe.pexpire(self.keys.worker_info(worker_id), ttl_ms)
             pipe.zrangebyscore(self.keys.workers(), now, "+inf")
-            *_, live = await pipe.execute()
-        return sorted(i.decode() for i in live)
+            _, added, *_, live = await pipe.execute()
+        return sorted(i.decode() for i in live), bool(added)
 
-    async def leave(self, worker_id: str) -> None:
+    async def leave(self, worker_id: str, info: bool = True) -> None:
+        """Leave the membership (and delete the info hash, with ``info``)."""
         await self.redis.zrem(self.keys.workers(), worker_id)
-        await self.redis.delete(self.keys.worker_info(worker_id))
+        if info:
+            await self.redis.delete(self.keys.worker_info(worker_id))
+
+    async def announce(self, event: str) -> None:
+        """Tell every supervisor of the namespace to tick now (``ns:lease-events``): a lease
+        was released, or a worker joined or is leaving. A publish the server refuses (e.g. an
+        ACL without the channel) is logged: the others then see it at their next tick."""
+        try:
+            await self.redis.publish(self.keys.lease_events(), event)
+        except ResponseError as exc:
+            log.warning("could not announce %r: %s", event, exc)
 
     async def worker_infos(self, worker_ids: Sequence[str]) -> list[dict[str, str]]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -105,11 +117,7 @@ class LeaseStore(StoreBase):
         keys = [self.keys.lease(shard), self.keys.handover(shard)]
         released = bool(await self._run("release_lease", keys, [lease, HANDOVER_TTL_MS, *fresh]))
         if released:
-            try:
-                await self.redis.publish(self.keys.lease_events(), str(shard))
-            except ResponseError as exc:  # e.g. an ACL without the channel: the lease is released
-                # all the same; the other supervisors see the free shard at their next tick.
-                log.warning("could not announce the release of shard %s: %s", shard, exc)
+            await self.announce(f"released {shard}")
         return released
 
     async def take_handover(self, shard: int) -> set[str]:
@@ -209,8 +217,8 @@ class LeaseKeeper:
         now_ms = seconds * 1000 + micros // 1000
         sent = time.monotonic()
         with self._redis.pipeline(transaction=False) as pipe:
-            if membership:
-                pipe.zadd(self._keys.workers(), {self._worker_id: now_ms + self._ttl_ms})
+            if membership:  # renewed only (xx): a worker that left is not added back
+                pipe.zadd(self._keys.workers(), {self._worker_id: now_ms + self._ttl_ms}, xx=True)
             for shard, lease in leases.items():
                 self._renew(keys=[self._keys.lease(shard)], args=[lease.value, self._ttl_ms], client=pipe)
             for name, holder in slots:
