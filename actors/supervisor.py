@@ -213,18 +213,15 @@ class Supervisor:
         task.add_done_callback(self._release_tasks.discard)
 
     async def _acquire(self, wanted: int) -> None:
-        free = [s for s in range(self.shards) if s not in self.held]
+        """Take up to ``wanted`` of the shards no one holds: two round trips, however many (a
+        busy event loop makes each round trip slow)."""
+        free = await self.store.takeable([s for s in range(self.shards) if s not in self.held], self.worker_id)
         random.shuffle(free)  # workers starting together should not all try shard 0 first
-        for shard in free:
-            if wanted <= 0:
-                return
-            sent = time.monotonic()
-            epoch = await self.store.acquire_lease(shard, self.worker_id, self._ttl_ms)
-            if epoch is None:
-                continue
+        sent = time.monotonic()
+        taken = await self.store.acquire_leases(free[:wanted], self.worker_id, self._ttl_ms)
+        for shard, epoch in taken.items():
             lease = Lease.taken(shard, self.worker_id, epoch, self.settings.ttl, sent)
             self.held[shard] = lease
-            wanted -= 1
             log.info("acquired shard %s at epoch %s", shard, epoch)
             self._on_acquired(lease)
 

@@ -102,6 +102,27 @@ class LeaseStore(StoreBase):
         )
         return None if int(epoch) < 0 else int(epoch)
 
+    async def takeable(self, shards: Sequence[int], worker_id: str) -> list[int]:
+        """Those of ``shards`` that ``acquire_lease`` would give ``worker_id`` now (no one
+        holds them, or Redis still has a lease of its own it dropped), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.get(self.keys.lease(shard))
+            values = await pipe.execute()
+        ours = f"{worker_id}|".encode()
+        return [s for s, v in zip(shards, values, strict=True) if v is None or v.startswith(ours)]
+
+    async def acquire_leases(self, shards: Sequence[int], worker_id: str, ttl_ms: int) -> dict[int, int]:
+        """Try to take each of ``shards`` (``acquire_lease``) in one round trip; returns the
+        epoch of each one taken."""
+        k, script = self.keys, self._scripts["acquire_lease"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                await script(keys=[k.lease(shard), k.epoch(shard), k.inbox(shard)], args=[worker_id, ttl_ms],
+                             client=pipe)  # fmt: skip
+            epochs = await pipe.execute()
+        return {shard: int(e) for shard, e in zip(shards, epochs, strict=True) if int(e) >= 0}
+
     async def renew_leases(self, leases: dict[int, str], ttl_ms: int) -> dict[int, bool]:
         """Renew many leases in one round trip; returns shard -> still held."""
         shards = list(leases)
