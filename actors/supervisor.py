@@ -80,6 +80,10 @@ class Supervisor:
         """When this event loop last ran (the LeaseKeeper renews only while it is recent)."""
         self._keeper: LeaseKeeper | None = None
         """While ``run`` runs: the thread that renews the leases (the tick then does not)."""
+        self._live: list[str] | None = None
+        """The live workers (sorted) as of the last heartbeat, and the joins and leaves heard since."""
+        self._beaten = 0.0
+        """When (monotonic) the tick last heartbeat."""
         self.last_tick: float | None = None
         """When (monotonic) a tick last succeeded: heartbeat, renewals, acquisitions (health probes)."""
 
@@ -139,12 +143,15 @@ class Supervisor:
     async def _loop(self, stop: asyncio.Event) -> None:
         last_ok = time.monotonic()
         delay = self.settings.renew_interval
+        told = False
         while not stop.is_set():
             # Cleared before the tick, not after: a release heard during the tick wakes the next one.
             self._released.clear()
             try:
                 async with asyncio.timeout(STALL_TIMEOUT):  # a server that stopped answering
-                    await self.tick()
+                    # Told of a release (or a join or leave): act on the membership known, and
+                    # heartbeat only if the last is old (the keeper renews the membership).
+                    await self.tick(heartbeat=not told or time.monotonic() - self._beaten > delay)
                 last_ok = time.monotonic()
                 delay = self.settings.renew_interval
             except Exception as exc:
@@ -154,37 +161,61 @@ class Supervisor:
                     log.warning("Redis unreachable for a whole lease TTL: dropping %d shards", len(self.held))
                     self._lose(list(self.held))
                 delay = min(delay * 2, self.settings.ttl / 2)
-            await self._sleep(stop, delay)
+            told = await self._sleep(stop, delay) and self._keeper is not None
 
-    async def _sleep(self, stop: asyncio.Event, delay: float) -> None:
-        """Until the next tick: ``delay``, or sooner if stopping or a lease was released."""
+    async def _sleep(self, stop: asyncio.Event, delay: float) -> bool:
+        """Until the next tick: ``delay``, or sooner if stopping or told of an event; returns
+        whether it was told."""
         waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._released.wait())}
         try:
             await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()
+        return self._released.is_set()
 
     async def _listen_for_events(self, subscribed: asyncio.Event) -> None:
-        """Wake the tick when any worker releases a lease, joins or is leaving (a graceful
-        hand-over in one round trip)."""
-        await self.store.listen(self.store.keys.lease_events(), lambda _: self._released.set(), subscribed)
+        """Hear every worker's releases, joins and leaves on ``ns:lease-events``."""
+        await self.store.listen(self.store.keys.lease_events(), self._heard, subscribed)
 
-    async def tick(self) -> None:
-        info = self._info if self._more_info is None else {**self._info, **self._more_info()}
-        live, joined = await self.store.heartbeat(self.worker_id, self._ttl_ms, info)
-        if joined:  # the others move toward their new share now, not at their next tick
-            await self.store.announce(f"joined {self.worker_id}")
-        await self._renew()
-        keeping = [s for s in self.held if s not in self._releasing]
-        extra = len(keeping) - share(self.shards, live, self.worker_id)
-        if extra > 0:
-            # The idlest first: a shard with work in flight is the last one given up.
-            for shard in sorted(keeping, key=lambda s: (self._load(s), -s))[:extra]:
-                self._start_release(shard)
-        elif extra < 0 and not self._releasing:
-            await self._acquire(-extra)
+    def _heard(self, event: bytes) -> None:
+        """A worker joined (``joined ID``) or is leaving (``leaving ID``): count it in or out
+        now, and give up any surplus at once (on a busy event loop every round trip of a tick
+        is slow); or a lease was released (``released N``). Either way, wake the tick."""
+        kind, _, worker = event.decode(errors="replace").partition(" ")
+        if self._live is not None and worker != self.worker_id:
+            if kind == "joined" and worker not in self._live:
+                self._live = sorted([*self._live, worker])
+                self._shed()
+            elif kind == "leaving":
+                self._live = [w for w in self._live if w != worker]
+        self._released.set()
+
+    async def tick(self, heartbeat: bool = True) -> None:
+        """Heartbeat (unless told not to: the membership known is recent), then move toward
+        this worker's share: give up the surplus, or take free shards."""
+        if heartbeat or self._live is None:
+            info = self._info if self._more_info is None else {**self._info, **self._more_info()}
+            self._live, joined = await self.store.heartbeat(self.worker_id, self._ttl_ms, info)
+            self._beaten = time.monotonic()
+            if joined:  # the others move toward their new share now, not at their next tick
+                await self.store.announce(f"joined {self.worker_id}")
+            await self._renew()
+        wanted = self._shed()
+        if wanted > 0 and not self._releasing:
+            await self._acquire(wanted)
         self.last_tick = time.monotonic()
+
+    def _shed(self) -> int:
+        """Start releasing what this worker holds beyond its share; returns how many more it
+        should hold (negative: how many it releases)."""
+        assert self._live is not None
+        keeping = [s for s in self.held if s not in self._releasing]
+        extra = len(keeping) - share(self.shards, self._live, self.worker_id)
+        # The idlest first: a shard with work in flight is the last one given up.
+        for shard in sorted(keeping, key=lambda s: (self._load(s), -s))[: max(0, extra)]:
+            self._start_release(shard)
+        return -extra
 
     async def _renew(self) -> None:
         """Renew every held lease, draining ones included (a drain may outlast a TTL), unless

@@ -195,7 +195,8 @@ async def test_workers_started_together_against_a_backlog_split_it_evenly(
         moves = sum(e - 1 for e in epochs)
         # The first worker to start may take every shard before the others are there: what
         # the others hold moved once, and the third's share at most twice.
-        assert max(epochs) <= count and moves <= SHARDS, f"epochs {epochs}: shards moved too often"
+        assert max(epochs) <= count and moves <= SHARDS, f"epochs {epochs}: shards moved too often" + "\n".join(
+            f"{p.pid}: {line}" for p in procs for line in p.log.read_text().splitlines() if "supervisor" in line)
         assert watch.max_counted == 0, "a moved shard's read-ahead was counted as recovered turns"
         await check_totals(client)
 
