@@ -246,7 +246,8 @@ class Supervisor:
     async def _acquire(self, wanted: int) -> None:
         """Take up to ``wanted`` of the shards no one holds: two round trips, however many (a
         busy event loop makes each round trip slow)."""
-        free = await self.store.takeable([s for s in range(self.shards) if s not in self.held], self.worker_id)
+        others = [s for s in range(self.shards) if s not in self.held]
+        free = await self.store.takeable(others, self.worker_id)
         random.shuffle(free)  # workers starting together should not all try shard 0 first
         sent = time.monotonic()
         taken = await self.store.acquire_leases(free[:wanted], self.worker_id, self._ttl_ms)

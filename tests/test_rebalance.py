@@ -126,6 +126,12 @@ async def check_totals(client: actors.Client) -> None:
     assert sum([(await client.store.shard_info(s)).dead_letters for s in range(SHARDS)]) == 0
 
 
+def moves_of(procs: Sequence[WorkerProcess]) -> str:
+    """The supervisors' log lines (acquired, releasing, released), for a failure's message."""
+    return "\n".join(f"{p.pid}: {line}" for p in procs for line in p.log.read_text().splitlines()
+                     if "supervisor" in line)  # fmt: skip
+
+
 # ---- a drain that begins while a read is in flight --------------------------------------
 
 
@@ -140,8 +146,10 @@ async def test_a_drain_hands_over_what_a_read_in_flight_took(
     read, resume = asyncio.Event(), asyncio.Event()
     real_read = Store.read_new
 
-    async def held_read(self: Store, shard: int, lease: str, consumer: str, count: int) -> tuple[list[Entry], str]:
-        entries, newest = await real_read(self, shard, lease, consumer, count)
+    async def held_read(
+        self: Store, shard: int, lease: str, owner: str, count: int
+    ) -> tuple[list[Entry], str]:
+        entries, newest = await real_read(self, shard, lease, owner, count)
         if entries and not read.is_set():  # taken into the group: pending, ours
             read.set()
             await resume.wait()
@@ -195,8 +203,9 @@ async def test_workers_started_together_against_a_backlog_split_it_evenly(
         moves = sum(e - 1 for e in epochs)
         # The first worker to start may take every shard before the others are there: what
         # the others hold moved once, and the third's share at most twice.
-        assert max(epochs) <= count and moves <= SHARDS, f"epochs {epochs}: shards moved too often" + "\n".join(
-            f"{p.pid}: {line}" for p in procs for line in p.log.read_text().splitlines() if "supervisor" in line)
+        assert max(epochs) <= count and moves <= SHARDS, (
+            f"epochs {epochs}: moved too often\n{moves_of(procs)}"
+        )
         assert watch.max_counted == 0, "a moved shard's read-ahead was counted as recovered turns"
         await check_totals(client)
 
@@ -218,7 +227,7 @@ async def test_a_worker_joining_a_running_pair_under_a_backlog_ends_evenly_sprea
     spawn_worker: Callable[..., WorkerProcess], connect: Callable[..., Any]
 ) -> None:
     async with connect(app=app, shards=SHARDS) as client:
-        watch, pair = await _running_pair(client, spawn_worker)
+        watch, _ = await _running_pair(client, spawn_worker)
         _, before, _ = await watch.look()
         await backlog(client)
         joining = spawn_worker("tests.apps:app", *SLOW_TICKS, log_level="INFO")
