@@ -251,15 +251,14 @@ async def test_one_of_a_pair_leaving_hands_its_shards_to_the_other_at_once(
         await backlog(client)
         leaving.signal(signal.SIGTERM)
         assert leaving.proc is not None and await asyncio.to_thread(leaving.proc.wait, 30) == 0
-        left = time.monotonic()
         watch.procs.remove(leaving)
 
         async def all_staying() -> bool:
             owners, _, _ = await watch.look()
             return owners == [staying.pid] * SHARDS
 
+        # Timed from its exit: its drain (a running turn) may take a while under a backlog.
         await watch.until(all_staying, BALANCE_S, "the staying worker holding every shard")
-        assert time.monotonic() - left < BALANCE_S
         await watch.drained()
         assert watch.max_counted == 0
         await check_totals(client)
