@@ -22,6 +22,7 @@ import pytest
 import actors
 from actors import WorkerSettings
 from actors.store import Entry, Store
+from actors.supervisor import share
 
 from .apps import Add, Counter, Get, Total, app
 from .conftest import WorkerProcess, eventually
@@ -130,6 +131,18 @@ def moves_of(procs: Sequence[WorkerProcess]) -> str:
     """The supervisors' log lines (acquired, releasing, released), for a failure's message."""
     return "\n".join(f"{p.pid}: {line}" for p in procs for line in p.log.read_text().splitlines()
                      if "supervisor" in line)  # fmt: skip
+
+
+# ---- the split every supervisor computes --------------------------------------------------
+
+
+def test_every_worker_computes_the_same_even_split() -> None:
+    for shards, workers in [(16, 1), (16, 2), (16, 3), (4, 3), (3, 5), (1024, 7)]:
+        live = sorted(f"w{i}" for i in range(workers))
+        shares = [share(shards, live, w) for w in live]
+        assert sum(shares) == shards and max(shares) - min(shares) <= 1, (shards, workers, shares)
+        assert shares == sorted(shares, reverse=True), "the first by id hold the one more"
+    assert share(16, ["a", "b"], "c") == 5, "a worker not yet seen in the list counts itself in"
 
 
 # ---- a drain that begins while a read is in flight --------------------------------------
