@@ -6,10 +6,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import cast
+from typing import Any, cast
 
 import redis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.typing import EncodableT, FieldT
 
 from ..errors import ConfigurationError
@@ -114,14 +114,27 @@ class LeaseStore(StoreBase):
 
     async def acquire_leases(self, shards: Sequence[int], worker_id: str, ttl_ms: int) -> dict[int, int]:
         """Try to take each of ``shards`` (``acquire_lease``) in one round trip; returns the
-        epoch of each one taken."""
+        epoch of each one taken. A shard whose reply is an error is not taken as far as the
+        caller knows: if the script did take it, the lease is this worker's, and its next
+        acquisition takes it again at a new epoch (or it expires)."""
+        replies = await self._acquire_pipelined(shards, worker_id, ttl_ms)
+        unloaded = [shard for shard, r in replies.items() if isinstance(r, NoScriptError)]
+        if unloaded:  # a pipeline that does not load its scripts (a cluster's): load it, once more
+            await self.redis.script_load(self._scripts["acquire_lease"].script)
+            replies.update(await self._acquire_pipelined(unloaded, worker_id, ttl_ms))
+        for shard, reply in replies.items():
+            if isinstance(reply, Exception):
+                log.debug("acquiring the lease on shard %s: %r", shard, reply)
+        return {shard: int(r) for shard, r in replies.items() if not isinstance(r, Exception) and int(r) >= 0}
+
+    async def _acquire_pipelined(self, shards: Sequence[int], worker_id: str, ttl_ms: int) -> dict[int, Any]:
         k, script = self.keys, self._scripts["acquire_lease"]
         async with self.redis.pipeline(transaction=False) as pipe:
             for shard in shards:
                 await script(keys=[k.lease(shard), k.epoch(shard), k.inbox(shard)], args=[worker_id, ttl_ms],
                              client=pipe)  # fmt: skip
-            epochs = await pipe.execute()
-        return {shard: int(e) for shard, e in zip(shards, epochs, strict=True) if int(e) >= 0}
+            replies = await pipe.execute(raise_on_error=False)
+        return dict(zip(shards, replies, strict=True))
 
     async def renew_leases(self, leases: dict[int, str], ttl_ms: int) -> dict[int, bool]:
         """Renew many leases in one round trip; returns shard -> still held."""
