@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -275,3 +276,36 @@ async def test_one_of_a_pair_leaving_hands_its_shards_to_the_other_at_once(
         await watch.drained()
         assert watch.max_counted == 0
         await check_totals(client)
+
+
+# ---- a release announces itself in the same call ----------------------------------------------
+
+
+async def test_a_release_announces_itself_and_stands_when_the_publish_is_refused(
+    redis_server: Any, namespace: str, connect: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``release_lease.lua`` publishes ``released N`` itself (one round trip); a Redis user
+    without the channel (an ACL) still releases, and the refusal is logged."""
+    user, password = f"nochannels-{uuid.uuid4().hex[:12]}", uuid.uuid4().hex
+    async with connect(app=app, shards=1) as client:
+        admin, k = client.store.redis, client.store.keys
+        heard: list[bytes] = []
+        listening = asyncio.create_task(client.store.listen(k.lease_events(), heard.append))
+        await admin.execute_command(
+            "ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all", "resetchannels"
+        )
+        store = Store.from_url(f"redis://{user}:{password}@127.0.0.1:{redis_server.port}/0", namespace)
+        try:
+            await asyncio.sleep(0.2)  # subscribed
+            for refused in (False, True):
+                user_store = store if refused else client.store
+                epoch = await user_store.acquire_lease(0, "w", ttl_ms=10_000)
+                assert epoch is not None
+                assert await user_store.release_lease(0, f"w|{epoch}", ["1-1"]) is True
+                assert await admin.get(k.lease(0)) is None and await admin.smembers(k.handover(0)) == {b"1-1"}
+            await eventually(lambda: heard == [b"released 0"], timeout=5)
+            assert any("could not announce 'released 0'" in r.getMessage() for r in caplog.records)
+        finally:
+            listening.cancel()
+            await store.close()
+            await admin.execute_command("ACL", "DELUSER", user)

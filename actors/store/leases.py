@@ -149,10 +149,12 @@ class LeaseStore(StoreBase):
     async def release_lease(self, shard: int, lease: str, fresh: Sequence[str] = ()) -> bool:
         """Give the lease up, naming the entries its runner took and never started (``fresh``)."""
         keys = [self.keys.lease(shard), self.keys.handover(shard)]
-        released = bool(await self._run("release_lease", keys, [lease, HANDOVER_TTL_MS, *fresh]))
-        if released:
-            await self.announce(f"released {shard}")
-        return released
+        event = f"released {shard}"
+        args = [lease, HANDOVER_TTL_MS, self.keys.lease_events(), event, *fresh]
+        released = int(await self._run("release_lease", keys, args))
+        if released == 2:  # the script's PUBLISH was refused: the lease is released all the same
+            log.warning("could not announce %r on %s", event, self.keys.lease_events())
+        return released > 0
 
     async def take_handover(self, shard: int) -> set[str]:
         """The entries the last owner handed over as never started, once: the set is deleted
