@@ -1,19 +1,23 @@
 """Membership and shard leases: who runs which shard, and the epoch that fences it.
 
 Every ``renew_interval`` the supervisor heartbeats, renews the leases it
-holds, and moves toward an even share of the shards over the live workers:
-it gives up its extras (after draining them) and takes free shards while it
-holds fewer than its share. A lease it cannot renew is lost at once; if Redis
-cannot be reached for a whole lease TTL, every lease is treated as lost. A
-LeaseKeeper thread does the renewing while ``run`` runs, so a busy event loop
-does not lose them.
+holds, and moves toward its share of the shards (``share``: the live workers,
+sorted, each hold shards // workers, the first shards % workers one more): it
+gives up its extras (after draining them) and takes free shards while it holds
+fewer than its share. It also ticks at once when told on ``ns:lease-events``
+that a lease was released or a worker joined or is leaving, and tells the others
+when it joins and leaves, so a change of membership moves shards in a hand-over's
+time, not a tick's. A lease it cannot renew is lost at once; if Redis cannot be
+reached for a whole lease TTL, every lease is treated as lost. A LeaseKeeper
+thread does the renewing while ``run`` runs, so a busy event loop does not lose
+them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import math
 import os
 import random
 import socket
@@ -25,6 +29,10 @@ from .settings import LeaseSettings
 from .store import STALL_TIMEOUT, LeaseKeeper, Store, is_transient
 
 log = logging.getLogger("actors.supervisor")
+
+SUBSCRIBE_WAIT = 1.0
+"""Seconds a starting supervisor waits for its subscription to ``ns:lease-events`` before its
+first heartbeat (a worker that joins just after must be heard, or seen by that heartbeat)."""
 
 OnAcquired = Callable[[Lease], None]
 OnLost = Callable[[int], None]
@@ -72,12 +80,28 @@ class Supervisor:
         """When this event loop last ran (the LeaseKeeper renews only while it is recent)."""
         self._keeper: LeaseKeeper | None = None
         """While ``run`` runs: the thread that renews the leases (the tick then does not)."""
+        self._live: list[str] | None = None
+        """The live workers (sorted) as of the last heartbeat, and the joins and leaves heard since."""
+        self._beaten = 0.0
+        """When (monotonic) the tick last heartbeat."""
         self.last_tick: float | None = None
         """When (monotonic) a tick last succeeded: heartbeat, renewals, acquisitions (health probes)."""
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Keep leases until ``stop`` is set; then release them all (after draining)."""
-        listener = asyncio.create_task(self._listen_for_releases(), name="lease-events")
+    async def run(self, stop: asyncio.Event, ready: Callable[[], object] = lambda: None) -> None:
+        """Join (listen to ``ns:lease-events``, then the first tick, whose error ends ``run``),
+        call ``ready``, and keep leases until ``stop`` is set; then release them all (after
+        draining)."""
+        subscribed = asyncio.Event()
+        listener = asyncio.create_task(self._listen_for_events(subscribed), name="lease-events")
+        try:
+            with contextlib.suppress(TimeoutError):  # then the ticks alone see the others
+                await asyncio.wait_for(subscribed.wait(), SUBSCRIBE_WAIT)
+            await self.tick()
+        except BaseException:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+            raise
+        ready()
         self._keeper = self._new_keeper()
         if self._keeper is not None:
             self._keeper.start()
@@ -119,12 +143,15 @@ class Supervisor:
     async def _loop(self, stop: asyncio.Event) -> None:
         last_ok = time.monotonic()
         delay = self.settings.renew_interval
+        told = False
         while not stop.is_set():
             # Cleared before the tick, not after: a release heard during the tick wakes the next one.
             self._released.clear()
             try:
                 async with asyncio.timeout(STALL_TIMEOUT):  # a server that stopped answering
-                    await self.tick()
+                    # Told of a release (or a join or leave): act on the membership known, and
+                    # heartbeat only if the last is old (the keeper renews the membership).
+                    await self.tick(heartbeat=not told or time.monotonic() - self._beaten > delay)
                 last_ok = time.monotonic()
                 delay = self.settings.renew_interval
             except Exception as exc:
@@ -137,7 +164,7 @@ class Supervisor:
                     )  # fmt: skip
                     self._lose(expired)
                 delay = min(delay * 2, self.settings.ttl / 2)
-            await self._sleep(stop, delay)
+            told = await self._sleep(stop, delay) and self._keeper is not None
 
     def _expired(self) -> list[int]:
         """Held shards whose leases may be gone: not renewed for a whole TTL. On one server
@@ -145,33 +172,59 @@ class Supervisor:
         lives on a primary that is down (the LeaseKeeper renews the others meanwhile)."""
         return [shard for shard, lease in self.held.items() if lease.remaining() < 0]
 
-    async def _sleep(self, stop: asyncio.Event, delay: float) -> None:
-        """Until the next tick: ``delay``, or sooner if stopping or a lease was released."""
+    async def _sleep(self, stop: asyncio.Event, delay: float) -> bool:
+        """Until the next tick: ``delay``, or sooner if stopping or told of an event; returns
+        whether it was told."""
         waits = {asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._released.wait())}
         try:
             await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waits:
                 w.cancel()
+        return self._released.is_set()
 
-    async def _listen_for_releases(self) -> None:
-        """Wake the tick when any worker releases a lease (graceful hand-over in one round trip)."""
-        await self.store.listen(self.store.keys.lease_events(), lambda _: self._released.set())
+    async def _listen_for_events(self, subscribed: asyncio.Event) -> None:
+        """Hear every worker's releases, joins and leaves on ``ns:lease-events``."""
+        await self.store.listen(self.store.keys.lease_events(), self._heard, subscribed)
 
-    async def tick(self) -> None:
-        info = self._info if self._more_info is None else {**self._info, **self._more_info()}
-        live = await self.store.heartbeat(self.worker_id, self._ttl_ms, info)
-        await self._renew()
-        share = math.ceil(self.shards / max(1, len(live)))
-        keeping = [s for s in self.held if s not in self._releasing]
-        extra = len(keeping) - share
-        if extra > 0:
-            # The idlest first: a shard with work in flight is the last one given up.
-            for shard in sorted(keeping, key=lambda s: (self._load(s), -s))[:extra]:
-                self._start_release(shard)
-        elif extra < 0 and not self._releasing:
-            await self._acquire(-extra)
+    def _heard(self, event: bytes) -> None:
+        """A worker joined (``joined ID``) or is leaving (``leaving ID``): count it in or out
+        now, and give up any surplus at once (on a busy event loop every round trip of a tick
+        is slow); or a lease was released (``released N``). Either way, wake the tick."""
+        kind, _, worker = event.decode(errors="replace").partition(" ")
+        if self._live is not None and worker != self.worker_id:
+            if kind == "joined" and worker not in self._live:
+                self._live = sorted([*self._live, worker])
+                self._shed()
+            elif kind == "leaving":
+                self._live = [w for w in self._live if w != worker]
+        self._released.set()
+
+    async def tick(self, heartbeat: bool = True) -> None:
+        """Heartbeat (unless told not to: the membership known is recent), then move toward
+        this worker's share: give up the surplus, or take free shards."""
+        if heartbeat or self._live is None:
+            info = self._info if self._more_info is None else {**self._info, **self._more_info()}
+            self._live, joined = await self.store.heartbeat(self.worker_id, self._ttl_ms, info)
+            self._beaten = time.monotonic()
+            if joined:  # the others move toward their new share now, not at their next tick
+                await self.store.announce(f"joined {self.worker_id}")
+            await self._renew()
+        wanted = self._shed()
+        if wanted > 0 and not self._releasing:
+            await self._acquire(wanted)
         self.last_tick = time.monotonic()
+
+    def _shed(self) -> int:
+        """Start releasing what this worker holds beyond its share; returns how many more it
+        should hold (negative: how many it releases)."""
+        assert self._live is not None
+        keeping = [s for s in self.held if s not in self._releasing]
+        extra = len(keeping) - share(self.shards, self._live, self.worker_id)
+        # The idlest first: a shard with work in flight is the last one given up.
+        for shard in sorted(keeping, key=lambda s: (self._load(s), -s))[: max(0, extra)]:
+            self._start_release(shard)
+        return -extra
 
     async def _renew(self) -> None:
         """Renew every held lease, draining ones included (a drain may outlast a TTL), unless
@@ -200,18 +253,16 @@ class Supervisor:
         task.add_done_callback(self._release_tasks.discard)
 
     async def _acquire(self, wanted: int) -> None:
-        free = [s for s in range(self.shards) if s not in self.held]
+        """Take up to ``wanted`` of the shards no one holds: two round trips, however many (a
+        busy event loop makes each round trip slow)."""
+        others = [s for s in range(self.shards) if s not in self.held]
+        free = await self.store.takeable(others, self.worker_id)
         random.shuffle(free)  # workers starting together should not all try shard 0 first
-        for shard in free:
-            if wanted <= 0:
-                return
-            sent = time.monotonic()
-            epoch = await self.store.acquire_lease(shard, self.worker_id, self._ttl_ms)
-            if epoch is None:
-                continue
+        sent = time.monotonic()
+        taken = await self.store.acquire_leases(free[:wanted], self.worker_id, self._ttl_ms)
+        for shard, epoch in taken.items():
             lease = Lease.taken(shard, self.worker_id, epoch, self.settings.ttl, sent)
             self.held[shard] = lease
-            wanted -= 1
             log.info("acquired shard %s at epoch %s", shard, epoch)
             self._on_acquired(lease)
 
@@ -248,7 +299,15 @@ class Supervisor:
                 self._on_lost(shard)
 
     async def release_all(self) -> None:
-        """Graceful exit: drain every shard (renewing meanwhile), release, leave membership."""
+        """Graceful exit: leave the membership first (the others count this worker out of
+        their shares, and take each shard as soon as it is released), then drain every shard
+        (renewing meanwhile) and release it."""
+        try:
+            await self.store.leave(self.worker_id, info=False)
+            await self.store.announce(f"leaving {self.worker_id}")
+        except Exception as exc:  # they see it go when its membership expires
+            if not is_transient(exc):
+                raise
         for shard in list(self.held):
             if shard not in self._releasing:
                 self._start_release(shard)
@@ -264,3 +323,12 @@ class Supervisor:
         except Exception as exc:
             if not is_transient(exc):
                 raise
+
+
+def share(shards: int, live: list[str], worker_id: str) -> int:
+    """How many shards ``worker_id`` should hold: ``shards // workers``, one more for the
+    first ``shards % workers`` of the live workers sorted by id. Every worker computes the
+    same split, so the shards end evenly spread (16 over 3: 6, 5, 5, never 6, 6, 4)."""
+    members = live if worker_id in live else sorted([*live, worker_id])
+    low, more = divmod(shards, len(members))
+    return low + (1 if members.index(worker_id) < more else 0)

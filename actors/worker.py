@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import preflight, sharing, telemetry
@@ -165,9 +165,7 @@ class Worker:
                 lambda: {r.shard: r.inflight for r in self.runners},
                 lambda: {r.shard: r.lag for r in self.runners},
             )
-            await supervisor.tick()
-            self.ready.set()
-            await supervisor.run(self._stop)
+            await supervisor.run(self._stop, ready=self.ready.set)
         finally:
             for shard in list(self._slots):
                 self._stop_shard(shard)
@@ -273,9 +271,8 @@ class Worker:
         if slot is None or slot.task is None:
             return []
         slot.draining = True
-        runner = slot.runner  # the slot forgets its runner once the runner has ended
-        if runner is not None:
-            runner.drain()
+        if slot.runner is not None:
+            slot.runner.drain()
         try:
             await asyncio.wait_for(asyncio.shield(slot.task), timeout=self.shutdown_grace)
         except TimeoutError:
@@ -292,7 +289,7 @@ class Worker:
         self._stop_shard(shard)
         with contextlib.suppress(asyncio.CancelledError):
             await slot.task
-        return [] if runner is None else runner.handed_over
+        return slot.handed_over
 
     async def _run_shard(self, slot: _Slot) -> None:
         assert self._services is not None
@@ -327,6 +324,9 @@ class Worker:
                 else:
                     log.error("shard %s: runner failed; restarting from Redis", lease.shard, exc_info=exc)
             finally:
+                # Kept on the slot: the runner may end (drained by ``stop``) before the
+                # supervisor's release asks for them.
+                slot.handed_over += slot.runner.handed_over
                 slot.runner = None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -357,6 +357,8 @@ class _Slot:
     task: asyncio.Task[None] | None = None
     runner: ShardRunner | None = None
     draining: bool = False
+    handed_over: list[str] = field(default_factory=list)
+    """What its drained runner left to the next owner, never started (``ShardRunner.handed_over``)."""
 
 
 def _turn_of(task: asyncio.Task[Any] | None, runner: ShardRunner) -> str:

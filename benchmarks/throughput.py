@@ -2,7 +2,8 @@
 on the same server.
 
     python -m benchmarks.throughput [--messages 50000] [--actors 1000] [--awaited-messages 5000]
-                                    [--e2e-processes 1] [--rounds 3] [--json PATH]
+                                    [--drain-processes 1,2] [--e2e-processes 1] [--rounds 3]
+                                    [--json PATH]
 
 Everything runs on a private server (AOF on, fsync every second) that this command starts on a
 free loopback port in a temporary directory and stops at the end. Each measurement of ours uses
@@ -27,7 +28,8 @@ Ours:
 * ``drain`` the backlog of ``--messages`` increments to ``--actors`` Count actors, written
   with ``send_many`` (chunks of 1,000) while no worker runs; timed from the first shard lease
   a worker takes (so process start-up is left out; it is printed separately) until every
-  inbox has no lag and nothing pending. With 1 and with 2 worker processes.
+  inbox has no lag and nothing pending. With 1 and with 2 worker processes started together
+  (``--drain-processes``, e.g. ``1,2,3``); the note gives the shards each held at the end.
 * ``e2e pipelined`` workers running, one producer sending ``send_many`` chunks of 500;
   timed from the first send until all are committed.
 * ``e2e awaited`` the same with one awaited ``client.send`` at a time (``--awaited-messages``);
@@ -443,6 +445,7 @@ RATIOS: Sequence[tuple[str, str, str]] = (
     ("drain_1p", "floor_1c", "ours drain (1 proc) / floor 1c (per-message script)"),
     ("drain_1p", "floor_1d", "ours drain (1 proc) / floor 1d (batched script)"),
     ("drain_2p", "floor_1d", "ours drain (2 procs) / floor 1d (batched script)"),
+    ("drain_3p", "floor_1d", "ours drain (3 procs) / floor 1d (batched script)"),
     ("e2e_awaited", "floor_1e", "ours e2e awaited send / floor 1e (awaited XADD, e2e)"),
     ("e2e_awaited", "floor_1a", "ours e2e awaited send / floor 1a (awaited XADD)"),
     ("e2e_pipelined", "floor_1b", "ours e2e send_many / floor 1b (pipelined XADD)"),
@@ -474,11 +477,22 @@ async def run_round(url: str, tmp: Path, args: argparse.Namespace, round_no: int
     n, actor_count = args.messages, args.actors
     results = await run_floor(url, f"floor{round_no}", n, actor_count)
     results.append(await floor_awaited_live(url, f"floor{round_no}", args.awaited_messages, actor_count))
-    for processes in (1, 2):
+    for processes in args.drain_processes:
         results.append(await run_drain(url, tmp, processes, n, actor_count))
     for awaited, size in ((False, n), (True, args.awaited_messages)):
         results.append(await run_e2e(url, tmp, args.e2e_processes, size, actor_count, awaited))
     return results
+
+
+def process_counts(text: str) -> tuple[int, ...]:
+    """``--drain-processes``: e.g. ``1,2,3``."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of counts: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"process counts must be 1 or more: {text!r}")
+    return counts
 
 
 def medians(samples: dict[str, list[Result]]) -> dict[str, Result]:
@@ -495,6 +509,8 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=50_000, help="N for the floor, drain and e2e")
     parser.add_argument("--actors", type=int, default=1_000, help="Count actors the messages go to")
     parser.add_argument("--awaited-messages", type=int, default=5_000, help="N for e2e awaited send")
+    parser.add_argument("--drain-processes", type=process_counts, default=(1, 2),
+                        help="worker processes for the drains, comma-separated (default 1,2)")  # fmt: skip
     parser.add_argument("--e2e-processes", type=int, default=1, help="worker processes for e2e runs")
     parser.add_argument("--rounds", type=int, default=3, help="repeat everything; report medians")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")

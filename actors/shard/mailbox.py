@@ -137,10 +137,10 @@ class Mailbox:
                 await r.commits.write(write)
         ids = [q.envelope.actor_id for q in accepted]
         await r.work.activate({aid: q.envelope.actor for aid, q in zip(ids, accepted, strict=True)})
-        if r.stopping.is_set():  # draining began meanwhile: as Work.release_queued does
+        if r.stopping.is_set():  # draining began meanwhile (the read was in flight): as
+            # Work.release_queued does, handing them over (a fenced read took them: pending)
+            r.work.forget([q for q in accepted if not r.work.keeps(q)])
             accepted = [q for q in accepted if r.work.keeps(q)]
-            for _ in range(len(ids) - len(accepted)):
-                r.flow.finished()
             ids = [q.envelope.actor_id for q in accepted]
         for aid, queued in zip(ids, accepted, strict=True):
             act = r.activations[aid]

@@ -122,15 +122,20 @@ class Work:
         for act in r.activations.values():
             received = act.running.consumed if act.running is not None else []
             kept = [q for q in act.queue if q in received or self.keeps(q)]
+            self.forget([q for q in act.queue if q not in kept])
             released += len(act.queue) - len(kept)
-            # Never started here, nor (unless claimed) by anyone: the next owner's to take as fresh.
-            r.handed_over += [q.entry_id for q in act.queue if q not in kept and q.entry_id
-                              and q.entry_id not in r.mailbox.claimed]  # fmt: skip
-            for _ in range(len(act.queue) - len(kept)):
-                r.flow.finished()
             act.queue.clear()
             act.queue.extend(kept)
         return released
+
+    def forget(self, unstarted: list[Queued]) -> None:
+        """Draining: let go of inbox messages taken and never started, naming them for the
+        next owner (``handed_over``) unless they were claimed from an earlier owner."""
+        r = self.runner
+        # Never started here, nor (unless claimed) by anyone: the next owner's to take as fresh.
+        r.handed_over += [q.entry_id for q in unstarted if q.entry_id and q.entry_id not in r.mailbox.claimed]
+        for _ in unstarted:
+            r.flow.finished()
 
     def keeps(self, queued: Queued) -> bool:
         """Whether a draining runner still runs this message: an ask of one of this worker's

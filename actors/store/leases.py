@@ -56,22 +56,34 @@ class LeaseStore(StoreBase):
             )
         return recorded
 
-    async def heartbeat(self, worker_id: str, ttl_ms: int, info: dict[str, str]) -> list[str]:
-        """Refresh this worker's membership; returns every live worker id (sorted)."""
+    async def heartbeat(self, worker_id: str, ttl_ms: int, info: dict[str, str]) -> tuple[list[str], bool]:
+        """Refresh this worker's membership; returns every live worker id (sorted), and
+        whether this one was not a member before (it joins, or comes back after expiring)."""
         now = await self.server_time_ms()
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(self.keys.workers(), {worker_id: now + ttl_ms})
             pipe.zremrangebyscore(self.keys.workers(), "-inf", now)
+            pipe.zadd(self.keys.workers(), {worker_id: now + ttl_ms})
             # redis-py's Mapping[FieldT, ...] is invariant in its key, so dict[str, str] needs the cast.
             pipe.hset(self.keys.worker_info(worker_id), mapping=cast("Mapping[FieldT, EncodableT]", info))
             pipe.pexpire(self.keys.worker_info(worker_id), ttl_ms)
             pipe.zrangebyscore(self.keys.workers(), now, "+inf")
-            *_, live = await pipe.execute()
-        return sorted(i.decode() for i in live)
+            _, added, *_, live = await pipe.execute()
+        return sorted(i.decode() for i in live), bool(added)
 
-    async def leave(self, worker_id: str) -> None:
+    async def leave(self, worker_id: str, info: bool = True) -> None:
+        """Leave the membership (and delete the info hash, with ``info``)."""
         await self.redis.zrem(self.keys.workers(), worker_id)
-        await self.redis.delete(self.keys.worker_info(worker_id))
+        if info:
+            await self.redis.delete(self.keys.worker_info(worker_id))
+
+    async def announce(self, event: str) -> None:
+        """Tell every supervisor of the namespace to tick now (``ns:lease-events``): a lease
+        was released, or a worker joined or is leaving. A publish the server refuses (e.g. an
+        ACL without the channel) is logged: the others then see it at their next tick."""
+        try:
+            await self.redis.publish(self.keys.lease_events(), event)
+        except ResponseError as exc:
+            log.warning("could not announce %r: %s", event, exc)
 
     async def worker_infos(self, worker_ids: Sequence[str]) -> list[dict[str, str]]:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -92,6 +104,40 @@ class LeaseStore(StoreBase):
         )
         return None if int(epoch) < 0 else int(epoch)
 
+    async def takeable(self, shards: Sequence[int], worker_id: str) -> list[int]:
+        """Those of ``shards`` that ``acquire_lease`` would give ``worker_id`` now (no one
+        holds them, or Redis still has a lease of its own it dropped), in one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                pipe.get(self.keys.lease(shard))
+            values = await pipe.execute()
+        ours = f"{worker_id}|".encode()
+        return [s for s, v in zip(shards, values, strict=True) if v is None or v.startswith(ours)]
+
+    async def acquire_leases(self, shards: Sequence[int], worker_id: str, ttl_ms: int) -> dict[int, int]:
+        """Try to take each of ``shards`` (``acquire_lease``) in one round trip; returns the
+        epoch of each one taken. A shard whose reply is an error is not taken as far as the
+        caller knows: if the script did take it, the lease is this worker's, and its next
+        acquisition takes it again at a new epoch (or it expires)."""
+        replies = await self._acquire_pipelined(shards, worker_id, ttl_ms)
+        unloaded = [shard for shard, r in replies.items() if isinstance(r, NoScriptError)]
+        if unloaded:  # a pipeline that does not load its scripts (a cluster's): load it, once more
+            await self.redis.script_load(self._scripts["acquire_lease"].script)
+            replies.update(await self._acquire_pipelined(unloaded, worker_id, ttl_ms))
+        for shard, reply in replies.items():
+            if isinstance(reply, Exception):
+                log.debug("acquiring the lease on shard %s: %r", shard, reply)
+        return {shard: int(r) for shard, r in replies.items() if not isinstance(r, Exception) and int(r) >= 0}
+
+    async def _acquire_pipelined(self, shards: Sequence[int], worker_id: str, ttl_ms: int) -> dict[int, Any]:
+        k, script = self.keys, self._scripts["acquire_lease"]
+        async with self._script_pipeline() as pipe:
+            for shard in shards:
+                await script(keys=[k.lease(shard), k.epoch(shard), k.inbox(shard)], args=[worker_id, ttl_ms],
+                             client=pipe)  # fmt: skip
+            replies = await pipe.execute(raise_on_error=False)
+        return dict(zip(shards, replies, strict=True))
+
     async def renew_leases(self, leases: dict[int, str], ttl_ms: int) -> dict[int, bool]:
         """Renew many leases in one round trip; returns shard -> still held."""
         shards = list(leases)
@@ -105,14 +151,12 @@ class LeaseStore(StoreBase):
     async def release_lease(self, shard: int, lease: str, fresh: Sequence[str] = ()) -> bool:
         """Give the lease up, naming the entries its runner took and never started (``fresh``)."""
         keys = [self.keys.lease(shard), self.keys.handover(shard)]
-        released = bool(await self._run("release_lease", keys, [lease, HANDOVER_TTL_MS, *fresh]))
-        if released:
-            try:
-                await self.redis.publish(self.keys.lease_events(), str(shard))
-            except ResponseError as exc:  # e.g. an ACL without the channel: the lease is released
-                # all the same; the other supervisors see the free shard at their next tick.
-                log.warning("could not announce the release of shard %s: %s", shard, exc)
-        return released
+        event = f"released {shard}"
+        args = [lease, HANDOVER_TTL_MS, self.keys.lease_events(), event, *fresh]
+        released = int(await self._run("release_lease", keys, args))
+        if released == 2:  # the script's PUBLISH was refused: the lease is released all the same
+            log.warning("could not announce %r on %s", event, self.keys.lease_events())
+        return released > 0
 
     async def take_handover(self, shard: int) -> set[str]:
         """The entries the last owner handed over as never started, once: the set is deleted
@@ -271,7 +315,7 @@ def _queue_slot(key: str, holder: str, expiry_ms: int, pipe: Any) -> None:
 
 
 def _queue_member(key: str, worker_id: str, expiry_ms: int, pipe: Any) -> None:
-    pipe.zadd(key, {worker_id: expiry_ms})
+    pipe.zadd(key, {worker_id: expiry_ms}, xx=True)  # renewed only: a worker that left is not added back
 
 
 def _recorded_count(raw: bytes | str, namespace: str) -> int:
