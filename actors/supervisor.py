@@ -26,6 +26,9 @@ from .store import STALL_TIMEOUT, LeaseKeeper, Store, is_transient
 
 log = logging.getLogger("actors.supervisor")
 
+ACQUIRE_BATCH = 256
+"""Shards tried per round trip when taking free ones."""
+
 OnAcquired = Callable[[Lease], None]
 OnLost = Callable[[int], None]
 OnRelease = Callable[[int], Awaitable[list[str]]]
@@ -191,20 +194,20 @@ class Supervisor:
         task.add_done_callback(self._release_tasks.discard)
 
     async def _acquire(self, wanted: int) -> None:
+        """Try free shards, ``wanted`` at a time (at most ``ACQUIRE_BATCH`` per round trip),
+        until ``wanted`` are taken or none is left to try."""
         free = [s for s in range(self.shards) if s not in self.held]
         random.shuffle(free)  # workers starting together should not all try shard 0 first
-        for shard in free:
-            if wanted <= 0:
-                return
+        while wanted > 0 and free:
+            tried, free = free[: min(wanted, ACQUIRE_BATCH)], free[min(wanted, ACQUIRE_BATCH) :]
             sent = time.monotonic()
-            epoch = await self.store.acquire_lease(shard, self.worker_id, self._ttl_ms)
-            if epoch is None:
-                continue
-            lease = Lease.taken(shard, self.worker_id, epoch, self.settings.ttl, sent)
-            self.held[shard] = lease
-            wanted -= 1
-            log.info("acquired shard %s at epoch %s", shard, epoch)
-            self._on_acquired(lease)
+            taken = await self.store.acquire_leases(tried, self.worker_id, self._ttl_ms)
+            for shard, epoch in taken.items():
+                lease = Lease.taken(shard, self.worker_id, epoch, self.settings.ttl, sent)
+                self.held[shard] = lease
+                wanted -= 1
+                log.info("acquired shard %s at epoch %s", shard, epoch)
+                self._on_acquired(lease)
 
     async def _release(self, shard: int) -> None:
         try:

@@ -18,16 +18,18 @@ import actors
 from actors import EmbeddedServer, WorkerSettings
 from actors.routing import shard_of
 from actors.store.connection import POOL_CONNECTIONS
-from actors.store.reader import READER_CONNECTIONS
+from actors.store.reader import reader_connections
 from benchmarks.shards import connections_of
 from tests.apps import Add, Counter, Get, app
 from tests.conftest import eventually
 
 SHARDS = 1024
-CONNECTION_BOUND = 2 * POOL_CONNECTIONS + READER_CONNECTIONS + 1
-"""What a worker process may hold, whatever its shard count: the two pools of its store (one
-that retries, one that does not), its inbox reader's connections, and the lease keeper's.
-(Its pub/sub listeners take theirs from the first pool.)"""
+CONNECTION_BOUND = 2 * POOL_CONNECTIONS + reader_connections(SHARDS) + 1
+"""What a worker process of 1,024 shards may hold: the two pools of its store (one that
+retries, one that does not), its inbox reader's connections (a main call per group of
+``GROUP_STREAMS`` shards, and the catch-up calls), and the lease keeper's. (Its pub/sub
+listeners take theirs from the first pool.) At most ``MAX_SHARDS``, the bound of any process:
+``READER_CONNECTIONS`` for the reader."""
 DEADLINE_S = 60.0
 """Generous: the whole test takes a few seconds; starved, it took minutes."""
 

@@ -90,6 +90,19 @@ class LeaseStore(StoreBase):
         )
         return None if int(epoch) < 0 else int(epoch)
 
+    async def acquire_leases(self, shards: Sequence[int], worker_id: str, ttl_ms: int) -> dict[int, int]:
+        """``acquire_lease`` for many shards in one round trip (a worker taking thousands at
+        start must not hold up its heartbeat behind as many round trips); returns shard ->
+        epoch of those taken."""
+        k = self.keys
+        script = self._scripts["acquire_lease"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for shard in shards:
+                keys = [k.lease(shard), k.epoch(shard), k.inbox(shard)]
+                await script(keys=keys, args=[worker_id, ttl_ms], client=pipe)
+            epochs = await pipe.execute()
+        return {shard: int(e) for shard, e in zip(shards, epochs, strict=True) if int(e) >= 0}
+
     async def renew_leases(self, leases: dict[int, str], ttl_ms: int) -> dict[int, bool]:
         """Renew many leases in one round trip; returns shard -> still held."""
         shards = list(leases)
