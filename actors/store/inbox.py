@@ -264,6 +264,16 @@ class InboxStore(StoreBase):
             return int(await self.redis.xtrim(key, maxlen=0, approximate=False))
         return int(await self.redis.xtrim(key, minid=f"{max(0, before_ms)}-0", approximate=False))
 
+    async def age_dead_letters(self, shard: int, before_ms: int) -> int | None:
+        """``trim_dead_letters(shard, before_ms)``, then when (ms, Redis clock) the oldest dead
+        letter left was written, in one round trip; None if none is left."""
+        key = self.keys.dead_letters(shard)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xtrim(key, minid=f"{max(0, before_ms)}-0", approximate=False)
+            pipe.xrange(key, count=1)
+            _, oldest = await pipe.execute()
+        return int(oldest[0][0].partition(b"-")[0]) if oldest else None
+
     async def drop_namespace(self) -> int:
         """Delete every key of this namespace (``actors bench`` cleans up with it)."""
         dropped = 0
