@@ -35,6 +35,11 @@ from .state import kept, spread
 if TYPE_CHECKING:
     from .runner import ShardRunner
 
+TRIM_AFTER = 100
+"""Entries read before the chores trim the inbox. ``XTRIM MINID ~`` drops whole stream nodes
+only (at most 100 entries or 4 KiB each, by default), so a trim after fewer entries mostly
+drops nothing: a shard with a message now and then would pay a call for each."""
+
 Checked = Queued | tuple[str, str, Envelope | None]
 """An entry as a queued message, or (reason, detail, envelope if decodable) to dead-letter."""
 
@@ -49,7 +54,10 @@ class Mailbox:
         self._feed: InboxFeed | None = None
         self._reply_prefix = runner.store.keys.reply_channel("")
         self._touched = True
-        """The inbox or its group changed since the last trim (at start: a previous owner's)."""
+        """The inbox or its group changed since the last chores."""
+        self._untrimmed = TRIM_AFTER
+        """Entries read since everything read up to then was trimmed (at start, unknown: a
+        previous owner's)."""
         self._chores_due = math.inf
         """When (monotonic) the next chores are due."""
 
@@ -135,7 +143,11 @@ class Mailbox:
         await r.journaling.open_long_turns(older_than=r.settings.trim_interval)
         if self._touched:
             self._touched = False  # a commit during the trim touches it again
-            await r.store.trim_inbox(r.shard)
+            if self._untrimmed >= TRIM_AFTER:
+                read = self._untrimmed
+                _, pending = await r.store.trim_inbox(r.shard)
+                if not pending:  # trimmed up to the last entry read, a stream node aside
+                    self._untrimmed -= read
         r.work.evict_idle()
         await r.retention.chores()
         if telemetry.metering():
@@ -155,6 +167,7 @@ class Mailbox:
     async def dispatch(self, entries: list[Entry]) -> None:
         r = self.runner
         if entries:
+            self._untrimmed += len(entries)
             self.touched()
         accepted: list[Queued] = []
         for entry_id, raw in entries:

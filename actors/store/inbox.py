@@ -144,8 +144,11 @@ class InboxStore(StoreBase):
             if cursor == "0-0":
                 return claimed
 
-    async def trim_inbox(self, shard: int) -> int:
-        return int(await self._run("trim_inbox", [self.keys.inbox(shard)], []))
+    async def trim_inbox(self, shard: int) -> tuple[int, int]:
+        """Drop the entries every reader is done with; returns (entries removed, entries
+        pending: those and the ones after them stay)."""
+        removed, pending = await self._run("trim_inbox", [self.keys.inbox(shard)], [])
+        return int(removed), int(pending)
 
     async def read_outbox(self, shard: int, count: int, after: str = "-") -> list[tuple[str, int, bytes]]:
         """Up to ``count`` outbox entries (after entry id ``after``, exclusive, if given)."""
