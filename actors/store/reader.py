@@ -43,16 +43,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import random
-from collections import deque
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection
 
 from ..settings import MAX_SHARDS
 from .connection import STALL_TIMEOUT, StoreBase, is_transient
-from .records import Entry, stream_entries
+from .feed import Group, InboxFeed, bulk
+from .records import stream_entries
 
 log = logging.getLogger("actors.store")
 
@@ -79,161 +78,6 @@ flight (all connections busy) waits at most about this long for one to cover it.
 
 BACKOFF_MAX_S = 2.0
 
-StreamId = tuple[int, int]
-
-
-def stream_id(text: str) -> StreamId:
-    """``"<ms>-<seq>"`` as a pair that orders like the server orders ids."""
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def bulk(value: bytes) -> bytes:
-    """``value`` as a RESP bulk string: the calls are packed here, from each feed's key and
-    cursor packed once (redis-py packs a call of 2,000 arguments in over a millisecond)."""
-    return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
-class InboxFeed:
-    """One runner's wait for new entries of its shard's inbox (see the module docstring).
-    Opened with ``InboxReader.open``; ``close`` it when the runner ends."""
-
-    def __init__(self, reader: InboxReader, shard: int, key: bytes) -> None:
-        self.reader = reader
-        self.shard = shard
-        self.key = key
-        self.key_arg = bulk(key)
-        self.group: _Group | None = None
-        """The group whose main call reads this feed (set by ``InboxReader.open``)."""
-        self.cursor: str | None = None
-        """The newest entry id known: buffered, or taken by the runner. None until the runner
-        first waits (the feed is then read from that id on)."""
-        self.cursor_id: StreamId = (0, 0)
-        self.cursor_arg = b""
-        self.buffer: deque[Entry] = deque()
-        """Entries after what the runner took, up to the cursor, in order, with no gap."""
-        self.catch_ups = 0
-        """Catch-up calls in flight that cover this feed."""
-        self.closed = False
-        self._wake: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def readable(self) -> bool:
-        """Whether the next call should read this feed ahead."""
-        return self.cursor is not None and not self.closed and len(self.buffer) < self.reader.count
-
-    @property
-    def waiting(self) -> bool:
-        return self._wake is not None
-
-    async def read_after(self, after: str, timeout: float | None = None) -> list[Entry]:
-        """Up to ``count`` entries newer than ``after`` (the newest entry the runner has seen),
-        waiting up to ``timeout`` seconds for one (by default about ``block_ms``: ``wait_s``;
-        ``math.inf``: until one comes). [] if none came, or if ``interrupt`` ended the wait.
-        Cancelling it cancels this wait only. Raises what the server answered if it refused
-        a read of this feed."""
-        self._raise_error()
-        self._advance(after)
-        if not self.buffer:
-            wait = self.reader.wait_s() if timeout is None else timeout
-            self._wake = asyncio.get_running_loop().create_future()
-            self.reader.waits(self)
-            try:
-                async with asyncio.timeout(None if wait == math.inf else wait):
-                    await self._wake
-            except TimeoutError:
-                pass
-            finally:
-                self._wake = None
-                self.reader.waited(self)
-            self._raise_error()
-        taken = [self.buffer.popleft() for _ in range(min(self.reader.count, len(self.buffer)))]
-        if self.readable:
-            self.reader.readable(self)
-        return taken
-
-    def close(self) -> None:
-        """The runner ends: read this shard no more for it."""
-        if not self.closed:
-            self.closed = True
-            self.buffer.clear()
-            self.reader.forget(self)
-
-    def deliver(self, entries: list[Entry]) -> None:
-        """Entries a call covering this feed read, in order, right after the id it was given
-        (at most this feed's cursor): keep those after the cursor."""
-        if self.closed or not entries:
-            return
-        start = 0
-        while start < len(entries) and stream_id(entries[start][0]) <= self.cursor_id:
-            start += 1
-        if start == len(entries):
-            return
-        self.buffer.extend(entries[start:] if start else entries)
-        self._move_cursor(entries[-1][0], stream_id(entries[-1][0]))
-        self.wake()
-
-    def fail(self, exc: BaseException) -> None:
-        """The server refused a call covering this feed: the runner's wait raises ``exc``."""
-        if not self.closed:
-            self._error = exc
-            self.wake()
-
-    def wake(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
-
-    def interrupt(self) -> None:
-        """End the runner's wait in progress, if any, now (it returns what is buffered)."""
-        self.wake()
-
-    def _advance(self, after: str) -> None:
-        """Forget what the runner has seen (it may have read it with the fenced script)."""
-        after_id = stream_id(after)
-        while self.buffer and stream_id(self.buffer[0][0]) <= after_id:
-            self.buffer.popleft()
-        if self.cursor is None or after_id > self.cursor_id:
-            self._move_cursor(after, after_id)
-
-    def _move_cursor(self, entry_id: str, parsed: StreamId) -> None:
-        self.cursor, self.cursor_id, self.cursor_arg = entry_id, parsed, bulk(entry_id.encode())
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            exc, self._error = self._error, None
-            raise exc
-
-
-class _Group:
-    """Feeds read by one main call (see ``InboxReader._group_for``)."""
-
-    __slots__ = ("busy", "covered", "feeds", "streams")
-
-    def __init__(self) -> None:
-        self.feeds: dict[InboxFeed, None] = {}
-        """Its open feeds, in the order opened."""
-        self.streams: dict[bytes, int] = {}
-        """Its streams, each with the number of its feeds (two runners of one shard share one)."""
-        self.busy = False
-        """Its main call is in flight."""
-        self.covered: set[InboxFeed] = set()
-        """The feeds its main call in flight covers."""
-
-    def add(self, feed: InboxFeed) -> None:
-        self.feeds[feed] = None
-        self.streams[feed.key] = self.streams.get(feed.key, 0) + 1
-
-    def remove(self, feed: InboxFeed) -> None:
-        if feed not in self.feeds:
-            return
-        del self.feeds[feed]
-        left = self.streams[feed.key] - 1
-        if left:
-            self.streams[feed.key] = left
-        else:
-            del self.streams[feed.key]
-
 
 class InboxReader:
     """The multiplexed inbox reads of one worker process (see the module docstring): ``count``
@@ -251,7 +95,7 @@ class InboxReader:
         self._all: dict[InboxFeed, None] = {}
         """Every open feed, in the order opened."""
         self._by_key: dict[bytes, list[InboxFeed]] = {}
-        self._groups: list[_Group] = []
+        self._groups: list[Group] = []
         self._catch_ups = 0
         self._stranded: set[InboxFeed] = set()
         """Waiting feeds that no call in flight covers."""
@@ -273,7 +117,7 @@ class InboxReader:
         self._by_key.setdefault(feed.key, []).append(feed)
         return feed
 
-    def _group_for(self, feed: InboxFeed) -> _Group:
+    def _group_for(self, feed: InboxFeed) -> Group:
         """The group whose main call reads ``feed`` for as long as it is open: that of its
         stream if another feed reads it, else the first with room for one more stream (a new
         group if none has). This is the one place streams are grouped into calls: on Redis
@@ -284,7 +128,7 @@ class InboxReader:
                 return other.group
         group = next((g for g in self._groups if len(g.streams) < GROUP_STREAMS), None)
         if group is None:
-            group = _Group()
+            group = Group()
             self._groups.append(group)
         return group
 
@@ -301,7 +145,7 @@ class InboxReader:
             group.remove(feed)
             self._drop_if_empty(group)
 
-    def _drop_if_empty(self, group: _Group) -> None:
+    def _drop_if_empty(self, group: Group) -> None:
         if not group.feeds and not group.busy and group in self._groups:
             self._groups.remove(group)
 
@@ -363,7 +207,7 @@ class InboxReader:
     def _catch_up(self) -> None:
         """A catch-up call for the stranded feeds of each group in turn, while connections
         for them are left; the rest wait for the first call to end."""
-        by_group: dict[_Group, list[InboxFeed]] = {}
+        by_group: dict[Group, list[InboxFeed]] = {}
         for feed in self._stranded:
             if feed.readable and not self._covered(feed) and feed.group is not None:
                 by_group.setdefault(feed.group, []).append(feed)
@@ -378,7 +222,7 @@ class InboxReader:
                 self._stranded.update(feeds)
 
     def _start(
-        self, feeds: list[InboxFeed], covered: set[InboxFeed], block_ms: int, group: _Group | None
+        self, feeds: list[InboxFeed], covered: set[InboxFeed], block_ms: int, group: Group | None
     ) -> None:
         command = self._command(feeds, block_ms)
         conn = self._idle.pop() if self._idle else self._new_connection()
@@ -406,7 +250,7 @@ class InboxReader:
         return conn
 
     async def _call(
-        self, conn: AbstractConnection, command: bytes, covered: set[InboxFeed], group: _Group | None
+        self, conn: AbstractConnection, command: bytes, covered: set[InboxFeed], group: Group | None
     ) -> None:
         """One call: a group's main call, or (``group`` None) a catch-up call."""
         try:
