@@ -55,7 +55,8 @@ class Retention:
         soonest = min([*self._sweep_due.values(), self._trim_due])
         if soonest >= FOREVER_MS:
             return math.inf
-        return time.monotonic() + max(0, soonest - self.runner.clock.lower()) / 1000
+        # A millisecond later than Redis's clock says: ``lower()`` is rounded down.
+        return time.monotonic() + max(0, soonest + 1 - self.runner.clock.lower()) / 1000
 
     def marked(self, actor_type: str) -> None:
         """A commit marked an actor of ``actor_type`` idle from now: sweep once it may be due."""
