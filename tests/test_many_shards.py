@@ -136,7 +136,8 @@ async def test_an_idle_worker_holding_4096_shards_makes_few_calls_and_serves_eve
             with contextlib.suppress(AssertionError):
                 await eventually(quiet, timeout=DEADLINE_S / 2, interval=0)
             assert rates[-1] <= IDLE_CALLS_PER_S, f"calls a second while idle, window by window: {rates}"
-            assert len(worker.shards) == IDLE_SHARDS, "every lease held throughout"
+            epochs = await r.mget([client.store.keys.epoch(s) for s in range(IDLE_SHARDS)])
+            assert set(epochs) == {b"1"}, "every lease held throughout: none lost and taken again"
 
             keys = key_per_shard(IDLE_SHARDS)[::64]  # a spread of 64 shards
 
