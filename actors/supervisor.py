@@ -195,18 +195,25 @@ class Supervisor:
 
     async def _acquire(self, wanted: int) -> None:
         """Try free shards, ``wanted`` at a time (at most ``ACQUIRE_BATCH`` per round trip),
-        until ``wanted`` are taken or none is left to try."""
+        until ``wanted`` are taken or none is left to try. The runners of the shards taken
+        start once the last round trip has returned: thousands starting meanwhile would hold
+        up the rest of the tick (and, in the first, the renewals, which start after it)."""
         free = [s for s in range(self.shards) if s not in self.held]
         random.shuffle(free)  # workers starting together should not all try shard 0 first
-        while wanted > 0 and free:
-            tried, free = free[: min(wanted, ACQUIRE_BATCH)], free[min(wanted, ACQUIRE_BATCH) :]
-            sent = time.monotonic()
-            taken = await self.store.acquire_leases(tried, self.worker_id, self._ttl_ms)
-            for shard, epoch in taken.items():
-                lease = Lease.taken(shard, self.worker_id, epoch, self.settings.ttl, sent)
-                self.held[shard] = lease
-                wanted -= 1
-                log.info("acquired shard %s at epoch %s", shard, epoch)
+        acquired: list[Lease] = []
+        try:
+            while wanted > 0 and free:
+                tried, free = free[: min(wanted, ACQUIRE_BATCH)], free[min(wanted, ACQUIRE_BATCH) :]
+                sent = time.monotonic()
+                taken = await self.store.acquire_leases(tried, self.worker_id, self._ttl_ms)
+                for shard, epoch in taken.items():
+                    lease = Lease.taken(shard, self.worker_id, epoch, self.settings.ttl, sent)
+                    self.held[shard] = lease
+                    acquired.append(lease)
+                    wanted -= 1
+                    log.info("acquired shard %s at epoch %s", shard, epoch)
+        finally:
+            for lease in acquired:
                 self._on_acquired(lease)
 
     async def _release(self, shard: int) -> None:
