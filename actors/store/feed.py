@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .records import Entry
-
-if TYPE_CHECKING:
-    from .reader import InboxReader
 
 StreamId = tuple[int, int]
 
@@ -20,6 +18,24 @@ def stream_id(text: str) -> StreamId:
     """``"<ms>-<seq>"`` as a pair that orders like the server orders ids."""
     ms, _, seq = text.partition("-")
     return int(ms), int(seq or 0)
+
+
+def spread_wait(block_ms: int) -> float:
+    """How long a runner waits for an entry unless it says: ``block_ms``, plus up to a quarter
+    more at random (runners that started together do not stay in step)."""
+    return block_ms / 1000 * (1 + random.random() / 4)
+
+
+class FeedSource(Protocol):
+    """What a feed asks of the reader that serves it (``InboxReader``)."""
+
+    count: int
+
+    def readable(self, feed: InboxFeed) -> None: ...
+    def waits(self, feed: InboxFeed) -> None: ...
+    def waited(self, feed: InboxFeed) -> None: ...
+    def forget(self, feed: InboxFeed) -> None: ...
+    def wait_s(self) -> float: ...
 
 
 def bulk(value: bytes) -> bytes:
@@ -32,7 +48,7 @@ class InboxFeed:
     """One runner's wait for new entries of its shard's inbox (see the module docstring).
     Opened with ``InboxReader.open``; ``close`` it when the runner ends."""
 
-    def __init__(self, reader: InboxReader, shard: int, key: bytes) -> None:
+    def __init__(self, reader: FeedSource, shard: int, key: bytes) -> None:
         self.reader = reader
         self.shard = shard
         self.key = key

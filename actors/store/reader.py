@@ -43,15 +43,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection
 
 from ..settings import MAX_SHARDS
 from .connection import STALL_TIMEOUT, StoreBase, is_transient
-from .feed import Group, InboxFeed, bulk
+from .feed import Group, InboxFeed, bulk, spread_wait
 from .records import stream_entries
+
+__all__ = [  # the feed's names too: it lived here before feed.py
+    "BACKOFF_MAX_S", "CATCH_UP_BLOCK_MS", "CATCH_UP_CALLS", "GROUP_STREAMS", "MAIN_CALLS",
+    "READER_CONNECTIONS", "InboxFeed", "InboxReader", "reader_connections", "spread_wait", "stream_rows",
+]  # fmt: skip
 
 log = logging.getLogger("actors.store")
 
@@ -173,9 +177,7 @@ class InboxReader:
         return len(self._groups)
 
     def wait_s(self) -> float:
-        """How long a runner waits for an entry by default: ``block_ms``, plus up to a quarter
-        more at random (runners that started together do not stay in step)."""
-        return self.block_ms / 1000 * (1 + random.random() / 4)
+        return spread_wait(self.block_ms)
 
     @staticmethod
     def _covered(feed: InboxFeed) -> bool:
@@ -265,7 +267,7 @@ class InboxReader:
             await self._failed(conn, covered, exc)
         else:
             self._backoff = 0.0
-            for key, rows in _stream_rows(reply):
+            for key, rows in stream_rows(reply):
                 entries = stream_entries(rows)
                 for feed in self._by_key.get(key, ()):
                     if feed in covered:  # a feed opened since may have an older cursor
@@ -314,7 +316,7 @@ class InboxReader:
             feed.wake()
 
 
-def _stream_rows(reply: Any) -> list[tuple[bytes, Any]]:
+def stream_rows(reply: Any) -> list[tuple[bytes, Any]]:
     """(stream, entries) of a raw multi-stream XREAD reply: a map (RESP3) or a list of pairs
     (RESP2); nothing when the block timed out."""
     if not reply:
