@@ -145,6 +145,9 @@ class Mailbox:
             self._touched = False  # a commit during the trim touches it again
             if self._untrimmed >= TRIM_AFTER:
                 read = self._untrimmed
+                # Take what was read first: entries read and not yet taken are neither pending
+                # nor delivered, so "nothing pending" would not mean "trimmed up to them".
+                await r.commits.confirmed()
                 _, pending = await r.store.trim_inbox(r.shard)
                 if not pending:  # trimmed up to the last entry read, a stream node aside
                     self._untrimmed -= read
