@@ -34,6 +34,9 @@ SUBSCRIBE_WAIT = 1.0
 """Seconds a starting supervisor waits for its subscription to ``ns:lease-events`` before its
 first heartbeat (a worker that joins just after must be heard, or seen by that heartbeat)."""
 
+ACQUIRE_BATCH = 256
+"""Shards tried per round trip when taking free ones."""
+
 OnAcquired = Callable[[Lease], None]
 OnLost = Callable[[int], None]
 OnRelease = Callable[[int], Awaitable[list[str]]]
@@ -253,18 +256,29 @@ class Supervisor:
         task.add_done_callback(self._release_tasks.discard)
 
     async def _acquire(self, wanted: int) -> None:
-        """Take up to ``wanted`` of the shards no one holds: two round trips, however many (a
-        busy event loop makes each round trip slow)."""
+        """Take up to ``wanted`` of the shards no one holds: one round trip to see which are
+        free, then at most ``ACQUIRE_BATCH`` per round trip (a busy event loop makes each round
+        trip slow). The runners of the shards taken start once the last round trip has
+        returned: thousands starting meanwhile would hold up the rest of the tick (and, in the
+        first, the renewals, which start after it)."""
         others = [s for s in range(self.shards) if s not in self.held]
         free = await self.store.takeable(others, self.worker_id)
         random.shuffle(free)  # workers starting together should not all try shard 0 first
-        sent = time.monotonic()
-        taken = await self.store.acquire_leases(free[:wanted], self.worker_id, self._ttl_ms)
-        for shard, epoch in taken.items():
-            lease = Lease.taken(shard, self.worker_id, epoch, self.settings.ttl, sent)
-            self.held[shard] = lease
-            log.info("acquired shard %s at epoch %s", shard, epoch)
-            self._on_acquired(lease)
+        acquired: list[Lease] = []
+        try:
+            while wanted > 0 and free:
+                tried, free = free[: min(wanted, ACQUIRE_BATCH)], free[min(wanted, ACQUIRE_BATCH) :]
+                sent = time.monotonic()
+                taken = await self.store.acquire_leases(tried, self.worker_id, self._ttl_ms)
+                for shard, epoch in taken.items():
+                    lease = Lease.taken(shard, self.worker_id, epoch, self.settings.ttl, sent)
+                    self.held[shard] = lease
+                    acquired.append(lease)
+                    wanted -= 1
+                    log.info("acquired shard %s at epoch %s", shard, epoch)
+        finally:
+            for lease in acquired:
+                self._on_acquired(lease)
 
     async def _release(self, shard: int) -> None:
         try:

@@ -1,8 +1,8 @@
-"""Many shards in one worker process: send -> handler start at one offered load with 16, 256
-and 1,024 shards, beside the raw-Redis floor measured in the same run on the same server.
+"""Many shards in one worker process: send -> handler start at one offered load with 16, 256,
+1,024 and 4,096 shards, beside the raw-Redis floor measured in the same run on the same server.
 
-    python -m benchmarks.shards [--shards 16,256,1024] [--rate 500] [--seconds 5]
-                                [--idle-seconds 2] [--json PATH]
+    python -m benchmarks.shards [--shards 16,256,1024,4096] [--rate 500] [--seconds 5]
+                                [--idle-seconds 2] [--settle-seconds 6] [--json PATH]
 
 Everything runs on a private server (AOF on, fsync every second) that this command starts on a
 free loopback port in a temporary directory and stops at the end. For each shard count: a
@@ -10,8 +10,10 @@ fresh namespace with that many shards and one real worker process (``python -m a
 worker --shards N``), which must lease every shard; then one ``benchmarks.latency`` ``Probe``
 actor per shard, each activated with an ``ask`` first.
 
-1. **idle**: for ``--idle-seconds`` nothing is sent; the worker's and the server's CPU
-   (the scheduler's own count, as a share of one core) is what holding N idle shards costs.
+1. **idle**: ``--settle-seconds`` after the probes were activated (longer than
+   ``trim_interval``: the chores their turns made due have run), for ``--idle-seconds``
+   nothing is sent; the worker's and the server's CPU (the scheduler's own count, as a share
+   of one core) is what holding N idle shards costs.
 2. **connections**: the client connections the worker process holds, counted from
    ``CLIENT LIST`` (the entries whose address is one of the worker's own sockets, from
    ``/proc``), after the idle period and again after the load.
@@ -20,7 +22,7 @@ actor per shard, each activated with an ``ask`` first.
    may be under 0), at ``--rate`` messages/s for ``--seconds``, after a 1 s warm-up at the
    same rate. Message i goes to the probe of shard i mod N: consecutive messages go to
    different shards, and with many shards each message finds its shard idle (at 500/s and
-   1,024 shards, each shard gets one every 2 s).
+   4,096 shards, each shard gets one every 8 s).
 
 The floor is ``benchmarks.latency``'s: awaited ``XADD``s at the same rate and pacing, read by a
 consumer process with ``XREADGROUP BLOCK`` and an ``XACK`` per entry (one stream: it does not
@@ -128,7 +130,13 @@ async def measure(
 
 
 async def run_shards(
-    server: actors.EmbeddedServer, tmp: Path, shards: int, rate: float, seconds: float, idle_s: float
+    server: actors.EmbeddedServer,
+    tmp: Path,
+    shards: int,
+    rate: float,
+    seconds: float,
+    idle_s: float,
+    settle_s: float,
 ) -> ShardsResult:
     ns = f"shards{shards}-{uuid.uuid4().hex[:6]}"
     out_dir = tmp / ns
@@ -146,6 +154,7 @@ async def run_shards(
             pid = workers.procs[0].pid
             refs = [Probe.ref(key) for key in probe_keys(shards)]
             await activate(client, refs)
+            await asyncio.sleep(settle_s)
             meter = CpuMeter({"worker": pid, "server": server.pid})
             await asyncio.sleep(idle_s)
             idle_cpu = meter.shares()
@@ -198,10 +207,13 @@ def load_cells(load: LoadResult) -> str:
 
 async def main(argv: list[str] | None = None) -> None:
     parser = argument_parser(__doc__)
-    parser.add_argument("--shards", default="16,256,1024", help="shard counts, comma-separated")
+    parser.add_argument("--shards", default="16,256,1024,4096", help="shard counts, comma-separated")
     parser.add_argument("--rate", type=float, default=500.0, help="offered load, msgs/s, the same for each")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each load")
     parser.add_argument("--idle-seconds", type=float, default=2.0, help="CPU measured with nothing sent")
+    parser.add_argument(
+        "--settle-seconds", type=float, default=6.0, help="wait after activating the probes, before idle"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     counts = [int(x) for x in args.shards.split(",") if x.strip()]
@@ -209,7 +221,9 @@ async def main(argv: list[str] | None = None) -> None:
     with private_server("shards", kept="server data, samples and worker logs") as run:
         started = time.perf_counter()
         rows = [
-            await run_shards(run.server, run.tmp, n, args.rate, args.seconds, args.idle_seconds)
+            await run_shards(
+                run.server, run.tmp, n, args.rate, args.seconds, args.idle_seconds, args.settle_seconds
+            )
             for n in counts
         ]
         floor = await run_floor(run.server, run.tmp, args.rate, args.seconds)
@@ -226,7 +240,8 @@ async def main(argv: list[str] | None = None) -> None:
         "-> XREADGROUP BLOCK + XACK per entry, consumer in its own process",
         "  leased s: from the worker's spawn until it held every shard; conns: the worker's connections "
         "(CLIENT LIST) idle / after the load;",
-        "  idle cpu% w/s: worker and server, share of one core, nothing sent; cpu% c/s/p: worker "
+        f"  idle cpu% w/s: worker and server, share of one core, nothing sent for {args.idle_seconds:g}s "
+        f"from {args.settle_seconds:g}s after the probes' activation; cpu% c/s/p: worker "
         "(or floor consumer), server, producer while sending",
         *table(rows, floor),
     ]
@@ -236,6 +251,8 @@ async def main(argv: list[str] | None = None) -> None:
             "header": header,
             "rate": args.rate,
             "seconds": args.seconds,
+            "idle_seconds": args.idle_seconds,
+            "settle_seconds": args.settle_seconds,
             "rows": [asdict(row) for row in rows],
             "floor": asdict(floor),
         }

@@ -84,7 +84,7 @@ def test_latency(tmp_path: Path) -> None:
 def test_shards(tmp_path: Path) -> None:
     out, data = run_benchmark(
         "shards", "--shards", "4,64", "--rate", "50", "--seconds", "1", "--idle-seconds", "0.2",
-        json_path=tmp_path / "shards.json",
+        "--settle-seconds", "0", json_path=tmp_path / "shards.json",
     )  # fmt: skip
     assert [row["shards"] for row in data["rows"]] == [4, 64]
     for row in data["rows"]:

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from actors.store import InboxFeed, InboxReader, Store
-from actors.store.reader import READER_CONNECTIONS
+from actors.store.reader import GROUP_STREAMS, READER_CONNECTIONS
 from tests.conftest import eventually
 
 SHARED_CALL = (
@@ -208,3 +208,46 @@ async def test_a_read_the_server_refuses_fails_the_waits_it_covered(
             assert [i for i, _ in await wait] == [entry_id]
     finally:
         await reader.close()
+
+
+async def test_streams_are_read_in_groups_and_an_entry_ends_only_the_call_of_its_group(
+    store: Store, raw: aioredis.Redis
+) -> None:
+    """A call costs the server and the worker in proportion to the streams it names, and an
+    entry on any of them ends it: one call naming thousands of idle streams made every
+    message cost milliseconds. Each group of at most ``GROUP_STREAMS`` has a call of its own,
+    and an entry for one stream sends only its group's call again."""
+    reader = InboxReader(store, count=10, block_ms=LONG_BLOCK_MS)
+    shards = 2 * GROUP_STREAMS + 10
+    try:
+        feeds = [reader.open(shard) for shard in range(shards)]
+        waits = [asyncio.create_task(feed.read_after("0-0")) for feed in feeds]
+        assert reader.groups == 3
+        await eventually(lambda: _blocked(raw, 3))
+        before = await xread_bytes_in(raw)
+        [entry_id] = await append(store, 0, 1)
+        async with asyncio.timeout(20):
+            assert await waits[0] == [(entry_id, b"m0")]
+        waits[0] = asyncio.create_task(feeds[0].read_after(entry_id))
+        await eventually(lambda: _blocked(raw, 3))  # its group's call is out again
+        after = await xread_bytes_in(raw)
+        sent_again = [client for client, size in after.items() if size != before.get(client)]
+        assert len(sent_again) == 1, f"bytes each reader connection was sent: {before} then {after}"
+        assert not any(wait.done() for wait in waits)
+        for wait in waits:
+            wait.cancel()
+    finally:
+        await reader.close()
+
+
+async def _blocked(r: aioredis.Redis, n: int) -> bool:
+    return await blocked_xreads(r) == n
+
+
+async def xread_bytes_in(r: aioredis.Redis) -> dict[int, int]:
+    """The bytes each connection blocked in an XREAD has sent the server (``tot-net-in``)."""
+    return {
+        int(c["id"]): int(c["tot-net-in"])
+        for c in await r.client_list()
+        if c["cmd"] == "xread" and "b" in str(c["flags"])
+    }

@@ -3,11 +3,14 @@ LeaseKeeper thread renews them), but not once the loop has been stuck past stall
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from pydantic import BaseModel
 
 import actors
+from actors.lease import Lease
+from actors.store import Store
 
 from .conftest import eventually
 
@@ -62,3 +65,26 @@ async def test_a_stuck_loop_lets_its_leases_go(start_worker, connect, fast_setti
     assert after > before, (
         "past stall_limit the keeper stopped renewing: the lease expired and was taken anew"
     )
+
+
+async def test_the_keeper_renews_after_the_server_forgot_its_scripts(redis_url, namespace) -> None:
+    """It sends its renewals packed, by script SHA: after a restart (or ``SCRIPT FLUSH``) it
+    loads the script again and renews, and a lease held by another is reported lost."""
+    store = Store.from_url(redis_url, namespace)
+    try:
+        keys, now = store.keys, time.monotonic()
+        for shard in (0, 1, 2):
+            await store.redis.set(keys.lease(shard), f"w|{shard + 1}", px=300)
+        await store.redis.set(keys.lease(1), "other|9", px=300)
+        leases = {shard: Lease.taken(shard, "w", shard + 1, 5.0, now - 4.9) for shard in (0, 1, 2)}
+        lost: list[dict[int, Lease]] = []
+        keeper = store.lease_keeper("w", 5000, 0.2, 10.0, lambda: leases, time.monotonic, lost.append)
+        assert keeper is not None
+        await store.redis.script_flush()
+        await asyncio.to_thread(keeper._keep, leases, [], True)
+        ttls = [await store.redis.pttl(keys.lease(shard)) for shard in (0, 1, 2)]
+        assert ttls[0] > 1000 and ttls[2] > 1000 and ttls[1] <= 300, ttls
+        assert [list(found) for found in lost] == [[1]]
+        assert leases[0].remaining() > 1.0, "its deadline moved on (it was 0.1 s away)"
+    finally:
+        await store.close()

@@ -1,7 +1,7 @@
 -- Drop inbox entries that every reader is done with: those below the oldest
 -- pending entry, or, with nothing pending, up to the group's last delivered id.
 -- KEYS[1] inbox      stream, group "workers"
--- Returns the number of entries removed.
+-- Returns {entries removed, entries pending}.
 local pending = redis.call('XPENDING', KEYS[1], 'workers')
 local min_id
 if pending[1] > 0 then
@@ -21,6 +21,6 @@ else
   end
 end
 if not min_id then
-  return 0
+  return {0, pending[1]}
 end
-return redis.call('XTRIM', KEYS[1], 'MINID', '~', min_id)
+return {redis.call('XTRIM', KEYS[1], 'MINID', '~', min_id), pending[1]}

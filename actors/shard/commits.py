@@ -106,6 +106,10 @@ class Commits:
             if act.counted or retained:
                 write = dataclasses.replace(write, forget_delivery=act.counted, retained=retained)
                 act.counted = False
+            if retained and act.actor is not None:  # before it is sent: the mark is no sooner
+                self.runner.retention.marked(type(act.actor).type_name)
+        if write.op == "d" or write.dead:
+            self.runner.retention.dead_lettered()
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._writes.append((write, fut))
         self._wakeup.set()
@@ -136,6 +140,7 @@ class Commits:
                 )
                 self._taken = seen
                 self._wake_take_waiters()
+                runner.mailbox.touched()
                 forwarded = False
                 items_done = []
                 for (write, fut), result in zip(batch, results, strict=True):
@@ -160,26 +165,31 @@ class Commits:
         self._take_waiters = waiting
 
     async def forward_loop(self) -> None:
+        """Forward what the outbox holds: at start (what a previous owner committed and never
+        forwarded), then after each of our commits with remote sends (only this shard's owner
+        appends to its outbox), and every ``FORWARD_POLL`` while messages to a refusing target
+        are left."""
         while True:
-            await self._forward_pending()
+            left = await self._forward_pending()
             try:
-                # The wake-up comes from our own commits; the timeout catches entries
-                # a previous owner committed but never forwarded.
-                await asyncio.wait_for(self._forward_wakeup.wait(), timeout=spread(FORWARD_POLL))
+                poll = spread(FORWARD_POLL) if left else None
+                await asyncio.wait_for(self._forward_wakeup.wait(), timeout=poll)
             except TimeoutError:
                 pass
             self._forward_wakeup.clear()
 
-    async def _forward_pending(self) -> None:
-        """Forward the outbox, page by page. A target shard that refuses the forward (its keys
-        unwritable, a full server) costs only the messages to it: they stay in the outbox, in
-        order, and are tried again after a backoff, while the other targets' go on."""
+    async def _forward_pending(self) -> bool:
+        """Forward the outbox, page by page; whether messages were left in it. A target shard
+        that refuses the forward (its keys unwritable, a full server) costs only the messages
+        to it: they stay in the outbox, in order, and are tried again after a backoff, while
+        the other targets' go on."""
         store, shard = self.runner.store, self.runner.shard
         after = "-"
+        left = False
         while True:
             rows = await store.read_outbox(shard, 512, after)
             if not rows:
-                return
+                return left
             await self.fenced()
             by_target: dict[int, list[tuple[str, bytes]]] = {}
             for entry_id, target, envelope in rows:
@@ -189,6 +199,7 @@ class Commits:
                 if await self._forward_to(target, items):
                     done += [entry_id for entry_id, _ in items]
             await store.delete_outbox(shard, done)
+            left = left or len(done) < len(rows)
             after = rows[-1][0]
 
     async def _forward_to(self, target: int, items: list[tuple[str, bytes]]) -> bool:

@@ -8,13 +8,18 @@ delivered everything up to its newest entry. From there it waits on its feed of 
 worker's inbox reader (``store.reader``: one plain ``XREAD`` for many shards) for entries
 after the newest it has seen, and the turns of what that returns start at once; the next
 commit takes those entries into the group first, and effects outside the commit wait for
-that (``Commits.confirmed``). After ``block_ms`` with nothing new, it takes what it has seen
-and reads with ``read_new`` again: one round trip per wake-up."""
+that (``Commits.confirmed``). One round trip per wake-up.
+
+An idle runner makes no call of its own: it waits on its feed until entries come or its
+chores are due, and its chores call Redis only for what changed or came due (see
+``_next_chores``). Its lease is watched by the worker's LeaseKeeper, which stops the runner
+when a renewal fails, and every write it makes is fenced."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -30,6 +35,11 @@ from .state import kept, spread
 if TYPE_CHECKING:
     from .runner import ShardRunner
 
+TRIM_AFTER = 100
+"""Entries read before the chores trim the inbox. ``XTRIM MINID ~`` drops whole stream nodes
+only (at most 100 entries or 4 KiB each, by default), so a trim after fewer entries mostly
+drops nothing: a shard with a message now and then would pay a call for each."""
+
 Checked = Queued | tuple[str, str, Envelope | None]
 """An entry as a queued message, or (reason, detail, envelope if decodable) to dead-letter."""
 
@@ -43,6 +53,13 @@ class Mailbox:
         """Inbox entries not yet read, as of the last chores (only kept when metrics are on)."""
         self._feed: InboxFeed | None = None
         self._reply_prefix = runner.store.keys.reply_channel("")
+        self._touched = True
+        """The inbox or its group changed since the last chores."""
+        self._untrimmed = TRIM_AFTER
+        """Entries read since everything read up to then was trimmed (at start, unknown: a
+        previous owner's)."""
+        self._chores_due = math.inf
+        """When (monotonic) the next chores are due."""
 
     def stop_reading(self) -> None:
         """End the wait for new entries in progress, if any (draining): that wait only, the
@@ -58,13 +75,23 @@ class Mailbox:
         finally:
             feed.close()
 
+    def touched(self) -> None:
+        """The inbox or its consumer group changed (entries read, a commit): trim within a
+        ``trim_interval``, as a busy shard always does."""
+        self._touched = True
+        now = time.monotonic()
+        if self._chores_due > now + self.runner.settings.trim_interval:
+            self._chores_due = now + spread(self.runner.settings.trim_interval)
+            if self._feed is not None:  # its wait was until the old time: look again
+                self._feed.interrupt()
+
     async def _read_until_drained(self, feed: InboxFeed) -> None:
         r, s = self.runner, self.runner.settings
         fresh = await r.store.take_handover(r.shard)  # never started by the last owner
         claimed = await r.store.claim_pending(r.shard, r.consumer, s.read_count)
         self.claimed = {entry_id for entry_id, _ in claimed if entry_id not in fresh}
         await self.dispatch(claimed)
-        next_chores = time.monotonic() + spread(s.trim_interval)
+        self._chores_due = time.monotonic() + spread(s.trim_interval)
         after: str | None = None
         while not r.stopping.is_set():
             if not r.flow.room.is_set():
@@ -87,14 +114,11 @@ class Mailbox:
                     r.commits.saw(seen)
                     await self.dispatch(seen)
                 else:
-                    # Quiet for block_ms: take what is seen (long turns may hold it) and
-                    # read with the fenced script next; both tell a paused former owner
-                    # at once that its lease is gone.
+                    # Quiet until the chores: take what is seen (long turns may hold it).
                     await r.commits.confirmed()
-                    after = None
-            if time.monotonic() >= next_chores:
+            if time.monotonic() >= self._chores_due:
                 await self._chores()
-                next_chores = time.monotonic() + spread(s.trim_interval)
+                self._chores_due = self._next_chores()
 
     async def _wait_for_room(self, timeout: float) -> None:
         """Until reading may go on, draining begins, or ``timeout`` seconds have passed."""
@@ -107,9 +131,9 @@ class Mailbox:
                 wait.cancel()
 
     async def _read_after(self, feed: InboxFeed, after: str) -> list[Entry] | None:
-        """Entries after ``after``, waiting about ``block_ms`` for one ([] if none came);
-        None if draining began meanwhile."""
-        seen = await feed.read_after(after)
+        """Entries after ``after``, waiting for one until the chores are due ([] if none
+        came); None if draining began meanwhile."""
+        seen = await feed.read_after(after, max(0.0, self._chores_due - time.monotonic()))
         if not seen and self.runner.stopping.is_set():
             return None
         return seen
@@ -117,14 +141,37 @@ class Mailbox:
     async def _chores(self) -> None:
         r = self.runner
         await r.journaling.open_long_turns(older_than=r.settings.trim_interval)
-        await r.store.trim_inbox(r.shard)
+        if self._touched:
+            self._touched = False  # a commit during the trim touches it again
+            if self._untrimmed >= TRIM_AFTER:
+                read = self._untrimmed
+                # Take what was read first: entries read and not yet taken are neither pending
+                # nor delivered, so "nothing pending" would not mean "trimmed up to them".
+                await r.commits.confirmed()
+                _, pending = await r.store.trim_inbox(r.shard)
+                if not pending:  # trimmed up to the last entry read, a stream node aside
+                    self._untrimmed -= read
         r.work.evict_idle()
         await r.retention.chores()
         if telemetry.metering():
             self.lag = (await r.store.shard_info(r.shard)).lag or 0
 
+    def _next_chores(self) -> float:
+        """When (monotonic) the chores next have something to do, a ``trim_interval`` from
+        now at the soonest: then while the shard is busy (its inbox changed, actor tasks run:
+        long turns to open) or metrics are on (the lag to read); otherwise once an idle
+        activation is to be evicted or the retention chores are due (``inf``: none is)."""
+        r = self.runner
+        soonest = time.monotonic() + spread(r.settings.trim_interval)
+        if self._touched or r.work.tasks or telemetry.metering():
+            return soonest
+        return max(soonest, min(r.work.eviction_due(), r.retention.due()))
+
     async def dispatch(self, entries: list[Entry]) -> None:
         r = self.runner
+        if entries:
+            self._untrimmed += len(entries)
+            self.touched()
         accepted: list[Queued] = []
         for entry_id, raw in entries:
             checked = self.check(entry_id, raw)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from .. import telemetry
 from ..codec import encode_envelope
+from ..journal import FOREVER_MS
 from ..routing import shard_of, tick_envelope
 from ..schedules import Schedule, slot_datetime
 from .state import spread
@@ -18,8 +19,11 @@ if TYPE_CHECKING:
     from .runner import ShardRunner
 
 TIMER_BATCH = 500
-TIMER_POLL_MAX = 5.0
-"""Seconds between two looks at the timer index when no known timer is due sooner."""
+TIMER_POLL_MAX = 60.0
+"""Seconds between two looks at the timer index while it holds a timer due later (so a timer
+fires on time by Redis's clock even if Redis's clock and this process's drift apart). With no
+timer in the index there is nothing to look for: only this runner's turns set timers, and
+each tells the loop (``timer_set``)."""
 
 
 class Timers:
@@ -43,6 +47,12 @@ class Timers:
                 return  # draining: the next owner finds them at 0
             await self._wake(actor_ids, recovering=True)
         while not r.stopping.is_set():
+            # Until the look below has returned, any timer a turn sets wakes the next one: the
+            # look may have run before that turn's write.
+            self._next_timer_ms = FOREVER_MS
+            self.wakeup.clear()
+            if r.stopping.is_set():
+                return  # draining may have set the wake-up just before it was cleared
             sent = time.monotonic()
             now, later, due = await r.store.due_timers(r.shard, r.lease.value, TIMER_BATCH)
             r.clock.observe(now, sent, time.monotonic())
@@ -51,19 +61,19 @@ class Timers:
                 await self._wake(due, recovering=False)
             if len(due) == TIMER_BATCH:
                 continue
-            poll = spread(TIMER_POLL_MAX)
-            pause = poll if later is None else min(poll, max(0.0, (later - now) / 1000))
-            self._next_timer_ms = now + int(pause * 1000)
-            self.wakeup.clear()
-            if r.stopping.is_set():
-                return  # draining may have set the wake-up just before it was cleared
+            if later is None or later >= FOREVER_MS:  # none due until a turn of ours sets one
+                pause = None
+            else:
+                pause = min(spread(TIMER_POLL_MAX), max(0.0, (later - now) / 1000))
+                self._next_timer_ms = now + int(pause * 1000)
             try:
                 await asyncio.wait_for(self.wakeup.wait(), timeout=pause)
             except TimeoutError:
                 pass
 
     def timer_set(self, due_ms: int) -> None:
-        """A turn of ours set a timer; look again sooner if it is due before the next look."""
+        """A turn of ours set a timer (its write has returned); look again sooner if it is due
+        before the next look."""
         if due_ms < self._next_timer_ms:
             self.wakeup.set()
 

@@ -60,6 +60,8 @@ match that a wait saw is dead-lettered by the wait instead, as ``turn.LATE``).""
 class Turns:
     def __init__(self, runner: ShardRunner) -> None:
         self.runner = runner
+        self.started = asyncio.Event()
+        """Set when an actor task starts (``Work.start``): ``watch`` looks only while some run."""
 
     def running(self) -> list[Activation]:
         """The activations whose handler runs an attempt now (a scan: cheaper than keeping a
@@ -312,9 +314,13 @@ class Turns:
                 telemetry.count_turn(env.actor, outcome, elapsed_ms)
 
     async def watch(self) -> None:
-        """Every second, end the attempts that have run past their turn timeout."""
+        """Every second while actor tasks run, end the attempts that have run past their
+        turn timeout."""
         r = self.runner
         while True:
+            if not r.work.tasks:  # no attempt can run: wait for a task rather than tick
+                self.started.clear()
+                await self.started.wait()
             await asyncio.sleep(TURN_CHECK)
             now = time.monotonic()
             for act in self.running():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -89,6 +90,7 @@ class Work:
             act.task = asyncio.create_task(self._drain_actor(act))
             self.tasks.add(act.task)
             act.task.add_done_callback(self._actor_done)
+            self.runner.turns.started.set()
         return act.task
 
     def _actor_done(self, task: asyncio.Task[None]) -> None:
@@ -109,6 +111,15 @@ class Work:
         for n, (last_used, aid) in enumerate(idle):
             if n < excess or now - last_used > r.settings.idle_timeout:
                 del r.activations[aid]
+
+    def eviction_due(self) -> float:
+        """When (monotonic) ``evict_idle`` next has an idle activation to evict (``inf``: none;
+        a busy one, when its work ends, is a change the mailbox sees)."""
+        r = self.runner
+        if len(r.activations) > r.settings.max_activations:
+            return time.monotonic()
+        idle = [a.last_used for a in r.activations.values() if a.task is None and not a.queue]
+        return min(idle) + r.settings.idle_timeout if idle else math.inf
 
     def release_queued(self) -> int:
         """Draining: forget the messages queued in memory whose turns have not started, and

@@ -9,7 +9,7 @@ whose protection has ended), ``namespace`` (the app each worker serves), ``healt
 server and the user's rights, for a starting worker and ``doctor``), ``durability`` and ``acks``
 (the namespace's durability level, and the wait it adds to every write that tells someone it
 happened). ``reader`` is a worker's blocking inbox reads, many shards in one ``XREAD``, on
-connections of its own (``InboxReader``).
+connections of its own (``InboxReader``), and ``feed`` one runner's wait on it (``InboxFeed``).
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from .connection import (
     make_client,
 )
 from .durability import DurabilityStore
+from .feed import InboxFeed
 from .health import NO_USER, RUNTIME_COMMANDS, HealthStore, Refusal, acl_rules
 from .inbox import InboxStore
 from .leases import LOOP_LAG_WARNING, LeaseKeeper, LeaseStore
 from .limits import LimitStore
 from .markers import MarkerStore
 from .namespace import AppRecord, NamespaceStore
-from .reader import InboxFeed, InboxReader
+from .reader import InboxReader
 from .records import (
     BACKLOG,
     DONE,

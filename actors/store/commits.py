@@ -249,6 +249,11 @@ class CommitStore(StoreBase):
         )
         return [aid.decode() for aid in cast("list[bytes]", found)]
 
+    async def oldest_idle(self, shard: int, actor_type: str) -> int | None:
+        """When (ms, Redis clock) the oldest idle mark of ``actor_type`` was set; None if none is."""
+        found = await self.redis.zrange(self.keys.idle(shard, actor_type), 0, 0, withscores=True)
+        return int(found[0][1]) if found else None
+
     async def expire_idle(
         self, shard: int, lease: str, actor_type: str, retention_ms: int, actor_ids: Sequence[str]
     ) -> list[str]:

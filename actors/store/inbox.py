@@ -146,8 +146,11 @@ class InboxStore(StoreBase):
             if cursor == "0-0":
                 return claimed
 
-    async def trim_inbox(self, shard: int) -> int:
-        return int(await self._run("trim_inbox", [self.keys.inbox(shard)], []))
+    async def trim_inbox(self, shard: int) -> tuple[int, int]:
+        """Drop the entries every reader is done with; returns (entries removed, entries
+        pending: those and the ones after them stay)."""
+        removed, pending = await self._run("trim_inbox", [self.keys.inbox(shard)], [])
+        return int(removed), int(pending)
 
     async def read_outbox(self, shard: int, count: int, after: str = "-") -> list[tuple[str, int, bytes]]:
         """Up to ``count`` outbox entries (after entry id ``after``, exclusive, if given)."""
@@ -267,6 +270,16 @@ class InboxStore(StoreBase):
         if before_ms is None:
             return int(await self.redis.xtrim(key, maxlen=0, approximate=False))
         return int(await self.redis.xtrim(key, minid=f"{max(0, before_ms)}-0", approximate=False))
+
+    async def age_dead_letters(self, shard: int, before_ms: int) -> int | None:
+        """``trim_dead_letters(shard, before_ms)``, then when (ms, Redis clock) the oldest dead
+        letter left was written, in one round trip; None if none is left."""
+        key = self.keys.dead_letters(shard)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xtrim(key, minid=f"{max(0, before_ms)}-0", approximate=False)
+            pipe.xrange(key, count=1)
+            _, oldest = await pipe.execute()
+        return int(oldest[0][0].partition(b"-")[0]) if oldest else None
 
     async def drop_namespace(self) -> int:
         """Delete every key of this namespace (``actors bench`` cleans up with it)."""

@@ -203,6 +203,8 @@ class LeaseKeeper:
         # A blocking client: the thread has no event loop. Its timeout bounds a stuck server.
         self._redis = make_sync_client(url, socket_timeout=ttl_ms / 1000)
         self._renew = self._redis.register_script(script_text("renew_lease"))
+        self._packed: dict[int, tuple[str, bytes]] = {}
+        """Shard -> (lease value, its renewal packed)."""
         self._keys, self._worker_id, self._ttl_ms = keys, worker_id, ttl_ms
         self._interval, self._stall_limit = interval, stall_limit
         self._leases, self._alive, self._lost, self._slots = leases, alive, lost, slots
@@ -261,6 +263,32 @@ class LeaseKeeper:
             self._keep(leases, slots, membership)
 
     def _keep(self, leases: dict[int, Lease], slots: list[tuple[str, str]], membership: bool) -> None:
+        if is_cluster(self._redis):
+            self._keep_by_node(leases, slots, membership)
+            return
+        seconds, micros = self._redis.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        if membership or slots:
+            with self._redis.pipeline(transaction=False) as pipe:
+                if membership:  # renewed only (xx): a worker that left is not added back
+                    pipe.zadd(self._keys.workers(), {self._worker_id: now_ms + self._ttl_ms}, xx=True)
+                for name, holder in slots:
+                    pipe.zadd(self._keys.limiter_slots(name), {holder: now_ms + self._ttl_ms}, xx=True)
+                pipe.execute()
+        if not leases:
+            return
+        sent = time.monotonic()
+        lost = {}
+        for (shard, lease), ok in zip(leases.items(), self._renewals(leases), strict=True):
+            if ok:
+                lease.renewed(sent)
+            else:
+                lost[shard] = lease
+        if lost:
+            self._lost(lost)
+
+    def _keep_by_node(self, leases: dict[int, Lease], slots: list[tuple[str, str]], membership: bool) -> None:
+        """``_keep`` on a cluster: each primary's commands in a pipeline of their own."""
         now_ms = self._now_ms()
         if now_ms is None:  # a cluster whose node answering TIME is down: leases need no clock
             membership, slots = False, []
@@ -297,6 +325,45 @@ class LeaseKeeper:
         if lost:
             self._lost(lost)
 
+    def _renewals(self, leases: dict[int, Lease]) -> list[bool]:
+        """Renew ``leases`` in one round trip: whether each is still held. Each renewal is
+        packed once for as long as its lease is held: packing thousands with redis-py at every
+        renewal cost more than everything else an idle worker does."""
+        packed = {shard: self._renewal(shard, lease.value) for shard, lease in leases.items()}
+        self._packed = packed
+        command = b"".join(renewal for _, renewal in packed.values())
+        replies = self._send(command, len(packed))
+        if any(isinstance(reply, NoScriptError) for reply in replies):  # the server restarted
+            self._redis.script_load(self._renew.script)
+            replies = self._send(command, len(packed))
+        error = next((reply for reply in replies if isinstance(reply, ResponseError)), None)
+        if error is not None:
+            raise error
+        return [reply == 1 for reply in replies]
+
+    def _renewal(self, shard: int, value: str) -> tuple[str, bytes]:
+        """``EVALSHA <renew_lease> 1 <lease key> <value> <ttl>``, packed (RESP)."""
+        known = self._packed.get(shard)
+        if known is not None and known[0] == value:
+            return known
+        args = ("EVALSHA", self._renew.sha, "1", self._keys.lease(shard), value, str(self._ttl_ms))
+        encoded = [arg.encode() for arg in args]
+        return value, b"*%d\r\n" % len(encoded) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in encoded)
+
+    def _send(self, command: bytes, replies: int) -> list[Any]:
+        """Send ``command`` (``replies`` commands, packed) and read every reply; an error
+        reply is returned as its exception, not raised."""
+        pool = self._redis.connection_pool
+        conn: Any = pool.get_connection()  # redis-py's blocking Connection is untyped
+        try:
+            conn.send_packed_command([command])  # chunks: a bytes object would be iterated
+            return [_reply(conn) for _ in range(replies)]
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+
     def _queue_renewal(self, key: str, value: str, pipe: Any) -> None:
         self._renew(keys=[key], args=[value, self._ttl_ms], client=pipe)
 
@@ -308,6 +375,13 @@ class LeaseKeeper:
                 raise
             return None
         return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _reply(conn: Any) -> Any:
+    try:
+        return conn.read_response()
+    except ResponseError as exc:
+        return exc
 
 
 def _queue_slot(key: str, holder: str, expiry_ms: int, pipe: Any) -> None:

@@ -10,23 +10,32 @@ Per feed the reader keeps a cursor (the newest entry it knows of) and a buffer o
 but not yet taken by the runner. A feed is read ahead while its buffer holds fewer than
 ``count`` entries; at most two calls cover a feed at once, each adding at most ``count``, so a
 runner whose reading is paused (``max_inflight``) leaves fewer than ``3 * count`` entries
-buffered. One call, the *main* one, covers every feed that may be read; as soon as it returns
-(an entry arrived, or ``block_ms`` passed) it is issued again, so a message to an idle shard is
-seen in one round trip. A runner that waits while no call in
-flight covers its feed (it just started, or its buffer was full when the main call went out)
-gets a *catch-up* call for it and every other such feed, on another of the reader's
-connections, blocking at most ``CATCH_UP_BLOCK_MS``; the next main call covers them too, so
-the calls merge back into one. A feed covered by two calls sees an entry twice: the results
-of every call are filtered by id against the feed's cursor, so nothing is delivered twice
-and nothing is skipped (a call returns the entries right after the id it was given, in order).
+buffered.
+
+The feeds are grouped: a group holds at most ``GROUP_STREAMS`` streams, and a feed stays in its
+group while it is open. Each group has one *main* call in flight, covering every feed of the
+group that may be read; as soon as it returns (an entry arrived for one of them, or
+``block_ms`` passed) it is issued again, so a message to an idle shard is seen in one round
+trip. A call costs the server and this process in proportion to the streams it names, and
+every entry that arrives ends the call that covers its stream: with one call for 4,096 idle
+streams, each message cost milliseconds of both. A worker of up to ``GROUP_STREAMS`` shards
+has one group, as it had one call.
+
+A runner that waits while no call in flight covers its feed (it just started, or its buffer
+was full when its group's call went out) gets a *catch-up* call for it and the other such feeds
+of its group, on another of the reader's connections, blocking at most ``CATCH_UP_BLOCK_MS``;
+the group's next main call covers them too, so the calls merge back into one. A feed covered
+by two calls sees an entry twice: the results of every call are filtered by id against the
+feed's cursor, so nothing is delivered twice and nothing is skipped (a call returns the
+entries right after the id it was given, in order).
 
 A call that fails on a lost connection is issued again after a backoff; the runners meanwhile
 see nothing (their own Redis calls meet the outage). One the server refuses (a key that is
 not a stream) fails the waits of every feed it covered, so their runners restart, as they did
 when each read alone.
 
-The streams of one call are grouped in one place (``InboxReader._command``): on Redis Cluster an
-``XREAD`` cannot span slots, and that is where calls would be split by slot.
+Streams are grouped into calls in one place (``InboxReader._group_for``): on Redis Cluster an
+``XREAD`` cannot span slots, and that is where a group would also be of one slot.
 """
 
 from __future__ import annotations
@@ -34,19 +43,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
-from collections import deque
-from typing import Any, Protocol
+from typing import Any
 
 from redis.asyncio.connection import AbstractConnection
 
+from ..settings import MAX_SHARDS
 from .connection import STALL_TIMEOUT, StoreBase, is_transient
-from .records import Entry, stream_entries
+from .feed import Group, InboxFeed, bulk, spread_wait
+from .records import stream_entries
+
+__all__ = [  # the feed's names too: it lived here before feed.py
+    "BACKOFF_MAX_S", "CATCH_UP_BLOCK_MS", "CATCH_UP_CALLS", "GROUP_STREAMS", "MAIN_CALLS",
+    "READER_CONNECTIONS", "InboxFeed", "InboxReader", "reader_connections", "spread_wait", "stream_rows",
+]  # fmt: skip
 
 log = logging.getLogger("actors.store")
 
-READER_CONNECTIONS = 4
-"""Connections of a reader: one for the main call and the rest for catch-up calls."""
+GROUP_STREAMS = 256
+"""Streams one main call names at most. A call costs the server about 0.75 µs per stream it
+names, and ends (to be issued again) whenever an entry arrives on any of them."""
+MAIN_CALLS = -(-MAX_SHARDS // GROUP_STREAMS)
+"""Main calls in flight at most: one per group, and a namespace has at most ``MAX_SHARDS``."""
+CATCH_UP_CALLS = 3
+"""Catch-up calls in flight at most."""
+READER_CONNECTIONS = MAIN_CALLS + CATCH_UP_CALLS
+"""Connections of a reader at most, whatever its shard count."""
+
+
+def reader_connections(streams: int) -> int:
+    """Connections of a reader of ``streams`` streams at most: a main call per group of
+    ``GROUP_STREAMS`` and the catch-up calls."""
+    return -(-streams // GROUP_STREAMS) + CATCH_UP_CALLS
+
 
 CATCH_UP_BLOCK_MS = 100
 """A catch-up call blocks at most this long, so a waiting runner left out by every call in
@@ -54,171 +82,24 @@ flight (all connections busy) waits at most about this long for one to cover it.
 
 BACKOFF_MAX_S = 2.0
 
-StreamId = tuple[int, int]
-
-
-def stream_id(text: str) -> StreamId:
-    """``"<ms>-<seq>"`` as a pair that orders like the server orders ids."""
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def bulk(value: bytes) -> bytes:
-    """``value`` as a RESP bulk string: the calls are packed here, from each feed's key and
-    cursor packed once (redis-py packs a call of 2,000 arguments in over a millisecond)."""
-    return b"$%d\r\n%s\r\n" % (len(value), value)
-
-
-def spread_wait(block_ms: int) -> float:
-    """How long a runner waits for an entry: ``block_ms``, plus up to a quarter more at
-    random. After its wait a runner reads with the fenced script; with a thousand idle
-    shards those reads would otherwise come in one burst per ``block_ms`` (runners that
-    started together stay in step) and hold up every message behind them."""
-    return block_ms / 1000 * (1 + random.random() / 4)
-
-
-class FeedSource(Protocol):
-    """What a feed asks of the reader that serves it (``InboxReader``, ``ClusterInboxReader``)."""
-
-    count: int
-
-    def readable(self, feed: InboxFeed) -> None: ...
-    def waits(self, feed: InboxFeed) -> None: ...
-    def waited(self, feed: InboxFeed) -> None: ...
-    def forget(self, feed: InboxFeed) -> None: ...
-    def wait_s(self) -> float: ...
-
-
-class InboxFeed:
-    """One runner's wait for new entries of its shard's inbox (see the module docstring).
-    Opened with ``InboxReader.open``; ``close`` it when the runner ends."""
-
-    def __init__(self, reader: FeedSource, shard: int, key: bytes) -> None:
-        self.reader = reader
-        self.shard = shard
-        self.key = key
-        self.key_arg = bulk(key)
-        self.cursor: str | None = None
-        """The newest entry id known: buffered, or taken by the runner. None until the runner
-        first waits (the feed is then read from that id on)."""
-        self.cursor_id: StreamId = (0, 0)
-        self.cursor_arg = b""
-        self.buffer: deque[Entry] = deque()
-        """Entries after what the runner took, up to the cursor, in order, with no gap."""
-        self.catch_ups = 0
-        """Catch-up calls in flight that cover this feed."""
-        self.closed = False
-        self._wake: asyncio.Future[None] | None = None
-        self._error: BaseException | None = None
-
-    @property
-    def readable(self) -> bool:
-        """Whether the next call should read this feed ahead."""
-        return self.cursor is not None and not self.closed and len(self.buffer) < self.reader.count
-
-    @property
-    def waiting(self) -> bool:
-        return self._wake is not None
-
-    async def read_after(self, after: str) -> list[Entry]:
-        """Up to ``count`` entries newer than ``after`` (the newest entry the runner has seen),
-        waiting about ``block_ms`` for one (``wait_s``; [] if none came, or if ``interrupt``
-        ended the wait). Cancelling it cancels this wait only. Raises what the server answered
-        if it refused a read of this feed."""
-        self._raise_error()
-        self._advance(after)
-        if not self.buffer:
-            self._wake = asyncio.get_running_loop().create_future()
-            self.reader.waits(self)
-            try:
-                async with asyncio.timeout(self.reader.wait_s()):
-                    await self._wake
-            except TimeoutError:
-                pass
-            finally:
-                self._wake = None
-                self.reader.waited(self)
-            self._raise_error()
-        taken = [self.buffer.popleft() for _ in range(min(self.reader.count, len(self.buffer)))]
-        if self.readable:
-            self.reader.readable(self)
-        return taken
-
-    def close(self) -> None:
-        """The runner ends: read this shard no more for it."""
-        if not self.closed:
-            self.closed = True
-            self.buffer.clear()
-            self.reader.forget(self)
-
-    def deliver(self, entries: list[Entry]) -> None:
-        """Entries a call covering this feed read, in order, right after the id it was given
-        (at most this feed's cursor): keep those after the cursor."""
-        if self.closed or not entries:
-            return
-        start = 0
-        while start < len(entries) and stream_id(entries[start][0]) <= self.cursor_id:
-            start += 1
-        if start == len(entries):
-            return
-        self.buffer.extend(entries[start:] if start else entries)
-        self._move_cursor(entries[-1][0], stream_id(entries[-1][0]))
-        self.wake()
-
-    def fail(self, exc: BaseException) -> None:
-        """The server refused a call covering this feed: the runner's wait raises ``exc``."""
-        if not self.closed:
-            self._error = exc
-            self.wake()
-
-    def wake(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
-
-    def interrupt(self) -> None:
-        """End the runner's wait in progress, if any, now (it returns what is buffered)."""
-        self.wake()
-
-    def _advance(self, after: str) -> None:
-        """Forget what the runner has seen (it may have read it with the fenced script)."""
-        after_id = stream_id(after)
-        while self.buffer and stream_id(self.buffer[0][0]) <= after_id:
-            self.buffer.popleft()
-        if self.cursor is None or after_id > self.cursor_id:
-            self._move_cursor(after, after_id)
-
-    def _move_cursor(self, entry_id: str, parsed: StreamId) -> None:
-        self.cursor, self.cursor_id, self.cursor_arg = entry_id, parsed, bulk(entry_id.encode())
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            exc, self._error = self._error, None
-            raise exc
-
 
 class InboxReader:
     """The multiplexed inbox reads of one worker process (see the module docstring): ``count``
-    and ``block_ms`` as in ``WorkerSettings``; ``connections`` of its own, made as the
-    store's non-retrying client makes them (same server, credentials and keepalive)."""
+    and ``block_ms`` as in ``WorkerSettings``; connections of its own (at most
+    ``READER_CONNECTIONS``), made as the store's non-retrying client makes them (same server,
+    credentials and keepalive)."""
 
-    def __init__(
-        self, store: StoreBase, count: int, block_ms: int, connections: int = READER_CONNECTIONS
-    ) -> None:
-        if connections < 2:
-            raise ValueError("an inbox reader needs at least 2 connections (main and catch-up)")
+    def __init__(self, store: StoreBase, count: int, block_ms: int) -> None:
         self.keys = store.keys
         self.count = count
         self.block_ms = block_ms
         self._store = store
-        self._connections = connections
         self._idle: list[AbstractConnection] = []
         self._made: list[AbstractConnection] = []
         self._all: dict[InboxFeed, None] = {}
         """Every open feed, in the order opened."""
         self._by_key: dict[bytes, list[InboxFeed]] = {}
-        self._main: set[InboxFeed] = set()
-        """The feeds the main call in flight covers."""
-        self._main_busy = False
+        self._groups: list[Group] = []
         self._catch_ups = 0
         self._stranded: set[InboxFeed] = set()
         """Waiting feeds that no call in flight covers."""
@@ -234,9 +115,26 @@ class InboxReader:
         if self._closed:
             raise RuntimeError("the inbox reader is closed")
         feed = InboxFeed(self, shard, self.keys.inbox(shard).encode())
+        feed.group = self._group_for(feed)
+        feed.group.add(feed)
         self._all[feed] = None
         self._by_key.setdefault(feed.key, []).append(feed)
         return feed
+
+    def _group_for(self, feed: InboxFeed) -> Group:
+        """The group whose main call reads ``feed`` for as long as it is open: that of its
+        stream if another feed reads it, else the first with room for one more stream (a new
+        group if none has). This is the one place streams are grouped into calls: on Redis
+        Cluster, where one XREAD cannot name streams of two hash slots, a group would also be
+        of one slot."""
+        for other in self._by_key.get(feed.key, ()):
+            if other.group is not None:
+                return other.group
+        group = next((g for g in self._groups if len(g.streams) < GROUP_STREAMS), None)
+        if group is None:
+            group = Group()
+            self._groups.append(group)
+        return group
 
     def forget(self, feed: InboxFeed) -> None:
         self._all.pop(feed, None)
@@ -246,11 +144,19 @@ class InboxReader:
         if not sharing:
             self._by_key.pop(feed.key, None)
         self._stranded.discard(feed)
+        group = feed.group
+        if group is not None:
+            group.remove(feed)
+            self._drop_if_empty(group)
+
+    def _drop_if_empty(self, group: Group) -> None:
+        if not group.feeds and not group.busy and group in self._groups:
+            self._groups.remove(group)
 
     def readable(self, feed: InboxFeed) -> None:
-        """``feed`` may be read ahead again (its cursor moved or its buffer has room): the
-        next main call covers it."""
-        if not self._main_busy:
+        """``feed`` may be read ahead again (its cursor moved or its buffer has room): its
+        group's next main call covers it."""
+        if feed.group is not None and not feed.group.busy:
             self._kick()
 
     def waits(self, feed: InboxFeed) -> None:
@@ -265,15 +171,21 @@ class InboxReader:
     def feeds(self) -> int:
         return len(self._all)
 
+    @property
+    def groups(self) -> int:
+        """Groups of feeds, each read by a main call of its own."""
+        return len(self._groups)
+
     def wait_s(self) -> float:
         return spread_wait(self.block_ms)
 
-    def _covered(self, feed: InboxFeed) -> bool:
-        return feed in self._main or feed.catch_ups > 0
+    @staticmethod
+    def _covered(feed: InboxFeed) -> bool:
+        return feed.catch_ups > 0 or (feed.group is not None and feed in feed.group.covered)
 
     # ---- calls --------------------------------------------------------------------------
     def _kick(self) -> None:
-        """Look for a call to start, once per pass of the event loop (so that the feeds of
+        """Look for calls to start, once per pass of the event loop (so that the feeds of
         many runners starting at once go out in one call)."""
         if not self._scheduled and not self._closed:
             self._scheduled = True
@@ -283,36 +195,46 @@ class InboxReader:
         self._scheduled = False
         if self._closed or self._paused:
             return
-        if not self._main_busy:
-            count = self.count
-            feeds = [f for f in self._all if f.cursor is not None and len(f.buffer) < count]
-            if feeds:
-                self._main_busy = True
-                self._main = set(feeds)
-                self._start(feeds, self._main, self.block_ms, main=True)
-        stranded = [f for f in self._stranded if f.readable and not self._covered(f)]
-        self._stranded.clear()
-        if not stranded:
-            return
-        if self._catch_ups < self._connections - 1:
-            self._catch_ups += 1
-            for feed in stranded:
-                feed.catch_ups += 1
-            self._start(stranded, set(stranded), min(self.block_ms, CATCH_UP_BLOCK_MS), main=False)
-        else:  # every connection is busy: the first call to end covers them
-            self._stranded.update(stranded)
+        count = self.count
+        for group in self._groups:
+            if not group.busy:
+                feeds = [f for f in group.feeds if f.cursor is not None and len(f.buffer) < count]
+                if feeds:
+                    group.busy = True
+                    group.covered = set(feeds)
+                    self._start(feeds, group.covered, self.block_ms, group)
+        if self._stranded:
+            self._catch_up()
 
-    def _start(self, feeds: list[InboxFeed], covered: set[InboxFeed], block_ms: int, *, main: bool) -> None:
+    def _catch_up(self) -> None:
+        """A catch-up call for the stranded feeds of each group in turn, while connections
+        for them are left; the rest wait for the first call to end."""
+        by_group: dict[Group, list[InboxFeed]] = {}
+        for feed in self._stranded:
+            if feed.readable and not self._covered(feed) and feed.group is not None:
+                by_group.setdefault(feed.group, []).append(feed)
+        self._stranded.clear()
+        for feeds in by_group.values():
+            if self._catch_ups < CATCH_UP_CALLS:
+                self._catch_ups += 1
+                for feed in feeds:
+                    feed.catch_ups += 1
+                self._start(feeds, set(feeds), min(self.block_ms, CATCH_UP_BLOCK_MS), None)
+            else:  # every catch-up connection is busy: the first call to end covers them
+                self._stranded.update(feeds)
+
+    def _start(
+        self, feeds: list[InboxFeed], covered: set[InboxFeed], block_ms: int, group: Group | None
+    ) -> None:
         command = self._command(feeds, block_ms)
         conn = self._idle.pop() if self._idle else self._new_connection()
-        task = asyncio.create_task(self._call(conn, command, covered, main), name="inbox-reader")
+        task = asyncio.create_task(self._call(conn, command, covered, group), name="inbox-reader")
         self._calls.add(task)
         task.add_done_callback(self._calls.discard)
 
     def _command(self, feeds: list[InboxFeed], block_ms: int) -> bytes:
         """``XREAD COUNT c BLOCK ms STREAMS k1..kn id1..idn``, packed: each stream once, after
-        the oldest cursor of its feeds. Calls are grouped here (on Redis Cluster an XREAD
-        cannot span slots: this is where they would be split by slot)."""
+        the oldest cursor of its feeds (``feeds`` are of one group: see ``_group_for``)."""
         keys = [f.key_arg for f in feeds]
         ids = [f.cursor_arg for f in feeds]
         if len(set(keys)) < len(keys):  # two runners of one shard (briefly, at a restart)
@@ -330,8 +252,9 @@ class InboxReader:
         return conn
 
     async def _call(
-        self, conn: AbstractConnection, command: bytes, covered: set[InboxFeed], main: bool
+        self, conn: AbstractConnection, command: bytes, covered: set[InboxFeed], group: Group | None
     ) -> None:
+        """One call: a group's main call, or (``group`` None) a catch-up call."""
         try:
             await conn.send_packed_command(command, check_health=False)
             # The pool's connections have no socket timeout (see make_client); a server that
@@ -351,9 +274,10 @@ class InboxReader:
                         feed.deliver(entries)
         finally:
             self._idle.append(conn)
-            if main:  # its waiting feeds: the next main call covers them
-                self._main_busy = False
-                self._main = set()
+            if group is not None:  # its waiting feeds: the group's next main call covers them
+                group.busy = False
+                group.covered = set()
+                self._drop_if_empty(group)
             else:
                 self._catch_ups -= 1
                 for feed in covered:
