@@ -21,6 +21,9 @@ from actors import App, EmbeddedServer, RedisSettings, Worker, WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 
+TEARDOWN_GRACE = 0.5
+"""Seconds an in-process worker still running at the end of its test drains before it stops."""
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
@@ -84,6 +87,9 @@ async def start_worker(
 
     yield factory
     for worker, _ in running:
+        # Clean-up, not part of the test: a turn that is still running (a hung one, a long
+        # sleep) need not be given the default grace of 10 s before it is abandoned.
+        worker.shutdown_grace = min(worker.shutdown_grace, TEARDOWN_GRACE)
         worker.stop()
     for _, task in running:
         with contextlib.suppress(Exception, asyncio.CancelledError):
