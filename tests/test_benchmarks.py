@@ -21,7 +21,9 @@ from benchmarks.peers import SYSTEMS, Ours, missing_packages
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.bench
+# With the chaos tests, on one xdist worker (`./dev test` runs them with --dist loadgroup), so
+# no two of these multi-process runs load the machine at once.
+pytestmark = [pytest.mark.bench, pytest.mark.xdist_group("heavy")]
 
 TIMEOUT = 150.0
 """Seconds per run; each takes 5-15 s on 2 busy cores."""
