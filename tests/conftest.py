@@ -180,3 +180,16 @@ async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
         await asyncio.sleep(interval)
+
+
+HEAVY = ("test_chaos.py", "test_workflow_chaos.py", "test_benchmarks.py", "test_many_shards.py")
+"""Modules whose tests each load the machine (many processes, or a process with 1,024 shards
+on the default lease timing): `./dev test` (pytest-xdist, --dist loadgroup) runs them one at
+a time on one of its processes, beside the lighter tests on the others."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in HEAVY:
+            item.add_marker(pytest.mark.xdist_group("heavy"))

@@ -24,9 +24,7 @@ from actors import EmbeddedServer
 from .apps import Add, Counter, app
 from .conftest import ROOT, eventually
 
-# The heaviest tests share one xdist worker (`./dev test` runs them with --dist loadgroup), so
-# no two of them load the machine at once.
-pytestmark = [pytest.mark.chaos, pytest.mark.xdist_group("heavy")]
+pytestmark = pytest.mark.chaos
 
 SENDERS = 4
 ACTORS = 1_000

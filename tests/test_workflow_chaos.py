@@ -52,9 +52,7 @@ from actors.routing import shard_of
 from .chaos_workflow_apps import LOG_NAME, ChaosFlow, Flow, Run, app
 from .conftest import WorkerProcess, eventually
 
-# The heaviest tests share one xdist worker (`./dev test` runs them with --dist loadgroup), so
-# no two of them load the machine at once.
-pytestmark = [pytest.mark.chaos, pytest.mark.xdist_group("heavy")]
+pytestmark = pytest.mark.chaos
 
 APP = "tests.chaos_workflow_apps:app"
 SHARDS = 12
