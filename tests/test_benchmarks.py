@@ -118,30 +118,6 @@ def test_failover(tmp_path: Path) -> None:
     assert "SIGKILL    n=1" in out and "SIGTERM    n=1" in out
 
 
-def test_cluster(tmp_path: Path) -> None:
-    """Each part once, on the 3-primary topology only (the other two run the same code on
-    another server) and the ``fsync`` level only (it also switches ``appendfsync``)."""
-    out, data = run_benchmark(
-        "cluster", "--messages", "300", "--actors", "20", "--rounds", "1", "--topologies", "cluster3",
-        "--levels", "fsync", "--level-messages", "300", "--sends", "20", "--asks", "10", "--failovers", "1",
-        json_path=tmp_path / "cluster.json",
-    )  # fmt: skip
-    found = data["throughput"]["cluster3"]
-    assert sum(found["shards_on"].values()) == 16 and len(found["shards_on"]) == 3
-    for key in ("floor", "drain", "e2e"):
-        assert len(found["results"][key]["nodes"]) == 3 and found["results"][key]["commands"] > 0, key
-    for key in ("drain", "e2e"):  # the exactly-once check of each run of ours
-        assert "== N" in found["results"][key]["note"], found["results"][key]
-        assert found["results"][key]["worker_cpu_us"] > 0
-    assert [row["processes"] for row in data["estimate"]["rows"]] == [10, 100, 1_000]
-    level = data["levels"]["fsync"]
-    assert {"send", "ask", "floor_xadd", "floor_xadd_wait"} <= set(level["latency"])
-    [failover] = data["failover"]["runs"]
-    assert 0 < failover["promoted_s"] and 0 < failover["first_turn_s"] and failover["shards_there"] > 0
-    assert data["failover"]["exactly_once"]["sent"] > 0
-    assert "3. Failover of a primary" in out and "cluster, 3 primaries" in out
-
-
 def test_workflows(tmp_path: Path) -> None:
     out, data = run_benchmark(
         "workflows", "--sleepers", "200", "--timers", "50", "--steps", "2", "--step-messages", "50",
@@ -203,7 +179,7 @@ def test_suite_command_lists_every_benchmark(tmp_path: Path) -> None:
     command line is checked here; each benchmark it runs is checked above at a tiny size."""
     out, _ = run_benchmark("__main__", "--help", json_path=None)
     assert "usage: python -m benchmarks" in out and "throughput, latency" in out
-    tested = {"throughput", "latency", "shards", "durability", "failover", "cluster", "elastic", "workflows",
+    tested = {"throughput", "latency", "shards", "durability", "failover", "elastic", "workflows",
               "journal", "soak", "limits", "peers"}  # fmt: skip
     assert set(SUITE) == tested, "a benchmark was added or renamed: give it a smoke test here"
     proc = subprocess.run(
