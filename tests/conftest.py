@@ -7,7 +7,9 @@ import asyncio
 import compileall
 import contextlib
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -193,3 +195,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.path.name in HEAVY:
             item.add_marker(pytest.mark.xdist_group("heavy"))
+
+
+def unused_port() -> int:
+    """A loopback port that is free now and that a test binds later (a server started after
+    its clients, a health endpoint). Taken below the kernel's range for outgoing connections:
+    a port from that range, free now, may meanwhile become the local end of a connection of
+    some other process (with the tests running in parallel there are many)."""
+    low = _outgoing_ports_from()
+    for _ in range(200):
+        port = random.randrange(10_000, low) if low > 10_000 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free loopback port")
+
+
+def _outgoing_ports_from() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default
