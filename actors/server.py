@@ -278,6 +278,9 @@ def _log_since(log: Path, offset: int) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """A process that has exited is not alive, reaped or not: the server daemonizes, so init
+    or a subreaper reaps it, late on some machines and never under a PID 1 that does not
+    reap (a container's), and ``kill -0`` still finds a zombie."""
     if pid <= 0:
         return False
     try:
@@ -286,7 +289,17 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _exited(pid)
+
+
+def _exited(pid: int) -> bool:
+    """Linux's /proc says the process is a zombie (or dead); False where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rpartition(")")[2].split()  # the name, in parentheses, may hold anything
+    return bool(fields) and fields[0] in ("Z", "X")
 
 
 def _same(a: str, b: str) -> bool:

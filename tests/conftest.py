@@ -4,9 +4,12 @@ namespace per test, in-process workers and real worker processes. No fakes."""
 from __future__ import annotations
 
 import asyncio
+import compileall
 import contextlib
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -25,6 +28,24 @@ from actors.cluster_server import LocalCluster
 from actors.store.cluster import seed_url
 
 ROOT = Path(__file__).resolve().parent.parent
+
+TEARDOWN_GRACE = 0.5
+"""Seconds an in-process worker still running at the end of its test drains before it stops."""
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # once, before any worker process starts
+        compile_sources()
+
+
+def compile_sources() -> None:
+    """Write the bytecode of the project's modules (to ``__pycache__``, which git ignores).
+    With PYTHONDONTWRITEBYTECODE set (as on this machine, in CI and in the Docker image)
+    Python writes none itself, so each of the hundreds of processes the tests start (CLI
+    commands, workers, benchmarks) would compile the whole package again: a quarter of its
+    start-up."""
+    for folder in ("actors", "tests", "benchmarks", "examples"):
+        compileall.compile_dir(ROOT / folder, quiet=1)
 
 
 @pytest.fixture(scope="session")
@@ -151,6 +172,9 @@ async def start_worker(
 
     yield factory
     for worker, _ in running:
+        # Clean-up, not part of the test: a turn that is still running (a hung one, a long
+        # sleep) need not be given the default grace of 10 s before it is abandoned.
+        worker.shutdown_grace = min(worker.shutdown_grace, TEARDOWN_GRACE)
         worker.stop()
     for _, task in running:
         with contextlib.suppress(Exception, asyncio.CancelledError):
@@ -225,3 +249,40 @@ async def eventually(check: Callable[[], Any], timeout: float = 20.0, interval: 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
         await asyncio.sleep(interval)
+
+
+HEAVY = ("test_chaos.py", "test_workflow_chaos.py", "test_benchmarks.py", "test_many_shards.py")
+"""Modules whose tests each load the machine (many processes, or a process with 1,024 shards
+on the default lease timing): `./dev test` (pytest-xdist, --dist loadgroup) runs them one at
+a time on one of its processes, beside the lighter tests on the others."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in HEAVY:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
+
+
+def unused_port() -> int:
+    """A loopback port that is free now and that a test binds later (a server started after
+    its clients, a health endpoint). Taken below the kernel's range for outgoing connections:
+    a port from that range, free now, may meanwhile become the local end of a connection of
+    some other process (with the tests running in parallel there are many)."""
+    low = _outgoing_ports_from()
+    for _ in range(200):
+        port = random.randrange(10_000, low) if low > 10_000 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free loopback port")
+
+
+def _outgoing_ports_from() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default

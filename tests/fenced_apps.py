@@ -30,11 +30,34 @@ def effect(key: str, name: str, seconds: float) -> str:
     return name
 
 
+GATE_LIMIT = 120.0
+"""Seconds a gated step waits for its gate at most: a test that never opens it still ends."""
+
+
+def gated_effect(key: str, name: str, gate: str) -> str:
+    """A step function with an outside effect that lasts until the test creates the file
+    ``gate`` in ``$ACTORS_TEST_DIR``: busy for as long as the test needs, however slow the
+    machine, where a fixed duration could end before the test has looked."""
+    trace(f"start {key} {name}")
+    path = Path(os.environ.get("ACTORS_TEST_DIR", ".")) / gate
+    deadline = time.monotonic() + GATE_LIMIT
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    trace(f"end {key} {name}")
+    return name
+
+
+def open_gate(folder: Path, gate: str) -> None:
+    (folder / gate).touch()
+
+
 class Steps(BaseModel):
     gap: float = 0.0
     """Seconds the handler waits (in plain code, not durably) between the two steps."""
     first: float = 0.0
     second: float = 0.0
+    first_gate: str | None = None
+    """If set, the first step lasts until this file exists (``gated_effect``), not ``first``."""
 
 
 class Ran(BaseModel):
@@ -45,7 +68,10 @@ class TwoSteps(actors.Actor):
     State = Ran
 
     async def on_steps(self, msg: Steps) -> None:
-        await self.step(effect, self.key, "one", msg.first)
+        if msg.first_gate is None:
+            await self.step(effect, self.key, "one", msg.first)
+        else:
+            await self.step(gated_effect, self.key, "one", msg.first_gate)
         trace(f"between {self.key} -")
         await asyncio.sleep(msg.gap)
         await self.step(effect, self.key, "two", msg.second)

@@ -176,8 +176,10 @@ async def test_status_lists_the_live_worker_and_every_shard_owner(spawn_worker, 
     assert all(s["epoch"] >= 1 and s["pending"] == 0 and s["dead_letters"] == 0 for s in status["shards"])
 
 
-async def test_status_after_a_send_shows_the_entry(spawn_worker, cli, connect) -> None:
-    spawn_worker()
+async def test_status_after_a_send_shows_the_entry(start_worker, fast_settings, cli, connect) -> None:
+    # No trim of the inbox while the test looks (every 5 s by default: a slow machine may take
+    # longer than that from the send to the status, and then the entry is gone).
+    await start_worker(app, fast_settings.model_copy(update={"trim_interval": 3600.0}))
     ok(await cli("send", "Counter/s", "Add", "{}", "--app", APP))
     assert json.loads(ok(await cli("ask", "Counter/s", "Get", "--app", APP))) == {"total": 1}
     async with connect() as client:

@@ -381,3 +381,28 @@ def _wait_for_pid(pidfile: Path) -> int:
             return int(pidfile.read_text().strip())
         time.sleep(0.05)
     raise AssertionError(f"no {pidfile}")
+
+
+def test_a_server_that_has_exited_but_is_not_yet_reaped_counts_as_stopped() -> None:
+    """The server daemonizes, so init (or a subreaper) reaps it: late on some machines, never
+    in a container whose PID 1 does not reap. Until then it is a zombie, which ``kill -0``
+    still finds; ``stop`` must not wait for it (up to its timeout, then raise), nor a start
+    take it for a server that is running."""
+    from actors.server import _alive
+
+    child = subprocess.Popen(["true"])  # not waited for: a zombie once it has exited
+    try:
+        deadline = time.monotonic() + 20
+        while _state(child.pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _state(child.pid) == "Z", "the child became a zombie"
+        assert not _alive(child.pid)
+    finally:
+        child.wait()
+    assert not _alive(child.pid)
+    assert _alive(os.getpid())
+
+
+def _state(pid: int) -> str:
+    """The process's state letter in /proc (R, S, Z, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]

@@ -16,7 +16,7 @@ import pytest
 import actors
 
 from .conftest import eventually
-from .fenced_apps import Block, Blocker, Capped, Exit, Hold, Quitter, Steps, TwoSteps, app
+from .fenced_apps import Block, Blocker, Capped, Exit, Hold, Quitter, Steps, TwoSteps, app, open_gate
 
 APP = "tests.fenced_apps:app"
 pytestmark = pytest.mark.chaos
@@ -141,12 +141,16 @@ async def test_a_worker_gives_up_its_idle_shards_before_a_busy_one(spawn_worker,
         await eventually(lambda: _owners(client, 1))
         key = next(f"busy-{n}" for n in range(100) if actors.routing.shard_of(f"TwoSteps/busy-{n}", 2) == 1)
         busy = 1  # the one a worker that gives up its highest-numbered shards first would move
-        await client.send(TwoSteps.ref(key), Steps(first=2.5))
+        # Busy until the test has seen the rebalance (a fixed step length could end first on a
+        # slow machine, and then shard 1 is idle too).
+        await client.send(TwoSteps.ref(key), Steps(first_gate="release"))
         await eventually(lambda: any(w[:3] == ["start", key, "one"] for w in effects(log)))
         second = spawn_worker(APP, "--shards", "2")
         await eventually(lambda: _owners(client, 2))  # rebalanced: one shard each
         owner = (await client.store.shard_info(busy)).owner
         assert owner is not None and f"-{first.pid}-" in owner, "the busy shard stayed"
+        assert not any(w[:3] == ["end", key, "one"] for w in effects(log)), "still busy when it moved"
+        open_gate(tmp_path, "release")
         await eventually(lambda: _finished(client, key), timeout=20)
         assert [pid for pid, _, _ in _runs(log, key, "one")] == [first.pid], "its step ran once"
         assert second.pid

@@ -16,15 +16,13 @@ from actors import EmbeddedServer
 
 from .apps import Held, Hold
 from .apps import app as held_app
-from .conftest import ROOT, eventually
+from .conftest import ROOT, eventually, unused_port
 from .fenced_apps import Block, Blocker
 from .fenced_apps import app as blocker_app
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return unused_port()
 
 
 def health_args(port: int) -> list[str]:

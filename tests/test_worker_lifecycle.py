@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import actors
 from actors import EmbeddedServer, RedisSettings, Worker, WorkerSettings
 
 from .apps import Counter, Get, Held, Hold, Nap, Total, app
-from .conftest import WorkerProcess, eventually
+from .conftest import WorkerProcess, eventually, unused_port
 
 pytestmark = pytest.mark.chaos
 
@@ -41,9 +40,7 @@ def log_lines(proc: WorkerProcess, pattern: str) -> list[str]:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return unused_port()
 
 
 # ---- start: Redis not there yet -------------------------------------------------------------------
