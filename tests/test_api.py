@@ -14,6 +14,7 @@ def test_exported_names_are_pinned() -> None:
         "TurnTimeout", "step_info", "StepInfo", "Reject", "Rejected",
         "TooLarge", "StateTooLarge", "RecordTooLarge",
         "IdleTimeout", "InvalidActorRef", "InvalidArgument", "MessageNotEncodable", "RedisUnavailable",
+        "DurabilityTimeout", "LocalCluster",
     ])  # fmt: skip
     for name in actors.__all__:
         assert getattr(actors, name) is not None

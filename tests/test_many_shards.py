@@ -128,7 +128,10 @@ async def test_an_idle_worker_holding_4096_shards_makes_few_calls_and_serves_eve
     server = EmbeddedServer(tmp_path / "redis").start()  # its own, so that every call counted is ours
     r = aioredis.Redis.from_url(server.url)
     try:
-        settings = WorkerSettings(shards=IDLE_SHARDS)  # default lease timing and chores
+        # Default chores; leases long enough that a machine busy with other tests (4,096 runners
+        # start at once here) does not let them lapse: the churn would be counted as calls.
+        lease = actors.LeaseSettings(ttl=10.0, renew_interval=2.0)
+        settings = WorkerSettings(shards=IDLE_SHARDS, lease=lease)
         async with actors.connect(server.url, namespace=namespace, app=app, shards=IDLE_SHARDS) as client:
             worker = await start_worker(app, settings, url=server.url)
             await eventually(lambda: len(worker.runners) == IDLE_SHARDS, timeout=DEADLINE_S)
