@@ -125,6 +125,9 @@ class SteadyLoad:
                 await self.client.send(self.refs[shard], Add(by=1))
                 self.sent[shard] += 1
                 self.returned_at.setdefault(shard, time.perf_counter())
+            except asyncio.CancelledError:  # stopped while a send was in flight: its outcome is
+                self.failed[shard] += 1  # unknown too (it was counted in neither list before)
+                raise
             except Exception as exc:  # the outcome of a send that raised is unknown
                 self.errors[type(exc).__name__] += 1
                 self.failed[shard] += 1

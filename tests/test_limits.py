@@ -214,11 +214,13 @@ async def test_a_slot_held_longer_than_two_leases_still_counts(connect) -> None:
     from actors.limits import Limits
 
     async with connect() as client:
-        limits = Limits(client.store, {"one": Limiter("one", concurrency=1)}, lease_ms=300)
+        # Renewed from this event loop (no lease keeper here): a lease of 1 s, renewed every
+        # 333 ms, outlives a loop that other tests' processes hold up 0.6 s (300 ms did not).
+        limits = Limits(client.store, {"one": Limiter("one", concurrency=1)}, lease_ms=1000)
         await limits.start()
         try:
             async with limits.hold("one"):
-                await asyncio.sleep(1.0)  # more than 2 leases, renewed every 100 ms
+                await asyncio.sleep(2.2)  # more than 2 leases
                 second = asyncio.ensure_future(_take(limits))
                 await asyncio.sleep(0.5)
                 assert not second.done(), "a second holder got in while the first held the only slot"
