@@ -40,12 +40,13 @@ LOG_LEVEL = os.environ.get("ACTORS_TEST_LOG", "WARNING")
 
 
 def test_a_cluster_url_names_its_seed_node() -> None:
-    assert seed_url("redis+cluster://:pw@10.0.0.1:7000") == "redis://:pw@10.0.0.1:7000"
-    assert seed_url("valkey+cluster://h:7000") == "redis://h:7000"
+    assert seed_url("redis+cluster://:pw@127.0.0.1:7000") == "redis://:pw@127.0.0.1:7000"
+    assert seed_url("valkey+cluster://127.0.0.1:7000") == "redis://127.0.0.1:7000"
     assert (
-        seed_url("rediss+cluster://u:p@h:7000?ssl_cert_reqs=none") == "rediss://u:p@h:7000?ssl_cert_reqs=none"
+        seed_url("rediss+cluster://u:p@127.0.0.1:7000?ssl_cert_reqs=none")
+        == "rediss://u:p@127.0.0.1:7000?ssl_cert_reqs=none"
     )
-    assert seed_url("redis://h:6379/0") is None
+    assert seed_url("redis://127.0.0.1:6379/0") is None
 
 
 @pytest.fixture(scope="module")
