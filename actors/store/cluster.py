@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.cluster import RedisCluster as SyncRedisCluster
@@ -64,14 +64,10 @@ def is_cluster(client: object) -> bool:
 async def primaries_of(client: aioredis.Redis, keys: Sequence[str]) -> list[object]:
     """The primaries that serve ``keys`` now, each once (the nodes a durability wait must run
     on, see ``StoreBase._acknowledged``)."""
-    cluster = cast(RedisCluster, client)
-    await cluster.initialize()  # the slot map (a no-op once known)
     nodes = {}
     for key in keys:
-        node = cluster.get_node_from_key(key)
-        if node is None:
-            raise ClusterDownError(f"no node serves the slot of {key!r}")
-        nodes[node.name] = node
+        node = await node_of(client, key)
+        nodes[cast(ClusterNode, node).name] = node
     return list(nodes.values())
 
 
@@ -152,14 +148,9 @@ def pipelined_by_node(
     client: redis.Redis, commands: Sequence[tuple[str, Callable[[Any], object]]]
 ) -> list[Any]:
     """Run ``commands`` (a key each, and what queues the command in a pipeline) with their
-    replies in order, errors as replies. On a cluster each primary's commands go in a
-    pipeline of their own: one primary that is down fails only its own (each reply the
+    replies in order, errors as replies, on a cluster: each primary's commands go in a
+    pipeline of their own, so one primary that is down fails only its own (each reply the
     error), and the map of slots is read again so the next call finds its replacement."""
-    if not is_cluster(client):
-        with client.pipeline(transaction=False) as pipe:
-            for _, queue in commands:
-                queue(pipe)
-            return list(pipe.execute(raise_on_error=False))
     cluster = cast(SyncRedisCluster, client)
     groups: dict[str, list[int]] = {}
     for index, (key, _) in enumerate(commands):

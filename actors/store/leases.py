@@ -230,7 +230,7 @@ class LeaseKeeper:
             if stalled:  # the loop is stuck: let its leases expire, unless a step still runs
                 leases = {shard: lease for shard, lease in leases.items() if lease.steps.running}
             try:
-                self._keep_loaded(leases, self._slots(), membership=not stalled)
+                self._keep(leases, self._slots(), membership=not stalled)
             except redis.RedisError as exc:  # the loop's own tick sees and reports Redis trouble
                 log.debug("lease keeper: %r", exc)
             except Exception:  # the thread must outlive any surprise; the loop's tick renews too
@@ -252,19 +252,13 @@ class LeaseKeeper:
                 lag, where, self._stall_limit,
             )  # fmt: skip
 
-    def _keep_loaded(self, leases: dict[int, Lease], slots: list[tuple[str, str]], membership: bool) -> None:
-        """``_keep``, loading the renewal script first where a server lacks it: a cluster's
-        pipeline does not load scripts as a server's does, and a promoted replica or a
-        restarted server may not have it."""
-        try:
-            self._keep(leases, slots, membership)
-        except NoScriptError:
-            self._redis.script_load(self._renew.script)  # on every primary of a cluster
-            self._keep(leases, slots, membership)
-
     def _keep(self, leases: dict[int, Lease], slots: list[tuple[str, str]], membership: bool) -> None:
         if is_cluster(self._redis):
-            self._keep_by_node(leases, slots, membership)
+            try:
+                self._keep_by_node(leases, slots, membership)
+            except NoScriptError:  # a promoted replica has no scripts; a cluster's pipeline
+                self._redis.script_load(self._renew.script)  # does not load them (all primaries)
+                self._keep_by_node(leases, slots, membership)
             return
         seconds, micros = self._redis.time()
         now_ms = int(seconds) * 1000 + int(micros) // 1000
@@ -368,11 +362,10 @@ class LeaseKeeper:
         self._renew(keys=[key], args=[value, self._ttl_ms], client=pipe)
 
     def _now_ms(self) -> int | None:
+        """Redis's time on a cluster, or None while the node that answers TIME is down."""
         try:
             seconds, micros = self._redis.time()
         except redis.RedisError:
-            if not is_cluster(self._redis):
-                raise
             return None
         return int(seconds) * 1000 + int(micros) // 1000
 
